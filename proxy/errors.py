@@ -1,0 +1,63 @@
+"""The project's one error tree.
+
+Every failure the proxy knows about is a `BudgetProxyError`. Backend exceptions (redis-py, OS
+errors) are wrapped at the store boundary into `StoreUnavailable`; request problems carry the
+HTTP status and the OpenAI error fields they are answered with, so the app turns any of them
+into a response in exactly one place.
+"""
+
+from __future__ import annotations
+
+
+class BudgetProxyError(Exception):
+    """Base of every error the project raises on purpose."""
+
+
+class ConfigError(BudgetProxyError):
+    """A policy or config file is missing or invalid. The message reads `file: path: expected`."""
+
+
+class StoreUnavailable(BudgetProxyError):
+    """The budget store could not be reached or answered with an error."""
+
+
+class ApiError(BudgetProxyError):
+    """An error answered to the client in OpenAI's error shape."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int | None = None, type: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+class BadRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "request_too_large"

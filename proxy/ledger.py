@@ -1,0 +1,174 @@
+"""The budget ledger: reserve, commit, release and snapshot across every scope of a request.
+
+A request touches one counter per scope (global, org, user, provider, model) and window (minute,
+hour, day, month); each counter holds tokens and micro-dollars. Every counter is tracked, limited
+or not, so a limit added to the policy while the proxy runs applies to what was already spent in
+the current window, and the snapshot can report spend everywhere.
+
+Windows are fixed at reserve time: the reservation carries its counter keys, so a request that
+starts at 23:59:59 and ends after midnight is charged to the day it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from .keys import counter_key
+from .policy import UNLIMITED, Policy
+from .stores import Counter, Status, Store
+from .windows import WINDOWS, Window, windows_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    type: str     # global | org | user | provider | model
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Amounts:
+    tokens: int
+    usd: int      # micro-dollars
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The first scope a request would exceed (all amounts in the unit's integer form)."""
+    scope: Scope
+    window: str
+    unit: str            # "tokens" or "usd" (micro-dollars)
+    limit: int
+    used: int
+    reserved: int
+    requested: int
+    reset_in: float      # seconds until that window resets
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    amounts: Amounts
+    counters: tuple[Counter, ...]
+    deadline_ms: int
+    would_refuse: Refusal | None = None     # shadow mode: admitted although over this limit
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    scope: Scope
+    window: str
+    unit: str
+    limit: int | None    # None: unlimited
+    used: int
+    reserved: int
+    remaining: int | None
+    resets_at: float     # epoch seconds
+
+
+class Ledger:
+    def __init__(self, store: Store, policy: Policy, *, namespace: str = "bp", clock=time.time) -> None:
+        self.store = store
+        self.policy = policy          # swapped whole on reload; read once per call
+        self._ns = namespace
+        self._clock = clock
+        self._windows_cache: tuple[int, object, tuple[Window, ...]] = (-1, None, ())
+
+    def _windows(self, now: float, policy: Policy) -> tuple[Window, ...]:
+        second, tz, wins = self._windows_cache
+        if int(now) != second or tz is not policy.timezone:
+            wins = windows_at(int(now), policy.timezone)
+            self._windows_cache = (int(now), policy.timezone, wins)
+        return wins
+
+    def _plan(self, scopes: Sequence[Scope], now: float, policy: Policy
+              ) -> tuple[list[Counter], list[tuple[Scope, Window]]]:
+        wins = self._windows(now, policy)
+        lease_margin = 2 * policy.lease_seconds
+        counters, where = [], []
+        for scope in scopes:
+            table = policy.limits_for(scope.type, scope.id).table
+            for i, w in enumerate(wins):
+                tl, dl = table[i]
+                expire_ms = int((w.end + max(w.end - w.start, lease_margin)) * 1000)
+                counters.append(Counter(counter_key(self._ns, scope.type, scope.id, w.label), tl, dl, expire_ms))
+                where.append((scope, w))
+        return counters, where
+
+    async def reserve(self, rid: str, amounts: Amounts, scopes: Sequence[Scope]) -> Reservation | Refusal:
+        """Reserve `amounts` on every counter of `scopes`, or refuse naming the first one over."""
+        policy = self.policy
+        now = self._clock()
+        counters, where = self._plan(scopes, now, policy)
+        deadline = int((now + policy.lease_seconds) * 1000)
+        out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow)
+        if out.status is Status.REFUSED:
+            return self._refusal(out, counters, where, amounts, now)
+        refusal = self._refusal(out, counters, where, amounts, now) if out.status is Status.FORCED else None
+        return Reservation(rid, amounts, tuple(counters), deadline, refusal)
+
+    @staticmethod
+    def _refusal(out, counters, where, amounts: Amounts, now: float) -> Refusal:
+        c = counters[out.index]
+        scope, w = where[out.index]
+        if c.token_limit >= 0 and out.used_tokens + out.reserved_tokens + amounts.tokens > c.token_limit:
+            return Refusal(scope, w.name, "tokens", c.token_limit, out.used_tokens, out.reserved_tokens,
+                           amounts.tokens, w.end - now)
+        return Refusal(scope, w.name, "usd", c.usd_limit, out.used_usd, out.reserved_usd,
+                       amounts.usd, w.end - now)
+
+    async def commit(self, res: Reservation, actual: Amounts) -> bool:
+        """Charge the actual amounts in the reservation's windows. False if already settled."""
+        self._check_overrun(res, actual)
+        return await self.store.settle(res.id, res.counters, max(0, actual.tokens), max(0, actual.usd))
+
+    async def release(self, res: Reservation) -> bool:
+        """Give the reservation back; nothing used. False if already settled."""
+        return await self.store.settle(res.id, res.counters, 0, 0)
+
+    async def extend(self, res: Reservation) -> Reservation:
+        """Push the lease of a long-running request by another lease length from now."""
+        deadline = int((self._clock() + self.policy.lease_seconds) * 1000)
+        if await self.store.extend(res.id, deadline):
+            return Reservation(res.id, res.amounts, res.counters, deadline, res.would_refuse)
+        return res
+
+    async def sweep(self, limit: int = 100) -> int:
+        """Settle reservations whose lease expired (their process died); the count settled."""
+        now_ms = int(self._clock() * 1000)
+        charge = self.policy.on_expiry == "commit"
+        n = 0
+        for rid, counters in await self.store.expired(now_ms, limit):
+            if await self.store.settle(rid, counters, -1 if charge else 0, -1 if charge else 0, now_ms):
+                log.warning("lease of reservation %s expired; %s", rid,
+                            "charged at its reserved amount" if charge else "released")
+                n += 1
+        return n
+
+    async def snapshot(self, scopes: Sequence[Scope]) -> list[Balance]:
+        """Limit, used, reserved and remaining per scope, window and unit."""
+        policy = self.policy
+        counters, where = self._plan(scopes, self._clock(), policy)
+        rows = await self.store.snapshot([c.key for c in counters])
+        out = []
+        for c, (scope, w), (t, tr, d, dr) in zip(counters, where, rows):
+            for unit, limit, used, reserved in (("tokens", c.token_limit, t, tr), ("usd", c.usd_limit, d, dr)):
+                lim = None if limit == UNLIMITED else limit
+                rem = None if lim is None else max(0, lim - used - reserved)
+                out.append(Balance(scope, w.name, unit, lim, used, reserved, rem, w.end))
+        return out
+
+    @staticmethod
+    def _check_overrun(res: Reservation, actual: Amounts) -> None:
+        for unit, got, held in (("tokens", actual.tokens, res.amounts.tokens), ("usd", actual.usd, res.amounts.usd)):
+            if got > held:
+                level = logging.CRITICAL if got > 5 * held else logging.WARNING
+                log.log(level, "reservation %s used %d %s, more than the %d reserved", res.id, got,
+                        unit if unit == "tokens" else "micro-USD", held)
+
+
+__all__ = ["Amounts", "Balance", "Ledger", "Refusal", "Reservation", "Scope", "WINDOWS"]

@@ -1,0 +1,61 @@
+-- Reserve an amount on every counter of a request, or on none.
+--
+-- KEYS[1]   reservation record (hash)         KEYS[2]  lease index (zset: id -> deadline ms)
+-- KEYS[3..] counter hashes: t / tr = tokens used / reserved, d / dr = micro-USD used / reserved
+-- ARGV[1] reservation id      ARGV[2] tokens      ARGV[3] micro-USD
+-- ARGV[4] lease deadline (epoch ms)      ARGV[5] record TTL (ms)      ARGV[6] force: "1" = shadow
+-- ARGV[7 + 3*(i-1) .. 9 + 3*(i-1)] for counter i: token limit, micro-USD limit (-1 = none),
+--                                   expire-at (epoch ms; window end plus a margin)
+-- Returns {status, index, used tokens, reserved tokens, used micro-USD, reserved micro-USD}
+--   status 0 refused (nothing written), 1 admitted, 2 duplicate id (nothing written),
+--          3 over a limit but written anyway (force); index is the first counter over (0-based).
+--
+-- Every counter is checked before any is written: a Lua error after a write is not rolled back.
+
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {2, -1, 0, 0, 0, 0}
+end
+
+local tokens = tonumber(ARGV[2])
+local usd = tonumber(ARGV[3])
+local over = nil
+
+for i = 3, #KEYS do
+  local a = 7 + 3 * (i - 3)
+  local tl, dl = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  if tl >= 0 or dl >= 0 then
+    local v = redis.call('HMGET', KEYS[i], 't', 'tr', 'd', 'dr')
+    local t, tr = tonumber(v[1]) or 0, tonumber(v[2]) or 0
+    local d, dr = tonumber(v[3]) or 0, tonumber(v[4]) or 0
+    if (tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl) then
+      over = {i - 3, t, tr, d, dr}
+      break
+    end
+  end
+end
+
+if over and ARGV[6] ~= '1' then
+  return {0, over[1], over[2], over[3], over[4], over[5]}
+end
+
+for i = 3, #KEYS do
+  local a = 7 + 3 * (i - 3)
+  redis.call('HINCRBY', KEYS[i], 'tr', tokens)
+  redis.call('HINCRBY', KEYS[i], 'dr', usd)
+  redis.call('PEXPIREAT', KEYS[i], ARGV[a + 2])
+end
+
+local keys, expires = {}, {}
+for i = 3, #KEYS do
+  keys[#keys + 1] = KEYS[i]
+  expires[#expires + 1] = ARGV[9 + 3 * (i - 3)]
+end
+redis.call('HSET', KEYS[1], 's', 'r', 't', tokens, 'd', usd, 'dl', ARGV[4],
+           'k', table.concat(keys, '\n'), 'e', table.concat(expires, '\n'))
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+
+if over then
+  return {3, over[1], over[2], over[3], over[4], over[5]}
+end
+return {1, -1, 0, 0, 0, 0}

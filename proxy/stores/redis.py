@@ -1,0 +1,110 @@
+"""The Redis store: many proxy processes and machines share one Redis.
+
+Scripts are `.lua` files shipped in this package, registered once (EVALSHA, reloaded by redis-py
+on NOSCRIPT, so a `SCRIPT FLUSH` or a failover to a fresh replica changes nothing). Each store
+operation is one round trip. redis-py retries on connection errors and timeouts; the scripts are
+idempotent by reservation id, so a retried call never counts twice. Every redis-py or OS error is
+wrapped here into StoreUnavailable and never escapes upward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from typing import Sequence
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from ..errors import StoreUnavailable
+from ..keys import leases_key, record_key
+from .base import Counter, ReserveOutcome, Status, Store
+
+SETTLED_TTL_MS = 3_600_000          # how long a settled id is remembered, for idempotency
+OPEN_RECORD_MARGIN_MS = 35 * 86_400_000
+
+
+def _script(name: str) -> str:
+    return resources.files("proxy.stores").joinpath("lua", f"{name}.lua").read_text()
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, namespace: str = "bp", *, timeout: float = 1.0) -> None:
+        self._ns = namespace
+        self._leases = leases_key(namespace)
+        self._r = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            retry_on_error=[ConnectionError, TimeoutError, OSError],
+            health_check_interval=30,
+        )
+        self._reserve = self._r.register_script(_script("reserve"))
+        self._settle = self._r.register_script(_script("settle"))
+        self._extend = self._r.register_script(_script("extend"))
+
+    async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
+                      deadline_ms: int, force: bool) -> ReserveOutcome:
+        keys = [record_key(self._ns, rid), self._leases]
+        args: list = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
+                      "1" if force else "0"]
+        for c in counters:
+            keys.append(c.key)
+            args += (c.token_limit, c.usd_limit, c.expire_at)
+        try:
+            st, idx, t, tr, d, dr = await self._reserve(keys=keys, args=args)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreUnavailable(f"redis reserve failed: {type(exc).__name__}") from exc
+        return ReserveOutcome(Status(st), idx, t, tr, d, dr)
+
+    async def settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
+                     not_after_ms: int = 0) -> bool:
+        keys = [record_key(self._ns, rid), self._leases, *(c.key for c in counters)]
+        args = [rid, tokens, usd, SETTLED_TTL_MS, not_after_ms, *(c.expire_at for c in counters)]
+        try:
+            return bool(await self._settle(keys=keys, args=args))
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreUnavailable(f"redis settle failed: {type(exc).__name__}") from exc
+
+    async def extend(self, rid: str, deadline_ms: int) -> bool:
+        keys = [record_key(self._ns, rid), self._leases]
+        try:
+            return bool(await self._extend(
+                keys=keys, args=[rid, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS]))
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreUnavailable(f"redis extend failed: {type(exc).__name__}") from exc
+
+    async def expired(self, now_ms: int, limit: int) -> list[tuple[str, list[Counter]]]:
+        try:
+            ids = await self._r.zrangebyscore(self._leases, "-inf", now_ms, start=0, num=limit)
+            if not ids:
+                return []
+            pipe = self._r.pipeline(transaction=False)
+            for rid in ids:
+                pipe.hmget(record_key(self._ns, rid.decode()), "k", "e")
+            rows = await pipe.execute()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreUnavailable(f"redis expired failed: {type(exc).__name__}") from exc
+        out = []
+        for rid, (k, e) in zip(ids, rows):
+            keys = k.decode().split("\n") if k else []
+            exps = [int(x) for x in e.decode().split("\n")] if e else []
+            out.append((rid.decode(), [Counter(key, -1, -1, exp) for key, exp in zip(keys, exps)]))
+        return out
+
+    async def snapshot(self, keys: Sequence[str]) -> list[tuple[int, int, int, int]]:
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for k in keys:
+                pipe.hmget(k, "t", "tr", "d", "dr")
+            rows = await pipe.execute()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreUnavailable(f"redis snapshot failed: {type(exc).__name__}") from exc
+        return [tuple(int(v or 0) for v in row) for row in rows]  # type: ignore[misc]
+
+    async def close(self) -> None:
+        try:
+            await self._r.aclose()
+        except (RedisError, OSError):
+            pass
