@@ -1,9 +1,12 @@
 """The budget ledger: reserve, commit, release and snapshot across every scope of a request.
 
 A request touches one counter per scope (global, org, user, provider, model) and window (minute,
-hour, day, month); each counter holds tokens and micro-dollars. Every counter is tracked, limited
-or not, so a limit added to the policy while the proxy runs applies to what was already spent in
-the current window, and the snapshot can report spend everywhere.
+hour, day, month); each counter holds tokens and micro-dollars. Day and month counters are kept
+for every scope, limited or not: a limit added to the policy while the proxy runs then applies to
+what was already spent this day or month, and the snapshot reports spend everywhere. Minute and
+hour counters are kept only where the policy limits them (a new one starts from zero): they are
+half of all counters and nobody reads an unlimited minute's spend, while each counter costs Redis
+work on every request.
 
 Windows are fixed at reserve time: the reservation carries its counter keys, so a request that
 starts at 23:59:59 and ends after midnight is charged to the day it started.
@@ -22,6 +25,7 @@ from .stores import Counter, Status, Store
 from .windows import WINDOWS, Window, windows_at
 
 log = logging.getLogger(__name__)
+_ALWAYS_TRACKED = WINDOWS.index("day")     # windows from here on are kept even when unlimited
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,8 @@ class Ledger:
             table = policy.limits_for(scope.type, scope.id).table
             for i, w in enumerate(wins):
                 tl, dl = table[i]
+                if i < _ALWAYS_TRACKED and tl == UNLIMITED and dl == UNLIMITED:
+                    continue
                 expire_ms = int((w.end + max(w.end - w.start, lease_margin)) * 1000)
                 counters.append(Counter(counter_key(self._ns, scope.type, scope.id, w.label), tl, dl, expire_ms))
                 where.append((scope, w))
@@ -150,7 +156,8 @@ class Ledger:
         return n
 
     async def snapshot(self, scopes: Sequence[Scope]) -> list[Balance]:
-        """Limit, used, reserved and remaining per scope, window and unit."""
+        """Limit, used, reserved and remaining per scope, window and unit (every tracked counter:
+        day and month always, minute and hour where limited)."""
         policy = self.policy
         counters, where = self._plan(scopes, self._clock(), policy)
         rows = await self.store.snapshot([c.key for c in counters])

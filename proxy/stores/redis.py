@@ -30,15 +30,24 @@ def _script(name: str) -> str:
     return resources.files("proxy.stores").joinpath("lua", f"{name}.lua").read_text()
 
 
+def _expires(counters: Sequence[Counter]) -> str:
+    return "\n".join([str(c.expire_at) for c in counters])
+
+
 class RedisStore(Store):
-    def __init__(self, url: str, namespace: str = "bp", *, timeout: float = 1.0) -> None:
+    def __init__(self, url: str, namespace: str = "bp", *, timeout: float = 1.0,
+                 max_connections: int = 64) -> None:
         self._ns = namespace
         self._leases = leases_key(namespace)
-        self._r = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+        # A blocking pool: a burst larger than the pool waits (up to `timeout`) for a connection
+        # instead of failing; 64 connections keep one Redis core busy from one proxy process.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout,
+            socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30)
+        self._r = aioredis.Redis(
+            connection_pool=pool,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
             retry_on_error=[ConnectionError, TimeoutError, OSError],
-            health_check_interval=30,
         )
         self._reserve = self._r.register_script(_script("reserve"))
         self._settle = self._r.register_script(_script("settle"))
@@ -46,12 +55,10 @@ class RedisStore(Store):
 
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                       deadline_ms: int, force: bool) -> ReserveOutcome:
-        keys = [record_key(self._ns, rid), self._leases]
-        args: list = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
-                      "1" if force else "0"]
-        for c in counters:
-            keys.append(c.key)
-            args += (c.token_limit, c.usd_limit, c.expire_at)
+        keys = [record_key(self._ns, rid), self._leases, *(c.key for c in counters)]
+        limits = " ".join(f"{c.token_limit} {c.usd_limit}" for c in counters)
+        args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
+                "1" if force else "0", limits, _expires(counters)]
         try:
             st, idx, t, tr, d, dr = await self._reserve(keys=keys, args=args)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -61,7 +68,7 @@ class RedisStore(Store):
     async def settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                      not_after_ms: int = 0) -> bool:
         keys = [record_key(self._ns, rid), self._leases, *(c.key for c in counters)]
-        args = [rid, tokens, usd, SETTLED_TTL_MS, not_after_ms, *(c.expire_at for c in counters)]
+        args = [rid, tokens, usd, SETTLED_TTL_MS, not_after_ms, _expires(counters)]
         try:
             return bool(await self._settle(keys=keys, args=args))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -105,6 +112,6 @@ class RedisStore(Store):
 
     async def close(self) -> None:
         try:
-            await self._r.aclose()
+            await self._r.aclose(close_connection_pool=True)
         except (RedisError, OSError):
             pass

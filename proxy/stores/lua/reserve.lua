@@ -4,8 +4,9 @@
 -- KEYS[3..] counter hashes: t / tr = tokens used / reserved, d / dr = micro-USD used / reserved
 -- ARGV[1] reservation id      ARGV[2] tokens      ARGV[3] micro-USD
 -- ARGV[4] lease deadline (epoch ms)      ARGV[5] record TTL (ms)      ARGV[6] force: "1" = shadow
--- ARGV[7 + 3*(i-1) .. 9 + 3*(i-1)] for counter i: token limit, micro-USD limit (-1 = none),
---                                   expire-at (epoch ms; window end plus a margin)
+-- ARGV[7] per counter, in KEYS order: "<token limit> <micro-USD limit> " (-1 = none), all joined
+-- ARGV[8] per counter: "<expire-at epoch ms>" joined by "\n" (the window's end plus a margin)
+--         (two strings rather than 60 arguments: encoding arguments dominates the client's cost)
 -- Returns {status, index, used tokens, reserved tokens, used micro-USD, reserved micro-USD}
 --   status 0 refused (nothing written), 1 admitted, 2 duplicate id (nothing written),
 --          3 over a limit but written anyway (force); index is the first counter over (0-based).
@@ -20,9 +21,13 @@ local tokens = tonumber(ARGV[2])
 local usd = tonumber(ARGV[3])
 local over = nil
 
+local limits = {}
+for n in string.gmatch(ARGV[7], '%S+') do limits[#limits + 1] = tonumber(n) end
+local expires = {}
+for n in string.gmatch(ARGV[8], '%d+') do expires[#expires + 1] = n end
+
 for i = 3, #KEYS do
-  local a = 7 + 3 * (i - 3)
-  local tl, dl = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local tl, dl = limits[2 * (i - 3) + 1], limits[2 * (i - 3) + 2]
   if tl >= 0 or dl >= 0 then
     local v = redis.call('HMGET', KEYS[i], 't', 'tr', 'd', 'dr')
     local t, tr = tonumber(v[1]) or 0, tonumber(v[2]) or 0
@@ -38,20 +43,16 @@ if over and ARGV[6] ~= '1' then
   return {0, over[1], over[2], over[3], over[4], over[5]}
 end
 
+local keys = {}
 for i = 3, #KEYS do
-  local a = 7 + 3 * (i - 3)
   redis.call('HINCRBY', KEYS[i], 'tr', tokens)
   redis.call('HINCRBY', KEYS[i], 'dr', usd)
-  redis.call('PEXPIREAT', KEYS[i], ARGV[a + 2])
+  redis.call('PEXPIREAT', KEYS[i], expires[i - 2])
+  keys[#keys + 1] = KEYS[i]
 end
 
-local keys, expires = {}, {}
-for i = 3, #KEYS do
-  keys[#keys + 1] = KEYS[i]
-  expires[#expires + 1] = ARGV[9 + 3 * (i - 3)]
-end
 redis.call('HSET', KEYS[1], 's', 'r', 't', tokens, 'd', usd, 'dl', ARGV[4],
-           'k', table.concat(keys, '\n'), 'e', table.concat(expires, '\n'))
+           'k', table.concat(keys, '\n'), 'e', ARGV[8])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 

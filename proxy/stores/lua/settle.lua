@@ -6,7 +6,8 @@
 -- ARGV[2] actual tokens, ARGV[3] actual micro-USD: 0 0 releases; -1 -1 charges what was reserved
 -- ARGV[4] TTL (ms) of the settled record, kept so a repeated settle is a no-op
 -- ARGV[5] not-after (epoch ms): when > 0, settle only if the lease deadline is <= it (expiry)
--- ARGV[6..] expire-at (epoch ms) per counter, used only if that counter's key has vanished
+-- ARGV[6] expire-at (epoch ms) per counter joined by "\n", used only where a counter's key has
+--         vanished (a restart): the usage is recorded again with the window's expiry
 -- Returns 1 if settled now, 0 if already settled, not yet expired, or (expiry) unknown.
 
 local state = redis.call('HMGET', KEYS[1], 's', 't', 'd', 'dl')
@@ -24,6 +25,7 @@ local res_t, res_d = tonumber(state[2]) or 0, tonumber(state[3]) or 0
 local tokens, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
 if tokens < 0 then tokens, usd = res_t, res_d end
 
+local expires = nil
 for i = 3, #KEYS do
   local k = KEYS[i]
   if redis.call('EXISTS', k) == 1 then
@@ -32,8 +34,12 @@ for i = 3, #KEYS do
     if tokens ~= 0 then redis.call('HINCRBY', k, 't', tokens) end
     if usd ~= 0 then redis.call('HINCRBY', k, 'd', usd) end
   elseif tokens ~= 0 or usd ~= 0 then
+    if not expires then
+      expires = {}
+      for n in string.gmatch(ARGV[6], '%d+') do expires[#expires + 1] = n end
+    end
     redis.call('HSET', k, 't', tokens, 'd', usd)
-    redis.call('PEXPIREAT', k, ARGV[6 + i - 3])
+    redis.call('PEXPIREAT', k, expires[i - 2])
   end
 end
 

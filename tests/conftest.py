@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+
+from proxy.stores import open_store
+
+from .redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    if redis_server.proc is None:       # a test stopped it and failed before restarting
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    return redis_server.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request):
+    url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    s = open_store(url)
+    yield s
+    await s.close()

@@ -1,0 +1,204 @@
+"""The ledger's contract, run against every store (memory and a real redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from proxy.errors import StoreUnavailable
+from proxy.ledger import Amounts, Ledger, Refusal, Reservation, Scope
+from proxy.policy import parse
+from proxy.stores import open_store
+
+SCOPES = (Scope("global", "*"), Scope("org", "acme"), Scope("user", "alice"),
+          Scope("provider", "openai"), Scope("model", "gpt-4o"))
+
+
+def tomorrow_at(hour: int, minute: int = 0, second: float = 0) -> float:
+    """A fixed instant in the future: Redis deletes keys whose expiry is already past."""
+    day = datetime.now(timezone.utc).date() + timedelta(days=1)
+    base = datetime(day.year, day.month, day.day, hour, minute, tzinfo=timezone.utc)
+    return base.timestamp() + second
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_policy(**over):
+    data = {"version": 1, "defaults": {}, "reservation": {"lease_seconds": 60}}
+    data.update(over)
+    return parse(data, "test-policy")
+
+
+def ledger_for(store, clock=None, **policy):
+    return Ledger(store, make_policy(**policy), clock=clock or Clock(tomorrow_at(12)))
+
+
+def row(balances, scope_type, window, unit):
+    for b in balances:
+        if b.scope.type == scope_type and b.window == window and b.unit == unit:
+            return b
+    raise AssertionError(f"no balance for {scope_type}/{window}/{unit}")
+
+
+async def test_reserve_then_commit_moves_reserved_to_used(store):
+    ledger = ledger_for(store, defaults={"org": {"day": {"usd": 1}}})
+    res = await ledger.reserve("r1", Amounts(100, 5000), SCOPES)
+    assert isinstance(res, Reservation)
+    snap = await ledger.snapshot(SCOPES)
+    assert (row(snap, "org", "day", "usd").reserved, row(snap, "org", "day", "usd").remaining) == (5000, 995000)
+    assert row(snap, "model", "day", "tokens").reserved == 100
+    assert not any(b.window == "minute" for b in snap)      # unlimited minutes are not kept
+    assert await ledger.commit(res, Amounts(40, 2000))
+    for b in await ledger.snapshot(SCOPES):
+        assert b.reserved == 0
+        assert b.used == (40 if b.unit == "tokens" else 2000)
+
+
+async def test_refusal_names_the_first_scope_over_and_when_it_resets(store):
+    clock = Clock(tomorrow_at(12, 30))
+    ledger = ledger_for(store, clock, defaults={"user": {"hour": {"tokens": 150}}})
+    first = await ledger.reserve("r1", Amounts(100, 1), SCOPES)
+    assert isinstance(first, Reservation)
+    refusal = await ledger.reserve("r2", Amounts(60, 1), SCOPES)
+    assert refusal == Refusal(Scope("user", "alice"), "hour", "tokens", 150, 0, 100, 60, 1800.0)
+
+
+async def test_refused_reservation_changes_no_scope(store):
+    # Only the last scope (model) is over: a partial write would show on the four before it.
+    ledger = ledger_for(store, defaults={"model": {"month": {"usd": 0.001}}})
+    refusal = await ledger.reserve("r1", Amounts(10, 5000), SCOPES)
+    assert isinstance(refusal, Refusal) and refusal.scope == Scope("model", "gpt-4o")
+    assert (refusal.window, refusal.unit, refusal.limit) == ("month", "usd", 1000)
+    assert all(b.reserved == 0 and b.used == 0 for b in await ledger.snapshot(SCOPES))
+
+
+async def test_concurrent_reservations_admit_exactly_what_fits(store):
+    ledger = ledger_for(store, defaults={"org": {"day": {"tokens": 1000}}})
+    results = await asyncio.gather(*(ledger.reserve(f"r{i}", Amounts(7, 1), SCOPES) for i in range(400)))
+    admitted = [r for r in results if isinstance(r, Reservation)]
+    assert len(admitted) == 1000 // 7
+    assert row(await ledger.snapshot(SCOPES), "org", "day", "tokens").reserved == 7 * (1000 // 7)
+    await asyncio.gather(*(ledger.release(r) for r in admitted))
+    assert all(b.reserved == 0 for b in await ledger.snapshot(SCOPES))
+
+
+async def test_commit_after_midnight_charges_the_day_it_started(store):
+    clock = Clock(tomorrow_at(23, 59, 59.5))
+    ledger = ledger_for(store, clock, defaults={"org": {"day": {"usd": 10}}})
+    res = await ledger.reserve("late", Amounts(100, 3_000_000), SCOPES)
+    before = await ledger.snapshot(SCOPES)
+    clock.t += 2                                       # now 00:00:01.5 the next day
+    assert await ledger.commit(res, Amounts(90, 2_000_000))
+    clock.t -= 2
+    day_started = row(await ledger.snapshot(SCOPES), "org", "day", "usd")
+    assert row(before, "org", "day", "usd").reserved == 3_000_000
+    assert (day_started.used, day_started.reserved) == (2_000_000, 0)
+    clock.t += 2
+    next_day = row(await ledger.snapshot(SCOPES), "org", "day", "usd")
+    assert (next_day.used, next_day.reserved, next_day.remaining) == (0, 0, 10_000_000)
+
+
+async def test_retried_reserve_and_double_commit_count_once(store):
+    ledger = ledger_for(store)
+    a = await ledger.reserve("same", Amounts(50, 500), SCOPES)
+    b = await ledger.reserve("same", Amounts(50, 500), SCOPES)
+    assert isinstance(a, Reservation) and isinstance(b, Reservation)
+    assert row(await ledger.snapshot(SCOPES), "global", "day", "tokens").reserved == 50
+    assert await ledger.commit(a, Amounts(30, 300)) is True
+    assert await ledger.commit(a, Amounts(30, 300)) is False
+    assert await ledger.release(a) is False
+    g = row(await ledger.snapshot(SCOPES), "global", "day", "tokens")
+    assert (g.used, g.reserved) == (30, 0)
+
+
+@pytest.mark.parametrize("on_expiry, used", [("commit", 80), ("release", 0)])
+async def test_expired_lease_is_settled_and_its_budget_freed(store, on_expiry, used):
+    clock = Clock(tomorrow_at(12))
+    ledger = ledger_for(store, clock, defaults={"user": {"day": {"tokens": 100}}},
+                        reservation={"lease_seconds": 30, "on_expiry": on_expiry})
+    dead = await ledger.reserve("dead-process", Amounts(80, 8), SCOPES)
+    assert isinstance(dead, Reservation)
+    assert isinstance(await ledger.reserve("blocked", Amounts(80, 8), SCOPES), Refusal)
+    clock.t += 29
+    assert await ledger.sweep() == 0                   # lease not yet over
+    clock.t += 2
+    assert await ledger.sweep() == 1
+    assert await ledger.sweep() == 0
+    u = row(await ledger.snapshot(SCOPES), "user", "day", "tokens")
+    assert (u.used, u.reserved) == (used, 0)
+    assert await ledger.commit(dead, Amounts(80, 8)) is False      # the late commit is a no-op
+    if on_expiry == "release":
+        assert isinstance(await ledger.reserve("now-fits", Amounts(80, 8), SCOPES), Reservation)
+
+
+async def test_extended_lease_is_not_swept(store):
+    clock = Clock(tomorrow_at(12))
+    ledger = ledger_for(store, clock, reservation={"lease_seconds": 30})
+    res = await ledger.reserve("long-stream", Amounts(10, 1), SCOPES)
+    clock.t += 20
+    res = await ledger.extend(res)
+    clock.t += 20
+    assert await ledger.sweep() == 0
+    assert await ledger.commit(res, Amounts(10, 1))
+
+
+async def test_shadow_mode_admits_and_reports_what_it_would_refuse(store):
+    ledger = ledger_for(store, shadow=True, defaults={"org": {"day": {"tokens": 10}}})
+    res = await ledger.reserve("r1", Amounts(50, 1), SCOPES)
+    assert isinstance(res, Reservation)
+    assert res.would_refuse is not None and res.would_refuse.scope == Scope("org", "acme")
+    assert row(await ledger.snapshot(SCOPES), "org", "day", "tokens").reserved == 50
+
+
+async def test_scope_ids_cannot_collide_or_break_the_hash_tag(store):
+    ledger = ledger_for(store, defaults={"user": {"day": {"tokens": 10}}})
+    odd = (Scope("user", "a:b}{ c"),)
+    plain = (Scope("user", "a"),)
+    assert isinstance(await ledger.reserve("r1", Amounts(10, 0), odd), Reservation)
+    assert isinstance(await ledger.reserve("r2", Amounts(10, 0), plain), Reservation)
+
+
+# --- Redis only: the server itself misbehaving -------------------------------------------------
+
+async def test_script_flush_between_calls_changes_nothing(redis_server, redis_url):
+    store = open_store(redis_url)
+    ledger = ledger_for(store, defaults={"org": {"day": {"tokens": 100}}})
+    res = await ledger.reserve("r1", Amounts(60, 1), SCOPES)
+    redis_server.command("SCRIPT", "FLUSH")
+    assert isinstance(await ledger.reserve("r2", Amounts(60, 1), SCOPES), Refusal)
+    redis_server.command("SCRIPT", "FLUSH")
+    assert await ledger.commit(res, Amounts(50, 1))
+    redis_server.command("SCRIPT", "FLUSH")
+    o = row(await ledger.snapshot(SCOPES), "org", "day", "tokens")
+    assert (o.used, o.reserved) == (50, 0)
+    await store.close()
+
+
+async def test_redis_down_raises_store_error_and_recovers(redis_server, redis_url):
+    store = open_store(redis_url)
+    ledger = ledger_for(store)
+    res = await ledger.reserve("before", Amounts(5, 5), SCOPES)
+    redis_server.stop()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await ledger.reserve("during", Amounts(5, 5), SCOPES)
+        with pytest.raises(StoreUnavailable):
+            await ledger.commit(res, Amounts(5, 5))
+        with pytest.raises(StoreUnavailable):
+            await ledger.snapshot(SCOPES)
+    finally:
+        redis_server.start()
+    # The restarted server kept nothing (no persistence); the ledger works again at once.
+    again = await ledger.reserve("after", Amounts(5, 5), SCOPES)
+    assert isinstance(again, Reservation)
+    assert await ledger.commit(again, Amounts(5, 5))
+    await store.close()
