@@ -29,7 +29,7 @@ def validate_file(path: str) -> str:
         policy.parse(data, path)
     else:
         from . import config
-        config.parse(data, path, env={})
+        config.parse(data, path)
     return kind
 
 

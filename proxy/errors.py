@@ -29,10 +29,13 @@ class ApiError(BudgetProxyError):
     code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int | None = None, type: str | None = None) -> None:
+                 status: int | None = None, type: str | None = None,
+                 headers: dict[str, str] | None = None, extra: dict | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}
+        self.extra = extra or {}
         if code is not None:
             self.code = code
         if status is not None:
@@ -42,7 +45,7 @@ class ApiError(BudgetProxyError):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+                          "param": self.param, "code": self.code, **self.extra}}
 
 
 class BadRequest(ApiError):
@@ -61,3 +64,22 @@ class NotFound(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
     code = "request_too_large"
+
+
+class BudgetExceeded(ApiError):
+    """429 with the refused scope; `x-should-retry: false` for day and month windows."""
+    status = 429
+    type = "insufficient_quota"
+    code = "BUDGET_EXCEEDED"
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    type = "api_error"
+
+
+class UpstreamFailed(ApiError):
+    """The upstream could not be reached (502) or timed out (504)."""
+    status = 502
+    type = "api_error"
+    code = "upstream_unavailable"

@@ -79,4 +79,10 @@ def _expected(err: jsonschema.ValidationError) -> str:
         return f"expected {arg!r}, got {inst!r}"
     if v == "minLength":
         return "expected a non-empty string"
+    if v == "pattern":
+        return f"expected a string matching {arg}, got {inst!r}"
+    if v == "exclusiveMinimum":
+        return f"expected a number > {arg}, got {inst!r}"
+    if v in ("minProperties", "minItems"):
+        return "expected at least one entry"
     return err.message

@@ -1,0 +1,199 @@
+"""The aiohttp application: routes, the one place errors become responses, and lifetimes.
+
+Resources with a lifetime (the upstream session, the store, the policy watcher, the lease
+sweeper, settlement tasks) are opened and closed in `cleanup_ctx`, in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from . import auth
+from . import config as config_mod
+from . import policy as policy_mod
+from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
+from .gateway import Gateway
+from .ledger import Ledger
+from .stores import open_store
+from .tokens import TokenCounter
+from .upstream import Upstreams
+
+log = logging.getLogger("proxy")
+
+GATEWAY = web.AppKey("gateway", Gateway)
+POLICY_POLL_SECONDS = 2.0
+SWEEP_SECONDS = 5.0
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def _json(status: int, body: dict, headers: dict | None = None) -> web.Response:
+    return web.Response(status=status, body=json.dumps(body).encode(), headers=headers,
+                        content_type="application/json")
+
+
+@web.middleware
+async def errors(request: web.Request, handler) -> web.StreamResponse:
+    """The one place an error becomes a response, always in OpenAI's shape."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _json(exc.status, exc.body(), exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+        err = ApiError(exc.reason or "error", status=exc.status, code=code)
+        return _json(exc.status, err.body(), {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
+
+
+def _models_body(cfg: config_mod.Config) -> bytes:
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "budget-proxy"} for name in cfg.routes]
+    data += [{"id": name, "object": "model", "created": 0, "owned_by": m.provider}
+             for name, m in cfg.models.items()]
+    return json.dumps({"object": "list", "data": data}).encode()
+
+
+def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: TokenCounter | None = None,
+              clock=None) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=cfg.max_body_bytes)
+    tokens = tokens or TokenCounter.load()
+    upstreams = Upstreams(cfg)
+    ledger = None
+    if cfg.enforcement != "disabled":
+        kwargs = {"clock": clock} if clock else {}
+        ledger = Ledger(open_store(cfg.store_url, cfg.namespace), policy, namespace=cfg.namespace, **kwargs)
+    gw = Gateway(cfg, ledger, tokens, upstreams)
+    app[GATEWAY] = gw
+    models = _models_body(cfg)
+
+    def endpoint(kind: str):
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await gw.handle(request, kind)
+        return handler
+
+    async def list_models(request: web.Request) -> web.Response:
+        auth.authenticate(request.headers.get("Authorization"), gw.config.keys)
+        return web.Response(body=models, content_type="application/json")
+
+    async def not_found(request: web.Request) -> web.Response:
+        raise NotFound(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+
+    async def healthz(request: web.Request) -> web.Response:
+        return _json(200, {"status": "ok", "enforcement": cfg.enforcement, "stats": dict(gw.stats)})
+
+    app.router.add_post("/v1/chat/completions", endpoint("chat"))
+    app.router.add_post("/v1/completions", endpoint("completion"))
+    app.router.add_post("/v1/embeddings", endpoint("embedding"))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_route("*", "/v1/{tail:.*}", not_found)
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_background)
+    app.cleanup_ctx.append(_settlements)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    await gw.upstreams.open()
+    yield
+    await gw.upstreams.close()
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    yield
+    if app[GATEWAY].ledger is not None:
+        await app[GATEWAY].ledger.store.close()
+
+
+async def _settlements(app: web.Application) -> AsyncIterator[None]:
+    """At shutdown, wait for settlements still running (clients that left, responses sent)."""
+    yield
+    tasks = app[GATEWAY].tasks
+    if tasks:
+        await asyncio.wait(list(tasks), timeout=SHUTDOWN_GRACE_SECONDS)
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    jobs = []
+    if gw.ledger is not None:
+        jobs.append(asyncio.create_task(_sweep(gw.ledger)))
+        jobs.append(asyncio.create_task(_watch_policy(gw.ledger)))
+    yield
+    for job in jobs:
+        job.cancel()
+    for job in jobs:
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+
+
+async def _sweep(ledger: Ledger) -> None:
+    """Settle reservations whose process died; any live proxy does it for all."""
+    while True:
+        await asyncio.sleep(SWEEP_SECONDS)
+        try:
+            while await ledger.sweep() == 100:
+                pass
+        except BudgetProxyError as exc:
+            log.warning("lease sweep failed: %s", exc)
+
+
+def _stamp(path: str) -> tuple[float, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size)
+
+
+async def _watch_policy(ledger: Ledger) -> None:
+    """Reload the policy file when it changes; an invalid edit keeps the running policy."""
+    path = ledger.policy.source
+    seen = _stamp(path)
+    while True:
+        await asyncio.sleep(POLICY_POLL_SECONDS)
+        now = _stamp(path)
+        if now == seen or now is None:
+            continue
+        seen = now
+        try:
+            ledger.policy = await asyncio.to_thread(policy_mod.load, path)
+            log.info("policy reloaded from %s", path)
+        except ConfigError as exc:
+            log.error("policy change rejected, keeping the running policy: %s", exc)
+
+
+def load(config_path: str) -> tuple[config_mod.Config, policy_mod.Policy]:
+    cfg = config_mod.load(config_path)
+    pol = policy_mod.load_for(cfg.environment, cfg.policies_dir, cfg.policy_path)
+    if not cfg.keys:
+        log.warning("no API keys configured: auth is OPEN (any bearer is accepted as org 'default'); "
+                    "configure `keys` before exposing the proxy")
+    return cfg, pol
+
+
+def serve(config_path: str, host: str | None = None, port: int | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, pol = load(config_path)
+    except ConfigError as exc:
+        print(f"budget-proxy: {exc}", file=sys.stderr)
+        return 2
+    log.info("environment %s, enforcement %s, store %s, policy %s", cfg.environment, cfg.enforcement,
+             cfg.store_url.split("://")[0] + "://…", pol.source)
+    app = build_app(cfg, pol)
+    web.run_app(app, host=host or cfg.host, port=port or cfg.port, access_log=None,
+                handler_cancellation=True, print=lambda *_: log.info(
+                    "listening on http://%s:%s/v1", host or cfg.host, port or cfg.port))
+    return 0

@@ -1,0 +1,214 @@
+"""config.yaml: listen address, store, environment, providers, the model registry, routes, keys.
+
+Read once at start-up into frozen dataclasses (policies reload while running; this file does not).
+Values may use `${VAR}` and `${VAR:-default}`, expanded from the environment at load; a value
+that is exactly one reference is then typed as YAML would type it (`port: ${PORT:-8787}` is an int).
+Environment overrides: APP_ENV, BUDGET_ENFORCEMENT_MODE, BUDGET_POLICY_PATH, REDIS_URL (or
+REDIS_HOST / REDIS_PORT / REDIS_DB / REDIS_PASSWORD).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+from urllib.parse import quote
+
+import yaml
+
+from . import schema
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    base_url: str                 # without a trailing slash, e.g. https://api.openai.com/v1
+    api_key_env: str | None       # the *name* of the variable holding the upstream key
+    connect_timeout: float
+    read_timeout: float
+    api_key: str | None = field(default=None, repr=False)   # read from api_key_env at load; never logged
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    provider: str
+    upstream: str                 # the model name sent upstream
+    input_per_million: float      # USD per million tokens == micro-USD per token
+    output_per_million: float
+    downgrade_to: tuple[str, ...]
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Micro-dollars, rounded up: a dollar per million tokens is a micro-dollar per token."""
+        exact = prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million
+        return math.ceil(round(exact, 6))     # round first: 1000 * 2.5 must not become 2501
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    name: str                     # safe to log; the key itself never is
+    org: str
+    user: str | None
+    allow_end_user: bool          # may the body's `user` field name the end user?
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    host: str
+    port: int
+    max_body_bytes: int
+    environment: str
+    enforcement: str              # strict | advisory | disabled
+    store_url: str
+    namespace: str
+    policy_path: str | None       # None: <policies_dir>/<environment>.yaml
+    policies_dir: str
+    providers: Mapping[str, Provider]
+    models: Mapping[str, Model]
+    routes: Mapping[str, tuple[str, ...]]
+    keys: Mapping[str, ApiKey]    # sha256 hex of the key -> who it is
+
+    def candidates(self, name: str) -> tuple[str, ...]:
+        """Models to try for a requested name, best first: a route's list, or the model and
+        its `downgrade_to`. Empty when the name is neither."""
+        if name in self.routes:
+            return self.routes[name]
+        model = self.models.get(name)
+        return (name, *model.downgrade_to) if model else ()
+
+
+def expand(value: Any, env: Mapping[str, str], source: str, path: str = "") -> Any:
+    """Expand ${VAR} / ${VAR:-default} in every string of `value`."""
+    if isinstance(value, dict):
+        return {k: expand(v, env, source, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(v, env, source, f"{path}.{i}") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{source}: {path}: environment variable {name} is not set")
+
+    out = _REF.sub(sub, value)
+    if _REF.fullmatch(value):
+        try:
+            typed = yaml.safe_load(out)
+        except yaml.YAMLError:
+            return out
+        return typed if isinstance(typed, (int, float, bool)) else out
+    return out
+
+
+def parse(data: Any, source: str, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    data = expand(data, env, source)
+    schema.validate("config", data, source)
+    environment = env.get("APP_ENV") or data.get("environment", "dev")
+    if environment not in ("dev", "staging", "prod"):
+        raise ConfigError(f"APP_ENV: expected one of dev, staging, prod; got {environment!r}")
+    enforcement = env.get("BUDGET_ENFORCEMENT_MODE") or data.get("enforcement", "strict")
+    if enforcement not in ("strict", "advisory", "disabled"):
+        raise ConfigError(f"BUDGET_ENFORCEMENT_MODE: expected one of strict, advisory, disabled; "
+                          f"got {enforcement!r}")
+    providers = {n: _provider(n, p, env) for n, p in data["providers"].items()}
+    models = {n: _model(n, m, providers, source) for n, m in data["models"].items()}
+    prod = environment == "prod"
+    models = {n: _checked_downgrades(m, models, source, prod) for n, m in models.items()}
+    routes = {n: _checked_route(n, r, models, source, prod) for n, r in (data.get("routes") or {}).items()}
+    keys = _keys(data.get("keys") or {}, source, prod)
+    listen = data.get("listen") or {}
+    base = os.path.dirname(os.path.abspath(source))
+    policy_path = env.get("BUDGET_POLICY_PATH") or data.get("policy")
+    return Config(
+        source=source, host=listen.get("host", "127.0.0.1"), port=listen.get("port", 8787),
+        max_body_bytes=listen.get("max_body_bytes", 8 * 1024 * 1024),
+        environment=environment, enforcement=enforcement,
+        store_url=_store_url(data.get("store", "memory://"), env),
+        namespace=data.get("namespace", "bp"),
+        policy_path=os.path.join(base, policy_path) if policy_path else None,
+        policies_dir=os.path.join(base, "policies"),
+        providers=MappingProxyType(providers), models=MappingProxyType(models),
+        routes=MappingProxyType(routes), keys=MappingProxyType(keys))
+
+
+def load(path: str, env: Mapping[str, str] | None = None) -> Config:
+    return parse(schema.load_yaml(path), path, env)
+
+
+def _provider(name: str, raw: dict, env: Mapping[str, str]) -> Provider:
+    key_env = raw.get("api_key_env")
+    return Provider(name, raw["base_url"].rstrip("/"), key_env, float(raw.get("connect_timeout", 10)),
+                    float(raw.get("read_timeout", 600)), env.get(key_env) or None if key_env else None)
+
+
+def _model(name: str, raw: dict, providers: Mapping[str, Provider], source: str) -> Model:
+    if raw["provider"] not in providers:
+        raise ConfigError(f"{source}: models.{name}.provider: expected one of "
+                          f"{', '.join(sorted(providers))}; got {raw['provider']!r}")
+    return Model(name, raw["provider"], raw.get("upstream", name), float(raw["input_per_million"]),
+                 float(raw["output_per_million"]), tuple(raw.get("downgrade_to", ())))
+
+
+def _unknown(where: str, names, models, source: str, prod: bool) -> tuple[str, ...]:
+    """Keep the names that are registry models; an unknown one is fatal in prod, dropped elsewhere."""
+    kept = []
+    for name in names:
+        if name in models:
+            kept.append(name)
+            continue
+        msg = f"{source}: {where}: {name!r} is not a model in the registry"
+        if prod:
+            raise ConfigError(msg)
+        log.warning("%s (ignored outside prod)", msg)
+    return tuple(kept)
+
+
+def _checked_downgrades(m: Model, models, source: str, prod: bool) -> Model:
+    kept = _unknown(f"models.{m.name}.downgrade_to", m.downgrade_to, models, source, prod)
+    return m if kept == m.downgrade_to else Model(m.name, m.provider, m.upstream,
+                                                   m.input_per_million, m.output_per_million, kept)
+
+
+def _checked_route(name: str, route: list, models, source: str, prod: bool) -> tuple[str, ...]:
+    if name in models:
+        raise ConfigError(f"{source}: routes.{name}: a route cannot share its name with a model")
+    kept = _unknown(f"routes.{name}", route, models, source, prod)
+    if not kept:
+        raise ConfigError(f"{source}: routes.{name}: expected at least one registry model")
+    return kept
+
+
+def _keys(raw: dict, source: str, prod: bool) -> dict[str, ApiKey]:
+    if not raw and prod:
+        raise ConfigError(f"{source}: keys: expected at least one key in prod (auth cannot be open)")
+    keys: dict[str, ApiKey] = {}
+    for name, k in raw.items():
+        if k["sha256"] in keys:
+            raise ConfigError(f"{source}: keys.{name}.sha256: the same key hash is listed twice")
+        keys[k["sha256"]] = ApiKey(str(name), k["org"], k.get("user"), bool(k.get("allow_end_user", False)))
+    return keys
+
+
+def _store_url(configured: str, env: Mapping[str, str]) -> str:
+    if env.get("REDIS_URL"):
+        return env["REDIS_URL"]
+    if env.get("REDIS_HOST"):
+        password = env.get("REDIS_PASSWORD")
+        auth = f":{quote(password, safe='')}@" if password else ""
+        return f"redis://{auth}{env['REDIS_HOST']}:{env.get('REDIS_PORT', '6379')}/{env.get('REDIS_DB', '0')}"
+    return configured

@@ -1,0 +1,233 @@
+"""Watch an OpenAI Server-Sent Events stream on its way to the client.
+
+The proxy forwards streamed chat/completions responses unbuffered and byte for byte, but it must
+learn what the request really cost. `UsageTap` parses the stream on the side (WHATWG SSE rules),
+records the usage, model and output volume, and - when the proxy itself added
+`stream_options.include_usage` - cuts out the usage-only chunk so the client sees exactly the
+stream it would have seen without the proxy.
+
+Bytes are never rewritten: the output is always the input with whole events left out, so the
+pieces handed back are the caller's own chunk or memoryview slices of it wherever possible.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+# A blank line ends an event. Terminators are \r\n, \r or \n; the atomic `\r\n?+` and the
+# look-behind make sure the \n of a \r\n is never read as a terminator of its own, even when a
+# search starts between the two bytes.
+_BOUNDARY = re.compile(rb"(?:\r\n?+|(?<!\r)\n)(?:\r\n?+|\n)")
+# Empty lines where an event would start: they dispatch nothing and belong to no event (so a
+# dropped event never takes a neighbour's stray blank line with it).
+_BLANK_LINES = re.compile(rb"[\r\n]+")
+_LINE_SPLIT = re.compile(rb"\r\n?|\n")
+_BOM = b"\xef\xbb\xbf"
+_CR = 0x0D
+_LF = 0x0A
+
+Piece = bytes | memoryview
+
+
+def _field(line: bytes) -> tuple[bytes, bytes]:
+    """Split one field line; a comment (leading ':') comes back with an empty name."""
+    name, _, value = line.partition(b":")
+    if value[:1] == b" ":
+        value = value[1:]
+    return name, value
+
+
+def _event_data(content: bytes) -> bytes | None:
+    """The joined `data` of one event's lines, or None when the event has no data field."""
+    # OpenAI sends single-line `data: {...}` events; skip the line split for them.
+    if content.startswith(b"data: ") and b"\n" not in content and b"\r" not in content:
+        return content[6:]
+    values = [v for name, v in map(_field, _LINE_SPLIT.split(content)) if name == b"data"]
+    return b"\n".join(values) if values else None
+
+
+def _decode(payload: bytes) -> dict[str, Any] | None:
+    """The JSON object in an event, or None: odd events are forwarded, never fatal."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError):  # includes bad UTF-8 and absurd nesting
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _text_len(value: Any) -> int:
+    return len(value) if isinstance(value, str) else 0
+
+
+def _arguments_len(call: Any) -> int:
+    """Characters of a streamed function/tool call's `arguments`."""
+    if not isinstance(call, dict):
+        return 0
+    fn = call.get("function", call)  # tool_calls nest under `function`; function_call does not
+    return _text_len(fn.get("arguments")) if isinstance(fn, dict) else 0
+
+
+def _choice_output(choice: Any) -> int:
+    """Characters of generated output carried by one streamed choice."""
+    if not isinstance(choice, dict):
+        return 0
+    chars = _text_len(choice.get("text"))  # /v1/completions
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        chars += _text_len(delta.get("content")) + _text_len(delta.get("refusal"))
+        chars += _arguments_len(delta.get("function_call"))
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            chars += sum(map(_arguments_len, calls))
+    return chars
+
+
+class UsageTap:
+    """Watches an OpenAI SSE stream passing through the proxy."""
+
+    __slots__ = ("usage", "model", "done", "output_chunks", "output_chars", "error",
+                 "_drop", "_tail", "_at_start", "_cr_end", "_cr_dropped")
+
+    def __init__(self, drop_usage_chunk: bool) -> None:
+        self.usage: dict | None = None
+        self.model: str | None = None
+        self.done = False
+        self.output_chunks = 0
+        self.output_chars = 0
+        self.error: dict | None = None
+        self._drop = drop_usage_chunk
+        self._tail = bytearray()     # the incomplete trailing event, nothing more
+        self._at_start = True        # a BOM is only stripped from the very first event
+        # The last event ended on a \r at the end of a read: a \n opening the next read is
+        # still part of that event's blank line (and goes wherever that event went).
+        self._cr_end = False
+        self._cr_dropped = False
+
+    def feed(self, chunk: bytes) -> list[Piece]:
+        """Parse `chunk`; return the pieces to write to the client, in order.
+
+        drop_usage_chunk False: return [chunk] itself, immediately and uncopied (parse on the
+        side). drop_usage_chunk True: return the bytes of complete events only, leaving out
+        usage-only events; bytes of an incomplete trailing event are held until the event
+        completes (so a usage chunk split across reads is never half-sent)."""
+        if not chunk:
+            return []
+        if self._tail:
+            return self._feed_tail(chunk)
+        return self._feed_fresh(chunk)
+
+    def close(self) -> list[Piece]:
+        """End of stream: whatever is held back (an incomplete trailing event) is returned as is."""
+        tail, self._tail = bytes(self._tail), bytearray()
+        if not tail:
+            return []
+        # SSE would discard an unterminated event, but the upstream still billed it: count it.
+        self._dispatch(tail)
+        return [tail] if self._drop else []
+
+    def _feed_fresh(self, chunk: Piece) -> list[Piece]:
+        """Feed a read that starts on an event boundary (nothing held back)."""
+        skip = 0
+        if self._cr_end:
+            self._cr_end = False
+            skip = 1 if chunk[0] == _LF else 0
+        lf_dropped = skip == 1 and self._cr_dropped
+        end, dropped = self._scan(chunk, skip, skip)
+        if end < len(chunk):
+            self._tail = bytearray(chunk[end:])
+        if not self._drop:
+            return [chunk]
+        if lf_dropped:
+            dropped.insert(0, (0, 1))
+        if not dropped and end == len(chunk):
+            return [chunk]
+        return _pieces(memoryview(chunk), end, dropped)
+
+    def _feed_tail(self, chunk: Piece) -> list[Piece]:
+        """Feed a read that continues the held-back event."""
+        buf = self._tail
+        old_len = len(buf)
+        buf += chunk
+        # A new boundary needs a new byte, and is at most 4 bytes long: no need to rescan.
+        end, dropped = self._scan(buf, 0, max(0, old_len - 3))
+        if end == 0:
+            return [chunk] if not self._drop else []
+        # Pieces below are views of `buf`, so it must never be resized again: replace it.
+        self._tail = buf[end:]
+        if not self._drop:
+            return [chunk]
+        return _pieces(memoryview(buf), end, dropped)
+
+    def _scan(self, data: Piece, pos: int, search_from: int) -> tuple[int, list[tuple[int, int]]]:
+        """Dispatch every complete event in data[pos:].
+
+        Returns where the incomplete tail starts and the byte ranges of usage-only events."""
+        dropped: list[tuple[int, int]] = []
+        size = len(data)
+        while pos < size:
+            blank = _BLANK_LINES.match(data, pos)
+            if blank is not None:
+                pos = blank.end()
+                continue
+            match = _BOUNDARY.search(data, max(pos, search_from))
+            if match is None:
+                break
+            if self._dispatch(bytes(data[pos:match.start()])) and self._drop:
+                dropped.append((pos, match.end()))
+            pos = match.end()
+        if pos == size and data[size - 1] == _CR:
+            self._cr_end = True
+            self._cr_dropped = bool(dropped) and dropped[-1][1] == size
+        return pos, dropped
+
+    def _dispatch(self, content: bytes) -> bool:
+        """Account for one event (its lines, blank line excluded); True if it is usage-only."""
+        if self._at_start:
+            self._at_start = False
+            if content.startswith(_BOM):
+                content = content[3:]
+        payload = _event_data(content)
+        if payload is None:
+            return False
+        if payload == b"[DONE]":
+            self.done = True
+            return False
+        obj = _decode(payload)
+        return obj is not None and self._account(obj)
+
+    def _account(self, obj: dict[str, Any]) -> bool:
+        """Record what one decoded chunk tells us; True if it is the usage-only chunk."""
+        if obj.get("error") is not None:
+            self.error = obj
+        if self.model is None:
+            model = obj.get("model")
+            if isinstance(model, str) and model:
+                self.model = model
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            return False
+        if not choices:
+            return isinstance(usage, dict)
+        chars = sum(map(_choice_output, choices))
+        if chars:
+            self.output_chunks += 1
+            self.output_chars += chars
+        return False
+
+
+def _pieces(view: memoryview, end: int, dropped: list[tuple[int, int]]) -> list[Piece]:
+    """Slices of view[:end] with the dropped ranges left out."""
+    out: list[Piece] = []
+    pos = 0
+    for start, stop in dropped:
+        if start > pos:
+            out.append(view[pos:start])
+        pos = stop
+    if end > pos:
+        out.append(view[pos:end])
+    return out

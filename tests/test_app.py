@@ -1,0 +1,162 @@
+"""End to end: the official openai SDK -> the proxy -> a fake OpenAI upstream.
+
+After every test the books must balance: nothing left reserved, and the tokens committed equal
+what the upstream reported (tests that cut a stream check their estimate instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import pytest
+
+from proxy.ledger import Scope
+from proxy.tokens import TokenCounter
+
+from . import harness
+from .fake_upstream import WORDS
+
+MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="session")
+def tokens():
+    return TokenCounter.load()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request):
+    return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+
+
+def reported_tokens(h) -> int:
+    return sum(u["total_tokens"] for u in h.fake.reported)
+
+
+@pytest.fixture
+async def proxy(store_url, tokens):
+    """A proxy with generous budgets; the books are checked after the test."""
+    h = await harness.start(store_url, {"defaults": {"org": {"day": {"usd": 100}}}}, tokens)
+    h.check_books = True
+    try:
+        yield h
+        if h.check_books:
+            used, reserved = await h.books()
+            assert reserved == 0
+            assert used == reported_tokens(h)
+    finally:
+        await harness.stop(h)
+
+
+async def test_plain_chat_is_proxied_and_charged_what_upstream_reported(proxy):
+    client = proxy.client()
+    raw = await client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS)
+    got = raw.parse()
+    direct = await proxy.direct().chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert got.choices[0].message.content == direct.choices[0].message.content == "".join(WORDS)
+    assert raw.headers["x-budget-model"] == "gpt-4o"
+    assert "x-budget-downgraded-from" not in raw.headers
+    assert float(raw.headers["x-budget-remaining-usd"]) < 100
+    seen = proxy.fake.seen[0]
+    assert seen.headers["Authorization"] == "Bearer sk-upstream-test"      # never the client's key
+    assert harness.CLIENT_KEY not in json.dumps(seen.headers)
+
+
+async def stream_chunks(client, **kw):
+    stream = await client.chat.completions.create(model="gpt-4o", messages=MSGS, stream=True, **kw)
+    return [c.model_dump() async for c in stream]
+
+
+def without_volatile(chunks):
+    return [{k: v for k, v in c.items() if k not in ("model",)} for c in chunks]
+
+
+async def test_stream_without_include_usage_looks_exactly_like_a_direct_call(proxy):
+    via = await stream_chunks(proxy.client())
+    direct = await stream_chunks(proxy.direct())
+    assert via == direct                         # no usage chunk, no "usage": null leaking
+    assert all(c["usage"] is None for c in via)
+    assert proxy.fake.seen[0].body["stream_options"] == {"include_usage": True}   # we asked for it
+    assert "stream_options" not in proxy.fake.seen[1].body
+
+
+async def test_stream_bytes_are_identical_to_a_direct_call(proxy):
+    body = {"model": "gpt-4o", "messages": MSGS, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{proxy.url}/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {harness.CLIENT_KEY}"}) as r:
+            via = await r.read()
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            assert r.headers["x-budget-model"] == "gpt-4o"
+        async with s.post(str(proxy.upstream.make_url("/v1/chat/completions")), json=body,
+                          headers={"Authorization": "Bearer sk-upstream-test", "x-test-direct": "1"}) as r:
+            direct = await r.read()
+    assert via == direct
+
+
+async def test_stream_with_include_usage_passes_the_usage_chunk(proxy):
+    via = await stream_chunks(proxy.client(), stream_options={"include_usage": True})
+    assert via[-1]["choices"] == [] and via[-1]["usage"]["completion_tokens"] == len(WORDS)
+    direct = await stream_chunks(proxy.direct(), stream_options={"include_usage": True})
+    assert via == direct
+
+
+async def test_completions_and_embeddings_and_models(proxy):
+    client = proxy.client()
+    c = await client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi", max_tokens=20)
+    assert c.choices[0].text == "".join(WORDS)
+    stream = await client.completions.create(model="gpt-3.5-turbo-instruct", prompt=["a", "b"], stream=True)
+    assert "".join([x.choices[0].text async for x in stream if x.choices]) == "".join(WORDS)
+    e = await client.embeddings.create(model="text-embedding-3-small", input=["one", "two"])
+    assert len(e.data) == 2
+    ids = [m.id async for m in client.models.list()]
+    assert ids[:1] == ["smart"] and {"gpt-4o", "gpt-4o-mini", "text-embedding-3-small"} <= set(ids)
+
+
+async def test_upstream_model_name_is_rewritten(proxy):
+    raw = await proxy.client().chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSGS)
+    assert raw.headers["x-budget-model"] == "gpt-4o-mini"
+    assert proxy.fake.seen[0].body["model"] == "gpt-4o-mini-2024-07-18"
+
+
+async def test_unknown_model_is_404_model_not_found(proxy):
+    with pytest.raises(openai.NotFoundError) as exc:
+        await proxy.client().chat.completions.create(model="gpt-99", messages=MSGS)
+    assert exc.value.body["code"] == "model_not_found" and exc.value.body["param"] == "model"
+    assert proxy.fake.seen == []
+
+
+async def test_upstream_error_is_passed_through_and_reservation_released(proxy):
+    proxy.fake.fail_with = 500
+    with pytest.raises(openai.InternalServerError) as exc:
+        await proxy.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert exc.value.status_code == 500
+    assert exc.value.body == {"message": "The server had an error.", "type": "server_error",
+                              "param": None, "code": None}
+    used, reserved = await proxy.books()
+    assert (used, reserved) == (0, 0)
+
+
+async def test_client_disconnect_mid_stream_cancels_upstream_and_charges_partial_output(proxy):
+    proxy.check_books = False
+    proxy.fake.chunk_delay = 0.05
+    body = {"model": "gpt-4o", "messages": MSGS, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(f"{proxy.url}/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {harness.CLIENT_KEY}"})
+        first = await r.content.readuntil(b"\n\n")
+        second = await r.content.readuntil(b"\n\n")
+        assert b"assistant" in first and b"Hello" in second
+        r.close()                                           # the client walks away
+    for _ in range(100):
+        if proxy.fake.cut_streams:
+            break
+        await asyncio.sleep(0.02)
+    assert proxy.fake.cut_streams == 1 and proxy.fake.finished_streams == 0
+    used, reserved = await proxy.books()
+    assert reserved == 0
+    prompt = proxy.gateway.tokens.chat_prompt({"model": "gpt-4o", "messages": MSGS}, "gpt-4o")
+    assert prompt < used < prompt + len(WORDS) + 2           # prompt plus the output streamed so far
