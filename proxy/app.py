@@ -29,6 +29,7 @@ from .upstream import Upstreams
 log = logging.getLogger("proxy")
 
 GATEWAY = web.AppKey("gateway", Gateway)
+_POST_ONLY = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 POLICY_POLL_SECONDS = 2.0
 SWEEP_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -84,6 +85,9 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         return web.Response(body=models, content_type="application/json")
 
     async def not_found(request: web.Request) -> web.Response:
+        if request.path in _POST_ONLY:
+            raise ApiError(f"Method {request.method} is not allowed for {request.path}; use POST.",
+                           status=405, code="method_not_allowed", headers={"Allow": "POST"})
         raise NotFound(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
 
     async def healthz(request: web.Request) -> web.Response:

@@ -60,6 +60,8 @@ def _names(types: Any) -> str:
 
 def _expected(err: jsonschema.ValidationError) -> str:
     v, inst, arg = err.validator, err.instance, err.validator_value
+    if v != "type" and isinstance(err.schema, dict) and "x-expected" in err.schema:
+        return f"expected {err.schema['x-expected']}, got {inst!r}"
     if v == "additionalProperties":
         known = set(err.schema.get("properties", {}))
         extra = sorted(str(k) for k in inst if k not in known)

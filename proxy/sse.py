@@ -16,10 +16,11 @@ import json
 import re
 from typing import Any
 
-# A blank line ends an event. Terminators are \r\n, \r or \n; the atomic `\r\n?+` and the
-# look-behind make sure the \n of a \r\n is never read as a terminator of its own, even when a
-# search starts between the two bytes.
-_BOUNDARY = re.compile(rb"(?:\r\n?+|(?<!\r)\n)(?:\r\n?+|\n)")
+# A blank line ends an event: two line terminators in a row, each \r\n, \r or \n. The first
+# look-behind rejects the \n of a \r\n as a terminator start (even when a search starts between
+# the two bytes); `(?:(?<=\r)\n)?+` takes the \n after a \r into the same terminator, for good.
+# Leading with a plain class lets the regex engine skip ahead quickly.
+_BOUNDARY = re.compile(rb"[\r\n](?<!\r\n)(?:(?<=\r)\n)?+[\r\n](?:(?<=\r)\n)?+")
 # Empty lines where an event would start: they dispatch nothing and belong to no event (so a
 # dropped event never takes a neighbour's stray blank line with it).
 _BLANK_LINES = re.compile(rb"[\r\n]+")
@@ -129,14 +130,16 @@ class UsageTap:
 
     def _feed_fresh(self, chunk: Piece) -> list[Piece]:
         """Feed a read that starts on an event boundary (nothing held back)."""
+        # The scan needs bytes methods; a memoryview read is copied for parsing only.
+        text = chunk.tobytes() if isinstance(chunk, memoryview) else chunk
         skip = 0
         if self._cr_end:
             self._cr_end = False
-            skip = 1 if chunk[0] == _LF else 0
+            skip = 1 if text[0] == _LF else 0
         lf_dropped = skip == 1 and self._cr_dropped
-        end, dropped = self._scan(chunk, skip, skip)
-        if end < len(chunk):
-            self._tail = bytearray(chunk[end:])
+        end, dropped = self._scan(text, skip, skip)
+        if end < len(text):
+            self._tail = bytearray(text[end:])
         if not self._drop:
             return [chunk]
         if lf_dropped:
@@ -160,23 +163,26 @@ class UsageTap:
             return [chunk]
         return _pieces(memoryview(buf), end, dropped)
 
-    def _scan(self, data: Piece, pos: int, search_from: int) -> tuple[int, list[tuple[int, int]]]:
-        """Dispatch every complete event in data[pos:].
+    def _scan(self, data: bytes | bytearray, pos: int,
+              search_from: int) -> tuple[int, list[tuple[int, int]]]:
+        """Dispatch every complete event in data[pos:]; no boundary starts before search_from.
 
         Returns where the incomplete tail starts and the byte ranges of usage-only events."""
         dropped: list[tuple[int, int]] = []
         size = len(data)
+        # Without any \r a blank line is just b"\n\n", and memchr-based find beats the regex.
+        # (A boundary found from search_from can't begin with a \n whose \r lies before it.)
+        lf_only = data.find(b"\r", search_from) < 0
         while pos < size:
-            blank = _BLANK_LINES.match(data, pos)
-            if blank is not None:
-                pos = blank.end()
+            if data[pos] == _LF or data[pos] == _CR:
+                pos = _BLANK_LINES.match(data, pos).end()
                 continue
-            match = _BOUNDARY.search(data, max(pos, search_from))
-            if match is None:
+            start, stop = _boundary(data, max(pos, search_from), lf_only)
+            if start < 0:
                 break
-            if self._dispatch(bytes(data[pos:match.start()])) and self._drop:
-                dropped.append((pos, match.end()))
-            pos = match.end()
+            if self._dispatch(bytes(data[pos:start])) and self._drop:
+                dropped.append((pos, stop))
+            pos = stop
         if pos == size and data[size - 1] == _CR:
             self._cr_end = True
             self._cr_dropped = bool(dropped) and dropped[-1][1] == size
@@ -218,6 +224,15 @@ class UsageTap:
             self.output_chunks += 1
             self.output_chars += chars
         return False
+
+
+def _boundary(data: bytes | bytearray, start: int, lf_only: bool) -> tuple[int, int]:
+    """Span of the first blank line's terminators at or after start; (-1, -1) if none yet."""
+    if lf_only:
+        at = data.find(b"\n\n", start)
+        return (at, at + 2) if at >= 0 else (-1, -1)
+    match = _BOUNDARY.search(data, start)
+    return match.span() if match is not None else (-1, -1)
 
 
 def _pieces(view: memoryview, end: int, dropped: list[tuple[int, int]]) -> list[Piece]:

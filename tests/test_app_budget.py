@@ -1,0 +1,226 @@
+"""Budgets as the client sees them: downgrades, 429s, store outages, modes, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+
+import aiohttp
+import openai
+import pytest
+
+from proxy.ledger import Scope
+
+from . import harness
+from .test_app import MSGS, reported_tokens, store_url, tokens  # noqa: F401  (fixtures)
+
+
+async def started(store_url, tokens, policy, **kw):
+    return await harness.start(store_url, policy, tokens, **kw)
+
+
+async def post(h, path: str, body, key: str | None = harness.CLIENT_KEY, raw: bytes | None = None):
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    async with aiohttp.ClientSession() as s:
+        data = raw if raw is not None else json.dumps(body).encode()
+        async with s.post(f"{h.url}{path}", data=io.BytesIO(data) if len(data) > 2**20 else data,
+                          headers=headers) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+async def test_low_budget_downgrades_to_the_cheaper_model(store_url, tokens):
+    # A gpt-4o request reserves about $0.0103 (1024 default completion tokens at $10/M). Org acme
+    # has $0.012 a day: gpt-4o would leave it under the 20 % threshold, gpt-4o-mini (~$0.0006)
+    # would not. Org globex has $1: it keeps gpt-4o.
+    h = await started(store_url, tokens, {"defaults": {"org": {"day": {"usd": 1}}},
+                                          "overrides": {"org": {"acme": {"day": {"usd": 0.012}}}}})
+    try:
+        models = []
+        for key in (harness.OTHER_KEY, harness.CLIENT_KEY):
+            raw = await h.client(key).chat.completions.with_raw_response.create(model="smart", messages=MSGS)
+            models.append((raw.headers["x-budget-model"], raw.headers.get("x-budget-downgraded-from")))
+        assert models == [("gpt-4o", None), ("gpt-4o-mini", "gpt-4o")]
+        assert [s.body["model"] for s in h.fake.seen] == ["gpt-4o", "gpt-4o-mini-2024-07-18"]
+        used, reserved = await h.books()
+        assert (used, reserved) == (reported_tokens(h), 0)
+    finally:
+        await harness.stop(h)
+
+
+async def test_budget_exhausted_is_a_429_the_sdk_does_not_retry(store_url, tokens):
+    h = await started(store_url, tokens, {"defaults": {"user": {"day": {"tokens": 50}}}})
+    try:
+        client = h.client(max_retries=2)
+        with pytest.raises(openai.RateLimitError) as exc:
+            await client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=100)
+        assert h.gateway.stats["requests"] == 1                 # x-should-retry: false was obeyed
+        prompt = tokens.chat_prompt({"messages": MSGS}, "gpt-4o")
+        assert exc.value.body == {
+            "message": exc.value.body["message"], "type": "insufficient_quota", "param": None,
+            "code": "BUDGET_EXCEEDED",
+            "scope": {"type": "user", "id": "app", "window": "day", "unit": "tokens", "limit": 50,
+                      "used": 0, "requested": prompt + 100}}
+        assert "Budget exceeded for user 'app'" in exc.value.body["message"]
+        headers = exc.value.response.headers
+        assert headers["x-should-retry"] == "false"
+        wait = int(headers["Retry-After"])
+        assert 0 < wait <= 86400 and math.isclose(int(headers["retry-after-ms"]) / 1000, wait, abs_tol=1)
+        assert h.fake.seen == []
+        assert (await h.books()) == (0, 0)
+    finally:
+        await harness.stop(h)
+
+
+async def test_minute_window_refusal_lets_the_sdk_retry(store_url, tokens):
+    h = await started(store_url, tokens, {"defaults": {"org": {"minute": {"tokens": 10}}}})
+    try:
+        status, headers, body = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
+        assert status == 429 and json.loads(body)["error"]["scope"]["window"] == "minute"
+        assert headers["x-should-retry"] == "true" and 0 < int(headers["Retry-After"]) <= 60
+    finally:
+        await harness.stop(h)
+
+
+async def test_shadow_mode_counts_but_never_refuses(store_url, tokens):
+    h = await started(store_url, tokens, {"shadow": True, "defaults": {"user": {"day": {"tokens": 5}}}})
+    try:
+        r = await h.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+        assert r.choices[0].message.content
+        assert h.gateway.stats["shadow_refused"] == 1
+        used, reserved = await h.books()
+        assert (used, reserved) == (reported_tokens(h), 0)
+    finally:
+        await harness.stop(h)
+
+
+async def test_end_user_field_names_the_user_scope_when_the_key_allows_it(store_url, tokens):
+    h = await started(store_url, tokens, {})
+    try:
+        await h.client().chat.completions.create(model="gpt-4o", messages=MSGS, user="bob")
+        await h.client(harness.OTHER_KEY).chat.completions.create(model="gpt-4o", messages=MSGS, user="eve")
+        await h.settled()
+        bob = (await h.balances(Scope("user", "bob")))[("day", "tokens")]
+        eve = (await h.balances(Scope("user", "eve")))[("day", "tokens")]
+        other = (await h.balances(Scope("user", "other")))[("day", "tokens")]
+        globex = (await h.balances(Scope("org", "globex")))[("day", "tokens")]
+        assert bob.used > 0 and eve.used == 0 and other.used == globex.used > 0
+    finally:
+        await harness.stop(h)
+
+
+@pytest.mark.parametrize("mode", ["strict", "advisory", "disabled"])
+async def test_enforcement_modes_with_redis_stopped(redis_server, redis_url, tokens, mode):
+    h = await started(redis_url, tokens, {"defaults": {"org": {"day": {"usd": 10}}}}, enforcement=mode)
+    try:
+        redis_server.stop()
+        status, headers, body = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
+        if mode == "strict":
+            assert status == 503
+            assert json.loads(body)["error"]["code"] == "BUDGET_STORE_UNAVAILABLE"
+            assert h.fake.seen == []
+        else:
+            assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
+            assert len(h.fake.seen) == 1
+        assert h.gateway.stats["store_unavailable"] == (0 if mode == "disabled" else 1)
+    finally:
+        if redis_server.proc is None:
+            redis_server.start()
+        await harness.stop(h)
+
+
+async def test_open_auth_outside_prod_accepts_any_bearer(store_url, tokens):
+    h = await started(store_url, tokens, {}, keys=False)
+    try:
+        await h.client("anything").chat.completions.create(model="gpt-4o", messages=MSGS, user="zed")
+        await h.settled()
+        assert (await h.balances(Scope("org", "default")))[("day", "tokens")].used > 0
+        assert (await h.balances(Scope("user", "zed")))[("day", "tokens")].used > 0
+        status, _, body = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS}, key=None)
+        assert status == 401
+    finally:
+        await harness.stop(h)
+
+
+CHAT = {"model": "gpt-4o", "messages": MSGS}
+BAD = [
+    # (path, body or raw bytes, key, status, param, code)
+    ("/chat/completions", CHAT, None, 401, None, "invalid_api_key"),
+    ("/chat/completions", CHAT, "wrong-key", 401, None, "invalid_api_key"),
+    ("/chat/completions", b"{not json", harness.CLIENT_KEY, 400, None, "invalid_json"),
+    ("/chat/completions", b"[1, 2]", harness.CLIENT_KEY, 400, None, "invalid_json"),
+    ("/chat/completions", b"\xff\xfe", harness.CLIENT_KEY, 400, None, "invalid_json"),
+    ("/chat/completions", {"messages": MSGS}, harness.CLIENT_KEY, 400, "model", None),
+    ("/chat/completions", {"model": 7, "messages": MSGS}, harness.CLIENT_KEY, 400, "model", "invalid_value"),
+    ("/chat/completions", {"model": "gpt-4o"}, harness.CLIENT_KEY, 400, "messages", "invalid_value"),
+    ("/chat/completions", {"model": "gpt-4o", "messages": []}, harness.CLIENT_KEY, 400, "messages", "invalid_value"),
+    ("/chat/completions", {"model": "gpt-4o", "messages": ["hi"]}, harness.CLIENT_KEY, 400, "messages[0]",
+     "invalid_value"),
+    ("/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": 5}]}, harness.CLIENT_KEY,
+     400, "messages[0].content", "invalid_value"),
+    ("/chat/completions", {**CHAT, "max_tokens": -1}, harness.CLIENT_KEY, 400, "max_tokens", "invalid_value"),
+    ("/chat/completions", {**CHAT, "max_tokens": "10"}, harness.CLIENT_KEY, 400, "max_tokens", "invalid_value"),
+    ("/chat/completions", {**CHAT, "max_completion_tokens": 1.5}, harness.CLIENT_KEY, 400,
+     "max_completion_tokens", "invalid_value"),
+    ("/chat/completions", {**CHAT, "n": 0}, harness.CLIENT_KEY, 400, "n", "invalid_value"),
+    ("/chat/completions", {**CHAT, "stream": "yes"}, harness.CLIENT_KEY, 400, "stream", "invalid_value"),
+    ("/chat/completions", {**CHAT, "stream_options": {"include_usage": "y"}}, harness.CLIENT_KEY, 400,
+     "stream_options", "invalid_value"),
+    ("/chat/completions", {**CHAT, "user": 5}, harness.CLIENT_KEY, 400, "user", "invalid_value"),
+    ("/chat/completions", {**CHAT, "tools": {"a": 1}}, harness.CLIENT_KEY, 400, "tools", "invalid_value"),
+    ("/chat/completions", {**CHAT, "model": "nope"}, harness.CLIENT_KEY, 404, "model", "model_not_found"),
+    ("/completions", {"model": "gpt-3.5-turbo-instruct"}, harness.CLIENT_KEY, 400, "prompt", "invalid_value"),
+    ("/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": [1, "a"]}, harness.CLIENT_KEY, 400,
+     "prompt", "invalid_value"),
+    ("/embeddings", {"model": "text-embedding-3-small", "input": []}, harness.CLIENT_KEY, 400, "input",
+     "invalid_value"),
+    ("/embeddings", {"model": "text-embedding-3-small", "input": "x", "stream": True}, harness.CLIENT_KEY, 400,
+     "stream", "invalid_value"),
+    ("/files", {}, harness.CLIENT_KEY, 404, None, "unknown_url"),
+]
+
+
+@pytest.mark.parametrize("path, body, key, status, param, code", BAD)
+async def test_malformed_requests_get_openai_shaped_4xx(store_url, tokens, path, body, key, status, param, code):
+    h = await started(store_url, tokens, {"defaults": {"org": {"day": {"usd": 10}}}})
+    try:
+        raw = body if isinstance(body, bytes) else None
+        got, headers, data = await post(h, path, body, key=key, raw=raw)
+        err = json.loads(data)["error"]
+        assert (got, err["param"], err["code"]) == (status, param, code)
+        assert isinstance(err["message"], str) and err["message"] and "type" in err
+        assert harness.CLIENT_KEY not in data.decode(errors="replace")
+        assert h.fake.seen == []
+        assert (await h.books()) == (0, 0)
+    finally:
+        await harness.stop(h)
+
+
+async def test_oversized_body_is_413(store_url, tokens):
+    h = await started(store_url, tokens, {})
+    try:
+        big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}
+        status, _, data = await post(h, "/chat/completions", big)
+        assert status == 413 and json.loads(data)["error"]["code"] == "request_too_large"
+        assert h.fake.seen == []
+    finally:
+        await harness.stop(h)
+
+
+async def test_wrong_method_is_openai_shaped(store_url, tokens):
+    h = await started(store_url, tokens, {})
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{h.url}/chat/completions") as r:
+                assert r.status == 405
+                assert (await r.json())["error"]["code"] == "method_not_allowed"
+    finally:
+        await harness.stop(h)
+
+
+def test_hash_key_matches_config_lookup():
+    assert hashlib.sha256(harness.CLIENT_KEY.encode()).hexdigest() in json.dumps(
+        harness.config_data("http://x/v1", "memory://"))
