@@ -21,6 +21,7 @@ from typing import Sequence
 
 from .keys import counter_key
 from .policy import UNLIMITED, Policy
+from .errors import StoreUnavailable
 from .stores import Counter, Status, Store
 from .windows import WINDOWS, Window, windows_at
 
@@ -111,7 +112,11 @@ class Ledger:
         now = self._clock()
         counters, where = self._plan(scopes, now, policy)
         deadline = int((now + policy.lease_seconds) * 1000)
-        out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow)
+        try:
+            out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow)
+        except StoreUnavailable:
+            await self._undo(rid, counters)
+            raise
         if out.status is Status.REFUSED:
             return self._refusal(out, counters, where, amounts, now)
         refusal = self._refusal(out, counters, where, amounts, now) if out.status is Status.FORCED else None
@@ -126,6 +131,15 @@ class Ledger:
                            amounts.tokens, w.end - now)
         return Refusal(scope, w.name, "usd", c.usd_limit, out.used_usd, out.reserved_usd,
                        amounts.usd, w.end - now)
+
+    async def _undo(self, rid: str, counters) -> None:
+        """A reserve whose answer was lost may still have been applied: release it, best effort
+        (a settle of an unknown id only marks it settled). If the store is still down, the lease
+        expires and is settled by the sweeper."""
+        try:
+            await self.store.settle(rid, counters, 0, 0)
+        except StoreUnavailable:
+            pass
 
     async def commit(self, res: Reservation, actual: Amounts) -> bool:
         """Charge the actual amounts in the reservation's windows. False if already settled."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -224,3 +225,54 @@ async def test_wrong_method_is_openai_shaped(store_url, tokens):
 def test_hash_key_matches_config_lookup():
     assert hashlib.sha256(harness.CLIENT_KEY.encode()).hexdigest() in json.dumps(
         harness.config_data("http://x/v1", "memory://"))
+
+
+async def test_policy_edits_apply_while_running_and_bad_edits_are_ignored(tmp_path, tokens, monkeypatch):
+    from proxy import app as app_mod
+    from proxy import policy as policy_mod
+    monkeypatch.setattr(app_mod, "POLICY_POLL_SECONDS", 0.02)
+    path = tmp_path / "dev.yaml"
+    path.write_text("version: 1\ndefaults: {user: {day: {tokens: 5}}}\n")
+    h = await started("memory://", tokens, {})
+    try:
+        h.gateway.ledger.policy = policy_mod.load(str(path))
+        # restart the watcher on the file-backed policy
+        watcher = asyncio.create_task(app_mod._watch_policy(h.gateway.ledger))
+        status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
+        assert status == 429
+        path.write_text("version: 1\ndefaults: {user: {day: {tokens: 100000}}}\n")
+        for _ in range(200):
+            if h.gateway.ledger.policy.limits_for("user", "app").table[2][0] == 100000:
+                break
+            await asyncio.sleep(0.01)
+        status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
+        assert status == 200
+        path.write_text("version: 1\ndefaults: {user: {day: {tokens: -1}}}\n")      # invalid
+        await asyncio.sleep(0.2)
+        assert h.gateway.ledger.policy.limits_for("user", "app").table[2][0] == 100000
+        watcher.cancel()
+    finally:
+        await harness.stop(h)
+
+
+async def test_racing_requests_never_overspend_and_fall_back_to_cheaper(store_url, tokens):
+    # Room for about four gpt-4o reservations; 40 racers at once. The snapshot each saw was stale,
+    # so the store refuses the losers, which then try gpt-4o-mini; the books never go over.
+    h = await started(store_url, tokens, {"router": {"downgrade_below": 0},
+                                          "defaults": {"org": {"day": {"usd": 0.042}}}})
+    try:
+        body = {"model": "smart", "messages": MSGS, "max_tokens": 1000}
+        results = await asyncio.gather(*(post(h, "/chat/completions", body) for _ in range(40)))
+        by_model = {}
+        for status, headers, _ in results:
+            assert status in (200, 429)
+            if status == 200:
+                by_model[headers["x-budget-model"]] = by_model.get(headers["x-budget-model"], 0) + 1
+        assert 1 <= by_model.get("gpt-4o", 0) <= 4
+        assert by_model.get("gpt-4o-mini", 0) >= 1
+        await h.settled()
+        day = (await h.balances(Scope("org", "acme")))[("day", "usd")]
+        assert day.reserved == 0 and day.used <= 42_000
+        assert (await h.books()) == (reported_tokens(h), 0)
+    finally:
+        await harness.stop(h)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -137,8 +138,11 @@ def test_every_two_piece_split(name: str, drop: bool) -> None:
 def test_passthrough_returns_the_read_itself() -> None:
     stream, _, _ = case("chat-lf", drop=False)
     tap = UsageTap(drop_usage_chunk=False)
-    # A memoryview read proves no copy is made even where bytes(read) would be a no-op.
-    for read in (stream[:7], memoryview(stream)[7:300], stream[300:]):
+    first = len(CHAT[0][0])
+    # Memoryview reads, as bytes(read) would be no copy for bytes; they cover both a read
+    # that starts on an event boundary and one that continues a held event.
+    view = memoryview(stream)
+    for read in (view[:first], view[first:first + 7], view[first + 7:]):
         out = tap.feed(read)
         assert len(out) == 1 and out[0] is read
     assert tap.close() == []
@@ -251,7 +255,8 @@ def test_legacy_function_call_and_refusal_deltas_are_output() -> None:
 
 def test_completions_text_chunks_and_usage_chunk() -> None:
     def text(t: str) -> dict:
-        return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "gpt-3.5-turbo-instruct",
+        return {"id": "cmpl-1", "object": "text_completion", "created": 1,
+                "model": "gpt-3.5-turbo-instruct",
                 "choices": [{"text": t, "index": 0, "logprobs": None, "finish_reason": None}],
                 "usage": None}
     usage_only = {"id": "cmpl-1", "object": "text_completion", "created": 1,
@@ -347,3 +352,55 @@ def test_memoryview_reads_are_accepted() -> None:
     view = memoryview(stream)
     assert run(tap, [view[:50], view[50:]]) == joined(CHAT, keep_usage=False)
     assert state(tap) == CHAT_STATE
+
+
+def reference_events(stream: bytes) -> tuple[list[tuple[int, int, bytes | None]], int]:
+    """A plain per-line WHATWG reading: (start, end, data) of each complete event, and where
+    the unfinished rest begins. Used to cross-check the fast scanner."""
+    events, data, start, pos = [], [], None, 0
+    while True:
+        ends = [i for i in (stream.find(b"\r", pos), stream.find(b"\n", pos)) if i >= 0]
+        if not ends:
+            break
+        line, nxt = stream[pos:min(ends)], min(ends) + 1
+        nxt += stream[min(ends):nxt + 1] == b"\r\n"
+        if line:
+            start = pos if start is None else start
+            name, _, value = line.partition(b":")
+            data += [value[1:] if value[:1] == b" " else value] if name == b"data" else []
+        elif start is not None:
+            events.append((start, nxt, b"\n".join(data) if data else None))
+            data, start = [], None
+        pos = nxt
+    return events, pos if start is None else start
+
+
+def is_usage_only(payload: bytes | None) -> bool:
+    try:
+        obj = json.loads(payload or b"")
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and obj.get("choices") == [] and obj.get("usage") == USAGE
+
+
+def test_matches_a_reference_parser_on_random_streams() -> None:
+    rng = random.Random(7)
+    usage_line = b"data: " + json.dumps(chunk(usage=USAGE)).encode()
+    parts = [b"\r", b"\n", b"\r\n", b"data: [DONE]", usage_line, b"data:[DO", b"data: NE]",
+             b": c", b"id: 1", b"data"]
+    for _ in range(1500):
+        stream = b"".join(rng.choice(parts) for _ in range(rng.randint(1, 12)))
+        cuts = sorted(rng.sample(range(len(stream) + 1), rng.randint(0, min(4, len(stream)))))
+        reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+        events, tail = reference_events(stream)
+        expected, pos = b"", 0
+        for start, end, payload in events:
+            if is_usage_only(payload):
+                expected, pos = expected + stream[pos:start], end
+        tap = UsageTap(drop_usage_chunk=True)
+        out = flat([piece for read in reads for piece in tap.feed(read)])
+        assert out == expected + stream[pos:tail], (stream, reads)
+        assert tap.done is any(payload == b"[DONE]" for _, _, payload in events), (stream, reads)
+        saw_usage = any(is_usage_only(payload) for _, _, payload in events)
+        assert (tap.usage is not None) is saw_usage, (stream, reads)
+        assert flat(tap.close()) == stream[tail:], (stream, reads)
