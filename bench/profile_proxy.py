@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = os.path.join(out, f"proxy-{args.store}{'-stream' if args.stream else ''}.raw.txt")
         spy_argv = pb.pinned(load_core, [spy, "record", "--pid", str(proc.pid), "--function", "--rate",
                                          str(args.rate), "--duration", str(args.seconds), "--format", "raw",
-                                         "--output", raw, "--nonblocking"])
+                                         "--output", raw])
         spy_proc = children.start("py-spy", spy_argv, log_path=os.path.join(tmp, "py-spy.log"))
         result: dict = {}
 
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if w is not None:
             print(f"load during the profile: {w.rps:,.0f} req/s, errors {w.errors}")
         own, incl, total = parse_raw(raw)
-        print(f"\n{total} samples of the proxy on CPU ({args.rate}/s for {args.seconds} s; py-spy "
-              f"--nonblocking, idle time excluded)\n")
+        print(f"\n{total} samples of the proxy on CPU ({args.rate}/s for {args.seconds} s; "
+              f"idle time excluded)\n")
         print(f"### Top {args.top} by self time\n\n| self % | function (file:first line) |\n|---:|---|")
         for fr, n in own.most_common(args.top):
             print(f"| {100 * n / total:.1f} | `{fr}` |")

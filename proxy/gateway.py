@@ -194,11 +194,9 @@ class Gateway:
         try:
             await resp.prepare(request)
             async for chunk in up.content.iter_any():
-                for piece in tap.feed(chunk):
-                    await resp.write(piece)
+                await _write(resp, tap.feed(chunk))
                 flight.keep_alive()
-            for piece in tap.close():
-                await resp.write(piece)
+            await _write(resp, tap.close())
             await resp.write_eof()
         except asyncio.CancelledError:
             client_gone = True
@@ -217,6 +215,15 @@ class Gateway:
             return resp
         self.spawn(flight.settle_stream(tap))
         return resp
+
+
+async def _write(resp: web.StreamResponse, pieces) -> None:
+    """One write per upstream read: with chunked encoding every write is a chunk on the wire, so
+    the few slices of a read that had bytes left out are joined (a copy of one read, no more)."""
+    if len(pieces) == 1:
+        await resp.write(pieces[0])
+    elif pieces:
+        await resp.write(b"".join(pieces))
 
 
 def _default_cap(config: Config, balances, prompt: int, asked: int | None):

@@ -6,8 +6,10 @@ records the usage, model and output volume, and - when the proxy itself added
 `stream_options.include_usage` - cuts out the usage-only chunk so the client sees exactly the
 stream it would have seen without the proxy.
 
-Bytes are never rewritten: the output is always the input with whole events left out, so the
-pieces handed back are the caller's own chunk or memoryview slices of it wherever possible.
+Bytes are never rewritten, only left out: the usage-only event, and - because asking for usage
+makes OpenAI add `"usage":null` to every other chunk - that member at the end of a chunk's JSON
+(`,"usage":null}` becomes `}`). The pieces handed back are the caller's own chunk or memoryview
+slices of it wherever possible.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ _BOUNDARY = re.compile(rb"[\r\n](?<!\r\n)(?:(?<=\r)\n)?+[\r\n](?:(?<=\r)\n)?+")
 _BLANK_LINES = re.compile(rb"[\r\n]+")
 _LINE_SPLIT = re.compile(rb"\r\n?|\n")
 _BOM = b"\xef\xbb\xbf"
+# What include_usage adds to every ordinary chunk, compact (OpenAI) and spaced (json.dumps).
+_NULL_USAGE = (b',"usage":null}', b', "usage": null}')
 _CR = 0x0D
 _LF = 0x0A
 
@@ -180,8 +184,13 @@ class UsageTap:
             start, stop = _boundary(data, max(pos, search_from), lf_only)
             if start < 0:
                 break
-            if self._dispatch(bytes(data[pos:start])) and self._drop:
-                dropped.append((pos, stop))
+            content = bytes(data[pos:start])
+            if self._dispatch(content):
+                if self._drop:
+                    dropped.append((pos, stop))
+            elif self._drop and content.endswith(_NULL_USAGE):
+                cut = len(_NULL_USAGE[0] if content.endswith(_NULL_USAGE[0]) else _NULL_USAGE[1]) - 1
+                dropped.append((start - 1 - cut, start - 1))
             pos = stop
         if pos == size and data[size - 1] == _CR:
             self._cr_end = True

@@ -64,7 +64,11 @@ FANCY_STATE = (USAGE, MODEL, True, 2, len("Hi") + len("é!"), None)
 
 
 def joined(events: list[tuple[bytes, bool]], keep_usage: bool = True) -> bytes:
-    return b"".join(event for event, usage in events if keep_usage or not usage)
+    """The stream; without usage, as the client must see it: no usage-only event, and no
+    `"usage":null` member that asking for usage added to the other chunks."""
+    if keep_usage:
+        return b"".join(event for event, _ in events)
+    return b"".join(event.replace(b',"usage":null}', b"}") for event, usage in events if not usage)
 
 
 def endings(raw: bytes, newline: bytes) -> bytes:
@@ -158,7 +162,7 @@ def test_client_asked_for_usage_gets_identical_bytes() -> None:
 
 
 def test_complete_events_without_usage_come_back_uncopied() -> None:
-    read = joined(CHAT[:3])
+    read = data(chunk({"role": "assistant", "content": ""})) + data(chunk({"content": "Hello"}))
     tap = UsageTap(drop_usage_chunk=True)
     out = tap.feed(read)
     assert len(out) == 1 and out[0] is read
@@ -168,7 +172,7 @@ def test_dropping_returns_views_of_the_read() -> None:
     read = joined(CHAT)
     tap = UsageTap(drop_usage_chunk=True)
     out = tap.feed(read)
-    assert [bytes(p) for p in out] == [joined(CHAT[:4]), DONE]
+    assert flat(out) == joined(CHAT, keep_usage=False)
     assert all(isinstance(p, memoryview) and p.obj is read for p in out)
 
 
@@ -186,7 +190,7 @@ def test_close_returns_the_held_tail_unchanged() -> None:
     tap = UsageTap(drop_usage_chunk=True)
     tail = b'id: 9\r\ndata: {"choices":[{"delta":{"content":"x'
     out = tap.feed(joined(CHAT[:2]) + tail)
-    assert flat(out) == joined(CHAT[:2])
+    assert flat(out) == joined(CHAT[:2], keep_usage=False)
     assert [bytes(p) for p in tap.close()] == [tail]
     assert tap.close() == []
 
@@ -201,7 +205,7 @@ def test_close_counts_an_unterminated_usage_chunk() -> None:
     # The upstream billed it even though the stream ended before the blank line.
     tap = UsageTap(drop_usage_chunk=True)
     unterminated = USAGE_EVENT.rstrip(b"\n")
-    assert flat(tap.feed(joined(CHAT[:4]) + unterminated)) == joined(CHAT[:4])
+    assert flat(tap.feed(joined(CHAT[:4]) + unterminated)) == joined(CHAT[:4], keep_usage=False)
     assert flat(tap.close()) == unterminated
     assert tap.usage == USAGE
 
@@ -218,7 +222,8 @@ def test_usage_is_the_last_object_seen_and_null_is_ignored() -> None:
     early = {"prompt_tokens": 19, "completion_tokens": 1, "total_tokens": 20}
     tap = UsageTap(drop_usage_chunk=True)
     stream = data(chunk({"content": "a"}, usage=early)) + data(chunk({"content": "b"}, usage=None))
-    assert flat(tap.feed(stream)) == stream   # usage on a chunk with choices is not usage-only
+    # usage on a chunk with choices is not usage-only; only the null member goes
+    assert flat(tap.feed(stream)) == stream.replace(b',"usage":null}', b"}")
     assert tap.usage == early
     tap.feed(USAGE_EVENT)
     assert tap.usage == USAGE
@@ -229,7 +234,7 @@ def test_empty_choices_without_usage_is_kept() -> None:
     event = data({"id": "", "object": "", "created": 0, "model": "", "choices": [],
                   "prompt_filter_results": [{"prompt_index": 0}], "usage": None})
     tap = UsageTap(drop_usage_chunk=True)
-    assert flat(tap.feed(event)) == event
+    assert flat(tap.feed(event)) == event.replace(b',"usage":null}', b"}")
 
 
 def test_tool_call_argument_deltas_are_output() -> None:
@@ -263,7 +268,7 @@ def test_completions_text_chunks_and_usage_chunk() -> None:
                   "model": "gpt-3.5-turbo-instruct", "choices": [], "usage": USAGE}
     kept = data(text("Once")) + data(text(" upon")) + data(text(""))
     tap = UsageTap(drop_usage_chunk=True)
-    assert run(tap, [kept + data(usage_only) + DONE]) == kept + DONE
+    assert run(tap, [kept + data(usage_only) + DONE]) == kept.replace(b',"usage":null}', b"}") + DONE
     assert (tap.output_chunks, tap.output_chars) == (2, len("Once upon"))
     assert tap.usage == USAGE and tap.model == "gpt-3.5-turbo-instruct" and tap.done
 
@@ -404,3 +409,13 @@ def test_matches_a_reference_parser_on_random_streams() -> None:
         saw_usage = any(is_usage_only(payload) for _, _, payload in events)
         assert (tap.usage is not None) is saw_usage, (stream, reads)
         assert flat(tap.close()) == stream[tail:], (stream, reads)
+
+
+def test_null_usage_member_is_removed_only_when_the_proxy_asked_for_usage() -> None:
+    compact = data(chunk({"content": "a"}, usage=None))
+    spaced = b'data: {"choices": [{"delta": {"content": "b"}}], "usage": null}\n\n'
+    middle = b'data: {"usage":null,"choices":[{"delta":{"content":"c"}}]}\n\n'
+    stream = compact + spaced + middle
+    assert flat(UsageTap(drop_usage_chunk=False).feed(stream)) == stream
+    assert run(UsageTap(drop_usage_chunk=True), [stream]) == (
+        compact.replace(b',"usage":null}', b"}") + spaced.replace(b', "usage": null}', b"}") + middle)
