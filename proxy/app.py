@@ -122,7 +122,8 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 async def _settlements(app: web.Application) -> AsyncIterator[None]:
     """At shutdown, wait for settlements still running (clients that left, responses sent)."""
     yield
-    tasks = app[GATEWAY].tasks
+    gw = app[GATEWAY]
+    tasks = gw.tasks | (gw.ledger.pending if gw.ledger is not None else set())
     if tasks:
         await asyncio.wait(list(tasks), timeout=SHUTDOWN_GRACE_SECONDS)
 

@@ -167,11 +167,22 @@ class Gateway:
             up.release()
 
     async def _error_passthrough(self, up, headers, flight: Flight) -> web.Response:
+        """Upstream refused before any output: release, and pass its status and body through.
+        Except 401/403: those are about the proxy's own upstream key (OpenAI's message even
+        quotes part of it), which the client can neither see nor fix: a 502 of our own."""
         try:
             data = await up.read()
         finally:
             self.spawn(flight.release())
         self.stats["upstream_errors"] += 1
+        provider = self.config.models[flight.model].provider
+        if up.status in (401, 403):
+            log.error("provider %s rejected the proxy's credentials (HTTP %d)", provider, up.status)
+            raise UpstreamFailed(f"The upstream provider '{provider}' rejected the proxy's credentials; "
+                                 f"tell the proxy's operator.", code="upstream_auth_failed")
+        key = self.upstreams.routes[provider].key
+        if key and key.encode() in data:
+            data = data.replace(key.encode(), b"[redacted]")
         return web.Response(status=up.status, body=data, headers=headers)
 
     async def _whole(self, up: aiohttp.ClientResponse, headers, flight: Flight, req: body.Request) -> web.Response:

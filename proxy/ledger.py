@@ -14,6 +14,7 @@ starts at 23:59:59 and ends after midnight is charged to the day it started.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class Ledger:
         self._ns = namespace
         self._clock = clock
         self._windows_cache: tuple[int, object, tuple[Window, ...]] = (-1, None, ())
+        self.pending: set[asyncio.Task] = set()    # undo tasks; the app waits for them at shutdown
 
     def _windows(self, now: float, policy: Policy) -> tuple[Window, ...]:
         second, tz, wins = self._windows_cache
@@ -116,6 +118,12 @@ class Ledger:
             out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow)
         except StoreUnavailable:
             await self._undo(rid, counters)
+            raise
+        except asyncio.CancelledError:
+            # The caller went away mid-call; the script may have run. Undo it off the caller's task.
+            task = asyncio.ensure_future(self._undo(rid, counters))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
             raise
         if out.status is Status.REFUSED:
             return self._refusal(out, counters, where, amounts, now)

@@ -9,7 +9,7 @@ we parse (the client still gets them untouched).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
@@ -33,6 +33,7 @@ class Route:
     urls: Mapping[str, str]            # kind -> full URL
     headers: Mapping[str, str]
     timeout: aiohttp.ClientTimeout
+    key: str | None = field(default=None, repr=False)    # to redact it from relayed errors
 
 
 def _route(p: Provider) -> Route:
@@ -45,7 +46,8 @@ def _route(p: Provider) -> Route:
         headers["Authorization"] = f"Bearer {key}"
     return Route(MappingProxyType({k: p.base_url + v for k, v in PATHS.items()}),
                  MappingProxyType(headers),
-                 aiohttp.ClientTimeout(total=None, sock_connect=p.connect_timeout, sock_read=p.read_timeout))
+                 aiohttp.ClientTimeout(total=None, sock_connect=p.connect_timeout, sock_read=p.read_timeout),
+                 key)
 
 
 class Upstreams:

@@ -56,8 +56,10 @@ class FakeOpenAI:
     async def _admit(self, request: web.Request) -> dict | web.Response:
         body = await request.json()
         self.seen.append(Seen(request.path, body, dict(request.headers)))
-        if request.headers.get("Authorization") != f"Bearer {UPSTREAM_KEY}":
-            return web.json_response({"error": {"message": "Incorrect API key provided.",
+        given = request.headers.get("Authorization", "")
+        if given != f"Bearer {UPSTREAM_KEY}":
+            key = given.removeprefix("Bearer ")         # OpenAI quotes part of a wrong key back
+            return web.json_response({"error": {"message": f"Incorrect API key provided: {key[:6]}***{key[-3:]}.",
                                                 "type": "invalid_request_error", "param": None,
                                                 "code": "invalid_api_key"}}, status=401)
         if self.fail_with:

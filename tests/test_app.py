@@ -160,3 +160,16 @@ async def test_client_disconnect_mid_stream_cancels_upstream_and_charges_partial
     assert reserved == 0
     prompt = proxy.gateway.tokens.chat_prompt({"model": "gpt-4o", "messages": MSGS}, "gpt-4o")
     assert prompt < used < prompt + len(WORDS) + 2           # prompt plus the output streamed so far
+
+
+async def test_upstream_rejecting_the_proxy_key_is_a_502_that_leaks_nothing(store_url, tokens):
+    h = await harness.start(store_url, {}, tokens, env={"BP_TEST_UPSTREAM_KEY": "sk-wrongkey-987"})
+    try:
+        with pytest.raises(openai.APIStatusError) as exc:
+            await h.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+        assert exc.value.status_code == 502
+        assert exc.value.body["code"] == "upstream_auth_failed"
+        assert "sk-wro" not in exc.value.response.text and "987" not in exc.value.response.text
+        assert (await h.books()) == (0, 0)
+    finally:
+        await harness.stop(h)
