@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     wrk = pb.ensure_wrk()
     signal.signal(signal.SIGTERM, pb._on_sigterm)
+    signal.signal(signal.SIGHUP, pb._on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cores = os.cpu_count() or 1
     proxy_core, load_core = (0, 1) if cores >= 2 and shutil.which("taskset") else (None, None)
     if load_core is not None:
@@ -95,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bp-bench-")
     children = pb.Children()
-    if args.stream:
-        pb.PLAIN_BODY = pb.STREAM_BODY          # run_wrk sends PLAIN_BODY
+    body = pb.STREAM_BODY if args.stream else pb.PLAIN_BODY
     try:
         up_port = pb.free_port()
         up_log = os.path.join(tmp, "upstream.log")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             store = "memory://"
         port, proc, log_path = pb.start_proxy(children, tmp, args.store, store, up_port, ns)
         print(f"warm-up 3 s ({args.store} store, {'streaming' if args.stream else 'non-streaming'})", flush=True)
-        pb.run_wrk(wrk, load_core, port, 3, args.connections, children)
+        pb.run_wrk(wrk, load_core, port, 3, args.connections, children, body)
         raw = os.path.join(out, f"proxy-{args.store}{'-stream' if args.stream else ''}.raw.txt")
         spy_argv = pb.pinned(load_core, [spy, "record", "--pid", str(proc.pid), "--function", "--rate",
                                          str(args.rate), "--duration", str(args.seconds), "--format", "raw",
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def load() -> None:
             try:
-                result["wrk"] = pb.run_wrk(wrk, load_core, port, args.seconds + 2, args.connections, children)
+                result["wrk"] = pb.run_wrk(wrk, load_core, port, args.seconds + 2, args.connections, children, body)
             except pb.BenchError as exc:
                 result["error"] = exc
 

@@ -293,10 +293,10 @@ class WrkResult:
 
 
 def run_wrk(wrk: str, core: int | None, port: int, seconds: float, connections: int,
-            children: Children) -> WrkResult:
+            children: Children, body: str = PLAIN_BODY) -> WrkResult:
     argv = pinned(core, [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
                          "--timeout", "5s", "-s", LUA, f"http://127.0.0.1:{port}/v1/chat/completions"])
-    env = {**os.environ, "BENCH_BODY": PLAIN_BODY, "BENCH_BEARER": BEARER}
+    env = {**os.environ, "BENCH_BODY": body, "BENCH_BEARER": BEARER}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                             start_new_session=True)
     children.procs.append(("wrk", proc))
@@ -475,6 +475,14 @@ def run_ttfb(port: int, n: int, warmup: int, time_limit: float) -> TtfbResult:
                       last.count(b"data:"), usage_chunk)
 
 
+def _json_or_text(data: bytes) -> dict:
+    try:
+        obj = json.loads(data or b"{}")
+    except ValueError:
+        return {"text": data[:300].decode(errors="replace")}
+    return obj if isinstance(obj, dict) else {"value": obj}
+
+
 def http_json(port: int, method: str, path: str, body: str | None = None) -> tuple[int, dict, dict]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
                                  data=body.encode() if body is not None else None,
@@ -482,9 +490,11 @@ def http_json(port: int, method: str, path: str, body: str | None = None) -> tup
                                           "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, dict(r.headers), json.loads(r.read() or b"{}")
+            return r.status, dict(r.headers), _json_or_text(r.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read() or b"{}")
+        return exc.code, dict(exc.headers), _json_or_text(exc.read())
+    except (urllib.error.URLError, OSError) as exc:
+        raise BenchError(f"request to 127.0.0.1:{port}{path} failed: {exc}") from None
 
 
 def redis_info(port: int, section: str) -> dict[str, str]:
@@ -519,11 +529,12 @@ def redis_command(port: int, *args: str) -> bytes:
         return s.recv(4096)
 
 
-def redis_calls(port: int) -> dict[str, int]:
+def redis_calls(port: int) -> dict[str, tuple[int, int]]:
+    """Per command: (calls, microseconds inside Redis), commands run by scripts included."""
     out = {}
     for k, v in redis_info(port, "commandstats").items():
         fields = dict(kv.split("=", 1) for kv in v.split(","))
-        out[k.removeprefix("cmdstat_")] = int(fields["calls"])
+        out[k.removeprefix("cmdstat_")] = (int(fields["calls"]), int(fields["usec"]))
     return out
 
 
@@ -541,34 +552,52 @@ class TargetResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _interference(core: int | None, pid: int | None, c0, c1, p0: float, p1: float, w0: float, w1: float) -> float:
+    """The share of the proxy's core that other processes used over an interval (0 without a proxy)."""
+    if core is None or not pid or w1 <= w0:
+        return 0.0
+    return max(0.0, busy_fraction(c0, c1, core) - (p1 - p0) / (w1 - w0))
+
+
 def measure(name: str, port: int, args, wrk: str, children: Children, pid: int | None = None) -> TargetResult:
     res = TargetResult(name)
     core = args.proxy_core
+
+    def mark():
+        return core_times(), proc_cpu_seconds(pid) if pid else 0.0, time.monotonic()
+
+    def check(what: str, a, b) -> None:
+        foreign = _interference(core, pid, a[0], b[0], a[1], b[1], a[2], b[2])
+        res.foreign = max(res.foreign, foreign)
+        if foreign > 0.05:
+            res.notes.append(f"{name}: other processes used {100 * foreign:.0f} % of core {core} during the "
+                             f"{what} run: its numbers are disturbed")
+
     print(f"[{name}] warm-up {args.warmup:.0f} s at -c{args.connections}", flush=True)
     run_wrk(wrk, args.load_core, port, args.warmup, args.connections, children)
     print(f"[{name}] saturation: wrk -t1 -c{args.connections} -d{args.seconds:.0f}s", flush=True)
-    c0, p0, w0 = core_times(), proc_cpu_seconds(pid) if pid else 0.0, time.monotonic()
+    a = mark()
     res.sat = run_wrk(wrk, args.load_core, port, args.seconds, args.connections, children)
-    c1, p1, w1 = core_times(), proc_cpu_seconds(pid) if pid else 0.0, time.monotonic()
+    b = mark()
     if pid:
-        res.cpu_us_per_req = (p1 - p0) / max(res.sat.requests, 1) * 1e6
-        res.cpu_busy = (p1 - p0) / (w1 - w0)
-    if core is not None and pid:
-        res.foreign = max(0.0, busy_fraction(c0, c1, core) - (res.cpu_busy or 0.0))
-        if res.foreign > 0.05:
-            res.notes.append(f"{name}: other processes used {100 * res.foreign:.0f} % of core {core} "
-                             f"during the saturation run: numbers are disturbed")
+        res.cpu_us_per_req = (b[1] - a[1]) / max(res.sat.requests, 1) * 1e6
+        res.cpu_busy = (b[1] - a[1]) / (b[2] - a[2])
+    check("saturation", a, b)
     cpu = (f", proxy CPU {100 * res.cpu_busy:.0f} % of a core, {res.cpu_us_per_req:.0f} us/request"
            if res.cpu_busy is not None else "")
     print(f"[{name}]   {res.sat.rps:,.0f} req/s, {res.sat.requests} requests, errors {res.sat.errors}{cpu}",
           flush=True)
     print(f"[{name}] one connection: wrk -t1 -c1 -d{args.seconds:.0f}s --latency", flush=True)
+    a = mark()
     res.one = run_wrk(wrk, args.load_core, port, args.seconds, 1, children)
+    check("one-connection", a, mark())
     print(f"[{name}]   p50 {res.one.p50_ms:.3f} ms, p99 {res.one.p99_ms:.3f} ms, errors {res.one.errors}",
           flush=True)
     print(f"[{name}] streaming TTFB: {args.ttfb_requests} sequential requests on one connection", flush=True)
+    a = mark()
     res.ttfb = run_ttfb(port, args.ttfb_requests, warmup=max(10, args.ttfb_requests // 20),
                         time_limit=max(60.0, args.ttfb_requests * 0.2))
+    check("TTFB", a, mark())
     print(f"[{name}]   TTFB p50 {res.ttfb.p50_ms:.3f} ms, p99 {res.ttfb.p99_ms:.3f} ms "
           f"({res.ttfb.events} data events per answer)", flush=True)
     for r, what in ((res.sat, "saturation"), (res.one, "one connection")):
@@ -686,6 +715,18 @@ def report(results: dict[str, TargetResult], args, meta: dict, command: str) -> 
     return "\n".join(out), checks
 
 
+def quiet_before(label: str, args, notes: list[str]) -> None:
+    """Before each target, wait (bounded) for both cores to be quiet; note it when they are not."""
+    if args.proxy_core is None or args.wait_idle <= 0:
+        return
+    fr = wait_idle([args.proxy_core, args.load_core], 0.10, args.wait_idle)
+    if any(x >= 0.10 for x in fr):
+        msg = (f"before {label}: the machine was busy (core {args.proxy_core}: {100 * fr[0]:.0f} %, "
+               f"core {args.load_core}: {100 * fr[1]:.0f} %) after waiting {args.wait_idle:.0f} s")
+        print("warning: " + msg, flush=True)
+        notes.append(msg)
+
+
 # --- main ------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None):
@@ -726,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/proxy_bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     command = command.strip()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)    # even when started with SIGINT ignored
     wrk = ensure_wrk()
     if args.load_core is not None:
         os.sched_setaffinity(0, {args.load_core})      # this process is the TTFB client
@@ -736,11 +779,6 @@ def main(argv: list[str] | None = None) -> int:
             "commit": _git("rev-parse", "--short", "HEAD") or "?",
             "dirty": " (+ uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else "",
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    if args.proxy_core is not None and args.wait_idle > 0:
-        fr = wait_idle([args.proxy_core, args.load_core], 0.10, args.wait_idle)
-        if any(x >= 0.10 for x in fr):
-            print(f"warning: the machine is busy (core {args.proxy_core}: {100 * fr[0]:.0f} %, core "
-                  f"{args.load_core}: {100 * fr[1]:.0f} %); results will be disturbed", flush=True)
     children = Children()
     tmp = tempfile.mkdtemp(prefix="bp-bench-")
     results: dict[str, TargetResult] = {}
@@ -752,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         up = children.start("upstream", pinned(args.load_core, [sys.executable, UPSTREAM, "--port", str(up_port)]),
                             log_path=up_log)
         wait_port(up_port, up, "fast upstream", up_log)
+        quiet_before("direct", args, notes)
         results["direct"] = measure("direct", up_port, args, wrk, children)
 
         stores = [s for s in ("memory", "redis") if args.only in (None, s)]
@@ -767,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
                 store = server.url
             else:
                 store = "memory://"
+            quiet_before(label, args, notes)
             port, proc, log_path = start_proxy(children, tmp, label, store, up_port, args)
             before = proxy_requests(port)
             if redis_port is not None:
@@ -774,15 +814,18 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = measure(label, port, args, wrk, children, proc.pid)
             n = proxy_requests(port) - before
             if redis_port is not None:
-                calls = {k: v for k, v in redis_calls(redis_port).items() if k not in ("info", "config|resetstat")}
+                stats = {k: v for k, v in redis_calls(redis_port).items() if k not in ("info", "config|resetstat")}
+                calls = {k: c for k, (c, _) in stats.items()}
                 per = max(n, 1)
                 evalsha, hmget = calls.get("evalsha", 0), calls.get("hmget", 0)
+                script_us = stats.get("evalsha", (0, 0))[1] / max(evalsha, 1)
                 inner = ", ".join(f"{k} {v / per:.1f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])
                                   if k not in ("evalsha", "hmget") and v / per >= 0.05)
                 notes.append(f"Redis work per proxied request ({n} requests counted by the proxy): "
-                             f"{evalsha / per:.2f} EVALSHA (reserve + commit), {hmget / per:.2f} HMGET "
-                             f"(the snapshot pipeline), {sum(calls.values()) / per:.1f} commands in all "
-                             f"counting those run inside the scripts ({inner})")
+                             f"{evalsha / per:.2f} EVALSHA (reserve + commit, {script_us:.0f} µs each inside "
+                             f"Redis), {hmget / per:.2f} HMGET (the snapshot pipeline's, one per counter, and "
+                             f"the scripts' own), {sum(calls.values()) / per:.1f} commands in all counting "
+                             f"those run inside the scripts ({inner})")
             else:
                 notes.append(f"memory: {n} requests counted by the proxy")
             if proc.poll() is not None:
