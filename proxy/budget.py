@@ -49,20 +49,17 @@ def budget_headers(flight: "Flight") -> dict[str, str]:
     out = {"x-budget-model": flight.model}
     if flight.model != flight.asked:
         out["x-budget-downgraded-from"] = flight.asked
-    if flight.routed is not None:
-        out.update(_remaining(*flight.routed))
+    if flight.res is not None and flight.res.balances:
+        out.update(_remaining(flight.res.balances))
     return out
 
 
-def _remaining(candidate, balances) -> dict[str, str]:
+def _remaining(balances) -> dict[str, str]:
     """The tightest scope after this reservation, like OpenAI's x-ratelimit-remaining-*."""
     tight = None
     low = {"tokens": None, "usd": None}
     for b in balances:
-        if b.scope not in candidate.scopes:
-            continue
-        want = candidate.amounts.tokens if b.unit == "tokens" else candidate.amounts.usd
-        left = max(0, b.limit - b.used - b.reserved - want)
+        left = b.remaining
         low[b.unit] = left if low[b.unit] is None else min(low[b.unit], left)
         frac = left / b.limit if b.limit else 0.0
         if tight is None or frac < tight[0]:
@@ -80,13 +77,12 @@ def _remaining(candidate, balances) -> dict[str, str]:
 
 class Flight:
     def __init__(self, gateway: "Gateway", res: Reservation | None, model: str, asked: str,
-                 prompt: int, routed) -> None:
+                 prompt: int) -> None:
         self.gateway = gateway
         self.res = res
         self.model = model          # the registry model actually used
         self.asked = asked          # the preferred candidate
         self.prompt = prompt        # estimated prompt tokens
-        self.routed = routed        # (candidate, balances) when a snapshot was taken
         self._settled = False
         self._extending = False
 

@@ -8,9 +8,11 @@ runs in tasks the gateway tracks and the app awaits at shutdown.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-import uuid
+import os
+import time
 from collections import Counter
 from typing import Any, Awaitable
 
@@ -37,6 +39,11 @@ class Gateway:
         self.upstreams = upstreams
         self.stats: Counter[str] = Counter()
         self.tasks: set[asyncio.Task] = set()
+        self.balance_cache = router.BalanceCache()
+        # Reservation ids: a random process prefix and a counter; unique across processes and
+        # cheaper than a uuid4 per request.
+        self._ids = itertools.count()
+        self._id_prefix = os.urandom(8).hex()
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         """Run work that must finish even if the handler is cancelled; awaited at shutdown."""
@@ -90,13 +97,13 @@ class Gateway:
         return out
 
     async def _reserve(self, req: body.Request, who: auth.Caller, names, prompt: int) -> Flight:
-        rid = uuid.uuid4().hex
+        rid = f"{self._id_prefix}{next(self._ids):x}"
         ledger = self.ledger
         if ledger is None:
-            return Flight(self, None, names[0], names[0], prompt, None)
+            return Flight(self, None, names[0], names[0], prompt)
         policy = ledger.policy
         try:
-            balances = await self._snapshot(ledger, policy, who, names)
+            balances = await self._balances(ledger, policy, who, names, req)
             caps = _default_cap(self.config, balances, prompt, req.max_output)
             cands = self._candidates(req, who, names, prompt, policy, caps)
             # By the snapshot nothing fits: still ask the store, whose answer is authoritative.
@@ -105,7 +112,8 @@ class Gateway:
             for c in ordered:
                 got = await ledger.reserve(rid, c.amounts, c.scopes)
                 if isinstance(got, Reservation):
-                    return self._admitted(got, c, names, prompt, balances)
+                    self.balance_cache.put(c.scopes, got.balances, time.monotonic())
+                    return self._admitted(got, c, names, prompt)
                 refusal = refusal or got
         except StoreUnavailable as exc:
             self.stats["store_unavailable"] += 1
@@ -113,29 +121,39 @@ class Gateway:
                 raise ServiceUnavailable("The budget store is unavailable; the request was not sent.",
                                          code="BUDGET_STORE_UNAVAILABLE", headers={"Retry-After": "1"}) from exc
             log.warning("budget store unavailable (%s); advisory mode forwards without a reservation", exc)
-            return Flight(self, None, names[0], names[0], prompt, None)
+            return Flight(self, None, names[0], names[0], prompt)
         self.stats["refused"] += 1
         assert refusal is not None
         raise refusal_error(refusal)
 
-    async def _snapshot(self, ledger: Ledger, policy, who, names):
-        """Balances of the limited counters the candidates touch; [] if none is limited."""
+    async def _balances(self, ledger: Ledger, policy, who, names, req: body.Request) -> list:
+        """Balances of the limited counters the candidates touch, for routing and for capping the
+        default completion: [] when nothing is limited or nothing is to be decided (one candidate
+        and no default to cap); from the cache when fresh; else one snapshot round trip."""
+        if len(names) == 1 and (req.max_output is not None or req.kind == "embedding"):
+            return []
         scopes: dict[Scope, None] = {}
         for name in names:
             for s in self._scopes(who, name):
                 scopes[s] = None
         if not any(any(t >= 0 or d >= 0 for t, d in policy.limits_for(s.type, s.id).table) for s in scopes):
             return []
-        return [b for b in await ledger.snapshot(list(scopes)) if b.limit is not None]
+        now = time.monotonic()
+        cached = self.balance_cache.get(scopes, now)
+        if cached is not None:
+            return cached
+        balances = await ledger.snapshot(list(scopes), limited_only=True)
+        self.balance_cache.put(scopes, balances, now)
+        return balances
 
-    def _admitted(self, res: Reservation, c: router.Candidate, names, prompt: int, balances) -> Flight:
+    def _admitted(self, res: Reservation, c: router.Candidate, names, prompt: int) -> Flight:
         if res.would_refuse is not None:
             self.stats["shadow_refused"] += 1
             log.info("shadow: would refuse %s/%s %s %s", res.would_refuse.scope.type,
                      res.would_refuse.scope.id, res.would_refuse.window, res.would_refuse.unit)
         if c.model != names[0]:
             self.stats["downgraded"] += 1
-        return Flight(self, res, c.model, names[0], prompt, (c, balances))
+        return Flight(self, res, c.model, names[0], prompt)
 
     # --- forwarding -----------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .keys import counter_key
 from .policy import UNLIMITED, Policy
@@ -30,8 +30,7 @@ log = logging.getLogger(__name__)
 _ALWAYS_TRACKED = WINDOWS.index("day")     # windows from here on are kept even when unlimited
 
 
-@dataclass(frozen=True, slots=True)
-class Scope:
+class Scope(NamedTuple):
     type: str     # global | org | user | provider | model
     id: str
 
@@ -55,17 +54,7 @@ class Refusal:
     reset_in: float      # seconds until that window resets
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    id: str
-    amounts: Amounts
-    counters: tuple[Counter, ...]
-    deadline_ms: int
-    would_refuse: Refusal | None = None     # shadow mode: admitted although over this limit
-
-
-@dataclass(frozen=True, slots=True)
-class Balance:
+class Balance(NamedTuple):
     scope: Scope
     window: str
     unit: str
@@ -76,6 +65,17 @@ class Balance:
     resets_at: float     # epoch seconds
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    amounts: Amounts
+    counters: tuple[Counter, ...]
+    deadline_ms: int
+    would_refuse: Refusal | None = None     # shadow mode: admitted although over this limit
+    # The limited counters right after this reservation (it included), as the store saw them.
+    balances: tuple[Balance, ...] = ()
+
+
 class Ledger:
     def __init__(self, store: Store, policy: Policy, *, namespace: str = "bp", clock=time.time) -> None:
         self.store = store
@@ -83,6 +83,8 @@ class Ledger:
         self._ns = namespace
         self._clock = clock
         self._windows_cache: tuple[int, object, tuple[Window, ...]] = (-1, None, ())
+        self._plans: dict = {}          # scopes -> (counters, where), for the current windows and policy
+        self._plans_for: tuple = (None, None)
         self.pending: set[asyncio.Task] = set()    # undo tasks; the app waits for them at shutdown
 
     def _windows(self, now: float, policy: Policy) -> tuple[Window, ...]:
@@ -94,7 +96,19 @@ class Ledger:
 
     def _plan(self, scopes: Sequence[Scope], now: float, policy: Policy
               ) -> tuple[list[Counter], list[tuple[Scope, Window]]]:
+        """The counters of `scopes` now, cached until the windows or the policy change."""
         wins = self._windows(now, policy)
+        if self._plans_for[0] is not wins or self._plans_for[1] is not policy or len(self._plans) > 4096:
+            self._plans = {}
+            self._plans_for = (wins, policy)
+        key = tuple(scopes)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._build_plan(key, wins, policy)
+        return plan
+
+    def _build_plan(self, scopes: tuple[Scope, ...], wins: tuple[Window, ...], policy: Policy
+                    ) -> tuple[list[Counter], list[tuple[Scope, Window]]]:
         lease_margin = 2 * policy.lease_seconds
         counters, where = [], []
         for scope in scopes:
@@ -106,7 +120,7 @@ class Ledger:
                 expire_ms = int((w.end + max(w.end - w.start, lease_margin)) * 1000)
                 counters.append(Counter(counter_key(self._ns, scope.type, scope.id, w.label), tl, dl, expire_ms))
                 where.append((scope, w))
-        return counters, where
+        return tuple(counters), tuple(where)
 
     async def reserve(self, rid: str, amounts: Amounts, scopes: Sequence[Scope]) -> Reservation | Refusal:
         """Reserve `amounts` on every counter of `scopes`, or refuse naming the first one over."""
@@ -128,7 +142,23 @@ class Ledger:
         if out.status is Status.REFUSED:
             return self._refusal(out, counters, where, amounts, now)
         refusal = self._refusal(out, counters, where, amounts, now) if out.status is Status.FORCED else None
-        return Reservation(rid, amounts, tuple(counters), deadline, refusal)
+        return Reservation(rid, amounts, tuple(counters), deadline, refusal,
+                           self._after(out.seen, counters, where, amounts))
+
+    @staticmethod
+    def _after(seen, counters, where, amounts: Amounts) -> tuple[Balance, ...]:
+        out = []
+        for i, t, tr, d, dr in seen:
+            c = counters[i]
+            scope, w = where[i]
+            if c.token_limit >= 0:
+                tr += amounts.tokens
+                out.append(Balance(scope, w.name, "tokens", c.token_limit, t, tr,
+                                   max(0, c.token_limit - t - tr), w.end))
+            if c.usd_limit >= 0:
+                dr += amounts.usd
+                out.append(Balance(scope, w.name, "usd", c.usd_limit, d, dr, max(0, c.usd_limit - d - dr), w.end))
+        return tuple(out)
 
     @staticmethod
     def _refusal(out, counters, where, amounts: Amounts, now: float) -> Refusal:
@@ -177,15 +207,20 @@ class Ledger:
                 n += 1
         return n
 
-    async def snapshot(self, scopes: Sequence[Scope]) -> list[Balance]:
+    async def snapshot(self, scopes: Sequence[Scope], limited_only: bool = False) -> list[Balance]:
         """Limit, used, reserved and remaining per scope, window and unit (every tracked counter:
-        day and month always, minute and hour where limited)."""
+        day and month always, minute and hour where limited; only limited ones if asked)."""
         policy = self.policy
         counters, where = self._plan(scopes, self._clock(), policy)
-        rows = await self.store.snapshot([c.key for c in counters])
+        if limited_only:
+            pairs = [(c, w) for c, w in zip(counters, where) if c.token_limit >= 0 or c.usd_limit >= 0]
+            counters, where = [c for c, _ in pairs], [w for _, w in pairs]
+        rows = await self.store.snapshot([c.key for c in counters]) if counters else []
         out = []
         for c, (scope, w), (t, tr, d, dr) in zip(counters, where, rows):
             for unit, limit, used, reserved in (("tokens", c.token_limit, t, tr), ("usd", c.usd_limit, d, dr)):
+                if limited_only and limit == UNLIMITED:
+                    continue
                 lim = None if limit == UNLIMITED else limit
                 rem = None if lim is None else max(0, lim - used - reserved)
                 out.append(Balance(scope, w.name, unit, lim, used, reserved, rem, w.end))

@@ -8,9 +8,43 @@ Rule: the first candidate whose reservation would leave every limited counter at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from .ledger import Amounts, Balance, Scope
+
+CACHE_SECONDS = 1.0
+CACHE_SCOPES = 50_000
+
+
+class BalanceCache:
+    """Balances of limited counters per scope, as last seen, for up to CACHE_SECONDS.
+
+    Every reservation returns the balances it read, so a busy scope is routed without a
+    snapshot round trip; the reservation itself stays authoritative. Another process's spending
+    shows up within a second; this process's commits show up with its next reservation."""
+
+    def __init__(self) -> None:
+        self._by_scope: dict[Scope, tuple[float, list[Balance]]] = {}
+
+    def get(self, scopes: Iterable[Scope], now: float) -> list[Balance] | None:
+        out: list[Balance] = []
+        for scope in scopes:
+            hit = self._by_scope.get(scope)
+            if hit is None or hit[0] < now:
+                return None
+            out += hit[1]
+        return out
+
+    def put(self, scopes: Iterable[Scope], balances: Iterable[Balance], now: float) -> None:
+        if len(self._by_scope) > CACHE_SCOPES:
+            self._by_scope.clear()
+        fresh: dict[Scope, list[Balance]] = {s: [] for s in scopes}
+        for b in balances:
+            if b.scope in fresh:
+                fresh[b.scope].append(b)
+        until = now + CACHE_SECONDS
+        for scope, found in fresh.items():
+            self._by_scope[scope] = (until, found)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 
 class Status(enum.IntEnum):
@@ -15,8 +15,8 @@ class Status(enum.IntEnum):
     FORCED = 3      # over a limit but written anyway (shadow mode)
 
 
-@dataclass(frozen=True, slots=True)
-class Counter:
+class Counter(NamedTuple):
+    """A NamedTuple, not a dataclass: a request builds a dozen of these, and tuples are cheap."""
     key: str
     token_limit: int   # -1: unlimited
     usd_limit: int     # micro-dollars; -1: unlimited
@@ -31,6 +31,9 @@ class ReserveOutcome:
     reserved_tokens: int = 0
     used_usd: int = 0
     reserved_usd: int = 0
+    # When admitted: (counter index, t, tr, d, dr) of every limited counter, read before this
+    # reservation was added, so the caller knows the balances without another round trip.
+    seen: tuple[tuple[int, int, int, int, int], ...] = ()
 
 
 class Store(abc.ABC):

@@ -47,12 +47,17 @@ class MemoryStore(Store):
             return ReserveOutcome(Status.DUPLICATE)
         table = self._counters
         first = None
+        seen = []
         for i, c in enumerate(counters):
+            if c.token_limit < 0 and c.usd_limit < 0:
+                continue
             t, tr, d, dr, _ = table.get(c.key) or _EMPTY
-            if (c.token_limit >= 0 and t + tr + tokens > c.token_limit) or \
-               (c.usd_limit >= 0 and d + dr + usd > c.usd_limit):
+            seen.append((i, t, tr, d, dr))
+            if first is None and ((c.token_limit >= 0 and t + tr + tokens > c.token_limit) or
+                                  (c.usd_limit >= 0 and d + dr + usd > c.usd_limit)):
                 first = ReserveOutcome(Status.REFUSED, i, t, tr, d, dr)
-                break
+                if not force:
+                    break
         if first is not None and not force:
             return first
         for c in counters:
@@ -69,9 +74,9 @@ class MemoryStore(Store):
         self._remember(rid, _Record("r", tokens, usd, deadline_ms, tuple(counters),
                                     deadline_ms + OPEN_RECORD_MARGIN_MS))
         if first is None:
-            return ReserveOutcome(Status.ADMITTED)
+            return ReserveOutcome(Status.ADMITTED, seen=tuple(seen))
         return ReserveOutcome(Status.FORCED, first.index, first.used_tokens, first.reserved_tokens,
-                              first.used_usd, first.reserved_usd)
+                              first.used_usd, first.reserved_usd, tuple(seen))
 
     async def settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                      not_after_ms: int = 0) -> bool:

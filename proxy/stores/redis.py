@@ -60,10 +60,11 @@ class RedisStore(Store):
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
                 "1" if force else "0", limits, _expires(counters)]
         try:
-            st, idx, t, tr, d, dr = await self._reserve(keys=keys, args=args)
+            st, idx, t, tr, d, dr, flat = await self._reserve(keys=keys, args=args)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise StoreUnavailable(f"redis reserve failed: {type(exc).__name__}") from exc
-        return ReserveOutcome(Status(st), idx, t, tr, d, dr)
+        seen = tuple(tuple(flat[i:i + 5]) for i in range(0, len(flat), 5))
+        return ReserveOutcome(Status(st), idx, t, tr, d, dr, seen)  # type: ignore[arg-type]
 
     async def settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                      not_after_ms: int = 0) -> bool:
