@@ -13,7 +13,9 @@ from typing import Sequence
 
 from .base import Counter, ReserveOutcome, Status, Store
 
-SETTLED_TTL_MS = 3_600_000          # how long a settled id is remembered, for idempotency
+# How long a settled id is remembered so a repeated settle or reserve is a no-op: retries come
+# within seconds, and at thousands of requests a second a longer memory costs real RAM.
+SETTLED_TTL_MS = 120_000
 OPEN_RECORD_MARGIN_MS = 35 * 86_400_000
 _EMPTY = (0, 0, 0, 0, 0)
 
@@ -33,6 +35,7 @@ class MemoryStore(Store):
         self._clock = clock
         self._counters: dict[str, list[int]] = {}    # key -> [t, tr, d, dr, expire_at]
         self._records: dict[str, _Record] = {}
+        self._open: dict[str, _Record] = {}          # the reserved (unsettled) subset, for expiry
         self._expiries: list[tuple[int, str]] = []   # heap of (expire_at, counter key)
         self._forget: list[tuple[int, str]] = []     # heap of (forget_at, reservation id)
         self._next_purge = 0.0
@@ -114,8 +117,7 @@ class MemoryStore(Store):
 
     async def expired(self, now_ms: int, limit: int) -> list[tuple[str, list[Counter]]]:
         self._purge()
-        due = [(rid, list(r.counters)) for rid, r in self._records.items()
-               if r.state == "r" and r.deadline <= now_ms]
+        due = [(rid, list(r.counters)) for rid, r in self._open.items() if r.deadline <= now_ms]
         return due[:limit]
 
     async def snapshot(self, keys: Sequence[str]) -> list[tuple[int, int, int, int]]:
@@ -125,6 +127,9 @@ class MemoryStore(Store):
     def _remember(self, rid: str, rec: _Record) -> None:
         if rec.state == "r":
             rec.forget_at = rec.deadline + OPEN_RECORD_MARGIN_MS
+            self._open[rid] = rec
+        else:
+            self._open.pop(rid, None)
         self._records[rid] = rec
         heapq.heappush(self._forget, (rec.forget_at, rid))
 
@@ -148,3 +153,4 @@ class MemoryStore(Store):
             rec = self._records.get(rid)
             if rec is not None and rec.forget_at <= now_ms:
                 del self._records[rid]
+                self._open.pop(rid, None)

@@ -22,7 +22,9 @@ from ..errors import StoreUnavailable
 from ..keys import leases_key, record_key
 from .base import Counter, ReserveOutcome, Status, Store
 
-SETTLED_TTL_MS = 3_600_000          # how long a settled id is remembered, for idempotency
+# How long a settled id is remembered so a retried settle or reserve is a no-op: redis-py
+# retries within seconds, and at thousands of requests a second an hour of ids is gigabytes.
+SETTLED_TTL_MS = 120_000
 OPEN_RECORD_MARGIN_MS = 35 * 86_400_000
 
 
