@@ -2,9 +2,10 @@
 
     python bench/proxy_bench.py [--seconds 10] [--quick] [--connections 32] [--ttfb-requests 1000]
 
-One run measures three targets side by side:
+One run measures four targets side by side:
 
   direct        wrk -> bench/fast_upstream.py
+  pass-through  wrk -> bench/passthrough.py (bare aiohttp: read body, POST it on, answer) -> fast upstream
   proxy memory  wrk -> budget-proxy (store memory://) -> fast upstream
   proxy Redis   wrk -> budget-proxy (store redis://, its own redis-server) -> fast upstream
 
@@ -12,10 +13,13 @@ and for each: requests/s at saturation (wrk -t1 -c<connections>), latency p50/p9
 connection (wrk -t1 -c1), and the time to the first `data:` byte of a streamed answer
 (sequential requests over one keep-alive connection). The policy's limits are huge, so every
 proxied request takes the whole budget path (snapshot + reserve + commit) and none is refused.
+The bare aiohttp pass-through (no auth, no budget, no JSON parsing) is the floor any aiohttp-based
+proxy pays on the machine; the report also gives the proxy's throughput and added latency
+relative to it (information only: the targets compare to direct).
 
-Placement (2 cores): the proxy runs alone on core 0 (`taskset -c 0`); the fake upstream, wrk,
-the TTFB client (this process) and redis-server share core 1. Redis is kept off the proxy's
-core, as it would be on another host in production.
+Placement (2 cores): the proxy (and, in its turn, the pass-through) runs alone on core 0
+(`taskset -c 0`); the fake upstream, wrk, the TTFB client (this process) and redis-server share
+core 1. Redis is kept off the proxy's core, as it would be on another host in production.
 
 It prints a markdown table to paste into the README and pass/fail against the targets:
 with Redis, added latency p50 <= 1 ms and p99 <= 2 ms at one connection; proxy throughput
@@ -52,6 +56,7 @@ from tests.redis_server import RedisServer, free_port  # noqa: E402
 
 LUA = os.path.join(BENCH_DIR, "wrk_post.lua")
 UPSTREAM = os.path.join(BENCH_DIR, "fast_upstream.py")
+PASSTHROUGH = os.path.join(BENCH_DIR, "passthrough.py")
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello in one word."}],
         "max_tokens": 16}
 PLAIN_BODY = json.dumps(BODY, separators=(",", ":"))
@@ -635,6 +640,25 @@ def start_proxy(children: Children, tmp: str, label: str, store: str, upstream_p
     return port, proc, log_path
 
 
+def start_passthrough(children: Children, tmp: str, upstream_port: int, args) -> tuple[int, subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_path = os.path.join(tmp, "passthrough.log")
+    argv = pinned(args.proxy_core, [sys.executable, PASSTHROUGH, "--port", str(port),
+                                    "--upstream", f"http://127.0.0.1:{upstream_port}"])
+    proc = children.start("passthrough", argv, env=env, log_path=log_path)
+    wait_port(port, proc, "pass-through", log_path)
+    status, _, body = http_json(port, "POST", "/v1/chat/completions", PLAIN_BODY)
+    if status != 200 or "usage" not in body:
+        raise BenchError(f"pass-through answered {status}: {body}" + _log_tail(log_path))
+    return port, proc, log_path
+
+
+def _error_lines(log_path: str) -> list[str]:
+    with open(log_path, errors="replace") as f:
+        return [ln for ln in f.read().splitlines() if " ERROR " in ln or " CRITICAL " in ln or "Traceback" in ln]
+
+
 def proxy_requests(port: int) -> int:
     status, _, body = http_json(port, "GET", "/healthz")
     return int(body.get("stats", {}).get("requests", 0)) if status == 200 else -1
@@ -652,8 +676,11 @@ def _signed(x: float) -> str:
 
 def report(results: dict[str, TargetResult], args, meta: dict, command: str) -> tuple[str, list[tuple[str, bool, str]]]:
     d = results["direct"]
-    cols = [k for k in ("direct", "memory", "redis") if k in results]
-    title = {"direct": "direct (no proxy)", "memory": "proxy, memory store", "redis": "proxy, Redis store"}
+    pt = results.get("passthrough")
+    cols = [k for k in ("direct", "passthrough", "memory", "redis") if k in results]
+    title = {"direct": "direct (no proxy)", "passthrough": "bare aiohttp pass-through",
+             "memory": "proxy, memory store", "redis": "proxy, Redis store"}
+    proxies = [k for k in ("memory", "redis") if k in results]
     rows: list[tuple[str, list[str]]] = []
 
     def row(label: str, f) -> None:
@@ -661,16 +688,29 @@ def report(results: dict[str, TargetResult], args, meta: dict, command: str) -> 
 
     row(f"requests/s, wrk -t1 -c{args.connections}", lambda k, r: f"{r.sat.rps:,.0f}")
     row("throughput vs direct", lambda k, r: "100 %" if k == "direct" else f"{100 * r.sat.rps / d.sat.rps:.1f} %")
+    if pt is not None:
+        row("throughput vs pass-through", lambda k, r: "–" if k == "direct" else
+            "100 %" if k == "passthrough" else f"{100 * r.sat.rps / pt.sat.rps:.1f} %")
     row("proxy CPU per request (µs)", lambda k, r: "–" if r.cpu_us_per_req is None else f"{r.cpu_us_per_req:.0f}")
     row("proxy CPU use at saturation", lambda k, r: "–" if r.cpu_busy is None else f"{100 * r.cpu_busy:.0f} %")
     row("latency p50 at -c1 (ms)", lambda k, r: _ms(r.one.p50_ms))
     row("latency p99 at -c1 (ms)", lambda k, r: _ms(r.one.p99_ms))
     row("added latency p50 (ms)", lambda k, r: "–" if k == "direct" else _signed(r.one.p50_ms - d.one.p50_ms))
     row("added latency p99 (ms)", lambda k, r: "–" if k == "direct" else _signed(r.one.p99_ms - d.one.p99_ms))
+    if pt is not None:
+        row("added latency p50 over pass-through (ms)", lambda k, r: "–" if k in ("direct", "passthrough")
+            else _signed(r.one.p50_ms - pt.one.p50_ms))
+        row("added latency p99 over pass-through (ms)", lambda k, r: "–" if k in ("direct", "passthrough")
+            else _signed(r.one.p99_ms - pt.one.p99_ms))
     row("stream TTFB p50 (ms)", lambda k, r: _ms(r.ttfb.p50_ms))
     row("stream TTFB p99 (ms)", lambda k, r: _ms(r.ttfb.p99_ms))
     row("added TTFB p50 (ms)", lambda k, r: "–" if k == "direct" else _signed(r.ttfb.p50_ms - d.ttfb.p50_ms))
     row("added TTFB p99 (ms)", lambda k, r: "–" if k == "direct" else _signed(r.ttfb.p99_ms - d.ttfb.p99_ms))
+    if pt is not None:
+        row("added TTFB p50 over pass-through (ms)", lambda k, r: "–" if k in ("direct", "passthrough")
+            else _signed(r.ttfb.p50_ms - pt.ttfb.p50_ms))
+        row("added TTFB p99 over pass-through (ms)", lambda k, r: "–" if k in ("direct", "passthrough")
+            else _signed(r.ttfb.p99_ms - pt.ttfb.p99_ms))
 
     lines = ["| | " + " | ".join(title[k] for k in cols) + " |",
              "|---|" + "---:|" * len(cols)]
@@ -692,6 +732,22 @@ def report(results: dict[str, TargetResult], args, meta: dict, command: str) -> 
             checks.append((f"{title[k]}: throughput >= {100 * TARGET_THROUGHPUT_RATIO:.0f} % of direct",
                            ratio >= TARGET_THROUGHPUT_RATIO, f"{100 * ratio:.1f} %"))
 
+    floor: list[str] = []
+    if pt is not None and proxies:
+        floor = ["", f"Against the bare aiohttp pass-through ({pt.sat.rps:,.0f} req/s; latency p50 "
+                     f"{pt.one.p50_ms:.3f} ms, p99 {pt.one.p99_ms:.3f} ms at -c1; the floor any aiohttp-based "
+                     f"proxy pays on this machine; information only, the targets above compare to direct):", ""]
+        store = {"memory": "memory", "redis": "Redis"}
+        for k in proxies:
+            floor.append(f"- budget-proxy ({store[k]}) throughput as % of the bare aiohttp pass-through: "
+                         f"{100 * results[k].sat.rps / pt.sat.rps:.1f} %")
+        for k in proxies:
+            r = results[k]
+            floor.append(f"- budget-proxy ({store[k]}) added latency over the pass-through at -c1: p50 "
+                         f"{_signed(r.one.p50_ms - pt.one.p50_ms)} ms, p99 {_signed(r.one.p99_ms - pt.one.p99_ms)} ms; "
+                         f"stream TTFB p50 {_signed(r.ttfb.p50_ms - pt.ttfb.p50_ms)} ms, "
+                         f"p99 {_signed(r.ttfb.p99_ms - pt.ttfb.p99_ms)} ms")
+
     out = [
         "## Proxy benchmark",
         "",
@@ -702,14 +758,19 @@ def report(results: dict[str, TargetResult], args, meta: dict, command: str) -> 
         "| target | result | measured |",
         "|---|---|---:|",
         *[f"| {name} | {'PASS' if ok else 'FAIL'} | {val} |" for name, ok, val in checks],
+        *floor,
         "",
-        f"Setup: {meta['cpu']}, {meta['cores']} cores; proxy pinned to core {args.proxy_core}, fake upstream "
+        f"Setup: {meta['cpu']}, {meta['cores']} cores; proxy and pass-through (each in its turn) pinned to "
+        f"core {args.proxy_core}, fake upstream "
         f"(raw asyncio), wrk, redis-server and the TTFB client on core {args.load_core}. "
         f"{meta['python']}, aiohttp {meta['aiohttp']}, {meta['wrk']}, {meta['redis']}. "
         f"Each wrk run {args.seconds:g} s after a {args.warmup:g} s warm-up; TTFB over "
         f"{args.ttfb_requests} sequential streamed requests on one keep-alive connection (time from "
         f"sending the request to the first `data:` byte). The policy limits global/org/user scopes with "
-        f"limits never reached, so each proxied request takes snapshot + reserve + commit. "
+        f"limits never reached, so each proxied request takes snapshot + reserve + commit. The pass-through "
+        f"(bench/passthrough.py) reads the body and POSTs it unchanged with one aiohttp.ClientSession "
+        f"(TCPConnector limit=0, auto_decompress=False), answering the upstream's status, body and "
+        f"Content-Type (streams through StreamResponse + iter_any()); no auth, budget or JSON parsing. "
         f"Non-streaming body: `{PLAIN_BODY}`. Commit {meta['commit']}{meta['dirty']}, {meta['date']}.",
     ]
     return "\n".join(out), checks
@@ -744,7 +805,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
                    help="wait up to S seconds for both cores to be quiet before starting (default 60)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, proxy logs)")
-    p.add_argument("--markdown", metavar="FILE", help="also write the report to FILE")
+    p.add_argument("--markdown", metavar="FILE", help="also write the report (table, targets, notes) to FILE")
     args = p.parse_args(argv)
     if args.seconds is None:
         args.seconds = 3.0 if args.quick else 10.0
@@ -793,6 +854,16 @@ def main(argv: list[str] | None = None) -> int:
         quiet_before("direct", args, notes)
         results["direct"] = measure("direct", up_port, args, wrk, children)
 
+        quiet_before("passthrough", args, notes)
+        port, proc, log_path = start_passthrough(children, tmp, up_port, args)
+        results["passthrough"] = measure("passthrough", port, args, wrk, children, proc.pid)
+        if proc.poll() is not None:
+            raise BenchError("pass-through died during the run" + _log_tail(log_path))
+        children.stop(proc)
+        errs = _error_lines(log_path)
+        if errs:
+            notes.append(f"pass-through logged {len(errs)} error line(s), first: {errs[0][:200]}")
+
         stores = [s for s in ("memory", "redis") if args.only in (None, s)]
         for label in stores:
             redis_port = None
@@ -831,8 +902,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None:
                 raise BenchError(f"proxy ({label}) died during the run" + _log_tail(log_path))
             children.stop(proc)
-            warnings = [ln for ln in open(log_path, errors="replace").read().splitlines()
-                        if " ERROR " in ln or " CRITICAL " in ln or "Traceback" in ln]
+            warnings = _error_lines(log_path)
             if warnings:
                 notes.append(f"proxy ({label}) logged {len(warnings)} error line(s), first: {warnings[0][:200]}")
         for r in results.values():
@@ -846,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(text + "\n")
+                if notes:
+                    f.write("\nNotes:\n" + "".join(f"- {n_}\n" for n_ in notes))
         ok = True
     except BenchError as exc:
         print(f"\nbench failed: {exc}", file=sys.stderr)

@@ -79,6 +79,20 @@ class Harness:
         ledger = self.gateway.ledger
         return {(b.window, b.unit): b for b in await ledger.snapshot([scope])}
 
+    async def reserved_anywhere(self) -> list[str]:
+        """Counters in the store, any scope, that still hold a reservation."""
+        await self.settled()
+        store = self.gateway.ledger.store
+        if hasattr(store, "_counters"):                       # memory
+            return [k for k, row in store._counters.items() if row[1] or row[3]]
+        r = store._r                                          # redis
+        held = []
+        async for key in r.scan_iter(match="{bp}:c:*", count=1000):
+            tr, dr = await r.hmget(key, "tr", "dr")
+            if int(tr or 0) or int(dr or 0):
+                held.append(key.decode())
+        return held
+
     async def books(self) -> tuple[int, int]:
         """(tokens used, tokens reserved) on the global day counter."""
         await self.settled()
@@ -99,7 +113,16 @@ async def start(store_url: str, policy: dict, tokens, *, enforcement: str = "str
     return Harness(fake, upstream, proxy, tokens)
 
 
-async def stop(h: Harness) -> None:
+async def stop(h: Harness, check_reserved: bool = True) -> None:
+    """Stop both servers; first assert that no counter of any scope still holds a reservation."""
+    try:
+        if check_reserved and h.gateway.ledger is not None:
+            assert await h.reserved_anywhere() == []
+    finally:
+        await _close(h)
+
+
+async def _close(h: Harness) -> None:
     for c in h._clients:
         await c.close()
     await h.proxy.close()

@@ -202,3 +202,42 @@ async def test_redis_down_raises_store_error_and_recovers(redis_server, redis_ur
     assert isinstance(again, Reservation)
     assert await ledger.commit(again, Amounts(5, 5))
     await store.close()
+
+
+async def test_day_and_month_reset_at_the_policy_time_zone_midnight(store):
+    # 04:30 UTC is 23:30 the day before in New York (EST, UTC-5, in winter).
+    day = datetime(2027, 1, 15, tzinfo=timezone.utc)
+    if day.timestamp() < time.time():
+        pytest.skip("the fixed date has passed")
+    clock = Clock(day.timestamp() + 4.5 * 3600)
+    ledger = ledger_for(store, clock, timezone="America/New_York", defaults={"org": {"day": {"tokens": 10}}})
+    refusal = await ledger.reserve("r1", Amounts(11, 0), SCOPES)
+    assert isinstance(refusal, Refusal) and refusal.window == "day"
+    assert refusal.reset_in == 30 * 60                              # NY midnight is 05:00 UTC
+    org_day = row(await ledger.snapshot(SCOPES), "org", "day", "tokens")
+    assert org_day.resets_at == day.timestamp() + 5 * 3600
+
+
+async def test_overrun_is_logged_warning_and_critical_above_five_times(store, caplog):
+    ledger = ledger_for(store)
+    a = await ledger.reserve("a", Amounts(100, 100), SCOPES)
+    await ledger.commit(a, Amounts(150, 100))
+    b = await ledger.reserve("b", Amounts(100, 100), SCOPES)
+    await ledger.commit(b, Amounts(100, 501))
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "proxy.ledger"]
+    assert levels == [("WARNING", "reservation a used 150 tokens, more than the 100 reserved"),
+                      ("CRITICAL", "reservation b used 501 micro-USD, more than the 100 reserved")]
+
+
+async def test_every_redis_key_expires(redis_server, redis_url):
+    import redis as redis_sync
+    store = open_store(redis_url)
+    ledger = ledger_for(store, defaults={"user": {"minute": {"tokens": 1000}}})
+    res = await ledger.reserve("r1", Amounts(10, 10), SCOPES)
+    await ledger.commit(res, Amounts(10, 10))
+    await store.close()
+    r = redis_sync.Redis.from_url(redis_url)
+    keys = [k for k in r.keys("*") if not k.endswith(b":leases")]   # the lease index is one key
+    assert len(keys) == 12 and all(r.pttl(k) > 0 for k in keys)      # 11 counters + the record
+    assert r.pttl(b"{bp}:r:r1") <= 120_000
+    r.close()
