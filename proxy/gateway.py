@@ -167,11 +167,15 @@ class Gateway:
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         try:
             up = await self.upstreams.post(model.provider, req.kind, data, SSE if req.stream else None)
+        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+            await flight.release()                  # never reached the upstream: nothing to pay
+            raise _upstream_error(model.provider, exc) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            await flight.release()
+            # The upstream may have read the prompt (and will bill it): charge the prompt.
+            await flight.settle_estimate(0)
             raise _upstream_error(model.provider, exc) from None
         except asyncio.CancelledError:
-            self.spawn(flight.release())
+            self.spawn(flight.settle_estimate(0))   # the client left while the upstream was working
             raise
         try:
             headers = passed_headers(up)

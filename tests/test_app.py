@@ -190,3 +190,11 @@ async def test_a_stream_longer_than_its_lease_extends_it(store_url, tokens, monk
         assert (used, reserved) == (reported_tokens(h), 0)
     finally:
         await harness.stop(h)
+
+
+async def test_unreachable_upstream_is_a_502_and_releases_the_reservation(proxy):
+    await proxy.upstream.close()
+    with pytest.raises(openai.APIStatusError) as exc:
+        await proxy.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert exc.value.status_code == 502 and exc.value.body["code"] == "upstream_unavailable"
+    assert (await proxy.books()) == (0, 0)
