@@ -767,7 +767,7 @@ def report(results: dict[str, TargetResult], args, meta: dict, command: str) -> 
         f"Each wrk run {args.seconds:g} s after a {args.warmup:g} s warm-up; TTFB over "
         f"{args.ttfb_requests} sequential streamed requests on one keep-alive connection (time from "
         f"sending the request to the first `data:` byte). The policy limits global/org/user scopes with "
-        f"limits never reached, so each proxied request takes snapshot + reserve + commit. The pass-through "
+        f"limits never reached, so every proxied request is reserved and committed (one candidate and its own max_tokens: no snapshot needed). The pass-through "
         f"(bench/passthrough.py) reads the body and POSTs it unchanged with one aiohttp.ClientSession "
         f"(TCPConnector limit=0, auto_decompress=False), answering the upstream's status, body and "
         f"Content-Type (streams through StreamResponse + iter_any()); no auth, budget or JSON parsing. "
