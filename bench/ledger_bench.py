@@ -97,7 +97,8 @@ async def main() -> None:
         print(f"redis store:  {red:10.0f} reserve+commit pairs/s (5 scopes x 4 windows, "
               f"concurrency {args.concurrency})")
         if server is not None:
-            print(f"redis round trips per request: {await round_trips(server):.2f}")
+            print(f"redis round trips per request (script calls; under load several share one "
+                  f"pipelined write): {await round_trips(server):.2f}")
     finally:
         if server is not None:
             server.stop()
