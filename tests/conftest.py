@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.stores import open_store
+from proxy.tokens import TokenCounter
 
 from .redis_server import RedisServer
 
@@ -21,6 +22,17 @@ def redis_url(redis_server):
         redis_server.start()
     redis_server.command("FLUSHALL")
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def tokens():
+    return TokenCounter.load()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request):
+    """A store URL for e2e tests: the embedded store, and a real redis-server."""
+    return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
 
 
 @pytest.fixture(params=["memory", "redis"])

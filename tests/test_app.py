@@ -13,23 +13,11 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.ledger import Scope
-from proxy.tokens import TokenCounter
 
 from . import harness
 from .fake_upstream import WORDS
 
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
-
-
-@pytest.fixture(scope="session")
-def tokens():
-    return TokenCounter.load()
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request):
-    return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
 
 
 def reported_tokens(h) -> int:

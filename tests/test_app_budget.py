@@ -15,7 +15,7 @@ import pytest
 from proxy.ledger import Scope
 
 from . import harness
-from .test_app import MSGS, reported_tokens, store_url, tokens  # noqa: F401  (fixtures)
+from .test_app import MSGS, reported_tokens
 
 
 async def started(store_url, tokens, policy, **kw):

@@ -15,7 +15,7 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
-from proxy import tokens
+from proxy import encodings, tokens
 from proxy.tokens import TokenCounter
 
 ENCODINGS = ("cl100k_base", "o200k_base")
@@ -63,7 +63,7 @@ def no_bundled_data(monkeypatch):
     def missing(name: str) -> bytes:
         raise FileNotFoundError(f"{name}.tiktoken.gz")
 
-    monkeypatch.setattr(tokens, "_bundled_data", missing)
+    monkeypatch.setattr(encodings, "_bundled_data", missing)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_empty_cache_dir_is_populated_with_verified_files(no_network, tmp_path):
     TokenCounter.load(cache_dir=str(cache_dir))
 
     for name in ENCODINGS:
-        assert _sha256(_cache_file(cache_dir, name)) == tokens.ENCODING_SHA256[name]
+        assert _sha256(_cache_file(cache_dir, name)) == encodings.ENCODING_SHA256[name]
     assert not [p for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
     assert os.environ["TIKTOKEN_CACHE_DIR"] == str(cache_dir)
 
@@ -135,7 +135,7 @@ def test_corrupted_cache_file_is_rewritten_not_fetched(no_network, fresh_registr
     counter = TokenCounter.load(cache_dir=tmp_path)
 
     assert counter.approximate is False
-    assert _sha256(corrupt) == tokens.ENCODING_SHA256["o200k_base"]
+    assert _sha256(corrupt) == encodings.ENCODING_SHA256["o200k_base"]
     assert counter.count(JAPANESE, "gpt-4o") == 6
 
 
@@ -143,7 +143,7 @@ def test_valid_cache_is_reused_without_bundled_data(no_network, tmp_path, monkey
     TokenCounter.load(cache_dir=tmp_path)
     inodes = {name: _cache_file(tmp_path, name).stat().st_ino for name in ENCODINGS}
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    monkeypatch.setattr(tokens, "_bundled_data", lambda name: pytest.fail("data re-read"))
+    monkeypatch.setattr(encodings, "_bundled_data", lambda name: pytest.fail("data re-read"))
 
     counter = TokenCounter.load(cache_dir=tmp_path)
 
@@ -165,7 +165,7 @@ def test_unwritable_cache_dir_falls_back_to_private_tempdir(
     used = Path(os.environ["TIKTOKEN_CACHE_DIR"])
     assert used.parent == temp_root
     for name in ENCODINGS:
-        assert _sha256(_cache_file(used, name)) == tokens.ENCODING_SHA256[name]
+        assert _sha256(_cache_file(used, name)) == encodings.ENCODING_SHA256[name]
 
 
 def test_cache_miss_inside_tiktoken_never_becomes_a_fetch(
@@ -174,15 +174,15 @@ def test_cache_miss_inside_tiktoken_never_becomes_a_fetch(
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     original_reader = tiktoken.load.read_file
 
-    with pytest.raises(tokens.OfflineDataError):
-        tokens._get_encoding_offline("cl100k_base")
+    with pytest.raises(encodings.OfflineDataError):
+        encodings._get_encoding_offline("cl100k_base")
     assert tiktoken.load.read_file is original_reader
 
 
 def test_missing_data_falls_back_to_approximation_with_warning(
     no_network, fresh_registry, no_bundled_data, tmp_path, caplog
 ):
-    caplog.set_level(logging.WARNING, logger="proxy.tokens")
+    caplog.set_level(logging.WARNING, logger="proxy.encodings")
     start = time.monotonic()
     counter = TokenCounter.load(cache_dir=tmp_path)
 
@@ -199,8 +199,8 @@ def test_missing_data_falls_back_to_approximation_with_warning(
 def test_bundled_data_with_wrong_hash_is_rejected(
     no_network, fresh_registry, tmp_path, monkeypatch, caplog
 ):
-    monkeypatch.setattr(tokens, "_bundled_data", lambda name: b"tampered 0\n")
-    caplog.set_level(logging.WARNING, logger="proxy.tokens")
+    monkeypatch.setattr(encodings, "_bundled_data", lambda name: b"tampered 0\n")
+    caplog.set_level(logging.WARNING, logger="proxy.encodings")
 
     counter = TokenCounter.load(cache_dir=tmp_path)
 
@@ -212,14 +212,14 @@ def test_bundled_data_with_wrong_hash_is_rejected(
 def test_one_missing_encoding_only_affects_its_models(
     no_network, fresh_registry, tmp_path, monkeypatch
 ):
-    real = tokens._bundled_data
+    real = encodings._bundled_data
 
     def only_cl100k(name: str) -> bytes:
         if name == "o200k_base":
             raise FileNotFoundError(name)
         return real(name)
 
-    monkeypatch.setattr(tokens, "_bundled_data", only_cl100k)
+    monkeypatch.setattr(encodings, "_bundled_data", only_cl100k)
     counter = TokenCounter.load(cache_dir=tmp_path)
 
     assert counter.approximate is True
@@ -229,8 +229,8 @@ def test_one_missing_encoding_only_affects_its_models(
 
 def test_bundled_data_matches_official_digests():
     for name in ENCODINGS:
-        data = tokens._bundled_data(name)
-        assert hashlib.sha256(data).hexdigest() == tokens.ENCODING_SHA256[name]
+        data = encodings._bundled_data(name)
+        assert hashlib.sha256(data).hexdigest() == encodings.ENCODING_SHA256[name]
 
 
 # --- model mapping ---------------------------------------------------------------------
