@@ -54,6 +54,11 @@ async def errors(request: web.Request, handler) -> web.StreamResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
         err = ApiError(exc.reason or "error", status=exc.status, code=code)
         return _json(exc.status, err.body(), {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
+    except Exception:  # noqa: BLE001 - the last line of defence: a bug, not the client's fault
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        err = ApiError("The proxy failed to process the request.", status=500, type="api_error",
+                       code="internal_error")
+        return _json(500, err.body())
 
 
 def _models_body(cfg: config_mod.Config) -> bytes:

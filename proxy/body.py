@@ -8,10 +8,35 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import BadRequest
 
 KINDS = ("chat", "completion", "embedding")
+MAX_OUTPUT_TOKENS = 1_000_000      # far above any model's output limit, far below float trouble
+MAX_USER_CHARS = 256
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:     # bad UTF-8, bad JSON, NaN, 5000-digit ints, deep nesting
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise BadRequest(f"We could not parse the JSON body of your request: {reason}.",
+                         code="invalid_json") from None
+    # Only a \uD800-\uDFFF escape can smuggle in a lone surrogate, which no UTF-8 upstream (nor
+    # tiktoken) accepts; look closer only when one is there.
+    if b"\\ud" in raw or b"\\uD" in raw:
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise BadRequest("The request body contains an unpaired UTF-16 surrogate (\\uD800-\\uDFFF).",
+                             code="invalid_json") from None
+    return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +95,7 @@ def _messages(body: dict) -> None:
 
 
 def parse(raw: bytes, kind: str) -> Request:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"We could not parse the JSON body of your request: {exc}.",
-                         code="invalid_json") from None
+    body = _loads(raw)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
     model = body.get("model")
@@ -89,15 +110,17 @@ def parse(raw: bytes, kind: str) -> Request:
         raise BadRequest("Invalid value for 'stream_options': expected an object with a boolean "
                          "'include_usage'.", param="stream_options", code="invalid_value")
     user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise BadRequest("Invalid value for 'user': expected a string.", param="user", code="invalid_value")
+    if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS
+                             or not user.isprintable()):
+        raise BadRequest(f"Invalid value for 'user': expected a string of at most {MAX_USER_CHARS} "
+                         f"printable characters.", param="user", code="invalid_value")
     if kind == "chat":
         _messages(body)
     else:
         _texts_or_tokens(body, "prompt" if kind == "completion" else "input")
     if kind == "embedding" and stream:
         raise BadRequest("Embeddings cannot be streamed.", param="stream", code="invalid_value")
-    max_out = _int_field(body, "max_completion_tokens", 1)
-    legacy = _int_field(body, "max_tokens", 1)
+    max_out = _int_field(body, "max_completion_tokens", 1, MAX_OUTPUT_TOKENS)
+    legacy = _int_field(body, "max_tokens", 1, MAX_OUTPUT_TOKENS)
     return Request(kind, body, model, bool(stream), bool(opts and opts.get("include_usage")),
                    max_out if max_out is not None else legacy, _int_field(body, "n", 1, 128) or 1, user)

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from .errors import BudgetExceeded, StoreUnavailable
 from .ledger import Amounts, Refusal, Reservation
@@ -71,7 +72,7 @@ def _remaining(balances) -> dict[str, str]:
         out["x-budget-remaining-usd"] = f"{low['usd'] / 1_000_000:.6f}"
     if tight is not None:
         b = tight[1]
-        out["x-budget-scope"] = f"{b.scope.type}:{b.scope.id} {b.window} {b.unit}"
+        out["x-budget-scope"] = f"{b.scope.type}:{quote(b.scope.id, safe='@/._-')} {b.window} {b.unit}"
     return out
 
 

@@ -27,6 +27,7 @@ from .stores import Counter, Status, Store
 from .windows import WINDOWS, Window, windows_at
 
 log = logging.getLogger(__name__)
+MAX_AMOUNT = 2 ** 50          # per request and unit: exact as a Lua number, far above any real use
 _ALWAYS_TRACKED = WINDOWS.index("day")     # windows from here on are kept even when unlimited
 
 
@@ -124,6 +125,8 @@ class Ledger:
 
     async def reserve(self, rid: str, amounts: Amounts, scopes: Sequence[Scope]) -> Reservation | Refusal:
         """Reserve `amounts` on every counter of `scopes`, or refuse naming the first one over."""
+        if not (0 <= amounts.tokens <= MAX_AMOUNT and 0 <= amounts.usd <= MAX_AMOUNT):
+            raise ValueError(f"amounts out of range: {amounts}")
         policy = self.policy
         now = self._clock()
         counters, where = self._plan(scopes, now, policy)
@@ -182,7 +185,8 @@ class Ledger:
     async def commit(self, res: Reservation, actual: Amounts) -> bool:
         """Charge the actual amounts in the reservation's windows. False if already settled."""
         self._check_overrun(res, actual)
-        return await self.store.settle(res.id, res.counters, max(0, actual.tokens), max(0, actual.usd))
+        tokens, usd = (min(max(0, v), MAX_AMOUNT) for v in (actual.tokens, actual.usd))
+        return await self.store.settle(res.id, res.counters, tokens, usd)
 
     async def release(self, res: Reservation) -> bool:
         """Give the reservation back; nothing used. False if already settled."""

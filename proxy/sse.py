@@ -7,9 +7,10 @@ records the usage, model and output volume, and - when the proxy itself added
 stream it would have seen without the proxy.
 
 Bytes are never rewritten, only left out: the usage-only event, and - because asking for usage
-makes OpenAI add `"usage":null` to every other chunk - that member at the end of a chunk's JSON
-(`,"usage":null}` becomes `}`). The pieces handed back are the caller's own chunk or memoryview
-slices of it wherever possible.
+makes OpenAI add `"usage":null` to every other chunk - that member (`,"usage":null` before a `,`
+or `}`; the last one in the chunk, since OpenAI puts usage after choices). Inside a JSON string
+every quote is escaped, so that byte run can only be structure. The pieces handed back are the
+caller's own chunk or memoryview slices of it wherever possible.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _BLANK_LINES = re.compile(rb"[\r\n]+")
 _LINE_SPLIT = re.compile(rb"\r\n?|\n")
 _BOM = b"\xef\xbb\xbf"
 # What include_usage adds to every ordinary chunk, compact (OpenAI) and spaced (json.dumps).
-_NULL_USAGE = (b',"usage":null}', b', "usage": null}')
+_NULL_USAGE = (b',"usage":null', b', "usage": null')
 _CR = 0x0D
 _LF = 0x0A
 
@@ -188,9 +189,10 @@ class UsageTap:
             if self._dispatch(content):
                 if self._drop:
                     dropped.append((pos, stop))
-            elif self._drop and content.endswith(_NULL_USAGE):
-                cut = len(_NULL_USAGE[0] if content.endswith(_NULL_USAGE[0]) else _NULL_USAGE[1]) - 1
-                dropped.append((start - 1 - cut, start - 1))
+            elif self._drop:
+                cut = _null_usage(content)
+                if cut is not None:
+                    dropped.append((pos + cut[0], pos + cut[1]))
             pos = stop
         if pos == size and data[size - 1] == _CR:
             self._cr_end = True
@@ -233,6 +235,17 @@ class UsageTap:
             self.output_chunks += 1
             self.output_chars += chars
         return False
+
+
+def _null_usage(content: bytes) -> tuple[int, int] | None:
+    """Span of the `"usage":null` member that include_usage added to a chunk, if any."""
+    for member in _NULL_USAGE:
+        at = content.rfind(member)
+        if at >= 0:
+            end = at + len(member)
+            if content[end:end + 1] in (b",", b"}"):
+                return at, end
+    return None
 
 
 def _boundary(data: bytes | bytearray, start: int, lf_only: bool) -> tuple[int, int]:

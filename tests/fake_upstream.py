@@ -109,6 +109,7 @@ class FakeOpenAI:
              "system_fingerprint": "fp_fake", **piece}
         if usage_field:
             c["usage"] = None
+        c["obfuscation"] = "AAatV4uAp"        # OpenAI pads chunks with this member, after usage
         return b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n"   # compact, as OpenAI sends
 
     def _pieces(self, obj: str) -> list[dict]:

@@ -135,9 +135,31 @@ async def test_expired_lease_is_settled_and_its_budget_freed(store, on_expiry, u
     assert await ledger.sweep() == 0
     u = row(await ledger.snapshot(SCOPES), "user", "day", "tokens")
     assert (u.used, u.reserved) == (used, 0)
-    assert await ledger.commit(dead, Amounts(80, 8)) is False      # the late commit is a no-op
     if on_expiry == "release":
         assert isinstance(await ledger.reserve("now-fits", Amounts(80, 8), SCOPES), Reservation)
+        used += 80
+
+
+async def test_a_late_commit_after_expiry_corrects_the_charge_once(store):
+    # The process was alive after all (a stalled stream): its commit replaces the sweeper's
+    # charge by the real usage, even minutes later, and only once.
+    clock = Clock(tomorrow_at(12))
+    ledger = ledger_for(store, clock, reservation={"lease_seconds": 30, "on_expiry": "commit"})
+    slow = await ledger.reserve("slow", Amounts(1000, 100), SCOPES)
+    clock.t += 31
+    assert await ledger.sweep() == 1
+    clock.t += 600
+    assert await ledger.commit(slow, Amounts(1200, 130)) is True
+    assert await ledger.commit(slow, Amounts(1200, 130)) is False
+    g = row(await ledger.snapshot(SCOPES), "global", "day", "tokens")
+    assert (g.used, g.reserved) == (1200, 0)
+
+
+async def test_amounts_out_of_range_are_refused_before_the_store(store):
+    ledger = ledger_for(store)
+    with pytest.raises(ValueError):
+        await ledger.reserve("huge", Amounts(2 ** 60, 0), SCOPES)
+    assert all(b.reserved == 0 for b in await ledger.snapshot(SCOPES))
 
 
 async def test_extended_lease_is_not_swept(store):

@@ -411,6 +411,15 @@ def test_matches_a_reference_parser_on_random_streams() -> None:
         assert flat(tap.close()) == stream[tail:], (stream, reads)
 
 
+def test_null_usage_member_before_other_members_is_removed_too() -> None:
+    # OpenAI's chunks now end with an "obfuscation" member after usage.
+    event = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":'
+             b'{"content":"Hi"}}],"usage":null,"obfuscation":"AAatV4uAp"}\n\n')
+    assert run(UsageTap(drop_usage_chunk=True), [event]) == event.replace(b',"usage":null', b"")
+    quoted = b'data: {"choices":[{"delta":{"content":"a \\",\\"usage\\":null}"}}]}\n\n'
+    assert run(UsageTap(drop_usage_chunk=True), [quoted]) == quoted      # inside a string: kept
+
+
 def test_null_usage_member_is_removed_only_when_the_proxy_asked_for_usage() -> None:
     compact = data(chunk({"content": "a"}, usage=None))
     spaced = b'data: {"choices": [{"delta": {"content": "b"}}], "usage": null}\n\n'

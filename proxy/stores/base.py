@@ -51,8 +51,10 @@ class Store(abc.ABC):
     async def settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                      not_after_ms: int = 0) -> bool:
         """Move reservation `rid` from reserved to used with the actual amounts (0, 0 = release;
-        -1, -1 = charge what was reserved). With `not_after_ms`, only if its lease deadline is
-        not after it (expiry). False when already settled or not due: settling is idempotent."""
+        -1, -1 = charge what was reserved). With `not_after_ms` (the sweeper), only if its lease
+        deadline is not after it; what it charged is kept, and a later plain settle of the same
+        id (the live request finishing after all) corrects the charge to its actual amounts,
+        once. False when already settled or not due: settling is idempotent."""
 
     @abc.abstractmethod
     async def extend(self, rid: str, deadline_ms: int) -> bool:

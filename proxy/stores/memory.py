@@ -22,7 +22,7 @@ _EMPTY = (0, 0, 0, 0, 0)
 
 @dataclass(slots=True)
 class _Record:
-    state: str                       # "r" open, "c" settled
+    state: str                       # "r" open, "c" settled, "x" settled by lease expiry
     tokens: int
     usd: int
     deadline: int
@@ -84,28 +84,43 @@ class MemoryStore(Store):
     async def settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                      not_after_ms: int = 0) -> bool:
         rec = self._records.get(rid)
-        if rec is not None and (rec.state != "r" or (not_after_ms and rec.deadline > not_after_ms)):
-            return False
-        if rec is None and not_after_ms:
-            return False
+        state = rec.state if rec else None
         res_t, res_d = (rec.tokens, rec.usd) if rec else (0, 0)
         if tokens < 0:
             tokens, usd = res_t, res_d
+        if not_after_ms:                                 # the sweeper, for an expired lease
+            if state != "r" or rec.deadline > not_after_ms:
+                return False
+            self._apply(counters, tokens, usd, res_t, res_d)
+            # Kept (with what was charged) while its counters live: a late commit corrects it.
+            forget = max((c.expire_at for c in counters), default=not_after_ms)
+            self._remember(rid, _Record("x", tokens, usd, 0, (), forget))
+            return True
+        if state == "r":
+            self._apply(counters, tokens, usd, res_t, res_d)
+        elif state == "x":                               # late commit: correct the sweeper's charge
+            self._apply(counters, tokens - res_t, usd - res_d, 0, 0)
+        elif state is not None:
+            return False                                 # already settled
+        else:
+            self._apply(counters, tokens, usd, 0, 0)     # record lost (purged): usage is real
+        self._remember(rid, _Record("c", 0, 0, 0, (), self._now_ms() + SETTLED_TTL_MS))
+        return True
+
+    def _apply(self, counters: Sequence[Counter], used_t: int, used_d: int, res_t: int, res_d: int) -> None:
         table = self._counters
         for c in counters:
             row = table.get(c.key)
             if row is None:
                 # The window's data is gone (purged): record the usage, nothing to un-reserve.
-                table[c.key] = [tokens, 0, usd, 0, c.expire_at]
-                heapq.heappush(self._expiries, (c.expire_at, c.key))
+                if used_t > 0 or used_d > 0:
+                    table[c.key] = [max(used_t, 0), 0, max(used_d, 0), 0, c.expire_at]
+                    heapq.heappush(self._expiries, (c.expire_at, c.key))
                 continue
-            row[0] += tokens
+            row[0] += used_t
             row[1] = max(0, row[1] - res_t)
-            row[2] += usd
+            row[2] += used_d
             row[3] = max(0, row[3] - res_d)
-        now = self._now_ms()
-        self._remember(rid, _Record("c", res_t, res_d, 0, (), now + SETTLED_TTL_MS))
-        return True
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
         rec = self._records.get(rid)

@@ -135,7 +135,8 @@ class RedisStore(Store):
     async def settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                      not_after_ms: int = 0) -> bool:
         keys = [record_key(self._ns, rid), self._leases, *(c.key for c in counters)]
-        args = [rid, tokens, usd, SETTLED_TTL_MS, not_after_ms, _expires(counters)]
+        keep_until = max((c.expire_at for c in counters), default=not_after_ms)
+        args = [rid, tokens, usd, SETTLED_TTL_MS, not_after_ms, _expires(counters), keep_until]
         try:
             return bool(await self._calls.call(self._settle, keys, args))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:

@@ -3,7 +3,7 @@
 -- KEYS[1]   reservation record (hash)         KEYS[2]  lease index (zset: id -> deadline ms)
 -- KEYS[3..] counter hashes: t / tr = tokens used / reserved, d / dr = micro-USD used / reserved
 -- ARGV[1] reservation id      ARGV[2] tokens      ARGV[3] micro-USD
--- ARGV[4] lease deadline (epoch ms)      ARGV[5] record TTL (ms)      ARGV[6] force: "1" = shadow
+-- ARGV[4] lease deadline (epoch ms)      ARGV[5] record expiry (epoch ms)  ARGV[6] force: "1" = shadow
 -- ARGV[7] per counter, in KEYS order: "<token limit> <micro-USD limit> " (-1 = none), all joined
 -- ARGV[8] per counter: "<expire-at epoch ms>" joined by "\n" (the window's end plus a margin)
 --         (two strings rather than 60 arguments: encoding arguments dominates the client's cost)
@@ -19,6 +19,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return {2, -1, 0, 0, 0, 0, {}}
 end
 
+-- Amounts are compared as Lua numbers but written as the caller's own decimal strings:
+-- Lua would print a large number as "1e+17", which HINCRBY rejects after earlier writes.
 local tokens = tonumber(ARGV[2])
 local usd = tonumber(ARGV[3])
 local over = nil
@@ -51,15 +53,15 @@ end
 
 local keys = {}
 for i = 3, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'tr', tokens)
-  redis.call('HINCRBY', KEYS[i], 'dr', usd)
+  redis.call('HINCRBY', KEYS[i], 'tr', ARGV[2])
+  redis.call('HINCRBY', KEYS[i], 'dr', ARGV[3])
   redis.call('PEXPIREAT', KEYS[i], expires[i - 2])
   keys[#keys + 1] = KEYS[i]
 end
 
-redis.call('HSET', KEYS[1], 's', 'r', 't', tokens, 'd', usd, 'dl', ARGV[4],
+redis.call('HSET', KEYS[1], 's', 'r', 't', ARGV[2], 'd', ARGV[3], 'dl', ARGV[4],
            'k', table.concat(keys, '\n'), 'e', ARGV[8])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIREAT', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 
 if over then
