@@ -44,8 +44,13 @@ def authenticate(header: str | None, keys: Mapping[str, ApiKey]) -> ApiKey | Non
 
 def caller(key: ApiKey | None, end_user: str | None) -> Caller:
     """Org and user: the key's, or with open auth org `default` and the body's `user` field.
-    A key with `allow_end_user` lets the body's `user` name the end user."""
+    A key with `allow_end_user` lets the body's `user` name the end user.
+
+    An end user named by the body lives inside the caller's org: its user id is `<org>/<user>`
+    (and policy overrides name it so), so one org can neither spend nor claim another org's
+    user budgets by sending their names. Users configured on keys keep their plain names."""
     if key is None:
-        return Caller(OPEN_ORG, end_user or ANONYMOUS, "open")
-    user = end_user if (key.allow_end_user and end_user) else (key.user or key.name)
-    return Caller(key.org, user, key.name)
+        return Caller(OPEN_ORG, f"{OPEN_ORG}/{end_user}" if end_user else ANONYMOUS, "open")
+    if key.allow_end_user and end_user:
+        return Caller(key.org, f"{key.org}/{end_user}", key.name)
+    return Caller(key.org, key.user or key.name, key.name)

@@ -7,10 +7,10 @@ upstream reported it, else an estimate that is never zero for a request that pro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
-import time
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4      # for output we could not count: English text averages about 4 characters a token
+SETTLE_ATTEMPTS = 10     # with backoff from 0.1 s to 5 s: about half a minute of store outage
 
 
 def _display(unit: str, amount: int) -> float | int:
@@ -77,6 +78,13 @@ def _remaining(balances) -> dict[str, str]:
 
 
 class Flight:
+    """One admitted request's reservation, settled exactly once.
+
+    Every settlement is claimed synchronously (so no path can settle twice, and the handler's
+    last-resort `ensure_settled` knows whether one is under way) and then runs in a task the
+    gateway tracks, retrying while the store is unreachable: a cancelled handler never cuts a
+    settlement short. While open, the lease is extended every third of its length."""
+
     def __init__(self, gateway: "Gateway", res: Reservation | None, model: str, asked: str,
                  prompt: int) -> None:
         self.gateway = gateway
@@ -84,75 +92,105 @@ class Flight:
         self.model = model          # the registry model actually used
         self.asked = asked          # the preferred candidate
         self.prompt = prompt        # estimated prompt tokens
-        self._settled = False
-        self._extending = False
+        self.sent = False           # the request may have reached the upstream
+        self._settled = res is None
+        self._timer: asyncio.TimerHandle | None = None
+        if res is not None:
+            self._arm()
 
-    def keep_alive(self) -> None:
-        """Extend the lease of a long stream once half of it has passed."""
-        res = self.res
-        if res is None or self._extending:
-            return
-        ledger = self.gateway.ledger
-        half = ledger.policy.lease_seconds * 500
-        if time.time() * 1000 < res.deadline_ms - half:
-            return
-        self._extending = True
-        self.gateway.spawn(self._extend())
+    # --- the lease --------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        period = self.gateway.ledger.policy.lease_seconds / 3
+        self._timer = asyncio.get_running_loop().call_later(period, self._tick)
+
+    def _tick(self) -> None:
+        if not self._settled:
+            self.gateway.spawn(self._extend())
+            self._arm()
 
     async def _extend(self) -> None:
         try:
             self.res = await self.gateway.ledger.extend(self.res)
         except StoreUnavailable as exc:
             log.warning("could not extend lease %s: %s", self.res.id, exc)
-        finally:
-            self._extending = False
 
-    async def release(self) -> None:
-        if self._claim():
-            try:
-                await self.gateway.ledger.release(self.res)
-            except StoreUnavailable as exc:
-                log.error("release of %s failed (its lease will expire): %s", self.res.id, exc)
-
-    async def commit(self, prompt_tokens: int, completion_tokens: int) -> None:
-        if not self._claim():
-            return
-        m = self.gateway.config.models[self.model]
-        actual = Amounts(prompt_tokens + completion_tokens, m.cost(prompt_tokens, completion_tokens))
-        try:
-            await self.gateway.ledger.commit(self.res, actual)
-        except StoreUnavailable as exc:
-            log.error("commit of %s failed (its lease will expire and be charged): %s", self.res.id, exc)
+    # --- settling ---------------------------------------------------------------------------
 
     def _claim(self) -> bool:
-        if self._settled or self.res is None:
+        if self._settled:
             return False
         self._settled = True
+        if self._timer is not None:
+            self._timer.cancel()
         return True
 
-    async def settle_estimate(self, output_tokens: int) -> None:
-        await self.commit(self.prompt, output_tokens)
+    def release_soon(self) -> None:
+        if self._claim():
+            self.gateway.spawn(self._retrying("release", lambda: self.gateway.ledger.release(self.res)))
 
-    async def settle_stream(self, tap) -> None:
+    def commit_soon(self, prompt_tokens: int, completion_tokens: int) -> None:
+        if self._claim():
+            self.gateway.spawn(self._commit(prompt_tokens, completion_tokens))
+
+    def estimate_soon(self, output_tokens: int) -> None:
+        """No usage from upstream: the prompt estimate plus what we counted of the output."""
+        self.commit_soon(self.prompt, output_tokens)
+
+    def ensure_settled(self) -> None:
+        """Last resort when the handler ends: a request that may have reached the upstream is
+        charged its prompt; one that cannot have is released."""
+        if self.sent:
+            self.estimate_soon(0)
+        else:
+            self.release_soon()
+
+    def stream_soon(self, tap) -> None:
         usage = tap.usage
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            await self.commit(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
-            return
-        estimate = max(tap.output_chunks, math.ceil(tap.output_chars / CHARS_PER_TOKEN))
-        log.info("stream %s ended without usage; charging an estimate of %d output tokens",
-                 self.res.id if self.res else "-", estimate)
-        await self.commit(self.prompt, estimate)
+            self.commit_soon(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
+        elif tap.error is not None and not tap.output_chunks:
+            self.release_soon()              # an upstream error before any output
+        else:
+            estimate = max(tap.output_chunks, math.ceil(tap.output_chars / CHARS_PER_TOKEN))
+            log.info("stream %s ended without usage; charging an estimate of %d output tokens",
+                     self.res.id if self.res else "-", estimate)
+            self.estimate_soon(estimate)
 
-    async def settle_body(self, data: bytes, kind: str) -> None:
+    def body_soon(self, data: bytes, kind: str) -> None:
+        """Settle from a whole response body; parsing it happens in the task, after the reply."""
+        if self._claim():
+            self.gateway.spawn(self._settle_body(data, kind))
+
+    async def _settle_body(self, data: bytes, kind: str) -> None:
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             obj = None
         usage = obj.get("usage") if isinstance(obj, dict) else None
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            await self.commit(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
-            return
-        await self.commit(self.prompt, self._count_output(obj, kind))
+            await self._commit(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
+        else:
+            await self._commit(self.prompt, self._count_output(obj, kind))
+
+    async def _commit(self, prompt_tokens: int, completion_tokens: int) -> None:
+        m = self.gateway.config.models[self.model]
+        actual = Amounts(prompt_tokens + completion_tokens, m.cost(prompt_tokens, completion_tokens))
+        await self._retrying("commit", lambda: self.gateway.ledger.commit(self.res, actual))
+
+    async def _retrying(self, what: str, call) -> None:
+        """Retry while the store is unreachable; past that, the lease expires and the sweeper
+        settles it (charging the reserved amount, by default)."""
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                await call()
+                return
+            except StoreUnavailable as exc:
+                if attempt + 1 == SETTLE_ATTEMPTS:
+                    log.error("%s of %s failed %d times, leaving it to lease expiry: %s",
+                              what, self.res.id, SETTLE_ATTEMPTS, exc)
+                    return
+                await asyncio.sleep(min(0.1 * 2 ** attempt, 5.0))
 
     def _count_output(self, obj, kind: str) -> int:
         if kind == "embedding" or not isinstance(obj, dict):

@@ -133,7 +133,9 @@ def parse(data: Any, source: str, env: Mapping[str, str] | None = None) -> Confi
     keys = _keys(data.get("keys") or {}, source, prod)
     listen = data.get("listen") or {}
     base = os.path.dirname(os.path.abspath(source))
-    policy_path = env.get("BUDGET_POLICY_PATH") or data.get("policy")
+    # BUDGET_POLICY_PATH is relative to where the proxy runs; `policy:` to the config file.
+    policy_path = os.path.abspath(env["BUDGET_POLICY_PATH"]) if env.get("BUDGET_POLICY_PATH") \
+        else data.get("policy")
     return Config(
         source=source, host=listen.get("host", "127.0.0.1"), port=listen.get("port", 8787),
         max_body_bytes=listen.get("max_body_bytes", 8 * 1024 * 1024),

@@ -63,7 +63,10 @@ class Gateway:
         first = self.config.models[names[0]]
         prompt = await self.tokens.estimate(kind, req.body, first.upstream)
         flight = await self._reserve(req, who, names, prompt)
-        return await self._forward(request, req, flight)
+        try:
+            return await self._forward(request, req, flight)
+        finally:
+            flight.ensure_settled()         # a no-op unless some path above forgot, or raised
 
     async def _read(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -90,8 +93,9 @@ class Gateway:
             if req.kind != "embedding":
                 asked = req.max_output
                 scopes = self._scopes(who, name)
-                completion = asked if asked is not None else caps(name, scopes, policy.default_max_tokens)
-                completion *= req.choices
+                per_choice = asked if asked is not None else caps(name, scopes, policy.default_max_tokens,
+                                                                   req.choices)
+                completion = per_choice * req.choices
             amounts = Amounts(prompt + completion, m.cost(prompt, completion))
             out.append(router.Candidate(name, m.provider, amounts, self._scopes(who, name)))
         return out
@@ -107,7 +111,7 @@ class Gateway:
             caps = _default_cap(self.config, balances, prompt, req.max_output)
             cands = self._candidates(req, who, names, prompt, policy, caps)
             # By the snapshot nothing fits: still ask the store, whose answer is authoritative.
-            ordered = (router.order(cands, balances, policy.downgrade_below) or cands[:1]) if balances else cands
+            ordered = (router.order(cands, balances, policy.downgrade_below) or cands) if balances else cands
             refusal: Refusal | None = None
             for c in ordered:
                 got = await ledger.reserve(rid, c.amounts, c.scopes)
@@ -165,18 +169,15 @@ class Gateway:
         if inject:
             payload["stream_options"] = {**(req.body.get("stream_options") or {}), "include_usage": True}
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        flight.sent = True
         try:
             up = await self.upstreams.post(model.provider, req.kind, data, SSE if req.stream else None)
-        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
-            await flight.release()                  # never reached the upstream: nothing to pay
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
+            flight.release_soon()                   # never reached the upstream: nothing to pay
             raise _upstream_error(model.provider, exc) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            # The upstream may have read the prompt (and will bill it): charge the prompt.
-            await flight.settle_estimate(0)
+            flight.estimate_soon(0)                 # it may have read (and will bill) the prompt
             raise _upstream_error(model.provider, exc) from None
-        except asyncio.CancelledError:
-            self.spawn(flight.settle_estimate(0))   # the client left while the upstream was working
-            raise
         try:
             headers = passed_headers(up)
             headers.update(budget_headers(flight))
@@ -192,12 +193,13 @@ class Gateway:
         """Upstream refused before any output: release, and pass its status and body through.
         Except 401/403: those are about the proxy's own upstream key (OpenAI's message even
         quotes part of it), which the client can neither see nor fix: a 502 of our own."""
-        try:
-            data = await up.read()
-        finally:
-            self.spawn(flight.release())
+        flight.release_soon()
         self.stats["upstream_errors"] += 1
         provider = self.config.models[flight.model].provider
+        try:
+            data = await up.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _upstream_error(provider, exc) from None
         if up.status in (401, 403):
             log.error("provider %s rejected the proxy's credentials (HTTP %d)", provider, up.status)
             raise UpstreamFailed(f"The upstream provider '{provider}' rejected the proxy's credentials; "
@@ -211,42 +213,39 @@ class Gateway:
         try:
             data = await up.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self.spawn(flight.settle_estimate(0))
+            flight.estimate_soon(0)
             raise _upstream_error(self.config.models[flight.model].provider, exc) from None
-        except asyncio.CancelledError:
-            self.spawn(flight.settle_estimate(0))
-            raise
-        self.spawn(flight.settle_body(data, req.kind))
+        flight.body_soon(data, req.kind)
         return web.Response(status=up.status, body=data, headers=headers)
 
     async def _stream(self, request: web.Request, up: aiohttp.ClientResponse, headers, flight: Flight,
                       inject: bool) -> web.StreamResponse:
         tap = UsageTap(drop_usage_chunk=inject)
         resp = web.StreamResponse(status=up.status, headers=headers)
-        client_gone = False
         try:
             await resp.prepare(request)
             async for chunk in up.content.iter_any():
                 await _write(resp, tap.feed(chunk))
-                flight.keep_alive()
             await _write(resp, tap.close())
             await resp.write_eof()
         except asyncio.CancelledError:
-            client_gone = True
-            up.close()                      # stop paying: drop the upstream connection now
+            up.close()                      # the client left: stop paying, drop the upstream now
             self.stats["client_disconnects"] += 1
-            self.spawn(flight.settle_stream(tap))
+            flight.stream_soon(tap)
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-            # Either side broke: the client (write failed) or the upstream (read failed).
+            # Either side broke: the client (a write failed) or the upstream (a read failed).
             client_gone = request.transport is None or request.transport.is_closing()
             up.close()
             self.stats["client_disconnects" if client_gone else "upstream_cut"] += 1
             log.info("stream ended early (%s): %s", "client gone" if client_gone else "upstream cut",
                      type(exc).__name__)
-            self.spawn(flight.settle_stream(tap))
+            flight.stream_soon(tap)
+            if not client_gone and request.transport is not None:
+                # Do not let aiohttp end the response cleanly: the client must see the cut too.
+                request.transport.abort()
             return resp
-        self.spawn(flight.settle_stream(tap))
+        flight.stream_soon(tap)
         return resp
 
 
@@ -260,23 +259,24 @@ async def _write(resp: web.StreamResponse, pieces) -> None:
 
 
 def _default_cap(config: Config, balances, prompt: int, asked: int | None):
-    """A function (model, scopes, default) -> completion tokens to reserve when the client set none:
-    the policy default, capped by what remains, so a worst-case guess cannot pin a budget.
+    """A function (model, scopes, default, choices) -> completion tokens per choice to reserve
+    when the client set none: the policy default, capped by what remains (shared by the n
+    choices), so a worst-case guess cannot pin a budget.
     A client's own max_tokens is reserved in full (it asked for that much)."""
     if asked is not None or not balances:
-        return lambda model, scopes, default: default
+        return lambda model, scopes, default, choices: default
 
-    def cap(model: str, scopes, default: int) -> int:
+    def cap(model: str, scopes, default: int, choices: int) -> int:
         mine = [b for b in balances if b.scope in scopes]
         tokens_left = min((b.limit - b.used - b.reserved for b in mine if b.unit == "tokens"), default=None)
         usd_left = min((b.limit - b.used - b.reserved for b in mine if b.unit == "usd"), default=None)
         m = config.models[model]
-        room = default
+        room = default * choices
         if tokens_left is not None:
             room = min(room, tokens_left - prompt)
         if usd_left is not None and m.output_per_million > 0:
             room = min(room, int((usd_left - m.cost(prompt, 0)) / m.output_per_million))
-        return max(1, room)
+        return max(1, min(default, room // choices))
 
     return cap
 

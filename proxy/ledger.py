@@ -133,11 +133,9 @@ class Ledger:
         deadline = int((now + policy.lease_seconds) * 1000)
         try:
             out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow)
-        except StoreUnavailable:
-            await self._undo(rid, counters)
-            raise
-        except asyncio.CancelledError:
-            # The caller went away mid-call; the script may have run. Undo it off the caller's task.
+        except (StoreUnavailable, asyncio.CancelledError):
+            # The answer was lost (timeout, dropped connection, the caller went away) but the
+            # script may have run: undo it by id, off the caller's task, retrying a while.
             task = asyncio.ensure_future(self._undo(rid, counters))
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
@@ -173,14 +171,17 @@ class Ledger:
         return Refusal(scope, w.name, "usd", c.usd_limit, out.used_usd, out.reserved_usd,
                        amounts.usd, w.end - now)
 
-    async def _undo(self, rid: str, counters) -> None:
-        """A reserve whose answer was lost may still have been applied: release it, best effort
-        (a settle of an unknown id only marks it settled). If the store is still down, the lease
-        expires and is settled by the sweeper."""
-        try:
-            await self.store.settle(rid, counters, 0, 0)
-        except StoreUnavailable:
-            pass
+    async def _undo(self, rid: str, counters, attempts: int = 10) -> None:
+        """Release a reserve whose answer was lost (a settle of an unknown id only marks it
+        settled, so a reserve retried later under that id is a no-op too). If the store stays
+        down through every attempt, the lease expires and the sweeper settles it."""
+        for attempt in range(attempts):
+            try:
+                await self.store.settle(rid, counters, 0, 0)
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(min(0.1 * 2 ** attempt, 5.0))
+        log.error("could not release reservation %s whose answer was lost; its lease will expire", rid)
 
     async def commit(self, res: Reservation, actual: Amounts) -> bool:
         """Charge the actual amounts in the reservation's windows. False if already settled."""

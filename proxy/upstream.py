@@ -24,8 +24,8 @@ PATHS = {"chat": "/chat/completions", "completion": "/completions", "embedding":
 
 # Response headers a client of OpenAI relies on; everything else (hop-by-hop, length, server
 # identity, cookies) is the proxy's own business.
-_PASS = frozenset({"content-type", "x-request-id", "openai-processing-ms", "openai-version",
-                   "retry-after", "retry-after-ms", "x-should-retry"})
+_PASS = frozenset({"content-type", "content-encoding", "x-request-id", "openai-processing-ms",
+                   "openai-version", "retry-after", "retry-after-ms", "x-should-retry"})
 
 
 @dataclass(frozen=True, slots=True)

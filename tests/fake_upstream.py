@@ -30,6 +30,7 @@ class FakeOpenAI:
     words: list[str] = field(default_factory=lambda: list(WORDS))
     chunk_delay: float = 0.0          # seconds between stream chunks
     fail_with: int | None = None      # answer every request with this status
+    cut_after: int | None = None      # drop the connection after this many stream chunks
     seen: list[Seen] = field(default_factory=list)
     reported: list[dict] = field(default_factory=list)    # usage objects it reported
     cut_streams: int = 0              # streams whose reader went away mid-way
@@ -126,7 +127,11 @@ class FakeOpenAI:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "req-fake"})
         await resp.prepare(request)
         try:
-            for piece in self._pieces(obj):
+            for i, piece in enumerate(self._pieces(obj)):
+                if i == self.cut_after:
+                    request.transport.abort()          # the upstream dies mid-stream
+                    self.cut_streams += 1
+                    return resp
                 await resp.write(self._chunk(body, obj, piece, include))
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)

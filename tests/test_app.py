@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import aiohttp
 import openai
@@ -186,3 +187,48 @@ async def test_unreachable_upstream_is_a_502_and_releases_the_reservation(proxy)
         await proxy.client().chat.completions.create(model="gpt-4o", messages=MSGS)
     assert exc.value.status_code == 502 and exc.value.body["code"] == "upstream_unavailable"
     assert (await proxy.books()) == (0, 0)
+
+
+async def test_upstream_dying_mid_stream_is_visible_to_the_client_and_charged_partially(proxy):
+    proxy.check_books = False
+    proxy.fake.cut_after = 3                                   # role chunk + 2 words, then gone
+    body = {"model": "gpt-4o", "messages": MSGS, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{proxy.url}/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {harness.CLIENT_KEY}"}) as r:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    used, reserved = await proxy.books()
+    prompt = proxy.gateway.tokens.chat_prompt({"model": "gpt-4o", "messages": MSGS}, "gpt-4o")
+    streamed = WORDS[0] + WORDS[1]                              # two content chunks got through
+    assert reserved == 0 and used == prompt + max(2, math.ceil(len(streamed) / 4))
+
+
+async def test_a_bug_after_reserving_is_an_openai_shaped_500_and_settles(proxy, monkeypatch):
+    from proxy import gateway
+    monkeypatch.setattr(gateway, "passed_headers", lambda up: 1 / 0)
+    proxy.check_books = False
+    with pytest.raises(openai.InternalServerError) as exc:
+        await proxy.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert exc.value.body["code"] == "internal_error"
+    used, reserved = await proxy.books()
+    assert reserved == 0 and used > 0                           # it reached the upstream: prompt charged
+
+
+async def test_commit_retries_through_a_redis_restart(redis_server, redis_url, tokens):
+    h = await harness.start(redis_url, {"defaults": {"org": {"day": {"usd": 10}}}}, tokens)
+    try:
+        h.fake.chunk_delay = 0.05
+        stream = await h.client().chat.completions.create(model="gpt-4o", messages=MSGS, stream=True)
+        first = await stream.__anext__()
+        redis_server.stop()                                    # the commit at the end will fail...
+        rest = [c async for c in stream]
+        assert first and rest
+        await asyncio.sleep(0.3)
+        redis_server.start()                                   # ...and succeed on a retry
+        used, reserved = await h.books()
+        assert (used, reserved) == (reported_tokens(h), 0)
+    finally:
+        if redis_server.proc is None:
+            redis_server.start()
+        await harness.stop(h)

@@ -98,14 +98,14 @@ async def test_shadow_mode_counts_but_never_refuses(store_url, tokens):
         await harness.stop(h)
 
 
-async def test_end_user_field_names_the_user_scope_when_the_key_allows_it(store_url, tokens):
+async def test_end_user_field_names_the_user_scope_within_the_org_when_the_key_allows_it(store_url, tokens):
     h = await started(store_url, tokens, {})
     try:
         await h.client().chat.completions.create(model="gpt-4o", messages=MSGS, user="bob")
         await h.client(harness.OTHER_KEY).chat.completions.create(model="gpt-4o", messages=MSGS, user="eve")
         await h.settled()
-        bob = (await h.balances(Scope("user", "bob")))[("day", "tokens")]
-        eve = (await h.balances(Scope("user", "eve")))[("day", "tokens")]
+        bob = (await h.balances(Scope("user", "acme/bob")))[("day", "tokens")]
+        eve = (await h.balances(Scope("user", "globex/eve")))[("day", "tokens")]
         other = (await h.balances(Scope("user", "other")))[("day", "tokens")]
         globex = (await h.balances(Scope("org", "globex")))[("day", "tokens")]
         assert bob.used > 0 and eve.used == 0 and other.used == globex.used > 0
@@ -139,7 +139,7 @@ async def test_open_auth_outside_prod_accepts_any_bearer(store_url, tokens):
         await h.client("anything").chat.completions.create(model="gpt-4o", messages=MSGS, user="zed")
         await h.settled()
         assert (await h.balances(Scope("org", "default")))[("day", "tokens")].used > 0
-        assert (await h.balances(Scope("user", "zed")))[("day", "tokens")].used > 0
+        assert (await h.balances(Scope("user", "default/zed")))[("day", "tokens")].used > 0
         status, _, body = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS}, key=None)
         assert status == 401
     finally:
@@ -154,6 +154,18 @@ BAD = [
     ("/chat/completions", b"{not json", harness.CLIENT_KEY, 400, None, "invalid_json"),
     ("/chat/completions", b"[1, 2]", harness.CLIENT_KEY, 400, None, "invalid_json"),
     ("/chat/completions", b"\xff\xfe", harness.CLIENT_KEY, 400, None, "invalid_json"),
+    ("/chat/completions", b'{"model":"gpt-4o","messages":[{"role":"user","content":"x \\ud83d"}]}',
+     harness.CLIENT_KEY, 400, None, "invalid_json"),
+    ("/chat/completions", b'{"model":"gpt-4o","messages":' + b"[" * 5000, harness.CLIENT_KEY, 400, None,
+     "invalid_json"),
+    ("/chat/completions", b'{"model":"gpt-4o","n":' + b"9" * 5000 + b"}", harness.CLIENT_KEY, 400, None,
+     "invalid_json"),
+    ("/chat/completions", b'{"model":"gpt-4o","temperature":NaN,"messages":[]}', harness.CLIENT_KEY, 400,
+     None, "invalid_json"),
+    ("/chat/completions", {**CHAT, "user": "a\r\nb"}, harness.CLIENT_KEY, 400, "user", "invalid_value"),
+    ("/chat/completions", {**CHAT, "user": "u" * 300}, harness.CLIENT_KEY, 400, "user", "invalid_value"),
+    ("/chat/completions", {**CHAT, "max_tokens": 10 ** 16}, harness.CLIENT_KEY, 400, "max_tokens",
+     "invalid_value"),
     ("/chat/completions", {"messages": MSGS}, harness.CLIENT_KEY, 400, "model", None),
     ("/chat/completions", {"model": 7, "messages": MSGS}, harness.CLIENT_KEY, 400, "model", "invalid_value"),
     ("/chat/completions", {"model": "gpt-4o"}, harness.CLIENT_KEY, 400, "messages", "invalid_value"),
@@ -274,5 +286,45 @@ async def test_racing_requests_never_overspend_and_fall_back_to_cheaper(store_ur
         day = (await h.balances(Scope("org", "acme")))[("day", "usd")]
         assert day.reserved == 0 and day.used <= 42_000
         assert (await h.books()) == (reported_tokens(h), 0)
+    finally:
+        await harness.stop(h)
+
+
+async def test_an_end_user_name_cannot_reach_another_orgs_user_budget(store_url, tokens):
+    # globex's key has no end users: its user is "other". acme sends user="other" in the body.
+    h = await started(store_url, tokens, {"defaults": {"user": {"day": {"tokens": 200}}}})
+    try:
+        for _ in range(3):
+            await h.client().chat.completions.create(model="gpt-4o", messages=MSGS, user="other",
+                                                     max_tokens=20)
+        r = await h.client(harness.OTHER_KEY).chat.completions.create(model="gpt-4o", messages=MSGS,
+                                                                      max_tokens=20)
+        assert r.choices[0].message.content
+        await h.settled()
+        assert (await h.balances(Scope("user", "other")))[("day", "tokens")].used == \
+            h.fake.reported[-1]["total_tokens"]
+    finally:
+        await harness.stop(h)
+
+
+async def test_redis_frozen_mid_call_is_a_503_that_leaves_nothing_reserved(redis_server, redis_url, tokens):
+    # Redis freezes (SIGSTOP): the reserve times out, the client gets a 503 in about three
+    # seconds, and after Redis wakes nothing is left reserved.
+    import signal
+    h = await started(redis_url, tokens, {"defaults": {"org": {"day": {"usd": 10}}}})
+    try:
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            # one candidate and its own max_tokens: no snapshot, the reserve is the first call
+            status, _, body = await post(h, "/chat/completions",
+                                         {"model": "gpt-4o-mini", "messages": MSGS, "max_tokens": 10})
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        assert status == 503 and json.loads(body)["error"]["code"] == "BUDGET_STORE_UNAVAILABLE"
+        if h.gateway.ledger.pending:
+            await asyncio.wait(list(h.gateway.ledger.pending), timeout=20)
+        await asyncio.sleep(0.2)
+        assert h.fake.seen == []
+        assert await h.reserved_anywhere() == []
     finally:
         await harness.stop(h)

@@ -263,3 +263,25 @@ async def test_every_redis_key_expires(redis_server, redis_url):
     assert len(keys) == 12 and all(r.pttl(k) > 0 for k in keys)      # 11 counters + the record
     assert r.pttl(b"{bp}:r:r1") <= 120_000
     r.close()
+
+
+class _LostReply:
+    """The real store, but the reserve's reply is lost on the way back (a network blip)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def reserve(self, *args, **kwargs):
+        await self.inner.reserve(*args, **kwargs)
+        raise StoreUnavailable("reply lost")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_a_reserve_whose_reply_was_lost_is_released_by_id(store):
+    ledger = ledger_for(_LostReply(store), defaults={"org": {"day": {"tokens": 100}}})
+    with pytest.raises(StoreUnavailable):
+        await ledger.reserve("lost", Amounts(60, 1), SCOPES)
+    await asyncio.gather(*ledger.pending)
+    assert all(b.reserved == 0 for b in await ledger.snapshot(SCOPES))
