@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -58,10 +59,21 @@ def _names(types: Any) -> str:
     return " or ".join(_TYPE_NAMES.get(t, t) for t in types)
 
 
+_USERINFO = re.compile(r"(//)[^/@\s]*@")
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, with URL credentials (redis://:secret@host) masked."""
+    text = repr(value)
+    return _USERINFO.sub(r"\1***@", text) if isinstance(value, str) else text
+
+
 def _expected(err: jsonschema.ValidationError) -> str:
-    v, inst, arg = err.validator, err.instance, err.validator_value
+    v, arg = err.validator, err.validator_value
+    inst = err.instance
+    shown = _shown(inst)
     if v != "type" and isinstance(err.schema, dict) and "x-expected" in err.schema:
-        return f"expected {err.schema['x-expected']}, got {inst!r}"
+        return f"expected {err.schema['x-expected']}, got {shown}"
     if v == "additionalProperties":
         known = set(err.schema.get("properties", {}))
         extra = sorted(str(k) for k in inst if k not in known)
@@ -70,21 +82,21 @@ def _expected(err: jsonschema.ValidationError) -> str:
         missing = [k for k in arg if k not in inst]
         return f"missing required key '{missing[0]}'"
     if v == "type":
-        return f"expected {_names(arg)}, got {inst!r}"
+        return f"expected {_names(arg)}, got {shown}"
     if v == "minimum":
-        return f"expected a number >= {arg}, got {inst!r}"
+        return f"expected a number >= {arg}, got {shown}"
     if v == "maximum":
-        return f"expected a number <= {arg}, got {inst!r}"
+        return f"expected a number <= {arg}, got {shown}"
     if v == "enum":
-        return f"expected one of {', '.join(map(str, arg))}; got {inst!r}"
+        return f"expected one of {', '.join(map(str, arg))}; got {shown}"
     if v == "const":
-        return f"expected {arg!r}, got {inst!r}"
+        return f"expected {arg!r}, got {shown}"
     if v == "minLength":
         return "expected a non-empty string"
     if v == "pattern":
-        return f"expected a string matching {arg}, got {inst!r}"
+        return f"expected a string matching {arg}, got {shown}"
     if v == "exclusiveMinimum":
-        return f"expected a number > {arg}, got {inst!r}"
+        return f"expected a number > {arg}, got {shown}"
     if v in ("minProperties", "minItems"):
         return "expected at least one entry"
     return err.message

@@ -25,6 +25,8 @@ BAD = {
     "unknown_provider.yaml": "models.gpt-4o.provider: expected one of openai; got 'azure'",
     "unknown_top_key.yaml": "(top level): unknown key 'enforcment'",
     "unset_variable.yaml": "listen.port: environment variable BP_UNSET_PORT_VAR is not set",
+    "store_url_with_password.yaml": "store: expected memory:// or a redis://, rediss:// or unix:// URL, "
+                                     "got 'postgres://***@db:5432/0'",       # the password is masked
 }
 
 
