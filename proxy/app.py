@@ -7,7 +7,6 @@ sweeper, settlement tasks) are opened and closed in `cleanup_ctx`, in that order
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import logging
@@ -138,6 +137,7 @@ async def _settlements(app: web.Application) -> AsyncIterator[None]:
     """At shutdown, wait for settlements still running (clients that left, responses sent)."""
     yield
     gw = app[GATEWAY]
+    gw.closing = True                 # lease timers stop re-arming
     tasks = gw.tasks | (gw.ledger.pending if gw.ledger is not None else set())
     if tasks:
         await asyncio.wait(list(tasks), timeout=SHUTDOWN_GRACE_SECONDS)
@@ -145,21 +145,23 @@ async def _settlements(app: web.Application) -> AsyncIterator[None]:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
+    stop = asyncio.Event()
     jobs = []
     if gw.ledger is not None:
-        jobs.append(asyncio.create_task(_sweep(gw.ledger)))
-        jobs.append(asyncio.create_task(_watch_policy(gw.ledger)))
+        jobs.append(asyncio.create_task(_sweep(gw.ledger, stop)))
+        jobs.append(asyncio.create_task(_watch_policy(gw.ledger, stop)))
     yield
+    # Ask, then insist, then stop waiting: shutdown must not hang on a job stuck in a store call.
+    stop.set()
     for job in jobs:
         job.cancel()
-    for job in jobs:
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
+    if jobs:
+        await asyncio.wait(jobs, timeout=SHUTDOWN_GRACE_SECONDS)
 
 
-async def _sweep(ledger: Ledger) -> None:
+async def _sweep(ledger: Ledger, stop: asyncio.Event) -> None:
     """Settle reservations whose process died; any live proxy does it for all."""
-    while True:
+    while not stop.is_set():
         await asyncio.sleep(SWEEP_SECONDS)
         try:
             while await ledger.sweep() == 100:
@@ -176,11 +178,11 @@ def _stamp(path: str) -> tuple[float, int] | None:
     return (st.st_mtime, st.st_size)
 
 
-async def _watch_policy(ledger: Ledger) -> None:
+async def _watch_policy(ledger: Ledger, stop: asyncio.Event) -> None:
     """Reload the policy file when it changes; an invalid edit keeps the running policy."""
     path = ledger.policy.source
     seen = _stamp(path)
-    while True:
+    while not stop.is_set():
         await asyncio.sleep(POLICY_POLL_SECONDS)
         now = _stamp(path)
         if now == seen or now is None:

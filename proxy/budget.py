@@ -105,7 +105,7 @@ class Flight:
         self._timer = asyncio.get_running_loop().call_later(period, self._tick)
 
     def _tick(self) -> None:
-        if not self._settled:
+        if not self._settled and not self.gateway.closing:
             self.gateway.spawn(self._extend())
             self._arm()
 

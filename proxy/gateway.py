@@ -40,6 +40,7 @@ class Gateway:
         self.stats: Counter[str] = Counter()
         self.tasks: set[asyncio.Task] = set()
         self.balance_cache = router.BalanceCache()
+        self.closing = False
         # Reservation ids: a random process prefix and a counter; unique across processes and
         # cheaper than a uuid4 per request.
         self._ids = itertools.count()

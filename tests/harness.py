@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 
 import openai
 from aiohttp.test_utils import TestServer
@@ -57,6 +58,7 @@ class Harness:
 
     def client(self, key: str = CLIENT_KEY, **kw) -> openai.AsyncOpenAI:
         kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 30)          # a stuck proxy fails the test instead of hanging it
         c = openai.AsyncOpenAI(base_url=self.url, api_key=key, **kw)
         self._clients.append(c)
         return c
@@ -68,12 +70,16 @@ class Harness:
         return c
 
     async def settled(self) -> None:
-        """Wait for settlement tasks (they run after responses are sent)."""
-        for _ in range(200):
-            if not self.gateway.tasks:
-                return
-            await asyncio.wait(list(self.gateway.tasks), timeout=5)
-        raise AssertionError("settlement tasks did not finish")
+        """Wait for settlement tasks (they run after responses are sent), 30 s at most."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while self.gateway.tasks and loop.time() < deadline:
+            await asyncio.wait(list(self.gateway.tasks), timeout=1)
+        if self.gateway.tasks:
+            stacks = io.StringIO()
+            for task in self.gateway.tasks:
+                task.print_stack(file=stacks)
+            raise AssertionError(f"settlement tasks did not finish:\n{stacks.getvalue()}")
 
     async def balances(self, scope: Scope = Scope("global", "*")):
         ledger = self.gateway.ledger

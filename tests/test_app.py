@@ -165,10 +165,10 @@ async def test_upstream_rejecting_the_proxy_key_is_a_502_that_leaks_nothing(stor
 
 
 async def test_a_stream_longer_than_its_lease_extends_it(store_url, tokens, monkeypatch):
-    # Lease 1 s, a stream of ~2 s, a sweeper every 0.05 s: without extension the sweeper would
+    # Lease 1 s, a stream of ~2 s, a sweeper every 0.1 s: without extension the sweeper would
     # settle the lease at its reserved amount mid-stream and the real usage would be lost.
     from proxy import app as app_mod
-    monkeypatch.setattr(app_mod, "SWEEP_SECONDS", 0.05)
+    monkeypatch.setattr(app_mod, "SWEEP_SECONDS", 0.1)
     h = await harness.start(store_url, {"reservation": {"lease_seconds": 1}}, tokens)
     try:
         h.fake.chunk_delay = 0.25

@@ -249,7 +249,7 @@ async def test_policy_edits_apply_while_running_and_bad_edits_are_ignored(tmp_pa
     try:
         h.gateway.ledger.policy = policy_mod.load(str(path))
         # restart the watcher on the file-backed policy
-        watcher = asyncio.create_task(app_mod._watch_policy(h.gateway.ledger))
+        watcher = asyncio.create_task(app_mod._watch_policy(h.gateway.ledger, asyncio.Event()))
         status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
         assert status == 429
         path.write_text("version: 1\ndefaults: {user: {day: {tokens: 100000}}}\n")
