@@ -164,9 +164,9 @@ async def test_upstream_rejecting_the_proxy_key_is_a_502_that_leaks_nothing(stor
         await harness.stop(h)
 
 
-async def test_a_stream_longer_than_its_lease_extends_it(store_url, tokens, monkeypatch):
+async def test_a_stream_longer_than_its_lease_extends_it(store_url, tokens, monkeypatch, caplog):
     # Lease 1 s, a stream of ~2 s, a sweeper every 0.1 s: without extension the sweeper would
-    # settle the lease at its reserved amount mid-stream and the real usage would be lost.
+    # settle the lease at its reserved amount mid-stream (and the late commit correct it).
     from proxy import app as app_mod
     monkeypatch.setattr(app_mod, "SWEEP_SECONDS", 0.1)
     h = await harness.start(store_url, {"reservation": {"lease_seconds": 1}}, tokens)
@@ -177,6 +177,7 @@ async def test_a_stream_longer_than_its_lease_extends_it(store_url, tokens, monk
             == "".join(WORDS)
         used, reserved = await h.books()
         assert (used, reserved) == (reported_tokens(h), 0)
+        assert not [r for r in caplog.records if "expired" in r.getMessage()]     # never swept
     finally:
         await harness.stop(h)
 
