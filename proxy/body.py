@@ -12,7 +12,6 @@ from typing import Any
 
 from .errors import BadRequest
 
-KINDS = ("chat", "completion", "embedding")
 MAX_OUTPUT_TOKENS = 1_000_000      # far above any model's output limit, far below float trouble
 MAX_USER_CHARS = 256
 

@@ -30,6 +30,13 @@ def _display(unit: str, amount: int) -> float | int:
     return amount / 1_000_000 if unit == "usd" else amount
 
 
+def _reported(usage) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an OpenAI `usage` object, or None if it is not one."""
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        return usage["prompt_tokens"], int(usage.get("completion_tokens") or 0)
+    return None
+
+
 def refusal_error(r: Refusal) -> BudgetExceeded:
     """The 429. SDKs honour Retry-After only up to about a minute and retry 429s by default, so
     `x-should-retry: false` is sent for day and month windows and for any reset over 60 s away."""
@@ -146,9 +153,9 @@ class Flight:
             self.release_soon()
 
     def stream_soon(self, tap) -> None:
-        usage = tap.usage
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            self.commit_soon(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
+        reported = _reported(tap.usage)
+        if reported is not None:
+            self.commit_soon(*reported)
         elif tap.error is not None and not tap.output_chunks:
             self.release_soon()              # an upstream error before any output
         else:
@@ -167,9 +174,9 @@ class Flight:
             obj = json.loads(data)
         except (ValueError, RecursionError):
             obj = None
-        usage = obj.get("usage") if isinstance(obj, dict) else None
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            await self._commit(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
+        reported = _reported(obj.get("usage") if isinstance(obj, dict) else None)
+        if reported is not None:
+            await self._commit(*reported)
         else:
             await self._commit(self.prompt, self._count_output(obj, kind))
 

@@ -90,15 +90,15 @@ class Gateway:
         out = []
         for name in names:
             m = self.config.models[name]
+            scopes = self._scopes(who, name)
             completion = 0
             if req.kind != "embedding":
                 asked = req.max_output
-                scopes = self._scopes(who, name)
                 per_choice = asked if asked is not None else caps(name, scopes, policy.default_max_tokens,
                                                                    req.choices)
                 completion = per_choice * req.choices
             amounts = Amounts(prompt + completion, m.cost(prompt, completion))
-            out.append(router.Candidate(name, m.provider, amounts, self._scopes(who, name)))
+            out.append(router.Candidate(name, amounts, scopes))
         return out
 
     async def _reserve(self, req: body.Request, who: auth.Caller, names, prompt: int) -> Flight:

@@ -50,7 +50,6 @@ class BalanceCache:
 @dataclass(frozen=True, slots=True)
 class Candidate:
     model: str
-    provider: str
     amounts: Amounts
     scopes: tuple[Scope, ...]
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 
 WINDOWS = ("minute", "hour", "day", "month")
-UNITS = ("tokens", "usd")
 
 
 @dataclass(frozen=True, slots=True)

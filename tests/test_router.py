@@ -9,7 +9,7 @@ SMALL = Scope("model", "small")
 
 
 def cand(name: str, usd: int) -> Candidate:
-    return Candidate(name, "p", Amounts(10, usd), (ORG, Scope("model", name)))
+    return Candidate(name, Amounts(10, usd), (ORG, Scope("model", name)))
 
 
 def org_usd(limit: int, used: int, reserved: int = 0) -> Balance:
