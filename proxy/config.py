@@ -9,6 +9,7 @@ REDIS_HOST / REDIS_PORT / REDIS_DB / REDIS_PASSWORD).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -22,6 +23,8 @@ import yaml
 
 from . import schema
 from .errors import ConfigError
+from .policy import check_environment
+from .stores import url_problem
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ class Config:
     host: str
     port: int
     max_body_bytes: int
+    shutdown_grace_seconds: float  # how long open requests may run on after SIGTERM
+    allow_open_auth: bool         # no keys, yet listening beyond loopback: the operator said yes
     environment: str
     enforcement: str              # strict | advisory | disabled
     store_url: str
@@ -118,9 +123,7 @@ def parse(data: Any, source: str, env: Mapping[str, str] | None = None) -> Confi
     env = os.environ if env is None else env
     data = expand(data, env, source)
     schema.validate("config", data, source)
-    environment = env.get("APP_ENV") or data.get("environment", "dev")
-    if environment not in ("dev", "staging", "prod"):
-        raise ConfigError(f"APP_ENV: expected one of dev, staging, prod; got {environment!r}")
+    environment = check_environment(env.get("APP_ENV") or data.get("environment", "dev"))
     enforcement = env.get("BUDGET_ENFORCEMENT_MODE") or data.get("enforcement", "strict")
     if enforcement not in ("strict", "advisory", "disabled"):
         raise ConfigError(f"BUDGET_ENFORCEMENT_MODE: expected one of strict, advisory, disabled; "
@@ -139,13 +142,34 @@ def parse(data: Any, source: str, env: Mapping[str, str] | None = None) -> Confi
     return Config(
         source=source, host=listen.get("host", "127.0.0.1"), port=listen.get("port", 8787),
         max_body_bytes=listen.get("max_body_bytes", 8 * 1024 * 1024),
+        shutdown_grace_seconds=float(listen.get("shutdown_grace_seconds", 30)),
+        allow_open_auth=bool(listen.get("allow_open_auth", False)),
         environment=environment, enforcement=enforcement,
-        store_url=_store_url(data.get("store", "memory://"), env),
+        store_url=_store_url(data.get("store", "memory://"), env, source),
         namespace=data.get("namespace", "bp"),
         policy_path=os.path.join(base, policy_path) if policy_path else None,
         policies_dir=os.path.join(base, "policies"),
         providers=MappingProxyType(providers), models=MappingProxyType(models),
         routes=MappingProxyType(routes), keys=MappingProxyType(keys))
+
+
+def check_exposure(cfg: Config, host: str) -> None:
+    """Refuse open auth (no keys) on an address other machines can reach, unless
+    `listen.allow_open_auth: true`: such a proxy spends the operator's upstream key for anyone."""
+    if cfg.keys or cfg.allow_open_auth or _loopback(host):
+        return
+    raise ConfigError(f"{cfg.source}: keys: no API keys are configured, so auth is open, and the proxy "
+                      f"would listen on {host!r}, which other machines can reach; configure `keys`, "
+                      f"listen on 127.0.0.1, or set listen.allow_open_auth: true to serve anyone")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:              # a host name other than localhost: it may resolve anywhere
+        return False
 
 
 def load(path: str, env: Mapping[str, str] | None = None) -> Config:
@@ -206,11 +230,19 @@ def _keys(raw: dict, source: str, prod: bool) -> dict[str, ApiKey]:
     return keys
 
 
-def _store_url(configured: str, env: Mapping[str, str]) -> str:
+def _store_url(configured: str, env: Mapping[str, str], source: str) -> str:
+    """The store URL: REDIS_URL, else one built from REDIS_HOST & co., else the file's `store`;
+    checked here whichever it is, so a bad one stops start-up as a config error."""
     if env.get("REDIS_URL"):
-        return env["REDIS_URL"]
-    if env.get("REDIS_HOST"):
+        url, where = env["REDIS_URL"], "REDIS_URL"
+    elif env.get("REDIS_HOST"):
         password = env.get("REDIS_PASSWORD")
         auth = f":{quote(password, safe='')}@" if password else ""
-        return f"redis://{auth}{env['REDIS_HOST']}:{env.get('REDIS_PORT', '6379')}/{env.get('REDIS_DB', '0')}"
-    return configured
+        url = f"redis://{auth}{env['REDIS_HOST']}:{env.get('REDIS_PORT', '6379')}/{env.get('REDIS_DB', '0')}"
+        where = "REDIS_HOST, REDIS_PORT, REDIS_DB"
+    else:
+        url, where = configured, f"{source}: store"
+    problem = url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}, got {schema.shown(url)}")
+    return url

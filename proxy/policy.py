@@ -105,13 +105,19 @@ def load(path: str) -> Policy:
     return parse(schema.load_yaml(path), path)
 
 
+def check_environment(env: str) -> str:
+    """The one check of an environment name (APP_ENV, config.yaml's `environment`): each
+    environment has its own policy file."""
+    if env not in ENVIRONMENTS:
+        raise ConfigError(f"APP_ENV: expected one of {', '.join(ENVIRONMENTS)}; got {env!r}")
+    return env
+
+
 def select_path(env: str, policies_dir: str, override: str | None = None) -> str:
     """The policy file for `env`, before validation (see module docstring)."""
     if override:
         return override
-    if env not in ENVIRONMENTS:
-        raise ConfigError(f"APP_ENV: expected one of {', '.join(ENVIRONMENTS)}; got {env!r}")
-    return os.path.join(policies_dir, f"{env}.yaml")
+    return os.path.join(policies_dir, f"{check_environment(env)}.yaml")
 
 
 def load_for(env: str, policies_dir: str, override: str | None = None) -> Policy:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 import os
+import pathlib
 
 import pytest
 
@@ -27,6 +29,9 @@ BAD = {
     "unset_variable.yaml": "listen.port: environment variable BP_UNSET_PORT_VAR is not set",
     "store_url_with_password.yaml": "store: expected memory:// or a redis://, rediss:// or unix:// URL, "
                                      "got 'postgres://***@db:5432/0'",       # the password is masked
+    "nonfinite_timeout.yaml": "providers.openai.connect_timeout: expected a finite number, got .nan",
+    "duplicate_model.yaml": "line 5, column 3: duplicate key 'gpt-4o' (first given on line 4)",
+    "not_utf8.yaml": "line 6: not valid UTF-8 (byte 0xe9); save the file as UTF-8",
 }
 
 
@@ -75,3 +80,65 @@ def test_unknown_route_model_is_dropped_with_a_warning_outside_prod(caplog):
 def test_price_arithmetic_is_exact_micro_dollars():
     m = config.Model("m", "p", "m", 2.5, 10.0, ())
     assert m.cost(1000, 0) == 2500 and m.cost(0, 3) == 30 and m.cost(1, 0) == 3    # rounded up
+
+
+SHIPPED = os.path.join(ROOT, "config.yaml")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"REDIS_URL": "postgres://x"},
+     "REDIS_URL: expected memory:// or a redis://, rediss:// or unix:// URL, got 'postgres://x'"),
+    ({"REDIS_URL": "redis://:hunter2@cache:port/0"},
+     "REDIS_URL: expected memory:// or a redis://, rediss:// or unix:// URL (Port could not be cast to "
+     "integer value as 'port'), got 'redis://***@cache:port/0'"),
+    ({"REDIS_HOST": "cache", "REDIS_PORT": "six"},
+     "REDIS_HOST, REDIS_PORT, REDIS_DB: expected memory:// or a redis://, rediss:// or unix:// URL (Port "
+     "could not be cast to integer value as 'six'), got 'redis://cache:six/0'"),
+    ({"APP_ENV": "qa"}, "APP_ENV: expected one of dev, staging, prod; got 'qa'"),
+])
+def test_bad_environment_overrides_are_config_errors(env, message):
+    with pytest.raises(ConfigError) as exc:
+        config.load(SHIPPED, env=env)
+    assert str(exc.value) == message
+
+
+def test_open_store_applies_the_same_url_check():
+    from proxy.stores import open_store
+    with pytest.raises(ConfigError, match=r"^store: expected memory:// or a redis://, rediss:// or unix:// URL"):
+        open_store("postgres://x")
+
+
+def test_serve_reports_a_bad_redis_url_as_a_config_error(capsys, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "postgres://x")
+    assert main(["serve", "--config", SHIPPED]) == 2
+    err = capsys.readouterr().err
+    assert err == ("budget-proxy: REDIS_URL: expected memory:// or a redis://, rediss:// or unix:// URL, "
+                   "got 'postgres://x'\n")
+
+
+@pytest.mark.parametrize("host, allowed, keys, refused", [
+    ("0.0.0.0", False, False, True), ("::", False, False, True), ("10.1.2.3", False, False, True),
+    ("proxy.internal", False, False, True), ("0.0.0.0", True, False, False), ("0.0.0.0", False, True, False),
+    ("127.0.0.1", False, False, False), ("127.8.0.1", False, False, False), ("::1", False, False, False),
+    ("localhost", False, False, False)])
+def test_open_auth_is_refused_beyond_loopback_unless_allowed(host, allowed, keys, refused):
+    env = {"BUDGET_PROXY_ALLOW_OPEN_AUTH": "true"} if allowed else {}
+    cfg = config.load(SHIPPED, env=env)
+    if keys:
+        cfg = dataclasses.replace(cfg, keys={"0" * 64: config.ApiKey("k", "o", None, False)})
+    if not refused:
+        config.check_exposure(cfg, host)
+        return
+    with pytest.raises(ConfigError) as exc:
+        config.check_exposure(cfg, host)
+    assert str(exc.value) == (
+        f"{SHIPPED}: keys: no API keys are configured, so auth is open, and the proxy would listen on "
+        f"{host!r}, which other machines can reach; configure `keys`, listen on 127.0.0.1, or set "
+        f"listen.allow_open_auth: true to serve anyone")
+
+
+def test_shutdown_grace_defaults_to_30_seconds_and_is_configurable(tmp_path):
+    assert config.load(SHIPPED, env={}).shutdown_grace_seconds == 30
+    text = pathlib.Path(SHIPPED).read_text().replace("shutdown_grace_seconds: 30", "shutdown_grace_seconds: 2.5")
+    (tmp_path / "c.yaml").write_text(text)
+    assert config.load(str(tmp_path / "c.yaml"), env={}).shutdown_grace_seconds == 2.5

@@ -30,6 +30,12 @@ BAD = {
     "threshold_above_one.yaml": "router.downgrade_below: expected a number <= 1, got 1.5",
     "bad_timezone.yaml": "timezone: expected an IANA time zone name, got 'Mars/Olympus'",
     "bad_yaml.yaml": "line 3, column 1: expected ',' or '}', but got '<stream end>'",
+    "infinite_usd.yaml": "defaults.org.day.usd: expected a finite number, got .inf",
+    "nan_usd.yaml": "defaults.org.day.usd: expected a finite number, got .nan",
+    "overflowing_usd.yaml": "defaults.user.month.usd: expected a finite number, got .inf",    # 1e400
+    "usd_too_large.yaml": "defaults.org.day.usd: expected a number <= 1000000000, got 1000000000000.0",
+    "duplicate_key.yaml": "line 7, column 7: duplicate key 'usd' (first given on line 5)",
+    "not_utf8.yaml": "line 2: not valid UTF-8 (byte 0xe9); save the file as UTF-8",
 }
 
 
@@ -94,6 +100,19 @@ def test_explicit_policy_path_wins(tmp_path):
     _write(tmp_path, "mine.yaml", "version: 1\nreservation: {lease_seconds: 42}\n")
     got = policy.load_for("prod", POLICIES, override=str(tmp_path / "mine.yaml"))
     assert got.lease_seconds == 42
+
+
+def test_yaml_1_2_exponents_are_numbers_and_merge_keys_may_override(tmp_path):
+    _write(tmp_path, "p.yaml", "version: 1\nbase: &b {usd: 1e3, tokens: 5}\n")
+    _write(tmp_path, "q.yaml", "version: 1\ndefaults:\n  org:\n    day: {<<: {usd: 1, tokens: 2}, usd: 2e1}\n")
+    got = policy.load(str(tmp_path / "q.yaml"))
+    assert got.limits_for("org", "x").table[policy.WINDOWS.index("day")] == (2, 20_000_000)
+
+
+def test_the_schema_names_the_same_environments_as_the_code():
+    from proxy import schema
+    enum = schema.validator("config").schema["properties"]["environment"]["enum"]
+    assert tuple(enum) == policy.ENVIRONMENTS
 
 
 def test_unknown_environment_is_an_error():
