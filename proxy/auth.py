@@ -36,7 +36,9 @@ def authenticate(header: str | None, keys: Mapping[str, ApiKey]) -> ApiKey | Non
     token = bearer(header)
     if not keys:
         return None
-    key = keys.get(hashlib.sha256(token.encode()).hexdigest())
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives the exact bytes back
+    # (a Latin-1 or other non-UTF-8 key then simply matches no configured key).
+    key = keys.get(hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest())
     if key is None:
         raise Unauthorized("Incorrect API key provided.")
     return key

@@ -21,9 +21,17 @@ def _reject_constant(name: str):
 
 
 def _loads(raw: bytes) -> Any:
+    # Decoded here, strictly: json.loads(bytes) would decode with 'surrogatepass' and let the
+    # UTF-8 of a lone surrogate (ED A0 80) through, to fail later at tiktoken or on the way
+    # upstream. A UTF-8 BOM is accepted, as json.loads(bytes) did.
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:     # bad UTF-8, bad JSON, NaN, 5000-digit ints, deep nesting
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"We could not parse the JSON body of your request: it is not valid UTF-8 "
+                         f"(byte 0x{raw[exc.start]:02x} at offset {exc.start}).", code="invalid_json") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:     # bad JSON, NaN, 5000-digit ints, deep nesting
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise BadRequest(f"We could not parse the JSON body of your request: {reason}.",
                          code="invalid_json") from None

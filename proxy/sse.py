@@ -3,14 +3,22 @@
 The proxy forwards streamed chat/completions responses unbuffered and byte for byte, but it must
 learn what the request really cost. `UsageTap` parses the stream on the side (WHATWG SSE rules),
 records the usage, model and output volume, and - when the proxy itself added
-`stream_options.include_usage` - cuts out the usage-only chunk so the client sees exactly the
-stream it would have seen without the proxy.
+`stream_options.include_usage` - takes out what that added, so the client sees exactly the stream
+it would have seen without the proxy, whatever shape the upstream gives it:
 
-Bytes are never rewritten, only left out: the usage-only event, and - because asking for usage
-makes OpenAI add `"usage":null` to every other chunk - that member (`,"usage":null` before a `,`
-or `}`; the last one in the chunk, since OpenAI puts usage after choices). Inside a JSON string
-every quote is escaped, so that byte run can only be structure. The pieces handed back are the
-caller's own chunk or memoryview slices of it wherever possible.
+- a usage-only event is left out whole: usage and no output, i.e. `choices` empty (OpenAI) or
+  every choice empty - a delta whose fields are all null, no text, no finish_reason, no logprobs
+  (LiteLLM's `[{"index":0,"delta":{}}]`);
+- every other event that has a top-level `usage` member (`null`, as OpenAI adds to every chunk, or
+  an object, as servers that report usage in the last content chunk do) loses that member: its
+  bytes from the comma before it (or, when it is the first member, up to the first byte after the
+  comma that follows it) to the end of its value. Everything else is kept byte for byte.
+
+Bytes are never rewritten, only left out. A member is found by its key `"usage"` (an unescaped
+quote: inside a JSON string every quote is escaped) and proved top-level by scanning the JSON
+tokens after it to the object's end. An event whose JSON is split over several `data:` lines
+(no known server does that) keeps its member. The pieces handed back are the caller's own chunk
+or memoryview slices of it wherever possible.
 """
 
 from __future__ import annotations
@@ -28,9 +36,17 @@ _BOUNDARY = re.compile(rb"[\r\n](?<!\r\n)(?:(?<=\r)\n)?+[\r\n](?:(?<=\r)\n)?+")
 # dropped event never takes a neighbour's stray blank line with it).
 _BLANK_LINES = re.compile(rb"[\r\n]+")
 _LINE_SPLIT = re.compile(rb"\r\n?|\n")
+_LINE = re.compile(rb"[^\r\n]+")
 _BOM = b"\xef\xbb\xbf"
-# What include_usage adds to every ordinary chunk, compact (OpenAI) and spaced (json.dumps).
-_NULL_USAGE = (b',"usage":null', b', "usage": null')
+# The member include_usage adds, and the JSON tokens that matter for finding where it ends:
+# strings (skipped whole, escapes included), brackets and commas.
+_USAGE_KEY = b'"usage"'
+_OPENAI_TAIL = b',"usage":null}'
+_OPENAI_PADDED = b',"usage":null,"obfuscation":"'
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\],]')
+_WS = b" \t\r\n"
+# What _dispatch tells the scanner to do with an event.
+KEEP, DROP, STRIP = 0, 1, 2
 _CR = 0x0D
 _LF = 0x0A
 
@@ -186,11 +202,12 @@ class UsageTap:
             if start < 0:
                 break
             content = bytes(data[pos:start])
-            if self._dispatch(content):
-                if self._drop:
-                    dropped.append((pos, stop))
-            elif self._drop:
-                cut = _null_usage(content)
+            bom = 3 if self._at_start and content.startswith(_BOM) else 0
+            action = self._dispatch(content)
+            if self._drop and action == DROP:
+                dropped.append((pos, stop))
+            elif self._drop and action == STRIP:
+                cut = _usage_member(content, bom)
                 if cut is not None:
                     dropped.append((pos + cut[0], pos + cut[1]))
             pos = stop
@@ -199,53 +216,158 @@ class UsageTap:
             self._cr_dropped = bool(dropped) and dropped[-1][1] == size
         return pos, dropped
 
-    def _dispatch(self, content: bytes) -> bool:
-        """Account for one event (its lines, blank line excluded); True if it is usage-only."""
+    def _dispatch(self, content: bytes) -> int:
+        """Account for one event (its lines, blank line excluded); say what include_usage added
+        to it: DROP a usage-only event, STRIP a usage member, KEEP anything else."""
         if self._at_start:
             self._at_start = False
             if content.startswith(_BOM):
                 content = content[3:]
         payload = _event_data(content)
         if payload is None:
-            return False
+            return KEEP
         if payload == b"[DONE]":
             self.done = True
-            return False
+            return KEEP
         obj = _decode(payload)
-        return obj is not None and self._account(obj)
+        return KEEP if obj is None else self._account(obj)
 
-    def _account(self, obj: dict[str, Any]) -> bool:
-        """Record what one decoded chunk tells us; True if it is the usage-only chunk."""
+    def _account(self, obj: dict[str, Any]) -> int:
+        """Record what one decoded chunk tells us; DROP, STRIP or KEEP (see _dispatch)."""
         if obj.get("error") is not None:
             self.error = obj
         if self.model is None:
             model = obj.get("model")
             if isinstance(model, str) and model:
                 self.model = model
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
+        if "usage" not in obj:
+            self._count(obj.get("choices"))
+            return KEEP
+        usage = obj["usage"]
+        if not isinstance(usage, dict):
+            self._count(obj.get("choices"))
+            return STRIP if usage is None else KEEP     # not what include_usage adds: leave it
+        self.usage = usage
         choices = obj.get("choices")
-        if not isinstance(choices, list):
-            return False
-        if not choices:
-            return isinstance(usage, dict)
-        chars = sum(map(_choice_output, choices))
-        if chars:
-            self.output_chunks += 1
-            self.output_chars += chars
+        if isinstance(choices, list) and all(map(_empty_choice, choices)):
+            return DROP
+        self._count(choices)
+        return STRIP
+
+    def _count(self, choices: Any) -> None:
+        if isinstance(choices, list) and choices:
+            chars = sum(map(_choice_output, choices))
+            if chars:
+                self.output_chunks += 1
+                self.output_chars += chars
+
+
+def _empty_choice(choice: Any) -> bool:
+    """A streamed choice that carries nothing: no output, no role, no finish, no logprobs."""
+    if not isinstance(choice, dict):
         return False
+    delta = choice.get("delta")
+    if delta is not None and not (isinstance(delta, dict) and all(v is None for v in delta.values())):
+        return False
+    return (choice.get("text") in (None, "") and choice.get("finish_reason") is None
+            and choice.get("logprobs") is None)
 
 
-def _null_usage(content: bytes) -> tuple[int, int] | None:
-    """Span of the `"usage":null` member that include_usage added to a chunk, if any."""
-    for member in _NULL_USAGE:
-        at = content.rfind(member)
-        if at >= 0:
-            end = at + len(member)
-            if content[end:end + 1] in (b",", b"}"):
-                return at, end
+def _usage_member(content: bytes, begin: int) -> tuple[int, int] | None:
+    """Byte span to leave out of an event (from content[begin:]) for its top-level `usage`
+    member (see the module docstring), or None if it cannot be found exactly."""
+    # OpenAI's shapes, without a token scan: the member right before the object's last `}`, or
+    # before a last plain-string "obfuscation" member, can only be top-level.
+    if content.endswith(_OPENAI_TAIL):
+        return len(content) - len(_OPENAI_TAIL), len(content) - 1
+    at = content.rfind(_OPENAI_PADDED)
+    if at >= 0 and content.endswith(b'"}') and content.find(b'"', at + len(_OPENAI_PADDED)) == len(content) - 2 \
+            and content.find(b"\\", at) < 0:
+        return at, at + len(_OPENAI_TAIL) - 1
+    region = _data_value(content, begin)
+    if region is None:
+        return None
+    start, stop = region
+    at = stop
+    while (at := content.rfind(_USAGE_KEY, start, at)) >= 0:
+        span = _member_at(content, at, start, stop)
+        if span is not None:
+            return span
     return None
+
+
+def _data_value(content: bytes, begin: int) -> tuple[int, int] | None:
+    """Span of the one non-empty `data` value of an event; None if its JSON spans several."""
+    if content.startswith(b"data: ", begin) and b"\n" not in content and b"\r" not in content:
+        return begin + 6, len(content)              # OpenAI's single `data: {...}` line
+    found = None
+    for line in _LINE.finditer(content, begin):
+        name, colon, value = line.group().partition(b":")
+        if name != b"data" or not value or value == b" ":
+            continue
+        if found is not None:
+            return None
+        found = (line.start() + 5 + (value[:1] == b" "), line.end())
+    return found
+
+
+def _member_at(content: bytes, at: int, start: int, stop: int) -> tuple[int, int] | None:
+    """The span for a `"usage"` found at `at`, if it is the key of a top-level member of the
+    JSON object in content[start:stop]."""
+    slashes = 0
+    while at - slashes > start and content[at - slashes - 1] == 0x5C:
+        slashes += 1
+    if slashes % 2:                        # an escaped quote: the bytes sit inside a string
+        return None
+    colon = _skip_ws(content, at + len(_USAGE_KEY), stop)
+    if content[colon:colon + 1] != b":":
+        return None
+    end = _value_end(content, colon + 1, stop)
+    if end is None:
+        return None
+    before = _back_ws(content, at, start) - 1
+    if before >= start and content[before] == 0x2C:          # `,"usage":…`
+        return before, _back_ws(content, end, start)
+    if before < start or content[before] != 0x7B:              # not after `{` either
+        return None
+    if content[end] == 0x2C:               # the first member: take the comma after it instead
+        return at, _skip_ws(content, end + 1, stop)
+    return at, _back_ws(content, end, start)       # the only member: {"usage":null} -> {}
+
+
+def _value_end(content: bytes, pos: int, stop: int) -> int | None:
+    """Where the member value starting at pos ends (its `,` or the object's `}`), provided the
+    member sits at the top level: the object must close exactly at the end of the value."""
+    depth, end = 1, None
+    for token in _TOKEN.finditer(content, pos, stop):
+        first = content[token.start()]
+        if first == 0x22:                  # a string
+            continue
+        if first in b"{[":
+            depth += 1
+        elif first == 0x2C:                # a comma
+            if depth == 1 and end is None:
+                end = token.start()
+        else:
+            depth -= 1
+            if depth == 0:                 # closed before the end: not the top-level object
+                return None if content[token.end():stop].strip(_WS) else \
+                    (token.start() if end is None else end)
+    return None
+
+
+def _skip_ws(content: bytes, pos: int, stop: int) -> int:
+    """The first position at or after pos (and before stop) that is not JSON whitespace."""
+    while pos < stop and content[pos] in _WS:
+        pos += 1
+    return pos
+
+
+def _back_ws(content: bytes, pos: int, start: int) -> int:
+    """Where the JSON whitespace run ending at pos starts (not before start)."""
+    while pos > start and content[pos - 1] in _WS:
+        pos -= 1
+    return pos
 
 
 def _boundary(data: bytes | bytearray, start: int, lf_only: bool) -> tuple[int, int]:

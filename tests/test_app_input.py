@@ -1,0 +1,71 @@
+"""End to end: bad input and odd upstreams get a clear answer in OpenAI's shape, never a 500,
+and leave nothing reserved (harness.stop checks every counter of every scope)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from . import harness
+
+BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@pytest.fixture
+async def proxy(store_url, tokens):
+    h = await harness.start(store_url, {"defaults": {"org": {"day": {"usd": 100}}}}, tokens)
+    try:
+        yield h
+        assert await h.books() == (0, 0)               # nothing committed, nothing reserved
+    finally:
+        await harness.stop(h)
+
+
+async def raw_http(h: harness.Harness, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (clients would encode them) and read the whole answer."""
+    reader, writer = await asyncio.open_connection(h.proxy.host, h.proxy.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def post(path: str, body: bytes, *headers: bytes) -> bytes:
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+            + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body)
+
+
+def openai_error(status: int, body: bytes) -> dict:
+    err = json.loads(body)["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    return err
+
+
+@pytest.mark.parametrize("token", [b"caf\xe9", b"\xff\xfekey", "ключ".encode()])
+async def test_a_non_utf8_or_unknown_bearer_is_a_401(proxy, token):
+    status, headers, body = await raw_http(proxy, post("/v1/chat/completions", BODY, b"Authorization: Bearer " + token))
+    assert status == 401 and headers["content-type"].startswith("application/json")
+    assert openai_error(status, body)["code"] == "invalid_api_key"
+    status, _, body = await raw_http(proxy, b"GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: close\r\n"
+                                            b"Authorization: Bearer " + token + b"\r\n\r\n")
+    assert status == 401 and openai_error(status, body)["code"] == "invalid_api_key"
+    assert proxy.fake.seen == []
+
+
+async def test_a_lone_surrogate_in_raw_utf8_is_a_400_before_any_reservation(proxy):
+    raw = BODY.replace(b'"hi"', b'"hi \xed\xa0\x80"')
+    status, _, body = await raw_http(proxy, post("/v1/chat/completions", raw,
+                                                 b"Authorization: Bearer " + harness.CLIENT_KEY.encode()))
+    assert status == 400
+    err = openai_error(status, body)
+    assert err["code"] == "invalid_json" and "not valid UTF-8 (byte 0xed" in err["message"]
+    assert proxy.fake.seen == [] and proxy.gateway.stats["requests"] == 0
