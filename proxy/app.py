@@ -17,7 +17,7 @@ from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
-from . import auth
+from . import auth, server
 from . import config as config_mod
 from . import policy as policy_mod
 from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
@@ -149,13 +149,17 @@ async def _freeze_gc(app: web.Application) -> None:
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    """Periodic jobs of a live proxy: settling dead processes' leases, reloading the policy."""
+    """Periodic jobs of a live proxy: settling dead processes' leases, reloading the policy.
+    One bad input (a policy edit, a store reply) never ends a job: each round that fails is
+    logged and counted as `job_failures` in the /healthz stats, and the next round runs."""
     ledger = app[LEDGER]
+    stats = app[GATEWAY].stats
     stop = asyncio.Event()
     jobs = []
     if ledger is not None:
-        jobs.append(asyncio.create_task(_sweep(ledger, stop)))
-        jobs.append(asyncio.create_task(_watch_policy(ledger, stop)))
+        jobs.append(asyncio.create_task(_every(SWEEP_SECONDS, _sweeper(ledger), "lease sweep", stats, stop)))
+        jobs.append(asyncio.create_task(_every(POLICY_POLL_SECONDS, _policy_watcher(ledger), "policy reload",
+                                               stats, stop)))
     yield
     # Ask, then insist, then stop waiting: shutdown must not hang on a job stuck in a store call.
     stop.set()
@@ -165,15 +169,26 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait(jobs, timeout=SHUTDOWN_GRACE_SECONDS)
 
 
-async def _sweep(ledger: Ledger, stop: asyncio.Event) -> None:
-    """Settle reservations whose process died; any live proxy does it for all."""
+async def _every(seconds: float, job, name: str, stats, stop: asyncio.Event) -> None:
+    """Run one round of `job` every `seconds` until stopped, whatever a round raises."""
     while not stop.is_set():
-        await asyncio.sleep(SWEEP_SECONDS)
+        await asyncio.sleep(seconds)
         try:
-            while await ledger.sweep() == 100:
-                pass
-        except BudgetProxyError as exc:
-            log.warning("lease sweep failed: %s", exc)
+            await job()
+        except (BudgetProxyError, OSError) as exc:       # expected trouble: the store, a bad edit
+            stats["job_failures"] += 1
+            log.error("%s failed, will retry: %s", name, exc)
+        except Exception:  # noqa: BLE001 - a bug must not stop the job for good
+            stats["job_failures"] += 1
+            log.exception("%s failed, will retry", name)
+
+
+def _sweeper(ledger: Ledger):
+    """Settle reservations whose process died; any live proxy does it for all."""
+    async def sweep() -> None:
+        while await ledger.sweep() == 100:
+            pass
+    return sweep
 
 
 def _stamp(path: str) -> tuple[float, int] | None:
@@ -184,21 +199,24 @@ def _stamp(path: str) -> tuple[float, int] | None:
     return (st.st_mtime, st.st_size)
 
 
-async def _watch_policy(ledger: Ledger, stop: asyncio.Event) -> None:
-    """Reload the policy file when it changes; an invalid edit keeps the running policy."""
+def _policy_watcher(ledger: Ledger):
+    """Reload the policy file when it changes; an invalid edit keeps the running policy (and is
+    tried again only after the next change)."""
     path = ledger.policy.source
     seen = _stamp(path)
-    while not stop.is_set():
-        await asyncio.sleep(POLICY_POLL_SECONDS)
+
+    async def reload() -> None:
+        nonlocal seen
         now = _stamp(path)
         if now == seen or now is None:
-            continue
+            return
         seen = now
         try:
             ledger.policy = await asyncio.to_thread(policy_mod.load, path)
-            log.info("policy reloaded from %s", path)
         except ConfigError as exc:
-            log.error("policy change rejected, keeping the running policy: %s", exc)
+            raise ConfigError(f"policy change rejected, keeping the running policy: {exc}") from None
+        log.info("policy reloaded from %s", path)
+    return reload
 
 
 def load(config_path: str) -> tuple[config_mod.Config, policy_mod.Policy]:
@@ -215,13 +233,13 @@ def serve(config_path: str, host: str | None = None, port: int | None = None) ->
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg, pol = load(config_path)
+        host, port = host or cfg.host, port or cfg.port
+        config_mod.check_exposure(cfg, host)
     except ConfigError as exc:
         print(f"budget-proxy: {exc}", file=sys.stderr)
         return 2
     log.info("environment %s, enforcement %s, store %s, policy %s", cfg.environment, cfg.enforcement,
              cfg.store_url.split("://")[0] + "://…", pol.source)
-    app = build_app(cfg, pol)
-    web.run_app(app, host=host or cfg.host, port=port or cfg.port, access_log=None,
-                handler_cancellation=True, print=lambda *_: log.info(
-                    "listening on http://%s:%s/v1", host or cfg.host, port or cfg.port))
+    server.run(build_app(cfg, pol), host, port, cfg.shutdown_grace_seconds,
+               lambda: log.info("listening on http://%s:%s/v1", host, port))
     return 0

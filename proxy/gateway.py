@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from typing import NamedTuple, Sequence
@@ -24,7 +25,7 @@ from aiohttp import web
 
 from . import auth, body, planner
 from .config import Config, Model
-from .errors import ApiError, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
+from .errors import ApiError, BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
 from .ledger import Ledger, Refusal, Reservation
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
@@ -34,6 +35,7 @@ from .upstream import Upstreams, passed_headers
 
 log = logging.getLogger(__name__)
 SSE = "text/event-stream"
+_BLANKS = re.compile(rb"[ \t\r\n]*")
 
 
 class Admitted(NamedTuple):
@@ -82,6 +84,10 @@ class Gateway:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"Request body is over the {limit}-byte limit.") from None
+        except web.RequestPayloadError:     # Content-Encoding gzip/deflate on a body that is not
+            raise BadRequest(f"The request body could not be read as its Content-Encoding "
+                             f"({request.headers.get('Content-Encoding', 'none')}) says.",
+                             code="invalid_content_encoding") from None
 
     # --- plan and reserve -----------------------------------------------------------------
 
@@ -221,6 +227,16 @@ class Gateway:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             flight.charge_prompt_soon()
             raise _upstream_error(flight.model.provider, exc) from None
+        if not _json_object(data):
+            # A 200 the SDK cannot parse (an HTML page from a wrong base URL, a proxy's text):
+            # the upstream got the prompt and may bill it, so it is charged, as any call that
+            # reached the upstream and got no usable answer.
+            flight.charge_prompt_soon()
+            self.stats["upstream_errors"] += 1
+            log.warning("provider %s answered HTTP %d with a body that is not a JSON object "
+                        "(%s, %d bytes)", flight.model.provider, up.status, up.content_type, len(data))
+            raise UpstreamFailed(f"The upstream provider '{flight.model.provider}' answered with a body "
+                                 f"that is not JSON.", code="upstream_bad_response")
         flight.settle_body(data)
         return web.Response(status=up.status, body=data, headers=headers)
 
@@ -262,6 +278,17 @@ async def _write(resp: web.StreamResponse, pieces) -> None:
         await resp.write(pieces[0])
     elif pieces:
         await resp.write(b"".join(pieces))
+
+
+def _json_object(data: bytes) -> bool:
+    """Does the body look like one JSON object? Its first and last non-blank bytes are checked,
+    not the whole: parsing a large embeddings answer on the loop before replying would stall it
+    (settlement parses it after the reply)."""
+    start = _BLANKS.match(data).end()
+    end = len(data)
+    while end > start and data[end - 1] in b" \t\r\n":
+        end -= 1
+    return data[start:start + 1] == b"{" and data[end - 1:end] == b"}"
 
 
 def _upstream_error(provider: str, exc: BaseException) -> ApiError:

@@ -39,12 +39,13 @@ class _Loader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=True)
             try:
-                line = first.setdefault(key, key_node.start_mark.line + 1)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first[key]})",
+                        key_node.start_mark)
+                first[key] = key_node.start_mark.line + 1
             except TypeError:                                # unhashable: the base class says so
                 continue
-            if line != key_node.start_mark.line + 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given on line {line})", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
 

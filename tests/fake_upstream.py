@@ -31,6 +31,7 @@ class FakeOpenAI:
     chunk_delay: float = 0.0          # seconds between stream chunks
     fail_with: int | None = None      # answer every request with this status
     cut_after: int | None = None      # drop the connection after this many stream chunks
+    page: bytes | None = None         # answer every request 200 with this (non-JSON) body, as text/html
     seen: list[Seen] = field(default_factory=list)
     reported: list[dict] = field(default_factory=list)    # usage objects it reported
     prompt_counter: object = None     # body -> prompt tokens to report, instead of the rough default
@@ -74,6 +75,8 @@ class FakeOpenAI:
             return web.json_response({"error": {"message": f"Incorrect API key provided: {key[:6]}***{key[-3:]}.",
                                                 "type": "invalid_request_error", "param": None,
                                                 "code": "invalid_api_key"}}, status=401)
+        if self.page is not None:
+            return web.Response(body=self.page, content_type="text/html")
         if self.fail_with:
             return web.json_response({"error": {"message": "The server had an error.",
                                                 "type": "server_error", "param": None, "code": None}},

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from proxy import config as config_mod
 from proxy.app import GATEWAY, build_app
 from proxy.ledger import Scope
+from proxy.policy import load as load_policy
 from proxy.policy import parse as parse_policy
 
 from .fake_upstream import UPSTREAM_KEY, FakeOpenAI
@@ -127,14 +128,16 @@ async def post(h: Harness, path: str, body, key: str | None = CLIENT_KEY, raw: b
             return r.status, dict(r.headers), await r.read()
 
 
-async def start(store_url: str, policy: dict, tokens, *, enforcement: str = "strict", keys: bool = True,
+async def start(store_url: str, policy: dict | str, tokens, *, enforcement: str = "strict", keys: bool = True,
                 fake: FakeOpenAI | None = None, env=None, clock=None) -> Harness:
+    """`policy`: the policy's YAML data, or the path of a policy file (watched while running)."""
     fake = fake or FakeOpenAI()
     upstream = TestServer(fake.app())
     await upstream.start_server()
     data = config_data(str(upstream.make_url("/v1")), store_url, enforcement, keys)
     cfg = config_mod.parse(data, "test-config.yaml", env={"BP_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})})
-    pol = parse_policy({"version": 1, **policy}, "test-policy.yaml")
+    pol = load_policy(policy) if isinstance(policy, str) else parse_policy({"version": 1, **policy},
+                                                                         "test-policy.yaml")
     proxy = TestServer(build_app(cfg, pol, tokens=tokens, clock=clock))
     await proxy.start_server()
     return Harness(fake, upstream, proxy, tokens)

@@ -195,29 +195,61 @@ def test_hash_key_matches_config_lookup():
         harness.config_data("http://x/v1", "memory://"))
 
 
-async def test_policy_edits_apply_while_running_and_bad_edits_are_ignored(tmp_path, monkeypatch, tokens, start_proxy):
+async def test_policy_edits_apply_while_running_and_bad_edits_never_stop_the_watcher(
+        tmp_path, monkeypatch, start_proxy):
     from proxy import app as app_mod
     from proxy import policy as policy_mod
     monkeypatch.setattr(app_mod, "POLICY_POLL_SECONDS", 0.02)
     path = tmp_path / "dev.yaml"
     path.write_text("version: 1\ndefaults: {user: {day: {tokens: 5}}}\n")
-    h = await start_proxy("memory://", {})
-    h.gateway.ledger.policy = policy_mod.load(str(path))
-    # restart the watcher on the file-backed policy
-    watcher = asyncio.create_task(app_mod._watch_policy(h.gateway.ledger, asyncio.Event()))
+    h = await start_proxy("memory://", str(path))
+    day = policy_mod.WINDOWS.index("day")
+
+    async def edited(text: str, failures: int, tokens: int) -> None:
+        path.write_bytes(text.encode("latin-1"))       # \xe9 below is one byte: not UTF-8
+        for _ in range(500):
+            if h.gateway.stats["job_failures"] == failures and \
+                    h.gateway.ledger.policy.limits_for("user", "app").table[day][0] == tokens:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"watcher: {h.gateway.stats}, {h.gateway.ledger.policy}")
+
     status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
     assert status == 429
-    path.write_text("version: 1\ndefaults: {user: {day: {tokens: 100000}}}\n")
-    for _ in range(200):
-        if h.gateway.ledger.policy.limits_for("user", "app").table[2][0] == 100000:
-            break
-        await asyncio.sleep(0.01)
+    await edited("version: 1\ndefaults: {user: {day: {tokens: 100000}}}\n", 0, 100000)
     status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
     assert status == 200
-    path.write_text("version: 1\ndefaults: {user: {day: {tokens: -1}}}\n")      # invalid
-    await asyncio.sleep(0.2)
-    assert h.gateway.ledger.policy.limits_for("user", "app").table[2][0] == 100000
-    watcher.cancel()
+    for n, bad in enumerate(["version: 1\ndefaults: {user: {day: {tokens: -1}}}\n",
+                             "version: 1\ndefaults: {user: {day: {usd: .inf}}}\n",
+                             "version: 1\ndefaults: {user: {day: {usd: 1e400}}}\n",
+                             "version: 1\ndefaults: {user: {day: {usd: .nan, usd: 1}}}\n",
+                             "version: 1\n# \xe9t\xe9\n"], start=1):
+        await edited(bad, n, 100000)                   # rejected, counted, running policy kept
+    real_load = policy_mod.load
+    monkeypatch.setattr(policy_mod, "load", lambda p: 1 / 0)       # a bug, not a bad file
+    await edited("version: 1\ndefaults: {user: {day: {tokens: 7}}}\n", 6, 100000)
+    monkeypatch.setattr(policy_mod, "load", real_load)
+    await edited("version: 1\ndefaults: {user: {day: {tokens: 77}}}\n", 6, 77)    # still watching
+    async with aiohttp.ClientSession() as s:
+        async with s.get(str(h.proxy.make_url("/healthz"))) as r:
+            assert (await r.json())["stats"]["job_failures"] == 6
+
+
+async def test_the_sweeper_survives_failing_rounds(monkeypatch, start_proxy):
+    from proxy import app as app_mod
+    monkeypatch.setattr(app_mod, "SWEEP_SECONDS", 0.01)
+    h = await start_proxy("memory://", {})
+    rounds = []
+
+    async def broken() -> int:
+        rounds.append(1)
+        raise RuntimeError("a bug") if len(rounds) % 2 else OSError("disk")
+    monkeypatch.setattr(h.gateway.ledger, "sweep", broken)
+    for _ in range(500):
+        if len(rounds) >= 4:
+            break
+        await asyncio.sleep(0.01)
+    assert len(rounds) >= 4 and h.gateway.stats["job_failures"] >= 3
 
 
 async def test_racing_requests_never_overspend_and_fall_back_to_cheaper(store_url, start_proxy):

@@ -18,7 +18,8 @@ async def proxy(store_url, tokens):
     h = await harness.start(store_url, {"defaults": {"org": {"day": {"usd": 100}}}}, tokens)
     try:
         yield h
-        assert await h.books() == (0, 0)               # nothing committed, nothing reserved
+        used, reserved = await h.books()
+        assert reserved == 0 and used == harness.reported_tokens(h)     # bad input charged nothing
     finally:
         await harness.stop(h)
 
@@ -69,3 +70,34 @@ async def test_a_lone_surrogate_in_raw_utf8_is_a_400_before_any_reservation(prox
     err = openai_error(status, body)
     assert err["code"] == "invalid_json" and "not valid UTF-8 (byte 0xed" in err["message"]
     assert proxy.fake.seen == [] and proxy.gateway.stats["requests"] == 0
+
+
+@pytest.mark.parametrize("page", [b"<html><body>Welcome to nginx!</body></html>", b"", b"OK",
+                                  b'{"id": "chatcmpl-cut-short'])
+async def test_an_upstream_200_that_is_not_json_is_a_502_charged_the_prompt(store_url, tokens, page):
+    h = await harness.start(store_url, {"defaults": {"org": {"day": {"usd": 100}}}}, tokens)
+    try:
+        h.fake.page = page
+        status, headers, body = await harness.post(h, "/chat/completions", json.loads(BODY))
+        assert status == 502 and headers["Content-Type"].startswith("application/json")
+        assert openai_error(status, body)["code"] == "upstream_bad_response"
+        used, reserved = await h.books()
+        prompt = await h.tokens.estimate("chat", json.loads(BODY), "gpt-4o")
+        assert (used, reserved) == (prompt, 0)             # the prompt, as for any call that got no answer
+        assert h.gateway.stats["upstream_errors"] == 1
+    finally:
+        await harness.stop(h)
+
+
+async def test_gzip_bodies_work_and_a_body_that_is_not_gzip_is_a_400(proxy):
+    import gzip
+    import zlib
+    key = b"Authorization: Bearer " + harness.CLIENT_KEY.encode()
+    for enc, packed in ((b"gzip", gzip.compress(BODY)), (b"deflate", zlib.compress(BODY))):
+        status, _, body = await raw_http(proxy, post("/v1/chat/completions", packed, key, b"Content-Encoding: " + enc))
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
+        status, _, body = await raw_http(proxy, post("/v1/chat/completions", BODY, key, b"Content-Encoding: " + enc))
+        assert status == 400, body
+        err = openai_error(status, body)
+        assert err["code"] == "invalid_content_encoding" and enc.decode() in err["message"]
+    assert len(proxy.fake.seen) == 2                    # only the two well-encoded calls

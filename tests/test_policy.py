@@ -35,6 +35,7 @@ BAD = {
     "overflowing_usd.yaml": "defaults.user.month.usd: expected a finite number, got .inf",    # 1e400
     "usd_too_large.yaml": "defaults.org.day.usd: expected a number <= 1000000000, got 1000000000000.0",
     "duplicate_key.yaml": "line 7, column 7: duplicate key 'usd' (first given on line 5)",
+    "duplicate_key_one_line.yaml": "line 3, column 23: duplicate key 'usd' (first given on line 3)",
     "not_utf8.yaml": "line 2: not valid UTF-8 (byte 0xe9); save the file as UTF-8",
 }
 
