@@ -37,7 +37,7 @@ def _sha256(path: Path) -> str:
 
 @pytest.fixture(autouse=True)
 def _restore_cache_env(monkeypatch):
-    # load() sets TIKTOKEN_CACHE_DIR for the process; put it back after each test.
+    # Tests start without a user-set TIKTOKEN_CACHE_DIR (and get the caller's back after).
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
 
 
@@ -125,7 +125,31 @@ def test_empty_cache_dir_is_populated_with_verified_files(no_network, tmp_path):
     for name in ENCODINGS:
         assert _sha256(_cache_file(cache_dir, name)) == encodings.ENCODING_SHA256[name]
     assert not [p for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
-    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(cache_dir)
+    assert "TIKTOKEN_CACHE_DIR" not in os.environ           # set only while tiktoken loaded
+
+
+def test_a_user_set_cache_dir_is_used_and_left_as_set(no_network, fresh_registry, tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(mine))
+    assert TokenCounter.load().approximate is False
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(mine)
+    for name in ENCODINGS:
+        assert _sha256(_cache_file(mine, name)) == encodings.ENCODING_SHA256[name]
+
+
+def test_a_cache_filled_at_build_time_is_only_read_at_start(no_network, fresh_registry, tmp_path, monkeypatch):
+    # The image: its build fills TIKTOKEN_CACHE_DIR; each start (as another user) must read it,
+    # never write, extract bundled data again, or make a temporary directory.
+    built = tmp_path / "image-cache"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(built))
+    TokenCounter.load()
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    monkeypatch.setattr(encodings, "_bundled_data", lambda name: pytest.fail("bundled data extracted again"))
+    monkeypatch.setattr(encodings, "_atomic_write", lambda *a: pytest.fail("cache written at start"))
+    monkeypatch.setattr("tempfile.mkdtemp", lambda *a, **k: pytest.fail("temporary cache dir made"))
+    counter = TokenCounter.load()
+    assert counter.approximate is False and counter.count(JAPANESE, "gpt-4o") == 6
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(built)
 
 
 def test_corrupted_cache_file_is_rewritten_not_fetched(no_network, fresh_registry, tmp_path):
@@ -162,8 +186,7 @@ def test_unwritable_cache_dir_falls_back_to_private_tempdir(
     counter = TokenCounter.load(cache_dir=tmp_path / "a-file" / "cache")
 
     assert counter.approximate is False
-    used = Path(os.environ["TIKTOKEN_CACHE_DIR"])
-    assert used.parent == temp_root
+    [used] = temp_root.iterdir()
     for name in ENCODINGS:
         assert _sha256(_cache_file(used, name)) == encodings.ENCODING_SHA256[name]
 
