@@ -32,6 +32,11 @@ class FakeOpenAI:
     fail_with: int | None = None      # answer every request with this status
     cut_after: int | None = None      # drop the connection after this many stream chunks
     page: bytes | None = None         # answer every request 200 with this (non-JSON) body, as text/html
+    # How a stream carries usage when asked (include_usage): "openai" ("usage":null on every
+    # chunk, then a usage chunk with empty choices), "litellm" (no null members; the usage chunk's
+    # choices are [{"index":0,"delta":{}}]), "in_last" (usage in the finish chunk, no usage chunk),
+    # "null_first" (OpenAI's, with "usage":null as the first member).
+    stream_shape: str = "openai"
     seen: list[Seen] = field(default_factory=list)
     reported: list[dict] = field(default_factory=list)    # usage objects it reported
     prompt_counter: object = None     # body -> prompt tokens to report, instead of the rough default
@@ -122,10 +127,11 @@ class FakeOpenAI:
             "usage": {"prompt_tokens": p, "total_tokens": p}})
 
     def _chunk(self, body: dict, obj: str, piece: dict, usage_field: bool) -> bytes:
-        c = {"id": "chatcmpl-fake", "object": obj, "created": 1700000000, "model": body["model"],
-             "system_fingerprint": "fp_fake", **piece}
-        if usage_field:
-            c["usage"] = None
+        c = {"usage": None} if usage_field and self.stream_shape == "null_first" else {}
+        c.update({"id": "chatcmpl-fake", "object": obj, "created": 1700000000, "model": body["model"],
+                  "system_fingerprint": "fp_fake", **piece})
+        if usage_field and self.stream_shape in ("openai", "null_first"):
+            c.setdefault("usage", None)
         c["obfuscation"] = "AAatV4uAp"        # OpenAI pads chunks with this member, after usage
         return b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n"   # compact, as OpenAI sends
 
@@ -143,18 +149,21 @@ class FakeOpenAI:
         words, finish = self.answer(body)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "req-fake"})
         await resp.prepare(request)
+        pieces = self._pieces(obj, words, finish)
+        if include and self.stream_shape == "in_last":
+            pieces[-1] = {**pieces[-1], "usage": self.usage(request, body, len(words))}
+        elif include:
+            empty = [{"index": 0, "delta": {}}] if self.stream_shape == "litellm" else []
+            pieces.append({"choices": empty, "usage": self.usage(request, body, len(words))})
         try:
-            for i, piece in enumerate(self._pieces(obj, words, finish)):
+            for i, piece in enumerate(pieces):
                 if i == self.cut_after:
                     request.transport.abort()          # the upstream dies mid-stream
                     self.cut_streams += 1
                     return resp
-                await resp.write(self._chunk(body, obj, piece, include))
+                await resp.write(self._chunk(body, obj, piece, include and "usage" not in piece))
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
-            if include:
-                await resp.write(self._chunk(body, obj, {"choices": [], "usage": self.usage(request, body, len(words))},
-                                             False))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (asyncio.CancelledError, ConnectionError):

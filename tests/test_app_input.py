@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import pytest
 
 from . import harness
+from .fake_upstream import UPSTREAM_KEY
 
 BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -101,3 +103,23 @@ async def test_gzip_bodies_work_and_a_body_that_is_not_gzip_is_a_400(proxy):
         err = openai_error(status, body)
         assert err["code"] == "invalid_content_encoding" and enc.decode() in err["message"]
     assert len(proxy.fake.seen) == 2                    # only the two well-encoded calls
+    # The size limit applies to the decoded body: a small gzip of 9 MB is a 413, not a 500.
+    bomb = gzip.compress(BODY.replace(b'"hi"', b'"' + b"a" * 9_000_000 + b'"'))
+    status, _, body = await raw_http(proxy, post("/v1/chat/completions", bomb, key, b"Content-Encoding: gzip"))
+    assert status == 413 and openai_error(status, body)["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("shape", ["openai", "litellm", "in_last", "null_first"])
+async def test_streams_reach_the_client_as_a_direct_call_gives_them_whatever_the_upstream_shape(proxy, shape):
+    proxy.fake.stream_shape = shape
+    for options in ({}, {"stream_options": {"include_usage": True}}):
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "max_tokens": 50, **options}
+        status, headers, via = await harness.post(proxy, "/chat/completions", body)
+        assert status == 200
+        async with aiohttp.ClientSession() as s:
+            async with s.post(str(proxy.upstream.make_url("/v1/chat/completions")), json=body,
+                              headers={"Authorization": f"Bearer {UPSTREAM_KEY}", "x-test-direct": "1"}) as r:
+                direct = await r.read()
+        assert via == direct, shape
+        assert (b'"usage"' in via) is bool(options)
