@@ -11,12 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import Counter, ReserveOutcome, Status, Store
+from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, ReserveOutcome,
+                   Seen, Status, Store, Totals)
 
-# How long a settled id is remembered so a repeated settle or reserve is a no-op: retries come
-# within seconds, and at thousands of requests a second a longer memory costs real RAM.
-SETTLED_TTL_MS = 120_000
-OPEN_RECORD_MARGIN_MS = 35 * 86_400_000
 _EMPTY = (0, 0, 0, 0, 0)
 
 
@@ -55,14 +52,12 @@ class MemoryStore(Store):
             if c.token_limit < 0 and c.usd_limit < 0:
                 continue
             t, tr, d, dr, _ = table.get(c.key) or _EMPTY
-            seen.append((i, t, tr, d, dr))
+            seen.append(Seen(i, Totals(t, tr, d, dr)))
             if first is None and ((c.token_limit >= 0 and t + tr + tokens > c.token_limit) or
                                   (c.usd_limit >= 0 and d + dr + usd > c.usd_limit)):
-                first = ReserveOutcome(Status.REFUSED, i, t, tr, d, dr)
+                first = seen[-1]
                 if not force:
-                    break
-        if first is not None and not force:
-            return first
+                    return ReserveOutcome(Status.REFUSED, first)
         for c in counters:
             row = table.get(c.key)
             if row is None:
@@ -76,26 +71,29 @@ class MemoryStore(Store):
                     heapq.heappush(self._expiries, (c.expire_at, c.key))
         self._remember(rid, _Record("r", tokens, usd, deadline_ms, tuple(counters),
                                     deadline_ms + OPEN_RECORD_MARGIN_MS))
-        if first is None:
-            return ReserveOutcome(Status.ADMITTED, seen=tuple(seen))
-        return ReserveOutcome(Status.FORCED, first.index, first.used_tokens, first.reserved_tokens,
-                              first.used_usd, first.reserved_usd, tuple(seen))
+        return ReserveOutcome(Status.ADMITTED if first is None else Status.FORCED, first, tuple(seen))
 
-    async def settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
-                     not_after_ms: int = 0) -> bool:
+    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int) -> bool:
+        return self._settle(rid, counters, tokens, usd)
+
+    async def release(self, rid: str, counters: Sequence[Counter]) -> bool:
+        return self._settle(rid, counters, 0, 0)
+
+    async def expire(self, rid: str, counters: Sequence[Counter], charge: bool, now_ms: int) -> bool:
+        rec = self._records.get(rid)
+        if rec is None or rec.state != "r" or rec.deadline > now_ms:
+            return False
+        tokens, usd = (rec.tokens, rec.usd) if charge else (0, 0)
+        self._apply(counters, tokens, usd, rec.tokens, rec.usd)
+        # Kept (with what was charged) while its counters live: a late commit corrects it.
+        forget = max((c.expire_at for c in counters), default=now_ms)
+        self._remember(rid, _Record("x", tokens, usd, 0, (), forget))
+        return True
+
+    def _settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int) -> bool:
         rec = self._records.get(rid)
         state = rec.state if rec else None
         res_t, res_d = (rec.tokens, rec.usd) if rec else (0, 0)
-        if tokens < 0:
-            tokens, usd = res_t, res_d
-        if not_after_ms:                                 # the sweeper, for an expired lease
-            if state != "r" or rec.deadline > not_after_ms:
-                return False
-            self._apply(counters, tokens, usd, res_t, res_d)
-            # Kept (with what was charged) while its counters live: a late commit corrects it.
-            forget = max((c.expire_at for c in counters), default=not_after_ms)
-            self._remember(rid, _Record("x", tokens, usd, 0, (), forget))
-            return True
         if state == "r":
             self._apply(counters, tokens, usd, res_t, res_d)
         elif state == "x":                               # late commit: correct the sweeper's charge
@@ -130,14 +128,14 @@ class MemoryStore(Store):
         self._remember(rid, rec)
         return True
 
-    async def expired(self, now_ms: int, limit: int) -> list[tuple[str, list[Counter]]]:
+    async def expired(self, now_ms: int, limit: int) -> list[Expired]:
         self._purge()
-        due = [(rid, list(r.counters)) for rid, r in self._open.items() if r.deadline <= now_ms]
+        due = [Expired(rid, r.counters) for rid, r in self._open.items() if r.deadline <= now_ms]
         return due[:limit]
 
-    async def snapshot(self, keys: Sequence[str]) -> list[tuple[int, int, int, int]]:
+    async def snapshot(self, keys: Sequence[str]) -> list[Totals]:
         get = self._counters.get
-        return [tuple((get(k) or _EMPTY)[:4]) for k in keys]  # type: ignore[misc]
+        return [Totals(*row[:4]) if (row := get(k)) else EMPTY for k in keys]
 
     def _remember(self, rid: str, rec: _Record) -> None:
         if rec.state == "r":

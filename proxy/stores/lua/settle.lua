@@ -1,15 +1,17 @@
--- Settle a reservation: move it from reserved to used with the actual amounts.
+-- Settle a reservation: commit (reserved -> used at the actual amounts), release (nothing used)
+-- or expire (the sweeper, for a lease whose deadline has passed).
 --
 -- KEYS[1]   reservation record (hash)         KEYS[2]  lease index (zset)
 -- KEYS[3..] the reservation's counter hashes, in reserve order
 -- ARGV[1] reservation id
--- ARGV[2] actual tokens, ARGV[3] actual micro-USD: 0 0 releases; -1 -1 charges what was reserved
+-- ARGV[2] actual tokens, ARGV[3] actual micro-USD (commit; release passes 0 0)
 -- ARGV[4] TTL (ms) of the settled record, kept so a repeated settle is a no-op
--- ARGV[5] not-after (epoch ms): when > 0 this is the sweeper settling an expired lease, and only
---         if its deadline is <= not-after; the record then stays (state x, with what was charged)
---         until ARGV[7], so the late commit of a live request corrects the charge exactly once
+-- ARGV[5] mode: "commit" (also release) or "expire" (only if the lease deadline <= ARGV[8]);
+--         an expired record stays (state x, with what was charged) until ARGV[7], so the late
+--         commit or release of a live request corrects the charge exactly once
 -- ARGV[6] expire-at (epoch ms) per counter joined by "\n", used where a counter's key has vanished
 -- ARGV[7] epoch ms until which an expired-lease record is kept (its counters' last expiry)
+-- ARGV[8] expire only: now (epoch ms)     ARGV[9] expire only: "1" charge what was reserved, "0" not
 -- Returns 1 if settled (or corrected) now; 0 if already settled, not yet expired, or unknown.
 --
 -- Numbers written back are formatted with %d: Lua prints large numbers as 1e+15, which HINCRBY
@@ -59,15 +61,14 @@ local rec = redis.call('HMGET', KEYS[1], 's', 't', 'd', 'dl')
 local state = rec[1]
 local res_t, res_d = tonumber(rec[2]) or 0, tonumber(rec[3]) or 0
 local tokens, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
-local not_after = tonumber(ARGV[5])
-if tokens < 0 then tokens, usd = res_t, res_d end
 
-if not_after > 0 then                                  -- the sweeper, for an expired lease
+if ARGV[5] == 'expire' then                            -- the sweeper, for an expired lease
   if state ~= 'r' then
     if not state then redis.call('ZREM', KEYS[2], ARGV[1]) end
     return 0
   end
-  if tonumber(rec[4]) > not_after then return 0 end
+  if tonumber(rec[4]) > tonumber(ARGV[8]) then return 0 end
+  if ARGV[9] == '1' then tokens, usd = res_t, res_d else tokens, usd = 0, 0 end
   apply(tokens, usd, res_t, res_d)
   settled('x', tokens, usd)                            -- t, d now hold what was charged
   redis.call('PEXPIREAT', KEYS[1], ARGV[7])
