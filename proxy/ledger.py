@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-from .keys import counter_key
+from .keys import scope_field, window_key
 from .policy import UNLIMITED, Policy
 from .errors import StoreUnavailable
 from .stores import Counter, ReserveOutcome, Seen, Status, Store
@@ -44,7 +44,8 @@ class Amounts:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """The first scope a request would exceed (all amounts in the unit's integer form)."""
+    """The first counter a request would exceed, in the order minute, hour, day, month and,
+    within a window, the order of the request's scopes (amounts in the unit's integer form)."""
     scope: Scope
     window: str
     unit: str            # "tokens" or "usd" (micro-dollars)
@@ -124,17 +125,18 @@ class Ledger:
         return plan
 
     def _build_plan(self, scopes: tuple[Scope, ...], wins: tuple[Window, ...], policy: Policy) -> Plan:
+        """Window by window (the store reads and writes each window once), scope by scope."""
         lease_margin = 2 * policy.lease_seconds
+        tables = [policy.limits_for(scope.type, scope.id).table for scope in scopes]
         slots = []
-        for scope in scopes:
-            table = policy.limits_for(scope.type, scope.id).table
-            for i, w in enumerate(wins):
+        for i, w in enumerate(wins):
+            key = window_key(self._ns, w.label)
+            expire_ms = int((w.end + max(w.end - w.start, lease_margin)) * 1000)
+            for scope, table in zip(scopes, tables):
                 tl, dl = table[i]
                 if i < _ALWAYS_TRACKED and tl == UNLIMITED and dl == UNLIMITED:
                     continue
-                expire_ms = int((w.end + max(w.end - w.start, lease_margin)) * 1000)
-                key = counter_key(self._ns, scope.type, scope.id, w.label)
-                slots.append(Slot(Counter(key, tl, dl, expire_ms), scope, w))
+                slots.append(Slot(Counter(key, scope_field(scope.type, scope.id), tl, dl, expire_ms), scope, w))
         return Plan(tuple(s.counter for s in slots), tuple(slots))
 
     async def reserve(self, rid: str, amounts: Amounts, scopes: Sequence[Scope]) -> Reservation | Refusal:
@@ -231,7 +233,7 @@ class Ledger:
         slots = self._plan(scopes, self._clock(), policy).slots
         if limited_only:
             slots = tuple(s for s in slots if s.counter.token_limit >= 0 or s.counter.usd_limit >= 0)
-        rows = await self.store.snapshot([s.counter.key for s in slots]) if slots else []
+        rows = await self.store.snapshot([s.counter for s in slots]) if slots else []
         out = []
         for (c, scope, w), (t, tr, d, dr) in zip(slots, rows):
             for unit, limit, used, reserved in (("tokens", c.token_limit, t, tr), ("usd", c.usd_limit, d, dr)):

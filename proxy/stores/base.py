@@ -23,11 +23,15 @@ class Status(enum.IntEnum):
 
 
 class Counter(NamedTuple):
-    """A NamedTuple, not a dataclass: a request builds a dozen of these, and tuples are cheap."""
-    key: str
+    """One scope in one window. A NamedTuple, not a dataclass: a request builds a dozen of these.
+
+    Counters of one window share its key (one hash per window, a field per scope); a request's
+    counters come grouped by window, which lets a store read and write each window once."""
+    window: str        # the window's key, e.g. "{bp}:w:d20261129"
+    scope: str         # the scope's field in it, e.g. "org:acme"
     token_limit: int   # -1: unlimited
     usd_limit: int     # micro-dollars; -1: unlimited
-    expire_at: int     # epoch ms after which the key may vanish (its window's end plus a margin)
+    expire_at: int     # epoch ms after which the window may vanish (its end plus a margin)
 
 
 class Totals(NamedTuple):
@@ -100,8 +104,8 @@ class Store(abc.ABC):
         """Up to `limit` open reservations whose lease deadline is <= `now_ms`, with their counters."""
 
     @abc.abstractmethod
-    async def snapshot(self, keys: Sequence[str]) -> list[Totals]:
-        """The totals of each counter key (zeros for a counter never written)."""
+    async def snapshot(self, counters: Sequence[Counter]) -> list[Totals]:
+        """The totals of each counter (zeros for a counter never written)."""
 
     async def close(self) -> None:
         """Release connections."""

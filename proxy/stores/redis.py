@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import struct
 from importlib import resources
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -24,7 +25,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ..errors import StoreUnavailable
 from ..keys import leases_key, record_key
-from .base import (OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, ReserveOutcome, Seen,
+from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, ReserveOutcome, Seen,
                    Status, Store, Totals)
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
@@ -96,8 +97,43 @@ class _Coalescer:
             self._done()
 
 
-def _expires(counters: Sequence[Counter]) -> str:
-    return "\n".join([str(c.expire_at) for c in counters])
+class _Wire(NamedTuple):
+    """A request's counters as the scripts take them (see reserve.lua): its window keys, and per
+    window <expire-at> <n> <n fields> <n token/usd limit pairs>."""
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+
+
+def _wire(counters: Sequence[Counter]) -> _Wire:
+    groups: dict[str, list[Counter]] = {}
+    for c in counters:
+        groups.setdefault(c.window, []).append(c)
+    args: list[str] = []
+    for group in groups.values():
+        args += (str(group[0].expire_at), str(len(group)), *(c.scope for c in group))
+        for c in group:
+            args += (str(c.token_limit), str(c.usd_limit))
+    return _Wire(tuple(groups), tuple(args))
+
+
+def _counters(keys: list[str], args: list[str]) -> tuple[Counter, ...]:
+    """The counters of a wire form (as kept in a reservation record)."""
+    out = []
+    a = 0
+    for key in keys:
+        expire, n = int(args[a]), int(args[a + 1])
+        fields, limits = args[a + 2:a + 2 + n], args[a + 2 + n:a + 2 + 3 * n]
+        out += (Counter(key, f, int(limits[2 * j]), int(limits[2 * j + 1]), expire) for j, f in enumerate(fields))
+        a += 2 + 3 * n
+    return tuple(out)
+
+
+def _totals(value: bytes | None) -> Totals:
+    """A counter's value in a window hash: four little-endian doubles (see reserve.lua)."""
+    return Totals(*map(int, _VALUE.unpack(value))) if value else EMPTY
+
+
+_VALUE = struct.Struct("<dddd")
 
 
 def _wrap_errors(cls):
@@ -137,13 +173,25 @@ class RedisStore(Store):
         self._settle_script = self._r.register_script(_script("settle"))
         self._extend = self._r.register_script(_script("extend"))
         self._calls = _Coalescer(self._r)
+        self._wires: dict[tuple[Counter, ...], _Wire] = {}
+
+    def _wired(self, counters: Sequence[Counter]) -> _Wire:
+        """The wire form of `counters`, cached: the ledger passes the same tuple for every
+        request of one plan, so encoding (most of the client's cost per call) happens once."""
+        key = counters if isinstance(counters, tuple) else tuple(counters)
+        wire = self._wires.get(key)
+        if wire is None:
+            if len(self._wires) > 4096:
+                self._wires.clear()
+            wire = self._wires[key] = _wire(key)
+        return wire
 
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                       deadline_ms: int, force: bool) -> ReserveOutcome:
-        keys = [record_key(self._ns, rid), self._leases, *(c.key for c in counters)]
-        limits = " ".join(f"{c.token_limit} {c.usd_limit}" for c in counters)
+        wire = self._wired(counters)
+        keys = [record_key(self._ns, rid), self._leases, *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
-                "1" if force else "0", limits, _expires(counters)]
+                "1" if force else "0", "", *wire.args]
         st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args)
         seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
         over = Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None
@@ -153,16 +201,17 @@ class RedisStore(Store):
         return await self._settle(rid, counters, "commit", tokens, usd)
 
     async def release(self, rid: str, counters: Sequence[Counter]) -> bool:
-        return await self._settle(rid, counters, "commit", 0, 0)
+        return await self._settle(rid, counters, "release", 0, 0)
 
     async def expire(self, rid: str, counters: Sequence[Counter], charge: bool, now_ms: int) -> bool:
-        return await self._settle(rid, counters, "expire", 0, 0, now_ms, "1" if charge else "0")
+        keep_until = max((c.expire_at for c in counters), default=now_ms)
+        return await self._settle(rid, counters, "expire", 0, 0, now_ms, "1" if charge else "0", keep_until)
 
     async def _settle(self, rid: str, counters: Sequence[Counter], mode: str, tokens: int, usd: int,
-                      now_ms: int = 0, charge: str = "0") -> bool:
-        keys = [record_key(self._ns, rid), self._leases, *(c.key for c in counters)]
-        keep_until = max((c.expire_at for c in counters), default=now_ms)
-        args = [rid, tokens, usd, SETTLED_TTL_MS, mode, _expires(counters), keep_until, now_ms, charge]
+                      now_ms: int = 0, charge: str = "0", keep_until: int = 0) -> bool:
+        wire = self._wired(counters)
+        keys = [record_key(self._ns, rid), self._leases, *wire.keys]
+        args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until, *wire.args]
         return bool(await self._calls.call(self._settle_script, keys, args))
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
@@ -175,21 +224,31 @@ class RedisStore(Store):
             return []
         pipe = self._r.pipeline(transaction=False)
         for rid in ids:
-            pipe.hmget(record_key(self._ns, rid.decode()), "k", "e")
-        rows = await pipe.execute()
+            pipe.get(record_key(self._ns, rid.decode()))
+        records = await pipe.execute()
         out = []
-        for rid, (k, e) in zip(ids, rows):
-            keys = k.decode().split("\n") if k else []
-            exps = [int(x) for x in e.decode().split("\n")] if e else []
-            out.append(Expired(rid.decode(), tuple(Counter(key, -1, -1, exp) for key, exp in zip(keys, exps))))
+        for rid, rec in zip(ids, records):
+            # "r <deadline> <tokens> <usd>\n<keys>\n<counters>\n<info>"; a vanished record is
+            # passed on with no counters, for expire to drop from the lease index.
+            parts = rec.decode().split("\n", 3) if rec else []
+            counters = _counters(parts[1].split(" "), parts[2].split(" ")) if len(parts) == 4 else ()
+            out.append(Expired(rid.decode(), counters))
         return out
 
-    async def snapshot(self, keys: Sequence[str]) -> list[Totals]:
+    async def snapshot(self, counters: Sequence[Counter]) -> list[Totals]:
+        wire = self._wired(counters)
         pipe = self._r.pipeline(transaction=False)
-        for k in keys:
-            pipe.hmget(k, "t", "tr", "d", "dr")
+        fields: dict[str, list[str]] = {k: [] for k in wire.keys}
+        for c in counters:
+            fields[c.window].append(c.scope)
+        for key, names in fields.items():
+            pipe.hmget(key, names)
         rows = await pipe.execute()
-        return [Totals(*(int(v or 0) for v in row)) for row in rows]
+        found = {}
+        for (key, names), vals in zip(fields.items(), rows):
+            for name, v in zip(names, vals):
+                found[key, name] = _totals(v)
+        return [found[c.window, c.scope] for c in counters]
 
     async def close(self) -> None:
         if self._calls.tasks:
