@@ -91,18 +91,9 @@ class Harness:
         return {(b.window, b.unit): b for b in await ledger.snapshot([scope])}
 
     async def reserved_anywhere(self) -> list[str]:
-        """Counters in the store, any scope, that still hold a reservation."""
+        """Reservations the store still holds open, any scope (read through the ledger)."""
         await self.settled()
-        store = self.gateway.ledger.store
-        if hasattr(store, "_counters"):                       # memory
-            return [k for k, row in store._counters.items() if row[1] or row[3]]
-        r = store._r                                          # redis
-        held = []
-        async for key in r.scan_iter(match="{bp}:c:*", count=1000):
-            tr, dr = await r.hmget(key, "tr", "dr")
-            if int(tr or 0) or int(dr or 0):
-                held.append(key.decode())
-        return held
+        return await self.gateway.ledger.open_reservations()
 
     async def books(self) -> tuple[int, int]:
         """(tokens used, tokens reserved) on the global day counter."""
