@@ -59,10 +59,17 @@ class Gateway:
         self._ids = itertools.count()
         self._id_prefix = os.urandom(8).hex()
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config.yaml: requests already admitted keep the model (and prices) they
+        were admitted with; new ones see the new config whole."""
+        self.upstreams.reconfigure(config)
+        self.config = config
+
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
-        key = auth.authenticate(request.headers.get("Authorization"), self.config.keys)
+        config = self.config                # one config for the whole request, even across a reload
+        key = auth.authenticate(request.headers.get("Authorization"), config.keys)
         call = body.parse(await self._read(request), kind)
-        models = [self.config.models[name] for name in self.config.candidates(call.model)]
+        models = [config.models[name] for name in config.candidates(call.model)]
         if not models:
             raise NotFound(f"The model `{call.model}` does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
@@ -155,7 +162,7 @@ class Gateway:
             log.info("shadow: would refuse %s/%s %s %s", r.scope.type, r.scope.id, r.window, r.unit)
         if c.model != models[0].name:
             self.stats["downgraded"] += 1
-        model = self.config.models[c.model]
+        model = next(m for m in models if m.name == c.model)
         cap = c.cap if self.ledger.policy.send_cap_upstream else None
         return Admitted(self._flight(res, model, call, prompt),
                         budget_headers(c.model, models[0].name, res.balances), cap)
@@ -181,6 +188,9 @@ class Gateway:
         if inject:
             payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        if model.provider not in self.upstreams.routes:     # a config reload removed it meanwhile
+            flight.release_soon()
+            raise _upstream_error(model.provider, ConnectionRefusedError())
         flight.sent = True
         try:
             up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None)

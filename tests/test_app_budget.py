@@ -199,16 +199,18 @@ async def test_policy_edits_apply_while_running_and_bad_edits_never_stop_the_wat
         tmp_path, monkeypatch, start_proxy):
     from proxy import app as app_mod
     from proxy import policy as policy_mod
-    monkeypatch.setattr(app_mod, "POLICY_POLL_SECONDS", 0.02)
+    from proxy import watch
+    monkeypatch.setattr(watch, "POLL_SECONDS", 0.02)
     path = tmp_path / "dev.yaml"
     path.write_text("version: 1\ndefaults: {user: {day: {tokens: 5}}}\n")
     h = await start_proxy("memory://", str(path))
     day = policy_mod.WINDOWS.index("day")
+    before = app_mod._stats(h.gateway)["job_failures"]       # reload failures count process-wide
 
     async def edited(text: str, failures: int, tokens: int) -> None:
         path.write_bytes(text.encode("latin-1"))       # \xe9 below is one byte: not UTF-8
         for _ in range(500):
-            if h.gateway.stats["job_failures"] == failures and \
+            if app_mod._stats(h.gateway)["job_failures"] - before == failures and \
                     h.gateway.ledger.policy.limits_for("user", "app").table[day][0] == tokens:
                 return
             await asyncio.sleep(0.01)
@@ -225,14 +227,14 @@ async def test_policy_edits_apply_while_running_and_bad_edits_never_stop_the_wat
                              "version: 1\ndefaults: {user: {day: {usd: .nan, usd: 1}}}\n",
                              "version: 1\n# \xe9t\xe9\n"], start=1):
         await edited(bad, n, 100000)                   # rejected, counted, running policy kept
-    real_load = policy_mod.load
-    monkeypatch.setattr(policy_mod, "load", lambda p: 1 / 0)       # a bug, not a bad file
+    real_parse = policy_mod.parse
+    monkeypatch.setattr(policy_mod, "parse", lambda data, source: 1 / 0)     # a bug, not a bad file
     await edited("version: 1\ndefaults: {user: {day: {tokens: 7}}}\n", 6, 100000)
-    monkeypatch.setattr(policy_mod, "load", real_load)
+    monkeypatch.setattr(policy_mod, "parse", real_parse)
     await edited("version: 1\ndefaults: {user: {day: {tokens: 77}}}\n", 6, 77)    # still watching
     async with aiohttp.ClientSession() as s:
         async with s.get(str(h.proxy.make_url("/healthz"))) as r:
-            assert (await r.json())["stats"]["job_failures"] == 6
+            assert (await r.json())["stats"]["job_failures"] - before == 6
 
 
 async def test_the_sweeper_survives_failing_rounds(monkeypatch, start_proxy):

@@ -7,9 +7,10 @@ process) and `redis://` (many processes and machines share one Redis).
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Counter, ReserveOutcome, Store, Status
+from .base import Counter, Expired, ReserveOutcome, Seen, Status, Store, Totals
 
-__all__ = ["Counter", "ReserveOutcome", "Store", "Status", "URL_EXPECTED", "open_store", "url_problem"]
+__all__ = ["Counter", "Expired", "ReserveOutcome", "Seen", "Status", "Store", "Totals", "URL_EXPECTED",
+           "open_store", "url_problem"]
 
 URL_EXPECTED = "memory:// or a redis://, rediss:// or unix:// URL"
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
