@@ -14,10 +14,8 @@ it would have seen without the proxy, whatever shape the upstream gives it:
   bytes from the comma before it (or, when it is the first member, up to the first byte after the
   comma that follows it) to the end of its value. Everything else is kept byte for byte.
 
-Bytes are never rewritten, only left out. A member is found by its key `"usage"` (an unescaped
-quote: inside a JSON string every quote is escaped) and proved top-level by scanning the JSON
-tokens after it to the object's end. An event whose JSON is split over several `data:` lines
-(no known server does that) keeps its member. The pieces handed back are the caller's own chunk
+Bytes are never rewritten, only left out (proxy/jsonmember.py finds a member's bytes). An event
+whose JSON is split over several `data:` lines (no known server does that) keeps its member. The pieces handed back are the caller's own chunk
 or memoryview slices of it wherever possible.
 """
 
@@ -26,6 +24,8 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+
+from . import jsonmember
 
 # A blank line ends an event: two line terminators in a row, each \r\n, \r or \n. The first
 # look-behind rejects the \n of a \r\n as a terminator start (even when a search starts between
@@ -38,13 +38,10 @@ _BLANK_LINES = re.compile(rb"[\r\n]+")
 _LINE_SPLIT = re.compile(rb"\r\n?|\n")
 _LINE = re.compile(rb"[^\r\n]+")
 _BOM = b"\xef\xbb\xbf"
-# The member include_usage adds, and the JSON tokens that matter for finding where it ends:
-# strings (skipped whole, escapes included), brackets and commas.
+# The member include_usage adds; OpenAI's two places for it (last, or before the padding).
 _USAGE_KEY = b'"usage"'
 _OPENAI_TAIL = b',"usage":null}'
 _OPENAI_PADDED = b',"usage":null,"obfuscation":"'
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\],]')
-_WS = b" \t\r\n"
 # What _dispatch tells the scanner to do with an event.
 KEEP, DROP, STRIP = 0, 1, 2
 _CR = 0x0D
@@ -287,13 +284,7 @@ def _usage_member(content: bytes, begin: int) -> tuple[int, int] | None:
     region = _data_value(content, begin)
     if region is None:
         return None
-    start, stop = region
-    at = stop
-    while (at := content.rfind(_USAGE_KEY, start, at)) >= 0:
-        span = _member_at(content, at, start, stop)
-        if span is not None:
-            return span
-    return None
+    return jsonmember.span(content, _USAGE_KEY, *region)
 
 
 def _data_value(content: bytes, begin: int) -> tuple[int, int] | None:
@@ -309,65 +300,6 @@ def _data_value(content: bytes, begin: int) -> tuple[int, int] | None:
             return None
         found = (line.start() + 5 + (value[:1] == b" "), line.end())
     return found
-
-
-def _member_at(content: bytes, at: int, start: int, stop: int) -> tuple[int, int] | None:
-    """The span for a `"usage"` found at `at`, if it is the key of a top-level member of the
-    JSON object in content[start:stop]."""
-    slashes = 0
-    while at - slashes > start and content[at - slashes - 1] == 0x5C:
-        slashes += 1
-    if slashes % 2:                        # an escaped quote: the bytes sit inside a string
-        return None
-    colon = _skip_ws(content, at + len(_USAGE_KEY), stop)
-    if content[colon:colon + 1] != b":":
-        return None
-    end = _value_end(content, colon + 1, stop)
-    if end is None:
-        return None
-    before = _back_ws(content, at, start) - 1
-    if before >= start and content[before] == 0x2C:          # `,"usage":…`
-        return before, _back_ws(content, end, start)
-    if before < start or content[before] != 0x7B:              # not after `{` either
-        return None
-    if content[end] == 0x2C:               # the first member: take the comma after it instead
-        return at, _skip_ws(content, end + 1, stop)
-    return at, _back_ws(content, end, start)       # the only member: {"usage":null} -> {}
-
-
-def _value_end(content: bytes, pos: int, stop: int) -> int | None:
-    """Where the member value starting at pos ends (its `,` or the object's `}`), provided the
-    member sits at the top level: the object must close exactly at the end of the value."""
-    depth, end = 1, None
-    for token in _TOKEN.finditer(content, pos, stop):
-        first = content[token.start()]
-        if first == 0x22:                  # a string
-            continue
-        if first in b"{[":
-            depth += 1
-        elif first == 0x2C:                # a comma
-            if depth == 1 and end is None:
-                end = token.start()
-        else:
-            depth -= 1
-            if depth == 0:                 # closed before the end: not the top-level object
-                return None if content[token.end():stop].strip(_WS) else \
-                    (token.start() if end is None else end)
-    return None
-
-
-def _skip_ws(content: bytes, pos: int, stop: int) -> int:
-    """The first position at or after pos (and before stop) that is not JSON whitespace."""
-    while pos < stop and content[pos] in _WS:
-        pos += 1
-    return pos
-
-
-def _back_ws(content: bytes, pos: int, start: int) -> int:
-    """Where the JSON whitespace run ending at pos starts (not before start)."""
-    while pos > start and content[pos - 1] in _WS:
-        pos -= 1
-    return pos
 
 
 def _boundary(data: bytes | bytearray, start: int, lf_only: bool) -> tuple[int, int]:
