@@ -25,7 +25,8 @@ from aiohttp import web
 
 from . import auth, body, planner
 from .config import Config, Model
-from .errors import ApiError, BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
+from .errors import (ApiError, BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable,
+                     UpstreamFailed)
 from .ledger import Ledger, Refusal, Reservation
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
@@ -91,10 +92,12 @@ class Gateway:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"Request body is over the {limit}-byte limit.") from None
-        except web.RequestPayloadError:     # Content-Encoding gzip/deflate on a body that is not
-            raise BadRequest(f"The request body could not be read as its Content-Encoding "
-                             f"({request.headers.get('Content-Encoding', 'none')}) says.",
-                             code="invalid_content_encoding") from None
+        except web.RequestPayloadError:     # in practice: gzip/deflate on a body that is not
+            encoding = request.headers.get("Content-Encoding")
+            if encoding:
+                raise BadRequest(f"The request body could not be read as its Content-Encoding "
+                                 f"({encoding}) says.", code="invalid_content_encoding") from None
+            raise BadRequest("The request body could not be read.", code="invalid_request_body") from None
 
     # --- plan and reserve -----------------------------------------------------------------
 

@@ -15,8 +15,8 @@ it would have seen without the proxy, whatever shape the upstream gives it:
   comma that follows it) to the end of its value. Everything else is kept byte for byte.
 
 Bytes are never rewritten, only left out (proxy/jsonmember.py finds a member's bytes). An event
-whose JSON is split over several `data:` lines (no known server does that) keeps its member. The pieces handed back are the caller's own chunk
-or memoryview slices of it wherever possible.
+whose JSON is split over several `data:` lines (no known server does that) keeps its member. The
+pieces handed back are the caller's own chunk or memoryview slices of it wherever possible.
 """
 
 from __future__ import annotations
@@ -278,7 +278,8 @@ def _usage_member(content: bytes, begin: int) -> tuple[int, int] | None:
     if content.endswith(_OPENAI_TAIL):
         return len(content) - len(_OPENAI_TAIL), len(content) - 1
     at = content.rfind(_OPENAI_PADDED)
-    if at >= 0 and content.endswith(b'"}') and content.find(b'"', at + len(_OPENAI_PADDED)) == len(content) - 2 \
+    end = len(content) - 2                 # where the pad's closing quote must be
+    if at >= 0 and content.endswith(b'"}') and content.find(b'"', at + len(_OPENAI_PADDED)) == end \
             and content.find(b"\\", at) < 0:
         return at, at + len(_OPENAI_TAIL) - 1
     region = _data_value(content, begin)

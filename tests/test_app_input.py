@@ -55,7 +55,8 @@ def openai_error(status: int, body: bytes) -> dict:
 
 @pytest.mark.parametrize("token", [b"caf\xe9", b"\xff\xfekey", "ключ".encode()])
 async def test_a_non_utf8_or_unknown_bearer_is_a_401(proxy, token):
-    status, headers, body = await raw_http(proxy, post("/v1/chat/completions", BODY, b"Authorization: Bearer " + token))
+    auth = b"Authorization: Bearer " + token
+    status, headers, body = await raw_http(proxy, post("/v1/chat/completions", BODY, auth))
     assert status == 401 and headers["content-type"].startswith("application/json")
     assert openai_error(status, body)["code"] == "invalid_api_key"
     status, _, body = await raw_http(proxy, b"GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: close\r\n"
@@ -96,9 +97,10 @@ async def test_gzip_bodies_work_and_a_body_that_is_not_gzip_is_a_400(proxy):
     import zlib
     key = b"Authorization: Bearer " + harness.CLIENT_KEY.encode()
     for enc, packed in ((b"gzip", gzip.compress(BODY)), (b"deflate", zlib.compress(BODY))):
-        status, _, body = await raw_http(proxy, post("/v1/chat/completions", packed, key, b"Content-Encoding: " + enc))
+        header = b"Content-Encoding: " + enc
+        status, _, body = await raw_http(proxy, post("/v1/chat/completions", packed, key, header))
         assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
-        status, _, body = await raw_http(proxy, post("/v1/chat/completions", BODY, key, b"Content-Encoding: " + enc))
+        status, _, body = await raw_http(proxy, post("/v1/chat/completions", BODY, key, header))
         assert status == 400, body
         err = openai_error(status, body)
         assert err["code"] == "invalid_content_encoding" and enc.decode() in err["message"]

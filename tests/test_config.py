@@ -143,8 +143,10 @@ def test_shutdown_grace_defaults_to_30_seconds_and_is_configurable(tmp_path):
 
 
 def test_a_reload_cannot_open_auth_or_change_what_serve_read_at_start():
-    keyed = dataclasses.replace(config.load(SHIPPED, env={}), keys={"0" * 64: config.ApiKey("k", "o", None, False)})
-    assert config.restart_needed(keyed, config.load(SHIPPED, env={})) == ["keys"]
-    assert config.restart_needed(config.load(SHIPPED, env={}), keyed) == []
-    later = config.load(SHIPPED, env={"BUDGET_PROXY_SHUTDOWN_GRACE_SECONDS": "5", "BUDGET_PROXY_ALLOW_OPEN_AUTH": "true"})
-    assert config.restart_needed(config.load(SHIPPED, env={}), later) == ["shutdown_grace_seconds", "allow_open_auth"]
+    shipped = config.load(SHIPPED, env={})
+    keyed = dataclasses.replace(shipped, keys={"0" * 64: config.ApiKey("k", "o", None, False)})
+    assert config.restart_needed(keyed, shipped) == ["keys"]
+    assert config.restart_needed(shipped, keyed) == []
+    later = config.load(SHIPPED, env={"BUDGET_PROXY_SHUTDOWN_GRACE_SECONDS": "5",
+                                      "BUDGET_PROXY_ALLOW_OPEN_AUTH": "true"})
+    assert config.restart_needed(shipped, later) == ["shutdown_grace_seconds", "allow_open_auth"]

@@ -481,7 +481,8 @@ def test_usage_keys_that_are_not_the_top_level_member_are_kept() -> None:
 
 
 # Lines for the randomized check: (as sent with include_usage, as the client must get it).
-RANDOM_SHAPES = [(LITELLM_USAGE[0].rstrip(b"\n"), None), (USAGE_IN_LAST[0].rstrip(b"\n"), USAGE_IN_LAST[1].rstrip(b"\n")),
+RANDOM_SHAPES = [(LITELLM_USAGE[0].rstrip(b"\n"), None),
+                 (USAGE_IN_LAST[0].rstrip(b"\n"), USAGE_IN_LAST[1].rstrip(b"\n")),
                  (NULL_FIRST[0].rstrip(b"\n"), NULL_FIRST[1].rstrip(b"\n"))]
 
 
