@@ -273,15 +273,16 @@ def _empty_choice(choice: Any) -> bool:
 def _usage_member(content: bytes, begin: int) -> tuple[int, int] | None:
     """Byte span to leave out of an event (from content[begin:]) for its top-level `usage`
     member (see the module docstring), or None if it cannot be found exactly."""
-    # OpenAI's shapes, without a token scan: the member right before the object's last `}`, or
-    # before a last plain-string "obfuscation" member, can only be top-level.
-    if content.endswith(_OPENAI_TAIL):
-        return len(content) - len(_OPENAI_TAIL), len(content) - 1
-    at = content.rfind(_OPENAI_PADDED)
-    end = len(content) - 2                 # where the pad's closing quote must be
-    if at >= 0 and content.endswith(b'"}') and content.find(b'"', at + len(_OPENAI_PADDED)) == end \
-            and content.find(b"\\", at) < 0:
-        return at, at + len(_OPENAI_TAIL) - 1
+    # OpenAI's shapes (one `data:` line), without a token scan: the member right before the
+    # object's last `}`, or before a last plain-string "obfuscation" member, can only be top-level.
+    if content.startswith(b"data:", begin) and b"\n" not in content and b"\r" not in content:
+        if content.endswith(_OPENAI_TAIL):
+            return len(content) - len(_OPENAI_TAIL), len(content) - 1
+        at = content.rfind(_OPENAI_PADDED)
+        end = len(content) - 2             # where the pad's closing quote must be
+        if at >= 0 and content.endswith(b'"}') and content.find(b'"', at + len(_OPENAI_PADDED)) == end \
+                and content.find(b"\\", at) < 0:
+            return at, at + len(_OPENAI_TAIL) - 1
     region = _data_value(content, begin)
     if region is None:
         return None

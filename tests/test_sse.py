@@ -511,3 +511,9 @@ def test_other_shapes_match_a_reference_on_random_streams() -> None:
         out = flat([piece for read in reads for piece in tap.feed(read)])
         assert out == expected + stream[pos:tail], (stream, reads)
         assert flat(tap.close()) == stream[tail:], (stream, reads)
+
+
+def test_only_the_data_line_loses_the_member() -> None:
+    # A field line that merely ends like OpenAI's usage member is not the event's JSON.
+    event = b'data: {"usage":null,"a":1}\nid: x,"usage":null}\n\n'
+    assert run(UsageTap(drop_usage_chunk=True), [event]) == b'data: {"a":1}\nid: x,"usage":null}\n\n'
