@@ -36,6 +36,7 @@ UPSTREAMS = web.AppKey("upstreams", Upstreams)
 LEDGER = web.AppKey("ledger", Optional[Ledger])      # None when enforcement is disabled
 GATEWAY = web.AppKey("gateway", Gateway)
 _POST_ONLY = frozenset("/v1" + e.path for e in ENDPOINTS.values())
+_ANTHROPIC_PATHS = tuple("/v1" + e.path for e in ENDPOINTS.values() if e.api == "anthropic")
 POLICY_POLL_SECONDS = 2.0
 SWEEP_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -46,24 +47,30 @@ def _json(status: int, body: dict, headers: dict | None = None) -> web.Response:
                         content_type="application/json")
 
 
+def _error(request: web.Request, err: ApiError, headers: dict | None = None) -> web.Response:
+    """In the shape of the API the client speaks: Anthropic's below /v1/messages, else OpenAI's."""
+    body = err.anthropic_body() if request.path.startswith(_ANTHROPIC_PATHS) else err.body()
+    return _json(err.status, body, headers)
+
+
 @web.middleware
 async def errors(request: web.Request, handler) -> web.StreamResponse:
-    """The one place an error becomes a response, always in OpenAI's shape."""
+    """The one place an error becomes a response, in the shape of the API the client speaks."""
     try:
         return await handler(request)
     except ApiError as exc:
-        return _json(exc.status, exc.body(), exc.headers)
+        return _error(request, exc, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
         err = ApiError(exc.reason or "error", status=exc.status, code=code)
-        return _json(exc.status, err.body(), {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
+        return _error(request, err, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
     except Exception:  # noqa: BLE001 - the last line of defence: a bug, not the client's fault
         log.exception("unhandled error on %s %s", request.method, request.path)
         err = ApiError("The proxy failed to process the request.", status=500, type="api_error",
                        code="internal_error")
-        return _json(500, err.body())
+        return _error(request, err)
 
 
 def _models_body(cfg: config_mod.Config) -> bytes:

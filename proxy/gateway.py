@@ -17,23 +17,30 @@ import logging
 import os
 import time
 from collections import Counter
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import aiohttp
 from aiohttp import web
 
 from . import auth, body, planner
 from .config import Config, Model
-from .errors import ApiError, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
+from .endpoints import ENDPOINTS, Endpoint
+from .errors import (ApiError, BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable,
+                     UpstreamFailed)
 from .ledger import Balance, Ledger, Refusal, Reservation
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
-from .sse import UsageTap
 from .tasks import Tasks
-from .upstream import Upstreams, passed_headers
+from .upstream import Upstreams, passed_headers, redacted
 
 log = logging.getLogger(__name__)
 SSE = "text/event-stream"
+
+
+class Admission(NamedTuple):
+    flight: Flight
+    headers: dict[str, str]           # x-budget-* for the client
+    cap: int | None                   # completion tokens per choice reserved for a call that set none
 
 
 class Gateway:
@@ -52,20 +59,32 @@ class Gateway:
         self._id_prefix = os.urandom(8).hex()
 
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
-        key = auth.authenticate(request.headers.get("Authorization"), self.config.keys)
+        endpoint = ENDPOINTS[kind]
+        key = auth.authenticate(auth.presented(request.headers, endpoint.api), self.config.keys)
         call = body.parse(await self._read(request), kind)
-        models = [self.config.models[name] for name in self.config.candidates(call.model)]
-        if not models:
-            raise NotFound(f"The model `{call.model}` does not exist or you do not have access to it.",
-                           param="model", code="model_not_found")
+        models = self.models_for(call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
         prompt = await self.tokens.estimate(kind, call.body, models[0].upstream)
-        flight, headers = await self._reserve(call, who, models, prompt)
+        admitted = await self._reserve(call, who, models, prompt)
         try:
-            return await self._forward(request, call, flight, headers)
+            return await self._forward(request, call, admitted)
         finally:
-            flight.ensure_settled()         # a no-op unless some path above forgot, or raised
+            admitted.flight.ensure_settled()    # a no-op unless some path above forgot, or raised
+
+    def models_for(self, name: str, endpoint: Endpoint) -> list[Model]:
+        """The candidate models for a requested name, on an endpoint their API serves (a
+        model's provider kind decides its endpoints: requests are never translated)."""
+        models = [self.config.models[n] for n in self.config.candidates(name)]
+        if not models:
+            raise NotFound(f"The model `{name}` does not exist or you do not have access to it.",
+                           param="model", code="model_not_found")
+        if models[0].kind != endpoint.api:
+            paths = ", ".join("/v1" + e.path for e in ENDPOINTS.values() if e.api == models[0].kind)
+            raise BadRequest(f"The model `{name}` is served by an {models[0].kind} provider and cannot be "
+                             f"used on /v1{endpoint.path} (the proxy does not translate between APIs); "
+                             f"use {paths}.", param="model", code="model_not_supported_on_endpoint")
+        return models
 
     async def _read(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -80,11 +99,11 @@ class Gateway:
     # --- plan and reserve -----------------------------------------------------------------
 
     async def _reserve(self, call: body.ApiCall, who: auth.Caller, models: Sequence[Model],
-                       prompt: int) -> tuple[Flight, dict[str, str]]:
+                       prompt: int) -> Admission:
         """Plan, then try the candidates in order until one is reserved; else the 429."""
         ledger = self.ledger
         if ledger is None:
-            return self._flight(None, models[0], call, prompt), budget_headers(models[0].name, models[0].name, ())
+            return self._unreserved(models[0], call, prompt)
         policy = ledger.policy
         rid = f"{self._id_prefix}{next(self._ids):x}"
         refusal: Refusal | None = None
@@ -102,7 +121,7 @@ class Gateway:
                 raise ServiceUnavailable("The budget store is unavailable; the request was not sent.",
                                          code="BUDGET_STORE_UNAVAILABLE", headers={"Retry-After": "1"}) from exc
             log.warning("budget store unavailable (%s); advisory mode forwards without a reservation", exc)
-            return self._flight(None, models[0], call, prompt), budget_headers(models[0].name, models[0].name, ())
+            return self._unreserved(models[0], call, prompt)
         self.stats["refused"] += 1
         assert refusal is not None
         raise refusal_error(refusal)
@@ -124,8 +143,11 @@ class Gateway:
         self.balance_cache.put(scopes, balances, now)
         return balances
 
+    def _unreserved(self, model: Model, call: body.ApiCall, prompt: int) -> Admission:
+        return Admission(self._flight(None, model, call, prompt), budget_headers(model.name, model.name, ()), None)
+
     def _admitted(self, res: Reservation, c: planner.Candidate, models: Sequence[Model],
-                  call: body.ApiCall, prompt: int) -> tuple[Flight, dict[str, str]]:
+                  call: body.ApiCall, prompt: int) -> Admission:
         if res.would_refuse is not None:
             self.stats["shadow_refused"] += 1
             r = res.would_refuse
@@ -133,7 +155,8 @@ class Gateway:
         if c.model != models[0].name:
             self.stats["downgraded"] += 1
         model = self.config.models[c.model]
-        return self._flight(res, model, call, prompt), budget_headers(c.model, models[0].name, res.balances)
+        return Admission(self._flight(res, model, call, prompt),
+                         budget_headers(c.model, models[0].name, res.balances), c.default_cap)
 
     def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int) -> Flight:
         count = functools.partial(self.tokens.count, model=model.upstream)
@@ -141,18 +164,23 @@ class Gateway:
 
     # --- forward and stream ---------------------------------------------------------------
 
-    async def _forward(self, request: web.Request, call: body.ApiCall, flight: Flight,
-                       budget: dict[str, str]) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, call: body.ApiCall, admitted: Admission) -> web.StreamResponse:
+        flight = admitted.flight
         model = flight.model
         payload = dict(call.body)
         payload["model"] = model.upstream
-        inject = call.stream and not call.client_wants_usage
+        inject = call.stream and call.endpoint.usage_opt_in and not call.client_wants_usage
         if inject:
             payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
+        if admitted.cap is not None and call.endpoint.cap_field and call.max_output is None:
+            # The client set no limit: tell the upstream what was reserved, so the answer cannot
+            # exceed it (the client sees an ordinary length / max_output_tokens stop).
+            payload[call.endpoint.cap_field] = admitted.cap
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         flight.sent = True
         try:
-            up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None)
+            up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None,
+                                           request.headers)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
             flight.release_soon()                   # never reached the upstream: nothing to pay
             raise _upstream_error(model.provider, exc) from None
@@ -161,11 +189,11 @@ class Gateway:
             raise _upstream_error(model.provider, exc) from None
         try:
             headers = passed_headers(up)
-            headers.update(budget)
+            headers.update(admitted.headers)
             if up.status >= 400:
                 return await self._error_passthrough(up, headers, flight)
             if call.stream and up.content_type == SSE:
-                return await self._stream(request, up, headers, flight, inject)
+                return await self._stream(request, up, headers, flight, call.endpoint.tap(inject))
             return await self._whole(up, headers, flight)
         finally:
             up.release()
@@ -185,10 +213,7 @@ class Gateway:
             log.error("provider %s rejected the proxy's credentials (HTTP %d)", provider, up.status)
             raise UpstreamFailed(f"The upstream provider '{provider}' rejected the proxy's credentials; "
                                  f"tell the proxy's operator.", code="upstream_auth_failed")
-        key = self.upstreams.routes[provider].key
-        if key and key.encode() in data:
-            data = data.replace(key.encode(), b"[redacted]")
-        return web.Response(status=up.status, body=data, headers=headers)
+        return web.Response(status=up.status, body=redacted(self.upstreams.routes[provider], data), headers=headers)
 
     async def _whole(self, up: aiohttp.ClientResponse, headers, flight: Flight) -> web.Response:
         try:
@@ -200,8 +225,7 @@ class Gateway:
         return web.Response(status=up.status, body=data, headers=headers)
 
     async def _stream(self, request: web.Request, up: aiohttp.ClientResponse, headers, flight: Flight,
-                      inject: bool) -> web.StreamResponse:
-        tap = UsageTap(drop_usage_chunk=inject)
+                      tap) -> web.StreamResponse:
         resp = web.StreamResponse(status=up.status, headers=headers)
         try:
             await resp.prepare(request)

@@ -66,16 +66,16 @@ def _candidate(call: ApiCall, who: Caller, m: Model, prompt: int, policy: Policy
         per_choice = call.max_output           # the client asked for that much: reserved in full
     else:
         per_choice = cap = default_completion(m, scopes, balances, prompt, policy.default_max_tokens,
-                                              call.choices)
+                                              call.choices, call.endpoint.min_output)
     completion = per_choice * call.choices
     return Candidate(m.name, Amounts(prompt + completion, m.cost(prompt, completion)), scopes, cap)
 
 
 def default_completion(m: Model, scopes: Sequence[Scope], balances: Sequence[Balance], prompt: int,
-                       default: int, choices: int) -> int:
+                       default: int, choices: int, least: int = 1) -> int:
     """Completion tokens per choice to reserve for a call that set no limit: the policy default,
     capped by what remains in the tightest scope (shared by the `choices`), so a worst-case
-    guess cannot pin a budget. At least 1."""
+    guess cannot pin a budget. At least `least`, the smallest cap the upstream accepts."""
     tokens_left = usd_left = None
     for b in balances:
         if b.scope not in scopes or b.limit is None:
@@ -90,7 +90,7 @@ def default_completion(m: Model, scopes: Sequence[Scope], balances: Sequence[Bal
         room = min(room, tokens_left - prompt)
     if usd_left is not None and m.output_per_million > 0:
         room = min(room, int((usd_left - m.cost(prompt, 0)) / m.output_per_million))
-    return max(1, min(default, room // choices))
+    return max(least, min(default, room // choices))
 
 
 def _headroom(c: Candidate, balances: dict[tuple[Scope, str], list[Balance]]) -> float | None:

@@ -6,10 +6,11 @@ keeping the incomplete trailing event between reads. Events are split by the sam
 rules as the chat tap (`proxy.sse`); an event's kind is its JSON `type` (both APIs repeat it
 there), so the `event:` line needs no parsing.
 
-A tap exposes what settlement needs:
-- `usage`: the final usage, normalized (`pricing.Usage`), once the stream reported it;
-- `partial`: usage known before the end (Anthropic's `message_start` carries the exact input),
-  for charging a cut stream;
+A tap exposes what settlement needs (usage objects as the provider wrote them, like the chat
+tap's; the endpoint's `read_usage` normalizes them):
+- `usage`: the final usage object, once the stream reported it;
+- `partial`: a usage object known before the end (Anthropic's `message_start` carries the exact
+  input), for charging a cut stream;
 - `output_chunks` / `output_chars`: output-volume counters (delta events seen, characters in
   them), for estimating the output of a stream cut before its usage;
 - `error`: an upstream error event, `model`, `response_id` and `done`.
@@ -35,8 +36,8 @@ class EventTap:
                  "output_chunks", "output_chars", "_tail", "_at_start")
 
     def __init__(self) -> None:
-        self.usage: pricing.Usage | None = None
-        self.partial: pricing.Usage | None = None
+        self.usage: dict | None = None
+        self.partial: dict | None = None
         self.model: str | None = None
         self.response_id: str | None = None
         self.done = False
@@ -121,7 +122,9 @@ class ResponsesTap(EventTap):
             self._response(response)
             if kind in self._FINAL:
                 self.done = True
-                self.usage = pricing.from_responses(response.get("usage")) or self.usage
+                usage = response.get("usage")
+                if pricing.from_responses(usage) is not None:
+                    self.usage = usage
                 if kind == "response.failed" and self.usage is None:
                     self.error = obj
         elif kind == "error":
@@ -158,7 +161,7 @@ class MessagesTap(EventTap):
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 self._raw.update((k, v) for k, v in usage.items() if v is not None)
-                self.usage = pricing.from_anthropic(self._raw)
+                self.usage = dict(self._raw)
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":
@@ -172,4 +175,4 @@ class MessagesTap(EventTap):
         usage = message.get("usage")
         if isinstance(usage, dict):
             self._raw = dict(usage)
-            self.partial = pricing.from_anthropic(usage)
+            self.partial = usage

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from proxy.pricing import Usage
+from proxy.pricing import Usage, from_anthropic, from_responses
 from proxy.taps import MessagesTap, ResponsesTap
 
 from . import wire
@@ -37,7 +37,7 @@ def test_responses_tap_reads_usage_from_response_completed(seed):
     tap = ResponsesTap()
     assert run(tap, events, seed, crlf=seed % 3 == 0) == b"".join(events).replace(
         b"\n", b"\r\n" if seed % 3 == 0 else b"\n")
-    assert tap.usage == Usage(input=1452, cached_input=2048, cache_write=1000, cache_write_1h=500,
+    assert from_responses(tap.usage) == Usage(input=1452, cached_input=2048, cache_write=1000, cache_write_1h=500,
                               output=900, reasoning=640)
     assert (tap.output_chunks, tap.output_chars) == (len(PIECES), CHARS)
     assert (tap.response_id, tap.model, tap.done, tap.error) == ("resp_1", "gpt-4.1-2025-04-14", True, None)
@@ -48,7 +48,7 @@ def test_responses_tap_reads_usage_from_incomplete_and_failed(final):
     events = wire.responses_stream("resp_2", "gpt-4o", PIECES, wire.responses_usage(30, 7), final=final)
     tap = ResponsesTap()
     run(tap, events, 1)
-    assert tap.usage == Usage(input=30, output=7) and tap.done and tap.error is None
+    assert from_responses(tap.usage) == Usage(input=30, output=7) and tap.done and tap.error is None
 
 
 def test_responses_tap_on_a_cut_stream_has_only_the_output_counters():
@@ -77,7 +77,7 @@ def test_an_unterminated_last_event_still_counts():
     tap.feed(data)
     assert tap.usage is None
     tap.close()
-    assert tap.usage == Usage(input=3, output=2)
+    assert from_responses(tap.usage) == Usage(input=3, output=2)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -88,9 +88,9 @@ def test_messages_tap_takes_the_last_message_delta_as_authoritative(seed):
     run(tap, events, seed, crlf=seed % 4 == 1)
     # cumulative: the three deltas' output counts are not added up, the 5m/1h split of
     # message_start is kept, the writes counted once
-    assert tap.usage == Usage(input=1237, cached_input=5003, cache_write=2000, cache_write_1h=1001,
+    assert from_anthropic(tap.usage) == Usage(input=1237, cached_input=5003, cache_write=2000, cache_write_1h=1001,
                               output=701, reasoning=200)
-    assert tap.partial == Usage(input=1237, cached_input=5003, cache_write=2000, cache_write_1h=1001, output=1)
+    assert from_anthropic(tap.partial) == Usage(input=1237, cached_input=5003, cache_write=2000, cache_write_1h=1001, output=1)
     assert (tap.output_chunks, tap.output_chars) == (len(PIECES), CHARS)
     assert (tap.response_id, tap.model, tap.done, tap.error) == \
         ("msg_1", "claude-sonnet-4-5-20250929", True, None)
@@ -104,7 +104,7 @@ def test_messages_tap_on_a_cut_stream_knows_the_exact_input():
     tap = MessagesTap()
     run(tap, wire.messages_stream("msg_2", "claude-haiku-4-5", PIECES, usage)[:-3], 5)
     assert tap.usage is None
-    assert tap.partial == Usage(input=40, cached_input=100, output=1)
+    assert from_anthropic(tap.partial) == Usage(input=40, cached_input=100, output=1)
     assert (tap.output_chunks, tap.output_chars) == (len(PIECES), CHARS)
 
 
