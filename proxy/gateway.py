@@ -27,7 +27,7 @@ from .config import Config, Model
 from .endpoints import ENDPOINTS, Endpoint
 from .errors import (ApiError, BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable,
                      UpstreamFailed)
-from .ledger import Balance, Ledger, Refusal, Reservation
+from .ledger import Ledger, Refusal, Reservation
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
 from .tasks import Tasks
@@ -37,10 +37,10 @@ log = logging.getLogger(__name__)
 SSE = "text/event-stream"
 
 
-class Admission(NamedTuple):
+class Admitted(NamedTuple):
     flight: Flight
-    headers: dict[str, str]           # x-budget-* for the client
-    cap: int | None                   # completion tokens per choice reserved for a call that set none
+    headers: dict[str, str]        # x-budget-* for the response
+    cap: int | None                # completion limit to send upstream for a call that set none
 
 
 class Gateway:
@@ -58,11 +58,18 @@ class Gateway:
         self._ids = itertools.count()
         self._id_prefix = os.urandom(8).hex()
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config.yaml: requests already admitted keep the model (and prices) they
+        were admitted with; new ones see the new config whole."""
+        self.upstreams.reconfigure(config)
+        self.config = config
+
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
+        config = self.config                # one config for the whole request, even across a reload
         endpoint = ENDPOINTS[kind]
-        key = auth.authenticate(auth.presented(request.headers, endpoint.api), self.config.keys)
+        key = auth.authenticate(auth.presented(request.headers, endpoint.api), config.keys)
         call = body.parse(await self._read(request), kind)
-        models = self.models_for(call.model, endpoint)
+        models = models_for(config, call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
         prompt = await self.tokens.estimate(kind, call.body, models[0].upstream)
@@ -70,21 +77,7 @@ class Gateway:
         try:
             return await self._forward(request, call, admitted)
         finally:
-            admitted.flight.ensure_settled()    # a no-op unless some path above forgot, or raised
-
-    def models_for(self, name: str, endpoint: Endpoint) -> list[Model]:
-        """The candidate models for a requested name, on an endpoint their API serves (a
-        model's provider kind decides its endpoints: requests are never translated)."""
-        models = [self.config.models[n] for n in self.config.candidates(name)]
-        if not models:
-            raise NotFound(f"The model `{name}` does not exist or you do not have access to it.",
-                           param="model", code="model_not_found")
-        if models[0].kind != endpoint.api:
-            paths = ", ".join("/v1" + e.path for e in ENDPOINTS.values() if e.api == models[0].kind)
-            raise BadRequest(f"The model `{name}` is served by an {models[0].kind} provider and cannot be "
-                             f"used on /v1{endpoint.path} (the proxy does not translate between APIs); "
-                             f"use {paths}.", param="model", code="model_not_supported_on_endpoint")
-        return models
+            admitted.flight.ensure_settled()     # a no-op unless some path above forgot, or raised
 
     async def _read(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -99,22 +92,27 @@ class Gateway:
     # --- plan and reserve -----------------------------------------------------------------
 
     async def _reserve(self, call: body.ApiCall, who: auth.Caller, models: Sequence[Model],
-                       prompt: int) -> Admission:
+                       prompt: int) -> Admitted:
         """Plan, then try the candidates in order until one is reserved; else the 429."""
         ledger = self.ledger
         if ledger is None:
             return self._unreserved(models[0], call, prompt)
-        policy = ledger.policy
         rid = f"{self._id_prefix}{next(self._ids):x}"
         refusal: Refusal | None = None
         try:
-            balances = await self._balances(ledger, call, who, models)
-            for c in planner.plan(call, who, models, prompt, policy, balances):
-                got = await ledger.reserve(rid, c.amounts, c.scopes)
-                if isinstance(got, Reservation):
-                    self.balance_cache.put(c.scopes, got.balances, time.monotonic())
-                    return self._admitted(got, c, models, call, prompt)
-                refusal = refusal or got
+            # A call whose completion was sized from the balances and lost a race is sized again
+            # from a fresh snapshot, once: it fits what is really left instead of failing.
+            for fresh in (False, True):
+                plan = await self._plan(ledger, call, who, models, prompt, fresh)
+                refusal = plan.short
+                for c in plan.candidates:
+                    got = await ledger.reserve(rid, c.amounts, c.scopes)
+                    if isinstance(got, Reservation):
+                        self.balance_cache.put(c.scopes, got.balances, time.monotonic(), ledger.policy)
+                        return self._admitted(got, c, models, call, prompt)
+                    refusal = refusal or got
+                if not any(c.cap is not None for c in plan.candidates):
+                    break
         except StoreUnavailable as exc:
             self.stats["store_unavailable"] += 1
             if self.config.enforcement == "strict":
@@ -126,37 +124,45 @@ class Gateway:
         assert refusal is not None
         raise refusal_error(refusal)
 
-    async def _balances(self, ledger: Ledger, call: body.ApiCall, who: auth.Caller,
-                        models: Sequence[Model]) -> Sequence[Balance]:
-        """Balances of the limited counters the candidates touch: () when they cannot change a
-        decision; from the cache when fresh; else one snapshot round trip."""
+    async def _plan(self, ledger: Ledger, call: body.ApiCall, who: auth.Caller, models: Sequence[Model],
+                    prompt: int, fresh: bool = False) -> planner.Plan:
+        """Plan from the balances of the limited counters the candidates touch: none when they
+        cannot change a decision; else cached ones when fresh, else one snapshot round trip.
+        Cached balances count reservations that may have settled since (for less), so a plan
+        they would cap or refuse is made again from a fresh snapshot."""
+        policy = ledger.policy
         if not planner.needs_balances(call, models):
-            return ()
+            return planner.plan(call, who, models, prompt, policy, (), ledger.now())
         scopes = list(dict.fromkeys(s for m in models for s in planner.scopes_for(who, m)))
-        if not planner.any_limited(ledger.policy, scopes):
-            return ()
+        if not planner.any_limited(policy, scopes):
+            return planner.plan(call, who, models, prompt, policy, (), ledger.now())
         now = time.monotonic()
-        cached = self.balance_cache.get(scopes, now)
+        cached = None if fresh else self.balance_cache.get(scopes, now, policy)
         if cached is not None:
-            return cached
+            plan = planner.plan(call, who, models, prompt, policy, cached, ledger.now())
+            if not plan.short and all(c.cap is None or c.cap >= policy.default_max_tokens
+                                      for c in plan.candidates):
+                return plan
         balances = await ledger.snapshot(scopes, limited_only=True)
-        self.balance_cache.put(scopes, balances, now)
-        return balances
-
-    def _unreserved(self, model: Model, call: body.ApiCall, prompt: int) -> Admission:
-        return Admission(self._flight(None, model, call, prompt), budget_headers(model.name, model.name, ()), None)
+        self.balance_cache.put(scopes, balances, now, policy)
+        return planner.plan(call, who, models, prompt, policy, balances, ledger.now())
 
     def _admitted(self, res: Reservation, c: planner.Candidate, models: Sequence[Model],
-                  call: body.ApiCall, prompt: int) -> Admission:
+                  call: body.ApiCall, prompt: int) -> Admitted:
         if res.would_refuse is not None:
             self.stats["shadow_refused"] += 1
             r = res.would_refuse
             log.info("shadow: would refuse %s/%s %s %s", r.scope.type, r.scope.id, r.window, r.unit)
         if c.model != models[0].name:
             self.stats["downgraded"] += 1
-        model = self.config.models[c.model]
-        return Admission(self._flight(res, model, call, prompt),
-                         budget_headers(c.model, models[0].name, res.balances), c.default_cap)
+        model = next(m for m in models if m.name == c.model)
+        cap = c.cap if self.ledger.policy.send_cap_upstream else None
+        return Admitted(self._flight(res, model, call, prompt),
+                        budget_headers(c.model, models[0].name, res.balances), cap)
+
+    def _unreserved(self, model: Model, call: body.ApiCall, prompt: int) -> Admitted:
+        """Forwarded without a reservation (enforcement disabled, or advisory with the store down)."""
+        return Admitted(self._flight(None, model, call, prompt), budget_headers(model.name, model.name, ()), None)
 
     def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int) -> Flight:
         count = functools.partial(self.tokens.count, model=model.upstream)
@@ -164,19 +170,20 @@ class Gateway:
 
     # --- forward and stream ---------------------------------------------------------------
 
-    async def _forward(self, request: web.Request, call: body.ApiCall, admitted: Admission) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, call: body.ApiCall, admitted: Admitted) -> web.StreamResponse:
         flight = admitted.flight
         model = flight.model
         payload = dict(call.body)
         payload["model"] = model.upstream
+        if admitted.cap is not None:
+            payload[call.endpoint.cap_field] = admitted.cap
         inject = call.stream and call.endpoint.usage_opt_in and not call.client_wants_usage
         if inject:
             payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
-        if admitted.cap is not None and call.endpoint.cap_field and call.max_output is None:
-            # The client set no limit: tell the upstream what was reserved, so the answer cannot
-            # exceed it (the client sees an ordinary length / max_output_tokens stop).
-            payload[call.endpoint.cap_field] = admitted.cap
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        if model.provider not in self.upstreams.routes:     # a config reload removed it meanwhile
+            flight.release_soon()
+            raise _upstream_error(model.provider, ConnectionRefusedError())
         flight.sent = True
         try:
             up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None,
@@ -261,6 +268,21 @@ async def _write(resp: web.StreamResponse, pieces) -> None:
         await resp.write(pieces[0])
     elif pieces:
         await resp.write(b"".join(pieces))
+
+
+def models_for(config: Config, name: str, endpoint: Endpoint) -> list[Model]:
+    """The candidate models for a requested name, on an endpoint their API serves (a model's
+    provider kind decides its endpoints: requests are never translated between APIs)."""
+    models = [config.models[n] for n in config.candidates(name)]
+    if not models:
+        raise NotFound(f"The model `{name}` does not exist or you do not have access to it.",
+                       param="model", code="model_not_found")
+    if models[0].kind != endpoint.api:
+        paths = ", ".join("/v1" + e.path for e in ENDPOINTS.values() if e.api == models[0].kind)
+        raise BadRequest(f"The model `{name}` is served by an {models[0].kind} provider and cannot be used "
+                         f"on /v1{endpoint.path} (the proxy does not translate between APIs); use {paths}.",
+                         param="model", code="model_not_supported_on_endpoint")
+    return models
 
 
 def _upstream_error(provider: str, exc: BaseException) -> ApiError:

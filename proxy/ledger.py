@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-from .keys import counter_key
+from .keys import scope_field, window_key
 from .policy import UNLIMITED, Policy
 from .errors import StoreUnavailable
-from .stores import Counter, Status, Store
+from .stores import Counter, ReserveOutcome, Seen, Status, Store
 from .windows import WINDOWS, Window, windows_at
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ class Amounts:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """The first scope a request would exceed (all amounts in the unit's integer form)."""
+    """The first counter a request would exceed, in the order minute, hour, day, month and,
+    within a window, the order of the request's scopes (amounts in the unit's integer form)."""
     scope: Scope
     window: str
     unit: str            # "tokens" or "usd" (micro-dollars)
@@ -66,6 +67,22 @@ class Balance(NamedTuple):
     resets_at: float     # epoch seconds
 
 
+class Slot(NamedTuple):
+    """One counter of a request with the scope and window it counts."""
+    counter: Counter
+    scope: Scope
+    window: Window
+
+
+class Plan(NamedTuple):
+    """The counters of a set of scopes in the current windows (`counters` as the store takes them)."""
+    counters: tuple[Counter, ...]
+    slots: tuple[Slot, ...]
+
+
+FAR_FUTURE_MS = 2 ** 62
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     id: str
@@ -84,9 +101,13 @@ class Ledger:
         self._ns = namespace
         self._clock = clock
         self._windows_cache: tuple[int, object, tuple[Window, ...]] = (-1, None, ())
-        self._plans: dict = {}          # scopes -> (counters, where), for the current windows and policy
+        self._plans: dict[tuple[Scope, ...], Plan] = {}   # for the current windows and policy
         self._plans_for: tuple = (None, None)
         self.pending: set[asyncio.Task] = set()    # undo tasks; the app waits for them at shutdown
+
+    def now(self) -> float:
+        """The ledger's clock (epoch seconds): windows and lease deadlines are read from it."""
+        return self._clock()
 
     def _windows(self, now: float, policy: Policy) -> tuple[Window, ...]:
         second, tz, wins = self._windows_cache
@@ -95,8 +116,7 @@ class Ledger:
             self._windows_cache = (int(now), policy.timezone, wins)
         return wins
 
-    def _plan(self, scopes: Sequence[Scope], now: float, policy: Policy
-              ) -> tuple[list[Counter], list[tuple[Scope, Window]]]:
+    def _plan(self, scopes: Sequence[Scope], now: float, policy: Policy) -> Plan:
         """The counters of `scopes` now, cached until the windows or the policy change."""
         wins = self._windows(now, policy)
         if self._plans_for[0] is not wins or self._plans_for[1] is not policy or len(self._plans) > 4096:
@@ -108,20 +128,20 @@ class Ledger:
             plan = self._plans[key] = self._build_plan(key, wins, policy)
         return plan
 
-    def _build_plan(self, scopes: tuple[Scope, ...], wins: tuple[Window, ...], policy: Policy
-                    ) -> tuple[list[Counter], list[tuple[Scope, Window]]]:
+    def _build_plan(self, scopes: tuple[Scope, ...], wins: tuple[Window, ...], policy: Policy) -> Plan:
+        """Window by window (the store reads and writes each window once), scope by scope."""
         lease_margin = 2 * policy.lease_seconds
-        counters, where = [], []
-        for scope in scopes:
-            table = policy.limits_for(scope.type, scope.id).table
-            for i, w in enumerate(wins):
+        tables = [policy.limits_for(scope.type, scope.id).table for scope in scopes]
+        slots = []
+        for i, w in enumerate(wins):
+            key = window_key(self._ns, w.label)
+            expire_ms = int((w.end + max(w.end - w.start, lease_margin)) * 1000)
+            for scope, table in zip(scopes, tables):
                 tl, dl = table[i]
                 if i < _ALWAYS_TRACKED and tl == UNLIMITED and dl == UNLIMITED:
                     continue
-                expire_ms = int((w.end + max(w.end - w.start, lease_margin)) * 1000)
-                counters.append(Counter(counter_key(self._ns, scope.type, scope.id, w.label), tl, dl, expire_ms))
-                where.append((scope, w))
-        return tuple(counters), tuple(where)
+                slots.append(Slot(Counter(key, scope_field(scope.type, scope.id), tl, dl, expire_ms), scope, w))
+        return Plan(tuple(s.counter for s in slots), tuple(slots))
 
     async def reserve(self, rid: str, amounts: Amounts, scopes: Sequence[Scope]) -> Reservation | Refusal:
         """Reserve `amounts` on every counter of `scopes`, or refuse naming the first one over."""
@@ -129,7 +149,8 @@ class Ledger:
             raise ValueError(f"amounts out of range: {amounts}")
         policy = self.policy
         now = self._clock()
-        counters, where = self._plan(scopes, now, policy)
+        plan = self._plan(scopes, now, policy)
+        counters = plan.counters
         deadline = int((now + policy.lease_seconds) * 1000)
         try:
             out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow)
@@ -141,17 +162,15 @@ class Ledger:
             task.add_done_callback(self.pending.discard)
             raise
         if out.status is Status.REFUSED:
-            return self._refusal(out, counters, where, amounts, now)
-        refusal = self._refusal(out, counters, where, amounts, now) if out.status is Status.FORCED else None
-        return Reservation(rid, amounts, tuple(counters), deadline, refusal,
-                           self._after(out.seen, counters, where, amounts))
+            return self._refusal(out, plan, amounts, now)
+        refusal = self._refusal(out, plan, amounts, now) if out.status is Status.FORCED else None
+        return Reservation(rid, amounts, counters, deadline, refusal, self._after(out.seen, plan, amounts))
 
     @staticmethod
-    def _after(seen, counters, where, amounts: Amounts) -> tuple[Balance, ...]:
+    def _after(seen: Sequence[Seen], plan: Plan, amounts: Amounts) -> tuple[Balance, ...]:
         out = []
-        for i, t, tr, d, dr in seen:
-            c = counters[i]
-            scope, w = where[i]
+        for i, (t, tr, d, dr) in seen:
+            c, scope, w = plan.slots[i]
             if c.token_limit >= 0:
                 tr += amounts.tokens
                 out.append(Balance(scope, w.name, "tokens", c.token_limit, t, tr,
@@ -162,14 +181,13 @@ class Ledger:
         return tuple(out)
 
     @staticmethod
-    def _refusal(out, counters, where, amounts: Amounts, now: float) -> Refusal:
-        c = counters[out.index]
-        scope, w = where[out.index]
-        if c.token_limit >= 0 and out.used_tokens + out.reserved_tokens + amounts.tokens > c.token_limit:
-            return Refusal(scope, w.name, "tokens", c.token_limit, out.used_tokens, out.reserved_tokens,
-                           amounts.tokens, w.end - now)
-        return Refusal(scope, w.name, "usd", c.usd_limit, out.used_usd, out.reserved_usd,
-                       amounts.usd, w.end - now)
+    def _refusal(out: ReserveOutcome, plan: Plan, amounts: Amounts, now: float) -> Refusal:
+        assert out.over is not None
+        c, scope, w = plan.slots[out.over.index]
+        t, tr, d, dr = out.over.totals
+        if c.token_limit >= 0 and t + tr + amounts.tokens > c.token_limit:
+            return Refusal(scope, w.name, "tokens", c.token_limit, t, tr, amounts.tokens, w.end - now)
+        return Refusal(scope, w.name, "usd", c.usd_limit, d, dr, amounts.usd, w.end - now)
 
     async def _undo(self, rid: str, counters, attempts: int = 10) -> None:
         """Release a reserve whose answer was lost (a settle of an unknown id only marks it
@@ -177,7 +195,7 @@ class Ledger:
         down through every attempt, the lease expires and the sweeper settles it."""
         for attempt in range(attempts):
             try:
-                await self.store.settle(rid, counters, 0, 0)
+                await self.store.release(rid, counters)
                 return
             except StoreUnavailable:
                 await asyncio.sleep(min(0.1 * 2 ** attempt, 5.0))
@@ -187,11 +205,11 @@ class Ledger:
         """Charge the actual amounts in the reservation's windows. False if already settled."""
         self._check_overrun(res, actual)
         tokens, usd = (min(max(0, v), MAX_AMOUNT) for v in (actual.tokens, actual.usd))
-        return await self.store.settle(res.id, res.counters, tokens, usd)
+        return await self.store.commit(res.id, res.counters, tokens, usd)
 
     async def release(self, res: Reservation) -> bool:
         """Give the reservation back; nothing used. False if already settled."""
-        return await self.store.settle(res.id, res.counters, 0, 0)
+        return await self.store.release(res.id, res.counters)
 
     async def extend(self, res: Reservation) -> Reservation:
         """Push the lease of a long-running request by another lease length from now."""
@@ -206,7 +224,7 @@ class Ledger:
         charge = self.policy.on_expiry == "commit"
         n = 0
         for rid, counters in await self.store.expired(now_ms, limit):
-            if await self.store.settle(rid, counters, -1 if charge else 0, -1 if charge else 0, now_ms):
+            if await self.store.expire(rid, counters, charge, now_ms):
                 log.warning("lease of reservation %s expired; %s", rid,
                             "charged at its reserved amount" if charge else "released")
                 n += 1
@@ -216,13 +234,12 @@ class Ledger:
         """Limit, used, reserved and remaining per scope, window and unit (every tracked counter:
         day and month always, minute and hour where limited; only limited ones if asked)."""
         policy = self.policy
-        counters, where = self._plan(scopes, self._clock(), policy)
+        slots = self._plan(scopes, self._clock(), policy).slots
         if limited_only:
-            pairs = [(c, w) for c, w in zip(counters, where) if c.token_limit >= 0 or c.usd_limit >= 0]
-            counters, where = [c for c, _ in pairs], [w for _, w in pairs]
-        rows = await self.store.snapshot([c.key for c in counters]) if counters else []
+            slots = tuple(s for s in slots if s.counter.token_limit >= 0 or s.counter.usd_limit >= 0)
+        rows = await self.store.snapshot([s.counter for s in slots]) if slots else []
         out = []
-        for c, (scope, w), (t, tr, d, dr) in zip(counters, where, rows):
+        for (c, scope, w), (t, tr, d, dr) in zip(slots, rows):
             for unit, limit, used, reserved in (("tokens", c.token_limit, t, tr), ("usd", c.usd_limit, d, dr)):
                 if limited_only and limit == UNLIMITED:
                     continue
@@ -230,6 +247,11 @@ class Ledger:
                 rem = None if lim is None else max(0, lim - used - reserved)
                 out.append(Balance(scope, w.name, unit, lim, used, reserved, rem, w.end))
         return out
+
+    async def open_reservations(self, limit: int = 1000) -> list[str]:
+        """Ids of reservations not yet settled, whatever their lease (tests and operators: after
+        every request has finished, none should remain)."""
+        return [e.id for e in await self.store.expired(FAR_FUTURE_MS, limit)]
 
     @staticmethod
     def _check_overrun(res: Reservation, actual: Amounts) -> None:

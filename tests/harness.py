@@ -9,6 +9,7 @@ import json
 
 import aiohttp
 import openai
+import yaml
 from aiohttp.test_utils import TestServer
 
 from proxy import config as config_mod
@@ -90,18 +91,9 @@ class Harness:
         return {(b.window, b.unit): b for b in await ledger.snapshot([scope])}
 
     async def reserved_anywhere(self) -> list[str]:
-        """Counters in the store, any scope, that still hold a reservation."""
+        """Reservations the store still holds open, any scope (read through the ledger)."""
         await self.settled()
-        store = self.gateway.ledger.store
-        if hasattr(store, "_counters"):                       # memory
-            return [k for k, row in store._counters.items() if row[1] or row[3]]
-        r = store._r                                          # redis
-        held = []
-        async for key in r.scan_iter(match="{bp}:c:*", count=1000):
-            tr, dr = await r.hmget(key, "tr", "dr")
-            if int(tr or 0) or int(dr or 0):
-                held.append(key.decode())
-        return held
+        return await self.gateway.ledger.open_reservations()
 
     async def books(self) -> tuple[int, int]:
         """(tokens used, tokens reserved) on the global day counter."""
@@ -128,12 +120,20 @@ async def post(h: Harness, path: str, body, key: str | None = CLIENT_KEY, raw: b
 
 
 async def start(store_url: str, policy: dict, tokens, *, enforcement: str = "strict", keys: bool = True,
-                fake: FakeOpenAI | None = None, env=None, clock=None) -> Harness:
+                fake: FakeOpenAI | None = None, env=None, clock=None, config_file: str | None = None) -> Harness:
+    """A fake upstream and a proxy in front of it. With `config_file`, the config is written
+    there as YAML and loaded from it (for tests that edit it while the proxy runs)."""
     fake = fake or FakeOpenAI()
     upstream = TestServer(fake.app())
     await upstream.start_server()
     data = config_data(str(upstream.make_url("/v1")), store_url, enforcement, keys)
-    cfg = config_mod.parse(data, "test-config.yaml", env={"BP_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})})
+    env = {"BP_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}
+    if config_file:
+        with open(config_file, "w") as fh:
+            yaml.safe_dump(data, fh)
+        cfg = config_mod.load(config_file, env)
+    else:
+        cfg = config_mod.parse(data, "test-config.yaml", env=env)
     pol = parse_policy({"version": 1, **policy}, "test-policy.yaml")
     proxy = TestServer(build_app(cfg, pol, tokens=tokens, clock=clock))
     await proxy.start_server()
