@@ -20,7 +20,7 @@ from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
-from . import auth
+from . import auth, passthrough
 from . import config as config_mod
 from . import policy as policy_mod
 from . import watch
@@ -146,6 +146,17 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
 
     for kind, e in ENDPOINTS.items():
         app.router.add_post("/v1" + e.path, endpoint(kind))
+    def relayed(handler):
+        """A pass-through handler (never charged) with the live config and upstream sessions."""
+        async def relay(request: web.Request) -> web.StreamResponse:
+            return await handler(request, request.app[GATEWAY].config, request.app[UPSTREAMS])
+        return relay
+
+    stored = relayed(passthrough.stored_response)
+    app.router.add_get("/v1/responses/{id}", stored)
+    app.router.add_delete("/v1/responses/{id}", stored)
+    app.router.add_get("/v1/responses/{id}/input_items", stored)
+    app.router.add_post("/v1/messages/count_tokens", relayed(passthrough.count_tokens))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_route("*", "/v1/{tail:.*}", not_found)

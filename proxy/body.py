@@ -114,10 +114,16 @@ def _end_user(user: Any, param: str) -> str | None:
     return user
 
 
-def parse(raw: bytes, kind: str) -> ApiCall:
+def json_object(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400."""
     body = _loads(raw)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def parse(raw: bytes, kind: str) -> ApiCall:
+    body = json_object(raw)
     if kind in _TYPED_API_PARSERS:
         return _TYPED_API_PARSERS[kind](body)
     model, stream = _model_and_stream(body)

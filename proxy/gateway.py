@@ -24,9 +24,8 @@ from aiohttp import web
 
 from . import auth, body, planner
 from .config import Config, Model
-from .endpoints import ENDPOINTS, Endpoint
-from .errors import (ApiError, BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable,
-                     UpstreamFailed)
+from .endpoints import ENDPOINTS
+from .errors import ApiError, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
 from .ledger import Ledger, Refusal, Reservation
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
@@ -69,7 +68,7 @@ class Gateway:
         endpoint = ENDPOINTS[kind]
         key = auth.authenticate(auth.presented(request.headers, endpoint.api), config.keys)
         call = body.parse(await self._read(request), kind)
-        models = models_for(config, call.model, endpoint)
+        models = planner.models_for(config, call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
         prompt = await self.tokens.estimate(kind, call.body, models[0].upstream)
@@ -268,21 +267,6 @@ async def _write(resp: web.StreamResponse, pieces) -> None:
         await resp.write(pieces[0])
     elif pieces:
         await resp.write(b"".join(pieces))
-
-
-def models_for(config: Config, name: str, endpoint: Endpoint) -> list[Model]:
-    """The candidate models for a requested name, on an endpoint their API serves (a model's
-    provider kind decides its endpoints: requests are never translated between APIs)."""
-    models = [config.models[n] for n in config.candidates(name)]
-    if not models:
-        raise NotFound(f"The model `{name}` does not exist or you do not have access to it.",
-                       param="model", code="model_not_found")
-    if models[0].kind != endpoint.api:
-        paths = ", ".join("/v1" + e.path for e in ENDPOINTS.values() if e.api == models[0].kind)
-        raise BadRequest(f"The model `{name}` is served by an {models[0].kind} provider and cannot be used "
-                         f"on /v1{endpoint.path} (the proxy does not translate between APIs); use {paths}.",
-                         param="model", code="model_not_supported_on_endpoint")
-    return models
 
 
 def _upstream_error(provider: str, exc: BaseException) -> ApiError:
