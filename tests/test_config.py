@@ -65,7 +65,7 @@ def test_shipped_config_validates_and_uses_its_defaults(capsys):
     assert (claude.kind, claude.base_url, claude.api_key_env, claude.anthropic_version) == \
         ("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", "2023-06-01")
     assert cfg.providers["openai"].kind == "openai"
-    assert cfg.models["claude-sonnet-4-5"].kind == "anthropic" and cfg.models["gpt-4o"].kind == "openai"
+    assert cfg.models["claude-sonnet-4-6"].kind == "anthropic" and cfg.models["gpt-4o"].kind == "openai"
 
 
 # Shipped list prices, USD per million tokens: (input, cached input, output), and Anthropic's
@@ -73,7 +73,7 @@ def test_shipped_config_validates_and_uses_its_defaults(capsys):
 SHIPPED_PRICES = {
     "gpt-4o": (2.50, 1.25, 10.00), "gpt-4o-mini": (0.15, 0.075, 0.60), "gpt-4.1": (2.00, 0.50, 8.00),
     "gpt-4.1-mini": (0.40, 0.10, 1.60), "gpt-4.1-nano": (0.10, 0.025, 0.40),
-    "claude-sonnet-4-5": (3.00, 0.30, 15.00), "claude-haiku-4-5": (1.00, 0.10, 5.00),
+    "claude-sonnet-4-6": (3.00, 0.30, 15.00), "claude-haiku-4-5": (1.00, 0.10, 5.00),
 }
 
 
