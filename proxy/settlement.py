@@ -114,6 +114,7 @@ class Flight:
         elif tap.error is not None and not tap.output_chunks:
             self.release_soon()              # an upstream error before any output
         else:
+            # Only typed-event taps may know part of the usage (Anthropic: the exact input).
             known = read(getattr(tap, "partial", None)) or pricing.estimate(self.prompt, 0)
             estimate = max(known.output, tap.output_chunks, math.ceil(tap.output_chars / CHARS_PER_TOKEN))
             log.info("stream %s ended without usage; charging an estimate of %d output tokens",
