@@ -161,7 +161,8 @@ class MessagesTap(EventTap):
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 self._raw.update((k, v) for k, v in usage.items() if v is not None)
-                self.usage = dict(self._raw)
+                if "input_tokens" in self._raw:     # never a usage that says the input was 0
+                    self.usage = dict(self._raw)
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":

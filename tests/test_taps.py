@@ -128,3 +128,12 @@ def test_odd_events_are_passed_on_and_ignored():
     for tap in (ResponsesTap(), MessagesTap()):
         assert run(tap, events, 7) == b"".join(events)
         assert tap.usage is None and tap.error is None and tap.output_chunks == 0
+
+
+def test_messages_tap_never_reports_usage_without_the_input():
+    """A delta alone (its message_start never seen) is no usage: settlement estimates the input
+    rather than committing it as 0."""
+    tap = MessagesTap()
+    run(tap, [wire.sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 9},
+                                         "delta": {"stop_reason": "end_turn"}})], 8)
+    assert tap.usage is None and tap.partial is None
