@@ -87,6 +87,26 @@ async def test_responses_stream_passes_events_through_and_commits_the_final_usag
     assert await committed(h) == (u["total_tokens"], 0, gpt41_usd(u), 0)
 
 
+async def test_responses_stream_helper_gets_its_final_response(store_url, start_proxy):
+    h = await start_proxy(store_url)
+    async with h.client().responses.stream(model="gpt-4.1", input="Say hello.", max_output_tokens=16) as stream:
+        deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+        final = await stream.get_final_response()
+    assert final.status == "completed" and final.output_text == "".join(deltas) == "".join(fake.WORDS)
+    u = h.fake.reported[-1]
+    assert await committed(h) == (u["total_tokens"], 0, gpt41_usd(u), 0)
+
+
+async def test_a_response_cut_at_its_cap_is_incomplete_and_charged_its_usage(store_url, start_proxy):
+    h = await start_proxy(store_url)
+    h.fake.words = [f" w{i}" for i in range(40)]
+    resp = await h.client().responses.create(model="gpt-4.1", input="Say hello.", max_output_tokens=16)
+    # 16 output tokens: 2 of reasoning and 14 words, then the upstream stopped at the cap
+    assert resp.status == "incomplete" and resp.output_text == "".join(h.fake.words[:14])
+    u = h.fake.reported[-1]
+    assert u["output_tokens"] == 16 and await committed(h) == (u["total_tokens"], 0, gpt41_usd(u), 0)
+
+
 async def test_retrieve_input_items_and_delete_pass_through_uncharged(store_url, start_proxy):
     h = await start_proxy(store_url)
     client = h.client()
