@@ -24,9 +24,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from ..errors import StoreUnavailable
-from ..keys import leases_key, record_key
-from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, ReserveOutcome, Seen,
-                   Status, Store, Totals)
+from ..keys import claim_key, leases_key, log_key, record_key
+from .base import (EMPTY, LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry,
+                   Note, ReserveOutcome, Seen, Status, Store, Totals)
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
@@ -136,6 +136,16 @@ def _totals(value: bytes | None) -> Totals:
 _VALUE = struct.Struct("<dddd")
 
 
+def _entry(seq: str, f: dict[bytes, bytes]) -> LogEntry:
+    """A settlement log entry from its stream fields (see settle.lua)."""
+    text = {k.decode(): v.decode() for k, v in f.items()}
+    keys = text.get("w", "").split(" ") if text.get("w") else []
+    fields = text.get("f", "").split(" ") if keys else []
+    return LogEntry(seq, int(seq.partition("-")[0]), text.get("id", ""), text.get("o", ""),
+                    int(text.get("ct") or 0), int(text.get("cd") or 0), text.get("u", ""), text.get("l", ""),
+                    text.get("i", ""), tuple((k, tuple(fs.split(","))) for k, fs in zip(keys, fields)))
+
+
 def _wrap_errors(cls):
     """Every public coroutine method of `cls` raises StoreUnavailable for any redis-py, OS or
     timeout error, naming the operation; nothing from redis.exceptions reaches the caller."""
@@ -156,9 +166,11 @@ def _wrap_errors(cls):
 @_wrap_errors
 class RedisStore(Store):
     def __init__(self, url: str, namespace: str = "bp", *, timeout: float = 1.0,
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, log_length: int = LOG_LENGTH) -> None:
         self._ns = namespace
         self._leases = leases_key(namespace)
+        self._log = log_key(namespace)
+        self._log_length = log_length
         # A blocking pool: a burst larger than the pool waits (up to `timeout`) for a connection
         # instead of failing; 64 connections keep one Redis core busy from one proxy process.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -187,31 +199,34 @@ class RedisStore(Store):
         return wire
 
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
-                      deadline_ms: int, force: bool) -> ReserveOutcome:
+                      deadline_ms: int, force: bool, info: str = "") -> ReserveOutcome:
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
-                "1" if force else "0", "", *wire.args]
+                "1" if force else "0", info, *wire.args]
         st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args)
         seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
         over = Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None
         return ReserveOutcome(Status(st), over, seen)
 
-    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int) -> bool:
-        return await self._settle(rid, counters, "commit", tokens, usd)
+    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
+                     note: Note = Note("ok")) -> bool:
+        return await self._settle(rid, counters, "commit", tokens, usd, note)
 
-    async def release(self, rid: str, counters: Sequence[Counter]) -> bool:
-        return await self._settle(rid, counters, "release", 0, 0)
+    async def release(self, rid: str, counters: Sequence[Counter], note: Note = Note("released")) -> bool:
+        return await self._settle(rid, counters, "release", 0, 0, note)
 
     async def expire(self, rid: str, counters: Sequence[Counter], charge: bool, now_ms: int) -> bool:
         keep_until = max((c.expire_at for c in counters), default=now_ms)
-        return await self._settle(rid, counters, "expire", 0, 0, now_ms, "1" if charge else "0", keep_until)
+        return await self._settle(rid, counters, "expire", 0, 0, Note("expired"), now_ms,
+                                  "1" if charge else "0", keep_until)
 
     async def _settle(self, rid: str, counters: Sequence[Counter], mode: str, tokens: int, usd: int,
-                      now_ms: int = 0, charge: str = "0", keep_until: int = 0) -> bool:
+                      note: Note, now_ms: int = 0, charge: str = "0", keep_until: int = 0) -> bool:
         wire = self._wired(counters)
-        keys = [record_key(self._ns, rid), self._leases, *wire.keys]
-        args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until, *wire.args]
+        keys = [record_key(self._ns, rid), self._leases, self._log, *wire.keys]
+        args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
+                note.outcome, note.usage, note.latency_ms, self._log_length, *wire.args]
         return bool(await self._calls.call(self._settle_script, keys, args))
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
@@ -249,6 +264,24 @@ class RedisStore(Store):
             for name, v in zip(names, vals):
                 found[key, name] = _totals(v)
         return [found[c.window, c.scope] for c in counters]
+
+    async def windows(self, keys: Sequence[str]) -> list[dict[str, Totals]]:
+        pipe = self._r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        rows = await pipe.execute()
+        return [{f.decode(): _totals(v) for f, v in row.items()} for row in rows]
+
+    async def settlements(self, since_ms: int | None, until_ms: int | None, limit: int,
+                          before: str | None = None) -> list[LogEntry]:
+        # Stream ids are "<ms>-<n>" of the server's clock: the range is read by id, newest first.
+        top = f"({before}" if before else ("+" if until_ms is None else str(until_ms))
+        bottom = "-" if since_ms is None else str(since_ms)
+        rows = await self._r.xrevrange(self._log, top, bottom, count=limit)
+        return [_entry(seq.decode(), fields) for seq, fields in rows]
+
+    async def claim(self, name: str, expire_at_ms: int) -> bool:
+        return bool(await self._r.set(claim_key(self._ns, name), b"1", nx=True, pxat=expire_at_ms))
 
     async def close(self) -> None:
         if self._calls.tasks:
