@@ -119,9 +119,14 @@ class Harness:
         return {(b.window, b.unit): b for b in await ledger.snapshot([scope])}
 
     async def reserved_anywhere(self) -> list[str]:
-        """Reservations the store still holds open, any scope (read through the ledger)."""
+        """Reservations still open, and scopes still holding a reserved amount in any current
+        window, read through the ledger's public reads."""
         await self.settled()
-        return await self.gateway.ledger.open_reservations()
+        ledger = self.gateway.ledger
+        held = [f"reservation {rid}" for rid in await ledger.open_reservations()]
+        held += [f"{u.window} {u.scope.type}:{u.scope.id} reserved {u.reserved}"
+                 for u in await ledger.usage() if u.reserved.tokens or u.reserved.usd]
+        return held
 
     async def books(self) -> tuple[int, int]:
         """(tokens used, tokens reserved) on the global day counter."""
