@@ -25,6 +25,7 @@ from .config import Model
 from .endpoints import Endpoint
 from .errors import StoreUnavailable
 from .ledger import Amounts, Ledger, Reservation
+from .settlements import Usage as LoggedUsage
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,9 @@ class Flight:
     async def _commit(self, usage: pricing.Usage) -> None:
         """Tokens and the dollars of the model actually used, every token kind at its own rate."""
         actual = Amounts(usage.total_tokens, self.model.charge(usage))
+        logged = LoggedUsage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning)
         res = self.res
-        await retry.until_stored(lambda: self.ledger.commit(res, actual), f"commit of {res.id}")
+        await retry.until_stored(lambda: self.ledger.commit(res, actual, logged), f"commit of {res.id}")
 
     def _count_output(self, obj: Any) -> int:
         if not self.endpoint.output or not isinstance(obj, dict):

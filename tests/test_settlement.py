@@ -48,6 +48,9 @@ async def test_a_commit_prices_every_token_kind_at_its_rate(ledger):
                   b'"prompt_tokens_details": {"cached_tokens": 600}}}')
     assert await org_day(ledger, tasks) == (1010, 0)
     assert await org_day(ledger, tasks, "usd") == (400 * 2.5 + 600 * 1.25 + 10 * 10, 0)   # 1850 micro-USD
+    logged = (await ledger.settlements())[0]          # the log has the breakdown, reasoning apart
+    assert (logged.prompt_tokens, logged.cached_tokens, logged.completion_tokens, logged.reasoning_tokens,
+            logged.usd_micro) == (1000, 600, 10, 0, 1850)
 
 
 async def test_a_cut_anthropic_stream_is_charged_its_exact_input_and_an_output_estimate(ledger):
@@ -58,6 +61,8 @@ async def test_a_cut_anthropic_stream_is_charged_its_exact_input_and_an_output_e
              "output_tokens": 1}
     f.settle_stream(SimpleNamespace(usage=None, partial=start, error=None, output_chunks=3, output_chars=40))
     assert await org_day(ledger, tasks) == (2030 + 10, 0)               # not the estimated prompt (100)
+    logged = (await ledger.settlements())[0]
+    assert (logged.prompt_tokens, logged.cached_tokens, logged.completion_tokens) == (2030, 2000, 10)
     assert await org_day(ledger, tasks, "usd") == (30 * 3 + 2000 * 0.3 + 10 * 15, 0)   # reads at 0.1x
 
 
