@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 import aiohttp
 from aiohttp import web
@@ -26,10 +27,11 @@ from aiohttp import web
 from . import auth, body, planner
 from .config import Config
 from .endpoints import ENDPOINTS
-from .errors import BadRequest, UpstreamFailed
+from .errors import BadRequest, NotFound, UpstreamFailed
 from .upstream import Upstreams, passed_headers, redacted
 
 log = logging.getLogger(__name__)
+_RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
 
 async def _relay(up: aiohttp.ClientResponse, upstreams: Upstreams, provider: str) -> web.Response:
@@ -57,7 +59,13 @@ async def _call(upstreams: Upstreams, method: str, provider: str, path: str, pay
 async def stored_response(request: web.Request, config: Config, upstreams: Upstreams) -> web.Response:
     """GET/DELETE /v1/responses/{id}[/input_items]: to the openai provider that knows the id."""
     auth.authenticate(request.headers.get("Authorization"), config.keys)
-    path = request.path_qs.removeprefix("/v1")
+    rid = request.match_info["id"]
+    if not _RESPONSE_ID.fullmatch(rid):
+        # Built from a checked id, never the raw path: "..%2F" must not reach another upstream URL.
+        raise NotFound(f"No response with id '{rid[:64]}'.", param="response_id", code="not_found")
+    path = f"/responses/{rid}" + ("/input_items" if request.path.endswith("/input_items") else "")
+    if request.query_string:
+        path += "?" + request.query_string
     providers = [name for name, p in config.providers.items() if p.kind == "openai" and name in upstreams.routes]
     for i, provider in enumerate(providers):
         up = await _call(upstreams, request.method, provider, path, None, request)

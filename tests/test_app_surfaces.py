@@ -10,6 +10,7 @@ import json
 import math
 from fractions import Fraction as F
 
+import aiohttp
 import anthropic
 import httpx2
 import openai
@@ -18,7 +19,7 @@ import pytest
 from proxy.ledger import Scope
 
 from . import fake_upstream as fake
-from .harness import MSGS, post
+from .harness import CLIENT_KEY, MSGS, post
 
 USER = [{"role": "user", "content": "Say hello."}]
 
@@ -124,6 +125,10 @@ async def test_retrieve_input_items_and_delete_pass_through_uncharged(store_url,
         await h.client("not-a-proxy-key").responses.retrieve(resp.id)
     assert await committed(h) == before
     assert all(s.headers["Authorization"] == f"Bearer {fake.UPSTREAM_KEY}" for s in h.fake.seen)
+    async with aiohttp.ClientSession() as s:            # an id may not walk to another upstream path
+        async with s.get(f"{h.url}/responses/..%2Fchat%2Fcompletions",
+                         headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
 
 
 @pytest.mark.parametrize("field, value", [("background", True), ("previous_response_id", "resp_abc")])
