@@ -219,6 +219,7 @@ class FakeOpenAI:
         return await self._events(request, wire.responses_stream(rid, body["model"], words, usage, final))
 
     async def retrieve(self, request: web.Request) -> web.Response:
+        self.seen.append(Seen(request.path, {}, dict(request.headers)))
         if request.headers.get("Authorization") != f"Bearer {UPSTREAM_KEY}":
             return web.json_response({"error": {"message": "bad key", "type": "invalid_request_error"}}, status=401)
         rid = request.match_info["id"]

@@ -16,10 +16,13 @@ import httpx2
 import openai
 import pytest
 
+from aiohttp.test_utils import TestServer
+
+from proxy import config as config_mod
 from proxy.ledger import Scope
 
 from . import fake_upstream as fake
-from .harness import CLIENT_KEY, MSGS, post
+from .harness import CLIENT_KEY, MSGS, config_data, post
 
 USER = [{"role": "user", "content": "Say hello."}]
 
@@ -129,6 +132,29 @@ async def test_retrieve_input_items_and_delete_pass_through_uncharged(store_url,
         async with s.get(f"{h.url}/responses/..%2Fchat%2Fcompletions",
                          headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as r:
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_a_stored_response_is_found_at_whichever_openai_provider_has_it(start_proxy):
+    h = await start_proxy("memory://")
+    resp = await h.client().responses.create(model="gpt-4.1", input="Say hello.")
+    other = fake.FakeOpenAI()                       # a provider listed first that never saw it
+    server = TestServer(other.app())
+    await server.start_server()
+    try:
+        data = config_data(str(h.upstream.make_url("/v1")), "memory://")
+        data["providers"] = {"first": {"base_url": str(server.make_url("/v1")), "api_key_env": "K"},
+                             **data["providers"]}
+        h.gateway.reconfigure(config_mod.parse(data, "c.yaml", env={"K": fake.UPSTREAM_KEY,
+                                                                    "BP_TEST_UPSTREAM_KEY": fake.UPSTREAM_KEY}))
+        got = await h.client().responses.retrieve(resp.id)
+        assert got.id == resp.id
+        path = f"/v1/responses/{resp.id}"
+        assert [x.path for x in other.seen] == [path]           # asked first: it answered 404
+        assert h.fake.seen[-1].path == path                     # then the provider that has it
+        with pytest.raises(openai.NotFoundError):               # nowhere: the last provider's 404
+            await h.client().responses.retrieve("resp_nowhere")
+    finally:
+        await server.close()
 
 
 @pytest.mark.parametrize("field, value", [("background", True), ("previous_response_id", "resp_abc")])
