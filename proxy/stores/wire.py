@@ -52,10 +52,11 @@ def counters(keys: Sequence[str], settle: Sequence[str]) -> tuple[Counter, ...]:
 
 
 def record_counters(record: bytes | None) -> tuple[Counter, ...]:
-    """An open reservation's counters from its record ("r <deadline> <tokens> <usd>\\n<keys>\\n
-    <settle arguments>\\n<info>"); none for a vanished or settled record."""
+    """An open reservation's counters from its record (see reserve.lua: "r <deadline> <tokens>
+    <usd>", the request, the window keys, the settle arguments; one a line); none for a vanished
+    or settled record."""
     parts = record.decode().split("\n", 3) if record else []
-    return counters(parts[1].split(" "), parts[2].split(" ")) if len(parts) == 4 else ()
+    return counters(parts[2].split(" "), parts[3].split(" ")) if len(parts) == 4 else ()
 
 
 def totals(value: bytes | None) -> Totals:

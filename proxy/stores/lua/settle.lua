@@ -62,7 +62,7 @@ local function log(outcome, t, d, rec)
     fields[#fields + 1] = table.concat(ARGV, ',', a + 2, a + 1 + n)
     a = a + 2 + n
   end
-  local info = rec and string.match(rec, '\n([^\n]*)$') or ''
+  local info = rec and string.match(rec, '^[^\n]*\n([^\n]*)') or ''
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[12], '*', 'id', ARGV[1], 'o', outcome,
              'ct', string.format('%d', t), 'cd', string.format('%d', d), 'u', ARGV[10], 'l', ARGV[11],
              'i', info, 'w', table.concat(KEYS, ' ', 4), 'f', table.concat(fields, ' '))
