@@ -8,8 +8,12 @@ hour counters are kept only where the policy limits them (a new one starts from 
 half of all counters and nobody reads an unlimited minute's spend, while each counter costs Redis
 work on every request.
 
-Windows are fixed at reserve time: the reservation carries its counter keys, so a request that
+Windows are fixed at reserve time: the reservation carries its counters, so a request that
 starts at 23:59:59 and ends after midnight is charged to the day it started.
+
+Every settlement also appends a record to the settlement log in the same store call (see
+settlements.py); `settlements`, `usage`, `audit` and `claim` are the reads and the one write the
+admin API, the CLI and alerts build on.
 """
 
 from __future__ import annotations

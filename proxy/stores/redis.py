@@ -215,7 +215,7 @@ class RedisStore(Store):
         for key in keys:
             pipe.hgetall(key)
         rows = await pipe.execute()
-        return [{f.decode(): fmt.totals(v) for f, v in row.items()} for row in rows]
+        return [{f.decode(): fmt.totals(v) for f, v in row.items() if f != b"_"} for row in rows]
 
     async def settlements(self, since_ms: int | None, until_ms: int | None, limit: int,
                           before: str | None = None) -> list[LogEntry]:

@@ -22,8 +22,8 @@
 -- Every counter is checked before any is written: a Lua error after a write is not rolled back.
 -- A repeated id (redis-py retrying a call that ran) is found by the record's SET NX, or, when the
 -- counters now refuse (they hold this id's own reservation), by EXISTS on that path only.
--- A window hash gets its expiry when one of the fields written was absent (it may be new), so
--- each hash is expired once per scope and window, not on every call.
+-- Each window hash carries a marker field "_": read with the counters (no extra command), it
+-- says whether the hash is new, so PEXPIREAT runs once per window hash, not once per call.
 
 local KEYS, ARGV = KEYS, ARGV
 local DUPLICATE = {2, -1, 0, 0, 0, 0, {}}
@@ -38,10 +38,12 @@ local base, a = 0, 9
 for w = 3, #KEYS do
   local n = tonumber(ARGV[a + 1])
   local first = a + 2
-  local vals = redis.call('HMGET', KEYS[w], unpack(ARGV, first, first + n - 1))
+  local got = redis.call('HMGET', KEYS[w], '_', unpack(ARGV, first, first + n - 1))
+  fresh[w] = not got[1]
+  local vals = {}
   for j = 1, n do
-    local v = vals[j]
-    if v then vals[j] = {sunpack('<dddd', v)} else vals[j] = {0, 0, 0, 0}; fresh[w] = true end
+    local v = got[j + 1]
+    if v then vals[j] = {sunpack('<dddd', v)} else vals[j] = {0, 0, 0, 0} end
   end
   reads[w] = vals
   local l = first + n
@@ -71,11 +73,11 @@ end
 a = 9
 for w = 3, #KEYS do
   local n = tonumber(ARGV[a + 1])
-  local first, vals, args = a + 2, reads[w], {}
+  local first, vals, args = a + 2, reads[w], {'_', '1'}
   for j = 1, n do
     local v = vals[j]
-    args[2 * j - 1] = ARGV[first + j - 1]
-    args[2 * j] = spack('<dddd', v[1], v[2] + tokens, v[3], v[4] + usd)
+    args[2 * j + 1] = ARGV[first + j - 1]
+    args[2 * j + 2] = spack('<dddd', v[1], v[2] + tokens, v[3], v[4] + usd)
   end
   redis.call('HSET', KEYS[w], unpack(args))
   if fresh[w] then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end

@@ -34,10 +34,10 @@ local function apply(used_t, used_d, res_t, res_d)
   for w = 4, #KEYS do
     local n = tonumber(ARGV[a + 1])
     local first = a + 2
-    local vals = redis.call('HMGET', KEYS[w], unpack(ARGV, first, first + n - 1))
-    local args, fresh = {}, false
+    local vals = redis.call('HMGET', KEYS[w], '_', unpack(ARGV, first, first + n - 1))
+    local args, fresh = {'_', '1'}, not vals[1]     -- "_": the hash's marker (see reserve.lua)
     for j = 1, n do
-      local v = vals[j]
+      local v = vals[j + 1]
       local s = #args
       if v then
         local t, tr, d, dr = sunpack('<dddd', v)
@@ -46,11 +46,12 @@ local function apply(used_t, used_d, res_t, res_d)
       elseif used_t > 0 or used_d > 0 then
         args[s + 1] = ARGV[first + j - 1]
         args[s + 2] = spack('<dddd', max(used_t, 0), 0, max(used_d, 0), 0)
-        fresh = true
       end
     end
-    if #args > 0 then redis.call('HSET', KEYS[w], unpack(args)) end
-    if fresh then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end
+    if #args > 2 then
+      redis.call('HSET', KEYS[w], unpack(args))
+      if fresh then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end
+    end
     a = first + n
   end
 end
