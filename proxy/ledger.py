@@ -305,15 +305,16 @@ class Ledger:
         """The settlement log, newest first, filtered by time (epoch ms) and org / user."""
         out: list[SettlementRecord] = []
         before = None
+        size = min(max(limit, 100), 2000)        # pages bound each reply (the log may be 100 MB)
         while len(out) < limit:
-            page = await self.store.settlements(since_ms, until_ms, max(limit, 500), before)
+            page = await self.store.settlements(since_ms, until_ms, size, before)
             for entry in page:
                 r = record(entry)
                 if (org is None or r.org == org) and (user is None or r.user == user):
                     out.append(r)
                     if len(out) == limit:
                         break
-            if len(page) < max(limit, 500):
+            if len(page) < size:
                 break
             before = page[-1].seq
         return out
