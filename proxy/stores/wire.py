@@ -68,7 +68,9 @@ def log_entry(seq: str, f: dict[bytes, bytes]) -> LogEntry:
     """A settlement log entry from its stream fields (see settle.lua)."""
     text = {k.decode(): v.decode() for k, v in f.items()}
     keys = text["w"].split(" ") if text.get("w") else []
-    fields = text.get("f", "").split(" ") if keys else []
+    windows: dict[str, list[str]] = {}
+    for c in counters(keys, text["c"].split(" ")) if keys else ():
+        windows.setdefault(c.window, []).append(c.scope)
     return LogEntry(seq, int(seq.partition("-")[0]), text.get("id", ""), text.get("o", ""),
                     int(text.get("ct") or 0), int(text.get("cd") or 0), text.get("u", ""), text.get("l", ""),
-                    text.get("i", ""), tuple((k, tuple(fs.split(","))) for k, fs in zip(keys, fields)))
+                    text.get("i", ""), tuple((k, tuple(v)) for k, v in windows.items()))

@@ -11,14 +11,15 @@
 -- ARGV[8] expire only: epoch ms until which the expired record is kept (its windows' last expiry)
 -- ARGV[9] outcome for the log (commit, release)   ARGV[10] usage "<prompt> <cached> <completion>
 --         <reasoning>" or ""   ARGV[11] upstream latency ms or ""   ARGV[12] log length (approximate cap)
--- ARGV[13..] the counters, per window in KEYS order: <expire-at epoch ms> <n> <n fields>
+-- ARGV[13] ARGV[14..] space-joined, for the log entry
+-- ARGV[14..] the counters, per window in KEYS order: <expire-at epoch ms> <n> <n fields>
 -- Returns 1 if settled (or corrected) now; 0 if already settled, not yet due, or unknown.
 --
 -- Every settlement appends one log entry in this same call (so log and counters cannot disagree):
 --   id, o outcome (expire: "expired"; a late commit or release after it: "corrected"),
 --   ct / cd tokens / micro-USD the used counters moved by (a correction: the delta),
 --   u usage, l latency, i the request info kept from reserve, w window keys charged (space-joined),
---   f per window the scope fields charged there (comma-joined; windows space-joined).
+--   c the counters charged (ARGV[13]: per window <expire-at> <n> <n fields>).
 --
 -- Record states: "r ..." open; "x <deadline> <charged tokens> <charged micro-USD>\n..." settled by
 -- the sweeper, kept so that the late commit or release of a live request corrects the charge to
@@ -30,7 +31,7 @@ local unpack, tonumber, sunpack, spack, max = unpack, tonumber, struct.unpack, s
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
 -- (a restart, or the window expired) gets the usage again, nothing to take back.
 local function apply(used_t, used_d, res_t, res_d)
-  local a = 13
+  local a = 14
   for w = 4, #KEYS do
     local n = tonumber(ARGV[a + 1])
     local first = a + 2
@@ -56,17 +57,11 @@ local function apply(used_t, used_d, res_t, res_d)
   end
 end
 
+-- Amounts go to XADD as Lua numbers: Redis 7 writes integers below 2^53 exactly.
 local function log(outcome, t, d, rec)
-  local fields, a = {}, 13
-  for w = 4, #KEYS do
-    local n = tonumber(ARGV[a + 1])
-    fields[#fields + 1] = table.concat(ARGV, ',', a + 2, a + 1 + n)
-    a = a + 2 + n
-  end
   local info = rec and string.match(rec, '^[^\n]*\n([^\n]*)') or ''
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[12], '*', 'id', ARGV[1], 'o', outcome,
-             'ct', string.format('%d', t), 'cd', string.format('%d', d), 'u', ARGV[10], 'l', ARGV[11],
-             'i', info, 'w', table.concat(KEYS, ' ', 4), 'f', table.concat(fields, ' '))
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[12], '*', 'id', ARGV[1], 'o', outcome, 'ct', t, 'cd', d,
+             'u', ARGV[10], 'l', ARGV[11], 'i', info, 'w', table.concat(KEYS, ' ', 4), 'c', ARGV[13])
 end
 
 local mode = ARGV[2]
