@@ -53,25 +53,54 @@ def openai_error(status: int, body: bytes) -> dict:
     return err
 
 
+# Each surface with a body of its own: OpenAI's chat and Responses, Anthropic's Messages (whose
+# errors come in Anthropic's shape, and whose SDK sends its key as x-api-key).
+SURFACES = {
+    "chat": ("/v1/chat/completions", BODY, b"Authorization: Bearer "),
+    "responses": ("/v1/responses", json.dumps({"model": "gpt-4o", "input": "hi"}).encode(),
+                  b"Authorization: Bearer "),
+    "messages": ("/v1/messages", json.dumps({"model": "claude-haiku-4-5", "max_tokens": 16,
+                                             "messages": [{"role": "user", "content": "hi"}]}).encode(),
+                 b"x-api-key: "),
+}
+
+
+def error_of(path: str, body: bytes) -> dict:
+    """The error object, in the shape of the API at `path` (checked)."""
+    got = json.loads(body)
+    if path.startswith("/v1/messages"):
+        assert got["type"] == "error"
+    err = got["error"]
+    assert set(err) >= {"message", "type"}
+    return err
+
+
+@pytest.mark.parametrize("surface", sorted(SURFACES))
 @pytest.mark.parametrize("token", [b"caf\xe9", b"\xff\xfekey", "ключ".encode()])
-async def test_a_non_utf8_or_unknown_bearer_is_a_401(proxy, token):
-    auth = b"Authorization: Bearer " + token
-    status, headers, body = await raw_http(proxy, post("/v1/chat/completions", BODY, auth))
+async def test_a_non_utf8_or_unknown_key_is_a_401(proxy, token, surface):
+    path, body, header = SURFACES[surface]
+    status, headers, answer = await raw_http(proxy, post(path, body, header + token))
     assert status == 401 and headers["content-type"].startswith("application/json")
-    assert openai_error(status, body)["code"] == "invalid_api_key"
-    status, _, body = await raw_http(proxy, b"GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: close\r\n"
-                                            b"Authorization: Bearer " + token + b"\r\n\r\n")
-    assert status == 401 and openai_error(status, body)["code"] == "invalid_api_key"
+    assert error_of(path, answer)["type"] in ("invalid_request_error", "authentication_error")
     assert proxy.fake.seen == []
 
 
-async def test_a_lone_surrogate_in_raw_utf8_is_a_400_before_any_reservation(proxy):
-    raw = BODY.replace(b'"hi"', b'"hi \xed\xa0\x80"')
-    status, _, body = await raw_http(proxy, post("/v1/chat/completions", raw,
-                                                 b"Authorization: Bearer " + harness.CLIENT_KEY.encode()))
+@pytest.mark.parametrize("token", [b"caf\xe9", b"\xff\xfekey"])
+async def test_a_non_utf8_key_is_a_401_on_models_too(proxy, token):
+    status, _, body = await raw_http(proxy, b"GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: close\r\n"
+                                            b"Authorization: Bearer " + token + b"\r\n\r\n")
+    assert status == 401 and openai_error(status, body)["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("surface", sorted(SURFACES))
+async def test_a_lone_surrogate_in_raw_utf8_is_a_400_before_any_reservation(proxy, surface):
+    path, body, header = SURFACES[surface]
+    raw = body.replace(b'"hi"', b'"hi \xed\xa0\x80"')
+    assert raw != body
+    status, _, answer = await raw_http(proxy, post(path, raw, header + harness.CLIENT_KEY.encode()))
     assert status == 400
-    err = openai_error(status, body)
-    assert err["code"] == "invalid_json" and "not valid UTF-8 (byte 0xed" in err["message"]
+    err = error_of(path, answer)
+    assert "not valid UTF-8 (byte 0xed" in err["message"]
     assert proxy.fake.seen == [] and proxy.gateway.stats["requests"] == 0
 
 
