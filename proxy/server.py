@@ -74,7 +74,10 @@ class Runner(web.AppRunner):
 
 
 def runner(app: web.Application, grace_seconds: float) -> Runner:
-    return Runner(app, access_log=None, handler_cancellation=True, shutdown_timeout=grace_seconds)
+    # aiohttp waits for an open handler twice at shutdown, each time up to shutdown_timeout: for
+    # it to finish, then again after failing its body read. A stream never reads its body again,
+    # so it would get twice the grace; half each keeps every request within the grace.
+    return Runner(app, access_log=None, handler_cancellation=True, shutdown_timeout=grace_seconds / 2)
 
 
 async def _serve(app: web.Application, host: str, port: int, grace_seconds: float,
