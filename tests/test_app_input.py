@@ -3,14 +3,14 @@ and leave nothing reserved (harness.stop checks every counter of every scope).""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aiohttp
 import pytest
 
-from . import harness
+from . import harness, rawhttp
 from .fake_upstream import UPSTREAM_KEY
+from .rawhttp import post
 
 BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -27,24 +27,7 @@ async def proxy(store_url, tokens):
 
 
 async def raw_http(h: harness.Harness, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send bytes as they are (clients would encode them) and read the whole answer."""
-    reader, writer = await asyncio.open_connection(h.proxy.host, h.proxy.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 30)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
-
-
-def post(path: str, body: bytes, *headers: bytes) -> bytes:
-    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
-            b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
-            + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body)
+    return await rawhttp.raw_http(h.proxy.host, h.proxy.port, request)
 
 
 def openai_error(status: int, body: bytes) -> dict:

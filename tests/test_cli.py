@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 
@@ -18,22 +17,9 @@ from aiohttp.test_utils import TestServer
 from proxy.cli import main
 
 from .fake_upstream import UPSTREAM_KEY, FakeOpenAI
+from .rawhttp import ROOT
+from .rawhttp import wait_for_port as _wait_for_port
 from .redis_server import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-async def _wait_for_port(port: int, proc, seconds: float = 30) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if proc.returncode is not None:
-            raise AssertionError(f"proxy exited with {proc.returncode}: {(await proc.stderr.read()).decode()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise AssertionError("proxy did not start listening")
-
 
 async def test_serve_with_the_shipped_config_proxies_a_real_sdk_call():
     fake = FakeOpenAI()

@@ -11,7 +11,7 @@ import re
 import sys
 
 from .redis_server import free_port
-from .test_cli import ROOT
+from .rawhttp import ROOT
 
 
 def instructions() -> list[tuple[str, str]]:

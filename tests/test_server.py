@@ -8,9 +8,7 @@ import gzip
 import json
 import os
 import re
-import shutil
 import signal
-import sys
 import time
 
 import aiohttp
@@ -29,19 +27,17 @@ from proxy.stores import open_store
 from . import harness
 from .fake_upstream import UPSTREAM_KEY, FakeOpenAI
 from .redis_server import free_port
-from .test_app_input import BODY, post, raw_http
-from .test_cli import ROOT, _wait_for_port
+from .rawhttp import CMD, ROOT, post, raw_http, wait_for_port
 
-CMD = [shutil.which("budget-proxy")] if shutil.which("budget-proxy") else [sys.executable, "-m", "proxy.cli"]
+BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 KEY = b"Authorization: Bearer " + harness.CLIENT_KEY.encode()
 
 
 class Served:
-    """Enough of a Harness for raw_http: where the proxy listens."""
+    """A proxy served as `budget-proxy serve` serves it, in this process."""
 
     def __init__(self, host: str, port: int, fake: FakeOpenAI) -> None:
-        self.proxy = self
         self.host, self.port, self.fake = host, port, fake
 
 
@@ -80,7 +76,7 @@ CHUNKED = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding:
      "the Content-Encoding is not supported; send the body uncompressed, gzip or deflate"),
 ])
 async def test_what_the_parser_rejects_is_an_openai_shaped_400(served, request_bytes, why):
-    status, headers, body = await raw_http(served, request_bytes)
+    status, headers, body = await raw_http(served.host, served.port, request_bytes)
     assert status == 400 and headers["content-type"].startswith("application/json")
     assert json.loads(body) == {"error": {"message": f"The HTTP request could not be read: {why}.",
                                           "type": "invalid_request_error", "param": None,
@@ -89,7 +85,7 @@ async def test_what_the_parser_rejects_is_an_openai_shaped_400(served, request_b
 
 
 async def test_well_formed_requests_are_served_as_before(served):
-    status, _, body = await raw_http(served, post("/v1/chat/completions", gzip.compress(BODY), KEY,
+    status, _, body = await raw_http(served.host, served.port, post("/v1/chat/completions", gzip.compress(BODY), KEY,
                                                   b"Content-Encoding: gzip"))
     assert status == 200 and json.loads(body)["usage"]["total_tokens"] > 0
 
@@ -109,7 +105,7 @@ async def test_sigterm_cuts_streams_after_the_grace_period_and_settles_what_was_
                                                 stderr=asyncio.subprocess.PIPE)
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "count"}], "stream": True}
     try:
-        await _wait_for_port(port, proc)
+        await wait_for_port(port, proc)
         async with aiohttp.ClientSession() as s:
             async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
                               headers={"Authorization": "Bearer anything"}) as r:
@@ -153,7 +149,7 @@ async def test_open_auth_beyond_loopback_is_refused_at_start_up_unless_allowed(a
                                                 stderr=asyncio.subprocess.PIPE)
     try:
         if allow:
-            await _wait_for_port(port, proc)
+            await wait_for_port(port, proc)
             return
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
