@@ -201,6 +201,9 @@ def load(config_path: str) -> tuple[config_mod.Config, policy_mod.Policy]:
     if not cfg.keys:
         log.warning("no API keys configured: auth is OPEN (any bearer is accepted as org 'default'); "
                     "configure `keys` before exposing the proxy")
+    if not cfg.admin_keys:
+        log.warning("no admin_keys configured: %s", "the admin endpoints are off (prod)" if cfg.environment == "prod"
+                    else "/admin/ answers only on loopback, without authentication")
     return cfg, pol
 
 

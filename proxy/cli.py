@@ -13,7 +13,7 @@ from .errors import ConfigError
 
 
 CONFIG_KEYS = {"listen", "environment", "enforcement", "store", "policy", "providers", "models",
-               "routes", "keys"}
+               "routes", "keys", "admin_keys"}
 
 
 def _kind(path: str, data: object) -> str:
