@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import auth
+from . import auth, health, metrics
 from . import config as config_mod
 from . import policy as policy_mod
 from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
@@ -69,7 +69,7 @@ def _models_body(cfg: config_mod.Config) -> bytes:
 
 def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: TokenCounter | None = None,
               clock=None) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=cfg.max_body_bytes)
+    app = web.Application(middlewares=[metrics.count_requests, errors], client_max_size=cfg.max_body_bytes)
     tokens = tokens or TokenCounter.load()
     upstreams = Upstreams(cfg)
     ledger = None
@@ -98,11 +98,19 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     async def healthz(request: web.Request) -> web.Response:
         return _json(200, {"status": "ok", "enforcement": cfg.enforcement, "stats": dict(gw.stats)})
 
+    async def readyz(request: web.Request) -> web.Response:
+        return await health.readyz(ledger, cfg.namespace)
+
+    async def scrape(request: web.Request) -> web.Response:
+        return await metrics.scrape(cfg, ledger)
+
     app.router.add_post("/v1/chat/completions", endpoint("chat"))
     app.router.add_post("/v1/completions", endpoint("completion"))
     app.router.add_post("/v1/embeddings", endpoint("embedding"))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", scrape)
     app.router.add_route("*", "/v1/{tail:.*}", not_found)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_store)
