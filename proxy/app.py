@@ -1,7 +1,8 @@
 """The aiohttp application: routes, the one place errors become responses, and lifetimes.
 
-Resources with a lifetime (the upstream session, the store, the policy watcher, the lease
-sweeper, settlement tasks) are opened and closed in `cleanup_ctx`, in that order.
+Resources with a lifetime (the upstream sessions, the ledger and its store, the task tracker,
+the gateway, the background jobs) are each opened and closed in their own `cleanup_ctx`, in that
+order, under their own AppKey.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
@@ -20,16 +21,21 @@ from . import auth, health, metrics
 from . import config as config_mod
 from . import policy as policy_mod
 from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
+from .endpoints import ENDPOINTS
 from .gateway import Gateway
 from .ledger import Ledger
 from .stores import open_store
+from .tasks import Tasks
 from .tokens import TokenCounter
 from .upstream import Upstreams
 
 log = logging.getLogger("proxy")
 
+TASKS = web.AppKey("tasks", Tasks)
+UPSTREAMS = web.AppKey("upstreams", Upstreams)
+LEDGER = web.AppKey("ledger", Optional[Ledger])      # None when enforcement is disabled
 GATEWAY = web.AppKey("gateway", Gateway)
-_POST_ONLY = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_POST_ONLY = frozenset("/v1" + e.path for e in ENDPOINTS.values())
 POLICY_POLL_SECONDS = 2.0
 SWEEP_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -69,24 +75,49 @@ def _models_body(cfg: config_mod.Config) -> bytes:
 
 def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: TokenCounter | None = None,
               clock=None) -> web.Application:
+    """The app. Each resource with a lifetime is opened before the `yield` of its own cleanup
+    context and closed after it, under its own AppKey. Teardown runs in reverse: background jobs
+    stop, running settlements drain (they need the store), then the store and the upstream
+    sessions close."""
     app = web.Application(middlewares=[metrics.count_requests, errors], client_max_size=cfg.max_body_bytes)
-    tokens = tokens or TokenCounter.load()
-    upstreams = Upstreams(cfg)
-    ledger = None
-    if cfg.enforcement != "disabled":
-        kwargs = {"clock": clock} if clock else {}
-        ledger = Ledger(open_store(cfg.store_url, cfg.namespace), policy, namespace=cfg.namespace, **kwargs)
-    gw = Gateway(cfg, ledger, tokens, upstreams)
-    app[GATEWAY] = gw
+    tokens = tokens or TokenCounter.load()          # blocking, once, before serving
     models = _models_body(cfg)
+
+    async def upstreams(app: web.Application) -> AsyncIterator[None]:
+        app[UPSTREAMS] = Upstreams(cfg)
+        await app[UPSTREAMS].open()
+        yield
+        await app[UPSTREAMS].close()
+
+    async def ledger(app: web.Application) -> AsyncIterator[None]:
+        if cfg.enforcement == "disabled":
+            app[LEDGER] = None
+            yield
+            return
+        kwargs = {"clock": clock} if clock else {}
+        app[LEDGER] = Ledger(open_store(cfg.store_url, cfg.namespace), policy, namespace=cfg.namespace, **kwargs)
+        yield
+        await app[LEDGER].store.close()
+
+    async def tasks(app: web.Application) -> AsyncIterator[None]:
+        app[TASKS] = Tasks()
+        yield
+        pending = set(app[LEDGER].pending) if app[LEDGER] is not None else set()
+        if pending:
+            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
+        await app[TASKS].drain(SHUTDOWN_GRACE_SECONDS)
+
+    async def gateway(app: web.Application) -> AsyncIterator[None]:
+        app[GATEWAY] = Gateway(cfg, app[LEDGER], tokens, app[UPSTREAMS], app[TASKS])
+        yield
 
     def endpoint(kind: str):
         async def handler(request: web.Request) -> web.StreamResponse:
-            return await gw.handle(request, kind)
+            return await request.app[GATEWAY].handle(request, kind)
         return handler
 
     async def list_models(request: web.Request) -> web.Response:
-        auth.authenticate(request.headers.get("Authorization"), gw.config.keys)
+        auth.authenticate(request.headers.get("Authorization"), cfg.keys)
         return web.Response(body=models, content_type="application/json")
 
     async def not_found(request: web.Request) -> web.Response:
@@ -96,26 +127,23 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         raise NotFound(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
 
     async def healthz(request: web.Request) -> web.Response:
-        return _json(200, {"status": "ok", "enforcement": cfg.enforcement, "stats": dict(gw.stats)})
+        return _json(200, {"status": "ok", "enforcement": cfg.enforcement,
+                           "stats": dict(request.app[GATEWAY].stats)})
 
     async def readyz(request: web.Request) -> web.Response:
-        return await health.readyz(ledger, cfg.namespace)
+        return await health.readyz(request.app[LEDGER], cfg.namespace)
 
     async def scrape(request: web.Request) -> web.Response:
-        return await metrics.scrape(cfg, ledger)
+        return await metrics.scrape(cfg, request.app[LEDGER])
 
-    app.router.add_post("/v1/chat/completions", endpoint("chat"))
-    app.router.add_post("/v1/completions", endpoint("completion"))
-    app.router.add_post("/v1/embeddings", endpoint("embedding"))
+    for kind, e in ENDPOINTS.items():
+        app.router.add_post("/v1" + e.path, endpoint(kind))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
     app.router.add_route("*", "/v1/{tail:.*}", not_found)
-    app.cleanup_ctx.append(_upstream_session)
-    app.cleanup_ctx.append(_store)
-    app.cleanup_ctx.append(_background)
-    app.cleanup_ctx.append(_settlements)
+    app.cleanup_ctx.extend([upstreams, ledger, tasks, gateway, _background])
     app.on_startup.append(_freeze_gc)
     return app
 
@@ -128,36 +156,14 @@ async def _freeze_gc(app: web.Application) -> None:
     gc.freeze()
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    gw = app[GATEWAY]
-    await gw.upstreams.open()
-    yield
-    await gw.upstreams.close()
-
-
-async def _store(app: web.Application) -> AsyncIterator[None]:
-    yield
-    if app[GATEWAY].ledger is not None:
-        await app[GATEWAY].ledger.store.close()
-
-
-async def _settlements(app: web.Application) -> AsyncIterator[None]:
-    """At shutdown, wait for settlements still running (clients that left, responses sent)."""
-    yield
-    gw = app[GATEWAY]
-    gw.closing = True                 # lease timers stop re-arming
-    tasks = gw.tasks | (gw.ledger.pending if gw.ledger is not None else set())
-    if tasks:
-        await asyncio.wait(list(tasks), timeout=SHUTDOWN_GRACE_SECONDS)
-
-
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    gw = app[GATEWAY]
+    """Periodic jobs of a live proxy: settling dead processes' leases, reloading the policy."""
+    ledger = app[LEDGER]
     stop = asyncio.Event()
     jobs = []
-    if gw.ledger is not None:
-        jobs.append(asyncio.create_task(_sweep(gw.ledger, stop)))
-        jobs.append(asyncio.create_task(_watch_policy(gw.ledger, stop)))
+    if ledger is not None:
+        jobs.append(asyncio.create_task(_sweep(ledger, stop)))
+        jobs.append(asyncio.create_task(_watch_policy(ledger, stop)))
     yield
     # Ask, then insist, then stop waiting: shutdown must not hang on a job stuck in a store call.
     stop.set()

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .endpoints import ENDPOINTS, Endpoint
 from .errors import BadRequest
 
 MAX_OUTPUT_TOKENS = 1_000_000      # far above any model's output limit, far below float trouble
@@ -39,9 +40,10 @@ def _loads(raw: bytes) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
-    kind: str                 # chat | completion | embedding
-    body: dict
+class ApiCall:
+    """What the client asked for, checked: the parsed JSON body and the fields the proxy uses."""
+    endpoint: Endpoint
+    body: dict                # the parsed JSON object, forwarded with `model` (and caps) rewritten
     model: str
     stream: bool
     client_wants_usage: bool  # the client set stream_options.include_usage itself
@@ -93,7 +95,7 @@ def _messages(body: dict) -> None:
         raise BadRequest("Invalid value for 'tools': expected an array.", param="tools", code="invalid_value")
 
 
-def parse(raw: bytes, kind: str) -> Request:
+def parse(raw: bytes, kind: str) -> ApiCall:
     body = _loads(raw)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
@@ -121,5 +123,5 @@ def parse(raw: bytes, kind: str) -> Request:
         raise BadRequest("Embeddings cannot be streamed.", param="stream", code="invalid_value")
     max_out = _int_field(body, "max_completion_tokens", 1, MAX_OUTPUT_TOKENS)
     legacy = _int_field(body, "max_tokens", 1, MAX_OUTPUT_TOKENS)
-    return Request(kind, body, model, bool(stream), bool(opts and opts.get("include_usage")),
+    return ApiCall(ENDPOINTS[kind], body, model, bool(stream), bool(opts and opts.get("include_usage")),
                    max_out if max_out is not None else legacy, _int_field(body, "n", 1, 128) or 1, user)

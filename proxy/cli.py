@@ -12,13 +12,11 @@ from . import policy, schema
 from .errors import ConfigError
 
 
-CONFIG_KEYS = {"listen", "environment", "enforcement", "store", "policy", "providers", "models",
-               "routes", "keys", "admin_keys"}
-
-
 def _kind(path: str, data: object) -> str:
-    """A file with any of config.yaml's top-level keys is a config file; anything else a policy."""
-    return "config" if isinstance(data, dict) and CONFIG_KEYS & set(data) else "policy"
+    """A file with any of config.yaml's top-level keys (read from its schema) is a config file;
+    anything else a policy."""
+    config_keys = set(schema.validator("config").schema["properties"])
+    return "config" if isinstance(data, dict) and config_keys & set(data) else "policy"
 
 
 def validate_file(path: str) -> str:

@@ -151,7 +151,7 @@ def _load_encoding(name: str, cache_dir: Path) -> tuple[tiktoken.Encoding | None
         return None, cache_dir
 
 
-# --- Counting --------------------------------------------------------------------------
+# --- Loading every shipped encoding -----------------------------------------------------
 
 
 def load_all(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, tiktoken.Encoding | None]:

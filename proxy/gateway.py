@@ -1,30 +1,35 @@
-"""One proxied request, from the client's bytes to the settled reservation.
+"""One proxied request, read top to bottom:
 
-authenticate -> parse -> estimate -> (snapshot -> route) -> reserve -> forward -> stream -> settle.
-Settlement that must outlive the handler (a client that disconnected, a response already sent)
-runs in tasks the gateway tracks and the app awaits at shutdown.
+authenticate -> parse -> estimate -> plan -> reserve -> forward -> stream -> settle.
+
+The gateway holds what lives as long as the app (config, ledger, token counter, upstream
+sessions, task tracker); each admitted request becomes a `settlement.Flight` built from just what
+it needs, which settles it exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
 import os
 import time
 from collections import Counter
-from typing import Any, Awaitable
+from typing import Sequence
 
 import aiohttp
 from aiohttp import web
 
-from . import auth, body, router
-from .budget import Flight, budget_headers, refusal_error
-from .config import Config
+from . import auth, body, planner
+from .config import Config, Model
 from .errors import ApiError, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
-from .ledger import Amounts, Ledger, Refusal, Reservation, Scope
+from .ledger import Balance, Ledger, Refusal, Reservation
+from .quota import budget_headers, refusal_error
+from .settlement import Flight
 from .sse import UsageTap
+from .tasks import Tasks
 from .upstream import Upstreams, passed_headers
 
 log = logging.getLogger(__name__)
@@ -32,40 +37,33 @@ SSE = "text/event-stream"
 
 
 class Gateway:
-    def __init__(self, config: Config, ledger: Ledger | None, tokens, upstreams: Upstreams) -> None:
+    def __init__(self, config: Config, ledger: Ledger | None, tokens, upstreams: Upstreams,
+                 tasks: Tasks) -> None:
         self.config = config
         self.ledger = ledger            # None when enforcement is disabled: the store is never contacted
         self.tokens = tokens
         self.upstreams = upstreams
+        self.tasks = tasks
         self.stats: Counter[str] = Counter()
-        self.tasks: set[asyncio.Task] = set()
-        self.balance_cache = router.BalanceCache()
-        self.closing = False
+        self.balance_cache = planner.BalanceCache()
         # Reservation ids: a random process prefix and a counter; unique across processes and
         # cheaper than a uuid4 per request.
         self._ids = itertools.count()
         self._id_prefix = os.urandom(8).hex()
 
-    def spawn(self, coro: Awaitable[Any]) -> None:
-        """Run work that must finish even if the handler is cancelled; awaited at shutdown."""
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
         key = auth.authenticate(request.headers.get("Authorization"), self.config.keys)
-        req = body.parse(await self._read(request), kind)
-        names = self.config.candidates(req.model)
-        if not names:
-            raise NotFound(f"The model `{req.model}` does not exist or you do not have access to it.",
+        call = body.parse(await self._read(request), kind)
+        models = [self.config.models[name] for name in self.config.candidates(call.model)]
+        if not models:
+            raise NotFound(f"The model `{call.model}` does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
-        who = auth.caller(key, req.end_user)
+        who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
-        first = self.config.models[names[0]]
-        prompt = await self.tokens.estimate(kind, req.body, first.upstream)
-        flight = await self._reserve(req, who, names, prompt)
+        prompt = await self.tokens.estimate(kind, call.body, models[0].upstream)
+        flight, headers = await self._reserve(call, who, models, prompt)
         try:
-            return await self._forward(request, req, flight)
+            return await self._forward(request, call, flight, headers)
         finally:
             flight.ensure_settled()         # a no-op unless some path above forgot, or raised
 
@@ -79,46 +77,24 @@ class Gateway:
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"Request body is over the {limit}-byte limit.") from None
 
-    # --- budget ---------------------------------------------------------------------------
+    # --- plan and reserve -----------------------------------------------------------------
 
-    def _scopes(self, who: auth.Caller, model: str) -> tuple[Scope, ...]:
-        m = self.config.models[model]
-        return (Scope("global", "*"), Scope("org", who.org), Scope("user", who.user),
-                Scope("provider", m.provider), Scope("model", model))
-
-    def _candidates(self, req: body.Request, who, names, prompt: int, policy, caps) -> list[router.Candidate]:
-        out = []
-        for name in names:
-            m = self.config.models[name]
-            scopes = self._scopes(who, name)
-            completion = 0
-            if req.kind != "embedding":
-                asked = req.max_output
-                per_choice = asked if asked is not None else caps(name, scopes, policy.default_max_tokens,
-                                                                   req.choices)
-                completion = per_choice * req.choices
-            amounts = Amounts(prompt + completion, m.cost(prompt, completion))
-            out.append(router.Candidate(name, amounts, scopes))
-        return out
-
-    async def _reserve(self, req: body.Request, who: auth.Caller, names, prompt: int) -> Flight:
-        rid = f"{self._id_prefix}{next(self._ids):x}"
+    async def _reserve(self, call: body.ApiCall, who: auth.Caller, models: Sequence[Model],
+                       prompt: int) -> tuple[Flight, dict[str, str]]:
+        """Plan, then try the candidates in order until one is reserved; else the 429."""
         ledger = self.ledger
         if ledger is None:
-            return Flight(self, None, names[0], names[0], prompt)
+            return self._flight(None, models[0], call, prompt), budget_headers(models[0].name, models[0].name, ())
         policy = ledger.policy
+        rid = f"{self._id_prefix}{next(self._ids):x}"
+        refusal: Refusal | None = None
         try:
-            balances = await self._balances(ledger, policy, who, names, req)
-            caps = _default_cap(self.config, balances, prompt, req.max_output)
-            cands = self._candidates(req, who, names, prompt, policy, caps)
-            # By the snapshot nothing fits: still ask the store, whose answer is authoritative.
-            ordered = (router.order(cands, balances, policy.downgrade_below) or cands) if balances else cands
-            refusal: Refusal | None = None
-            for c in ordered:
+            balances = await self._balances(ledger, call, who, models)
+            for c in planner.plan(call, who, models, prompt, policy, balances):
                 got = await ledger.reserve(rid, c.amounts, c.scopes)
                 if isinstance(got, Reservation):
                     self.balance_cache.put(c.scopes, got.balances, time.monotonic())
-                    return self._admitted(got, c, names, prompt)
+                    return self._admitted(got, c, models, call, prompt)
                 refusal = refusal or got
         except StoreUnavailable as exc:
             self.stats["store_unavailable"] += 1
@@ -126,67 +102,71 @@ class Gateway:
                 raise ServiceUnavailable("The budget store is unavailable; the request was not sent.",
                                          code="BUDGET_STORE_UNAVAILABLE", headers={"Retry-After": "1"}) from exc
             log.warning("budget store unavailable (%s); advisory mode forwards without a reservation", exc)
-            return Flight(self, None, names[0], names[0], prompt)
+            return self._flight(None, models[0], call, prompt), budget_headers(models[0].name, models[0].name, ())
         self.stats["refused"] += 1
         assert refusal is not None
         raise refusal_error(refusal)
 
-    async def _balances(self, ledger: Ledger, policy, who, names, req: body.Request) -> list:
-        """Balances of the limited counters the candidates touch, for routing and for capping the
-        default completion: [] when nothing is limited or nothing is to be decided (one candidate
-        and no default to cap); from the cache when fresh; else one snapshot round trip."""
-        if len(names) == 1 and (req.max_output is not None or req.kind == "embedding"):
-            return []
-        scopes: dict[Scope, None] = {}
-        for name in names:
-            for s in self._scopes(who, name):
-                scopes[s] = None
-        if not any(any(t >= 0 or d >= 0 for t, d in policy.limits_for(s.type, s.id).table) for s in scopes):
-            return []
+    async def _balances(self, ledger: Ledger, call: body.ApiCall, who: auth.Caller,
+                        models: Sequence[Model]) -> Sequence[Balance]:
+        """Balances of the limited counters the candidates touch: () when they cannot change a
+        decision; from the cache when fresh; else one snapshot round trip."""
+        if not planner.needs_balances(call, models):
+            return ()
+        scopes = list(dict.fromkeys(s for m in models for s in planner.scopes_for(who, m)))
+        if not planner.any_limited(ledger.policy, scopes):
+            return ()
         now = time.monotonic()
         cached = self.balance_cache.get(scopes, now)
         if cached is not None:
             return cached
-        balances = await ledger.snapshot(list(scopes), limited_only=True)
+        balances = await ledger.snapshot(scopes, limited_only=True)
         self.balance_cache.put(scopes, balances, now)
         return balances
 
-    def _admitted(self, res: Reservation, c: router.Candidate, names, prompt: int) -> Flight:
+    def _admitted(self, res: Reservation, c: planner.Candidate, models: Sequence[Model],
+                  call: body.ApiCall, prompt: int) -> tuple[Flight, dict[str, str]]:
         if res.would_refuse is not None:
             self.stats["shadow_refused"] += 1
-            log.info("shadow: would refuse %s/%s %s %s", res.would_refuse.scope.type,
-                     res.would_refuse.scope.id, res.would_refuse.window, res.would_refuse.unit)
-        if c.model != names[0]:
+            r = res.would_refuse
+            log.info("shadow: would refuse %s/%s %s %s", r.scope.type, r.scope.id, r.window, r.unit)
+        if c.model != models[0].name:
             self.stats["downgraded"] += 1
-        return Flight(self, res, c.model, names[0], prompt)
+        model = self.config.models[c.model]
+        return self._flight(res, model, call, prompt), budget_headers(c.model, models[0].name, res.balances)
 
-    # --- forwarding -----------------------------------------------------------------------
+    def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int) -> Flight:
+        count = functools.partial(self.tokens.count, model=model.upstream)
+        return Flight(self.ledger, self.tasks, res, model, call.endpoint, prompt, count)
 
-    async def _forward(self, request: web.Request, req: body.Request, flight: Flight) -> web.StreamResponse:
-        model = self.config.models[flight.model]
-        payload = dict(req.body)
+    # --- forward and stream ---------------------------------------------------------------
+
+    async def _forward(self, request: web.Request, call: body.ApiCall, flight: Flight,
+                       budget: dict[str, str]) -> web.StreamResponse:
+        model = flight.model
+        payload = dict(call.body)
         payload["model"] = model.upstream
-        inject = req.stream and not req.client_wants_usage
+        inject = call.stream and not call.client_wants_usage
         if inject:
-            payload["stream_options"] = {**(req.body.get("stream_options") or {}), "include_usage": True}
+            payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         flight.sent = True
         try:
-            up = await self.upstreams.post(model.provider, req.kind, data, SSE if req.stream else None)
+            up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
             flight.release_soon()                   # never reached the upstream: nothing to pay
             raise _upstream_error(model.provider, exc) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            flight.estimate_soon(0)                 # it may have read (and will bill) the prompt
+            flight.charge_prompt_soon()
             raise _upstream_error(model.provider, exc) from None
         try:
             headers = passed_headers(up)
-            headers.update(budget_headers(flight))
+            headers.update(budget)
             if up.status >= 400:
                 return await self._error_passthrough(up, headers, flight)
-            if req.stream and up.content_type == SSE:
+            if call.stream and up.content_type == SSE:
                 return await self._stream(request, up, headers, flight, inject)
-            return await self._whole(up, headers, flight, req)
+            return await self._whole(up, headers, flight)
         finally:
             up.release()
 
@@ -196,7 +176,7 @@ class Gateway:
         quotes part of it), which the client can neither see nor fix: a 502 of our own."""
         flight.release_soon()
         self.stats["upstream_errors"] += 1
-        provider = self.config.models[flight.model].provider
+        provider = flight.model.provider
         try:
             data = await up.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -210,13 +190,13 @@ class Gateway:
             data = data.replace(key.encode(), b"[redacted]")
         return web.Response(status=up.status, body=data, headers=headers)
 
-    async def _whole(self, up: aiohttp.ClientResponse, headers, flight: Flight, req: body.Request) -> web.Response:
+    async def _whole(self, up: aiohttp.ClientResponse, headers, flight: Flight) -> web.Response:
         try:
             data = await up.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            flight.estimate_soon(0)
-            raise _upstream_error(self.config.models[flight.model].provider, exc) from None
-        flight.body_soon(data, req.kind)
+            flight.charge_prompt_soon()
+            raise _upstream_error(flight.model.provider, exc) from None
+        flight.settle_body(data)
         return web.Response(status=up.status, body=data, headers=headers)
 
     async def _stream(self, request: web.Request, up: aiohttp.ClientResponse, headers, flight: Flight,
@@ -232,7 +212,7 @@ class Gateway:
         except asyncio.CancelledError:
             up.close()                      # the client left: stop paying, drop the upstream now
             self.stats["client_disconnects"] += 1
-            flight.stream_soon(tap)
+            flight.settle_stream(tap)
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             # Either side broke: the client (a write failed) or the upstream (a read failed).
@@ -241,12 +221,12 @@ class Gateway:
             self.stats["client_disconnects" if client_gone else "upstream_cut"] += 1
             log.info("stream ended early (%s): %s", "client gone" if client_gone else "upstream cut",
                      type(exc).__name__)
-            flight.stream_soon(tap)
+            flight.settle_stream(tap)
             if not client_gone and request.transport is not None:
                 # Do not let aiohttp end the response cleanly: the client must see the cut too.
                 request.transport.abort()
             return resp
-        flight.stream_soon(tap)
+        flight.settle_stream(tap)
         return resp
 
 
@@ -257,29 +237,6 @@ async def _write(resp: web.StreamResponse, pieces) -> None:
         await resp.write(pieces[0])
     elif pieces:
         await resp.write(b"".join(pieces))
-
-
-def _default_cap(config: Config, balances, prompt: int, asked: int | None):
-    """A function (model, scopes, default, choices) -> completion tokens per choice to reserve
-    when the client set none: the policy default, capped by what remains (shared by the n
-    choices), so a worst-case guess cannot pin a budget.
-    A client's own max_tokens is reserved in full (it asked for that much)."""
-    if asked is not None or not balances:
-        return lambda model, scopes, default, choices: default
-
-    def cap(model: str, scopes, default: int, choices: int) -> int:
-        mine = [b for b in balances if b.scope in scopes]
-        tokens_left = min((b.limit - b.used - b.reserved for b in mine if b.unit == "tokens"), default=None)
-        usd_left = min((b.limit - b.used - b.reserved for b in mine if b.unit == "usd"), default=None)
-        m = config.models[model]
-        room = default * choices
-        if tokens_left is not None:
-            room = min(room, tokens_left - prompt)
-        if usd_left is not None and m.output_per_million > 0:
-            room = min(room, int((usd_left - m.cost(prompt, 0)) / m.output_per_million))
-        return max(1, min(default, room // choices))
-
-    return cap
 
 
 def _upstream_error(provider: str, exc: BaseException) -> ApiError:

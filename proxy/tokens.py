@@ -98,7 +98,7 @@ def encoding_name_for_model(model: str) -> str:
     return DEFAULT_ENCODING
 
 
-# --- Offline loading -----------------------------------------------------------------
+# --- Walking request bodies -----------------------------------------------------------
 
 
 def _compact_json(value: Any) -> str | None:

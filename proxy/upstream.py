@@ -17,10 +17,9 @@ import aiohttp
 from multidict import CIMultiDict
 
 from .config import Config, Provider
+from .endpoints import ENDPOINTS, Endpoint
 
 log = logging.getLogger(__name__)
-
-PATHS = {"chat": "/chat/completions", "completion": "/completions", "embedding": "/embeddings"}
 
 # Response headers a client of OpenAI relies on; everything else (hop-by-hop, length, server
 # identity, cookies) is the proxy's own business.
@@ -44,7 +43,7 @@ def _route(p: Provider) -> Route:
                     p.name, p.api_key_env)
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    return Route(MappingProxyType({k: p.base_url + v for k, v in PATHS.items()}),
+    return Route(MappingProxyType({kind: p.base_url + e.path for kind, e in ENDPOINTS.items()}),
                  MappingProxyType(headers),
                  aiohttp.ClientTimeout(total=None, sock_connect=p.connect_timeout, sock_read=p.read_timeout),
                  key)
@@ -65,11 +64,11 @@ class Upstreams:
         if self.session is not None:
             await self.session.close()
 
-    def post(self, provider: str, kind: str, payload: bytes, accept: str | None):
+    def post(self, provider: str, endpoint: Endpoint, payload: bytes, accept: str | None):
         route = self.routes[provider]
         headers = route.headers if accept is None else {**route.headers, "Accept": accept}
         assert self.session is not None
-        return self.session.post(route.urls[kind], data=payload, headers=headers, timeout=route.timeout)
+        return self.session.post(route.urls[endpoint.kind], data=payload, headers=headers, timeout=route.timeout)
 
 
 def passed_headers(resp: aiohttp.ClientResponse) -> CIMultiDict:

@@ -5,6 +5,7 @@ import pytest
 from proxy.stores import open_store
 from proxy.tokens import TokenCounter
 
+from . import harness
 from .redis_server import RedisServer
 
 
@@ -41,3 +42,20 @@ async def store(request):
     s = open_store(url)
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def start_proxy(tokens):
+    """A factory: `await start_proxy(store_url, policy, **kw)` starts a fake upstream and a proxy
+    in front of it (see harness.start). Every proxy it started is stopped after the test, after
+    asserting that no counter of any scope still holds a reservation."""
+    started: list[harness.Harness] = []
+
+    async def start(store_url: str, policy: dict | None = None, **kw) -> harness.Harness:
+        h = await harness.start(store_url, policy or {}, tokens, **kw)
+        started.append(h)
+        return h
+
+    yield start
+    for h in started:
+        await harness.stop(h)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 
+import aiohttp
 import openai
 from aiohttp.test_utils import TestServer
 
@@ -16,6 +18,7 @@ from proxy.policy import parse as parse_policy
 
 from .fake_upstream import UPSTREAM_KEY, FakeOpenAI
 
+MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
 CLIENT_KEY = "bp-test-client-key"
 OTHER_KEY = "bp-test-other-key"
 
@@ -73,11 +76,12 @@ class Harness:
         """Wait for settlement tasks (they run after responses are sent), 30 s at most."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
-        while self.gateway.tasks and loop.time() < deadline:
-            await asyncio.wait(list(self.gateway.tasks), timeout=1)
-        if self.gateway.tasks:
+        tasks = self.gateway.tasks
+        while len(tasks) and loop.time() < deadline:
+            await asyncio.wait(tasks.pending(), timeout=1)
+        if len(tasks):
             stacks = io.StringIO()
-            for task in self.gateway.tasks:
+            for task in tasks.pending():
                 task.print_stack(file=stacks)
             raise AssertionError(f"settlement tasks did not finish:\n{stacks.getvalue()}")
 
@@ -104,6 +108,23 @@ class Harness:
         await self.settled()
         day = (await self.balances())[("day", "tokens")]
         return day.used, day.reserved
+
+
+def reported_tokens(h: Harness) -> int:
+    """Tokens the fake upstream reported over the whole test."""
+    return sum(u["total_tokens"] for u in h.fake.reported)
+
+
+async def post(h: Harness, path: str, body, key: str | None = CLIENT_KEY, raw: bytes | None = None):
+    """A raw HTTP call to the proxy: (status, headers, body bytes)."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    async with aiohttp.ClientSession() as s:
+        data = raw if raw is not None else json.dumps(body).encode()
+        async with s.post(f"{h.url}{path}", data=io.BytesIO(data) if len(data) > 2**20 else data,
+                          headers=headers) as r:
+            return r.status, dict(r.headers), await r.read()
 
 
 async def start(store_url: str, policy: dict, tokens, *, enforcement: str = "strict", keys: bool = True,

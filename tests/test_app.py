@@ -17,27 +17,19 @@ import pytest
 
 from . import harness
 from .fake_upstream import WORDS
-
-MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
-
-
-def reported_tokens(h) -> int:
-    return sum(u["total_tokens"] for u in h.fake.reported)
+from .harness import MSGS, reported_tokens
 
 
 @pytest.fixture
-async def proxy(store_url, tokens):
+async def proxy(store_url, start_proxy):
     """A proxy with generous budgets; the books are checked after the test."""
-    h = await harness.start(store_url, {"defaults": {"org": {"day": {"usd": 100}}}}, tokens)
+    h = await start_proxy(store_url, {"defaults": {"org": {"day": {"usd": 100}}}})
     h.check_books = True
-    try:
-        yield h
-        if h.check_books:
-            used, reserved = await h.books()
-            assert reserved == 0
-            assert used == reported_tokens(h)
-    finally:
-        await harness.stop(h)
+    yield h
+    if h.check_books:
+        used, reserved = await h.books()
+        assert reserved == 0
+        assert used == reported_tokens(h)
 
 
 async def test_plain_chat_is_proxied_and_charged_what_upstream_reported(proxy):
@@ -151,35 +143,29 @@ async def test_client_disconnect_mid_stream_cancels_upstream_and_charges_partial
     assert prompt < used < prompt + len(WORDS) + 2           # prompt plus the output streamed so far
 
 
-async def test_upstream_rejecting_the_proxy_key_is_a_502_that_leaks_nothing(store_url, tokens):
-    h = await harness.start(store_url, {}, tokens, env={"BP_TEST_UPSTREAM_KEY": "sk-wrongkey-987"})
-    try:
-        with pytest.raises(openai.APIStatusError) as exc:
-            await h.client().chat.completions.create(model="gpt-4o", messages=MSGS)
-        assert exc.value.status_code == 502
-        assert exc.value.body["code"] == "upstream_auth_failed"
-        assert "sk-wro" not in exc.value.response.text and "987" not in exc.value.response.text
-        assert (await h.books()) == (0, 0)
-    finally:
-        await harness.stop(h)
+async def test_upstream_rejecting_the_proxy_key_is_a_502_that_leaks_nothing(store_url, start_proxy):
+    h = await start_proxy(store_url, {}, env={"BP_TEST_UPSTREAM_KEY": "sk-wrongkey-987"})
+    with pytest.raises(openai.APIStatusError) as exc:
+        await h.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert exc.value.status_code == 502
+    assert exc.value.body["code"] == "upstream_auth_failed"
+    assert "sk-wro" not in exc.value.response.text and "987" not in exc.value.response.text
+    assert (await h.books()) == (0, 0)
 
 
-async def test_a_stream_longer_than_its_lease_extends_it(store_url, tokens, monkeypatch, caplog):
+async def test_a_stream_longer_than_its_lease_extends_it(store_url, monkeypatch, caplog, start_proxy):
     # Lease 1 s, a stream of ~2 s, a sweeper every 0.1 s: without extension the sweeper would
     # settle the lease at its reserved amount mid-stream (and the late commit correct it).
     from proxy import app as app_mod
     monkeypatch.setattr(app_mod, "SWEEP_SECONDS", 0.1)
-    h = await harness.start(store_url, {"reservation": {"lease_seconds": 1}}, tokens)
-    try:
-        h.fake.chunk_delay = 0.25
-        chunks = await stream_chunks(h.client())
-        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) \
-            == "".join(WORDS)
-        used, reserved = await h.books()
-        assert (used, reserved) == (reported_tokens(h), 0)
-        assert not [r for r in caplog.records if "expired" in r.getMessage()]     # never swept
-    finally:
-        await harness.stop(h)
+    h = await start_proxy(store_url, {"reservation": {"lease_seconds": 1}})
+    h.fake.chunk_delay = 0.25
+    chunks = await stream_chunks(h.client())
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) \
+        == "".join(WORDS)
+    used, reserved = await h.books()
+    assert (used, reserved) == (reported_tokens(h), 0)
+    assert not [r for r in caplog.records if "expired" in r.getMessage()]     # never swept
 
 
 async def test_unreachable_upstream_is_a_502_and_releases_the_reservation(proxy):
@@ -216,8 +202,8 @@ async def test_a_bug_after_reserving_is_an_openai_shaped_500_and_settles(proxy, 
     assert reserved == 0 and used > 0                           # it reached the upstream: prompt charged
 
 
-async def test_commit_retries_through_a_redis_restart(redis_server, redis_url, tokens):
-    h = await harness.start(redis_url, {"defaults": {"org": {"day": {"usd": 10}}}}, tokens)
+async def test_commit_retries_through_a_redis_restart(redis_server, redis_url, start_proxy):
+    h = await start_proxy(redis_url, {"defaults": {"org": {"day": {"usd": 10}}}})
     try:
         h.fake.chunk_delay = 0.05
         stream = await h.client().chat.completions.create(model="gpt-4o", messages=MSGS, stream=True)
@@ -232,4 +218,3 @@ async def test_commit_retries_through_a_redis_restart(redis_server, redis_url, t
     finally:
         if redis_server.proc is None:
             redis_server.start()
-        await harness.stop(h)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import math
 
@@ -15,107 +14,77 @@ import pytest
 from proxy.ledger import Scope
 
 from . import harness
-from .test_app import MSGS, reported_tokens
+from .harness import MSGS, post, reported_tokens
 
 
-async def started(store_url, tokens, policy, **kw):
-    return await harness.start(store_url, policy, tokens, **kw)
-
-
-async def post(h, path: str, body, key: str | None = harness.CLIENT_KEY, raw: bytes | None = None):
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    async with aiohttp.ClientSession() as s:
-        data = raw if raw is not None else json.dumps(body).encode()
-        async with s.post(f"{h.url}{path}", data=io.BytesIO(data) if len(data) > 2**20 else data,
-                          headers=headers) as r:
-            return r.status, dict(r.headers), await r.read()
-
-
-async def test_low_budget_downgrades_to_the_cheaper_model(store_url, tokens):
+async def test_low_budget_downgrades_to_the_cheaper_model(store_url, tokens, start_proxy):
     # A gpt-4o request reserves about $0.0103 (1024 default completion tokens at $10/M). Org acme
     # has $0.012 a day: gpt-4o would leave it under the 20 % threshold, gpt-4o-mini (~$0.0006)
     # would not. Org globex has $1: it keeps gpt-4o.
-    h = await started(store_url, tokens, {"defaults": {"org": {"day": {"usd": 1}}},
+    h = await start_proxy(store_url, {"defaults": {"org": {"day": {"usd": 1}}},
                                           "overrides": {"org": {"acme": {"day": {"usd": 0.012}}}}})
-    try:
-        models = []
-        for key in (harness.OTHER_KEY, harness.CLIENT_KEY):
-            raw = await h.client(key).chat.completions.with_raw_response.create(model="smart", messages=MSGS)
-            models.append((raw.headers["x-budget-model"], raw.headers.get("x-budget-downgraded-from")))
-        assert models == [("gpt-4o", None), ("gpt-4o-mini", "gpt-4o")]
-        assert [s.body["model"] for s in h.fake.seen] == ["gpt-4o", "gpt-4o-mini-2024-07-18"]
-        used, reserved = await h.books()
-        assert (used, reserved) == (reported_tokens(h), 0)
-    finally:
-        await harness.stop(h)
+    models = []
+    for key in (harness.OTHER_KEY, harness.CLIENT_KEY):
+        raw = await h.client(key).chat.completions.with_raw_response.create(model="smart", messages=MSGS)
+        models.append((raw.headers["x-budget-model"], raw.headers.get("x-budget-downgraded-from")))
+    assert models == [("gpt-4o", None), ("gpt-4o-mini", "gpt-4o")]
+    assert [s.body["model"] for s in h.fake.seen] == ["gpt-4o", "gpt-4o-mini-2024-07-18"]
+    used, reserved = await h.books()
+    assert (used, reserved) == (reported_tokens(h), 0)
 
 
-async def test_budget_exhausted_is_a_429_the_sdk_does_not_retry(store_url, tokens):
-    h = await started(store_url, tokens, {"defaults": {"user": {"day": {"tokens": 50}}}})
-    try:
-        client = h.client(max_retries=2)
-        with pytest.raises(openai.RateLimitError) as exc:
-            await client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=100)
-        assert h.gateway.stats["requests"] == 1                 # x-should-retry: false was obeyed
-        prompt = tokens.chat_prompt({"messages": MSGS}, "gpt-4o")
-        assert exc.value.body == {
-            "message": exc.value.body["message"], "type": "insufficient_quota", "param": None,
-            "code": "BUDGET_EXCEEDED",
-            "scope": {"type": "user", "id": "app", "window": "day", "unit": "tokens", "limit": 50,
-                      "used": 0, "requested": prompt + 100}}
-        assert "Budget exceeded for user 'app'" in exc.value.body["message"]
-        headers = exc.value.response.headers
-        assert headers["x-should-retry"] == "false"
-        wait = int(headers["Retry-After"])
-        assert 0 < wait <= 86400 and math.isclose(int(headers["retry-after-ms"]) / 1000, wait, abs_tol=1)
-        assert h.fake.seen == []
-        assert (await h.books()) == (0, 0)
-    finally:
-        await harness.stop(h)
+async def test_budget_exhausted_is_a_429_the_sdk_does_not_retry(store_url, tokens, start_proxy):
+    h = await start_proxy(store_url, {"defaults": {"user": {"day": {"tokens": 50}}}})
+    client = h.client(max_retries=2)
+    with pytest.raises(openai.RateLimitError) as exc:
+        await client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=100)
+    assert h.gateway.stats["requests"] == 1                 # x-should-retry: false was obeyed
+    prompt = tokens.chat_prompt({"messages": MSGS}, "gpt-4o")
+    assert exc.value.body == {
+        "message": exc.value.body["message"], "type": "insufficient_quota", "param": None,
+        "code": "BUDGET_EXCEEDED",
+        "scope": {"type": "user", "id": "app", "window": "day", "unit": "tokens", "limit": 50,
+                  "used": 0, "requested": prompt + 100}}
+    assert "Budget exceeded for user 'app'" in exc.value.body["message"]
+    headers = exc.value.response.headers
+    assert headers["x-should-retry"] == "false"
+    wait = int(headers["Retry-After"])
+    assert 0 < wait <= 86400 and math.isclose(int(headers["retry-after-ms"]) / 1000, wait, abs_tol=1)
+    assert h.fake.seen == []
+    assert (await h.books()) == (0, 0)
 
 
-async def test_minute_window_refusal_lets_the_sdk_retry(store_url, tokens):
-    h = await started(store_url, tokens, {"defaults": {"org": {"minute": {"tokens": 10}}}})
-    try:
-        status, headers, body = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
-        assert status == 429 and json.loads(body)["error"]["scope"]["window"] == "minute"
-        assert headers["x-should-retry"] == "true" and 0 < int(headers["Retry-After"]) <= 60
-    finally:
-        await harness.stop(h)
+async def test_minute_window_refusal_lets_the_sdk_retry(store_url, tokens, start_proxy):
+    h = await start_proxy(store_url, {"defaults": {"org": {"minute": {"tokens": 10}}}})
+    status, headers, body = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
+    assert status == 429 and json.loads(body)["error"]["scope"]["window"] == "minute"
+    assert headers["x-should-retry"] == "true" and 0 < int(headers["Retry-After"]) <= 60
 
 
-async def test_shadow_mode_counts_but_never_refuses(store_url, tokens):
-    h = await started(store_url, tokens, {"shadow": True, "defaults": {"user": {"day": {"tokens": 5}}}})
-    try:
-        r = await h.client().chat.completions.create(model="gpt-4o", messages=MSGS)
-        assert r.choices[0].message.content
-        assert h.gateway.stats["shadow_refused"] == 1
-        used, reserved = await h.books()
-        assert (used, reserved) == (reported_tokens(h), 0)
-    finally:
-        await harness.stop(h)
+async def test_shadow_mode_counts_but_never_refuses(store_url, tokens, start_proxy):
+    h = await start_proxy(store_url, {"shadow": True, "defaults": {"user": {"day": {"tokens": 5}}}})
+    r = await h.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert r.choices[0].message.content
+    assert h.gateway.stats["shadow_refused"] == 1
+    used, reserved = await h.books()
+    assert (used, reserved) == (reported_tokens(h), 0)
 
 
-async def test_end_user_field_names_the_user_scope_within_the_org_when_the_key_allows_it(store_url, tokens):
-    h = await started(store_url, tokens, {})
-    try:
-        await h.client().chat.completions.create(model="gpt-4o", messages=MSGS, user="bob")
-        await h.client(harness.OTHER_KEY).chat.completions.create(model="gpt-4o", messages=MSGS, user="eve")
-        await h.settled()
-        bob = (await h.balances(Scope("user", "acme/bob")))[("day", "tokens")]
-        eve = (await h.balances(Scope("user", "globex/eve")))[("day", "tokens")]
-        other = (await h.balances(Scope("user", "other")))[("day", "tokens")]
-        globex = (await h.balances(Scope("org", "globex")))[("day", "tokens")]
-        assert bob.used > 0 and eve.used == 0 and other.used == globex.used > 0
-    finally:
-        await harness.stop(h)
+async def test_end_user_field_names_the_user_scope_within_the_org_when_the_key_allows_it(store_url, tokens, start_proxy):
+    h = await start_proxy(store_url, {})
+    await h.client().chat.completions.create(model="gpt-4o", messages=MSGS, user="bob")
+    await h.client(harness.OTHER_KEY).chat.completions.create(model="gpt-4o", messages=MSGS, user="eve")
+    await h.settled()
+    bob = (await h.balances(Scope("user", "acme/bob")))[("day", "tokens")]
+    eve = (await h.balances(Scope("user", "globex/eve")))[("day", "tokens")]
+    other = (await h.balances(Scope("user", "other")))[("day", "tokens")]
+    globex = (await h.balances(Scope("org", "globex")))[("day", "tokens")]
+    assert bob.used > 0 and eve.used == 0 and other.used == globex.used > 0
 
 
 @pytest.mark.parametrize("mode", ["strict", "advisory", "disabled"])
-async def test_enforcement_modes_with_redis_stopped(redis_server, redis_url, tokens, mode):
-    h = await started(redis_url, tokens, {"defaults": {"org": {"day": {"usd": 10}}}}, enforcement=mode)
+async def test_enforcement_modes_with_redis_stopped(redis_server, redis_url, mode, start_proxy):
+    h = await start_proxy(redis_url, {"defaults": {"org": {"day": {"usd": 10}}}}, enforcement=mode)
     try:
         redis_server.stop()
         status, headers, body = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
@@ -130,20 +99,16 @@ async def test_enforcement_modes_with_redis_stopped(redis_server, redis_url, tok
     finally:
         if redis_server.proc is None:
             redis_server.start()
-        await harness.stop(h)
 
 
-async def test_open_auth_outside_prod_accepts_any_bearer(store_url, tokens):
-    h = await started(store_url, tokens, {}, keys=False)
-    try:
-        await h.client("anything").chat.completions.create(model="gpt-4o", messages=MSGS, user="zed")
-        await h.settled()
-        assert (await h.balances(Scope("org", "default")))[("day", "tokens")].used > 0
-        assert (await h.balances(Scope("user", "default/zed")))[("day", "tokens")].used > 0
-        status, _, body = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS}, key=None)
-        assert status == 401
-    finally:
-        await harness.stop(h)
+async def test_open_auth_outside_prod_accepts_any_bearer(store_url, tokens, start_proxy):
+    h = await start_proxy(store_url, {}, keys=False)
+    await h.client("anything").chat.completions.create(model="gpt-4o", messages=MSGS, user="zed")
+    await h.settled()
+    assert (await h.balances(Scope("org", "default")))[("day", "tokens")].used > 0
+    assert (await h.balances(Scope("user", "default/zed")))[("day", "tokens")].used > 0
+    status, _, body = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS}, key=None)
+    assert status == 401
 
 
 CHAT = {"model": "gpt-4o", "messages": MSGS}
@@ -197,41 +162,32 @@ BAD = [
 
 
 @pytest.mark.parametrize("path, body, key, status, param, code", BAD)
-async def test_malformed_requests_get_openai_shaped_4xx(store_url, tokens, path, body, key, status, param, code):
-    h = await started(store_url, tokens, {"defaults": {"org": {"day": {"usd": 10}}}})
-    try:
-        raw = body if isinstance(body, bytes) else None
-        got, headers, data = await post(h, path, body, key=key, raw=raw)
-        err = json.loads(data)["error"]
-        assert (got, err["param"], err["code"]) == (status, param, code)
-        assert isinstance(err["message"], str) and err["message"] and "type" in err
-        assert harness.CLIENT_KEY not in data.decode(errors="replace")
-        assert h.fake.seen == []
-        assert (await h.books()) == (0, 0)
-    finally:
-        await harness.stop(h)
+async def test_malformed_requests_get_openai_shaped_4xx(store_url, path, body, key, status, param, code, start_proxy):
+    h = await start_proxy(store_url, {"defaults": {"org": {"day": {"usd": 10}}}})
+    raw = body if isinstance(body, bytes) else None
+    got, headers, data = await post(h, path, body, key=key, raw=raw)
+    err = json.loads(data)["error"]
+    assert (got, err["param"], err["code"]) == (status, param, code)
+    assert isinstance(err["message"], str) and err["message"] and "type" in err
+    assert harness.CLIENT_KEY not in data.decode(errors="replace")
+    assert h.fake.seen == []
+    assert (await h.books()) == (0, 0)
 
 
-async def test_oversized_body_is_413(store_url, tokens):
-    h = await started(store_url, tokens, {})
-    try:
-        big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}
-        status, _, data = await post(h, "/chat/completions", big)
-        assert status == 413 and json.loads(data)["error"]["code"] == "request_too_large"
-        assert h.fake.seen == []
-    finally:
-        await harness.stop(h)
+async def test_oversized_body_is_413(store_url, start_proxy):
+    h = await start_proxy(store_url, {})
+    big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}
+    status, _, data = await post(h, "/chat/completions", big)
+    assert status == 413 and json.loads(data)["error"]["code"] == "request_too_large"
+    assert h.fake.seen == []
 
 
-async def test_wrong_method_is_openai_shaped(store_url, tokens):
-    h = await started(store_url, tokens, {})
-    try:
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"{h.url}/chat/completions") as r:
-                assert r.status == 405
-                assert (await r.json())["error"]["code"] == "method_not_allowed"
-    finally:
-        await harness.stop(h)
+async def test_wrong_method_is_openai_shaped(store_url, start_proxy):
+    h = await start_proxy(store_url, {})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{h.url}/chat/completions") as r:
+            assert r.status == 405
+            assert (await r.json())["error"]["code"] == "method_not_allowed"
 
 
 def test_hash_key_matches_config_lookup():
@@ -239,92 +195,80 @@ def test_hash_key_matches_config_lookup():
         harness.config_data("http://x/v1", "memory://"))
 
 
-async def test_policy_edits_apply_while_running_and_bad_edits_are_ignored(tmp_path, tokens, monkeypatch):
+async def test_policy_edits_apply_while_running_and_bad_edits_are_ignored(tmp_path, monkeypatch, tokens, start_proxy):
     from proxy import app as app_mod
     from proxy import policy as policy_mod
     monkeypatch.setattr(app_mod, "POLICY_POLL_SECONDS", 0.02)
     path = tmp_path / "dev.yaml"
     path.write_text("version: 1\ndefaults: {user: {day: {tokens: 5}}}\n")
-    h = await started("memory://", tokens, {})
-    try:
-        h.gateway.ledger.policy = policy_mod.load(str(path))
-        # restart the watcher on the file-backed policy
-        watcher = asyncio.create_task(app_mod._watch_policy(h.gateway.ledger, asyncio.Event()))
-        status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
-        assert status == 429
-        path.write_text("version: 1\ndefaults: {user: {day: {tokens: 100000}}}\n")
-        for _ in range(200):
-            if h.gateway.ledger.policy.limits_for("user", "app").table[2][0] == 100000:
-                break
-            await asyncio.sleep(0.01)
-        status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
-        assert status == 200
-        path.write_text("version: 1\ndefaults: {user: {day: {tokens: -1}}}\n")      # invalid
-        await asyncio.sleep(0.2)
-        assert h.gateway.ledger.policy.limits_for("user", "app").table[2][0] == 100000
-        watcher.cancel()
-    finally:
-        await harness.stop(h)
+    h = await start_proxy("memory://", {})
+    h.gateway.ledger.policy = policy_mod.load(str(path))
+    # restart the watcher on the file-backed policy
+    watcher = asyncio.create_task(app_mod._watch_policy(h.gateway.ledger, asyncio.Event()))
+    status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
+    assert status == 429
+    path.write_text("version: 1\ndefaults: {user: {day: {tokens: 100000}}}\n")
+    for _ in range(200):
+        if h.gateway.ledger.policy.limits_for("user", "app").table[2][0] == 100000:
+            break
+        await asyncio.sleep(0.01)
+    status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
+    assert status == 200
+    path.write_text("version: 1\ndefaults: {user: {day: {tokens: -1}}}\n")      # invalid
+    await asyncio.sleep(0.2)
+    assert h.gateway.ledger.policy.limits_for("user", "app").table[2][0] == 100000
+    watcher.cancel()
 
 
-async def test_racing_requests_never_overspend_and_fall_back_to_cheaper(store_url, tokens):
+async def test_racing_requests_never_overspend_and_fall_back_to_cheaper(store_url, start_proxy):
     # Room for about four gpt-4o reservations; 40 racers at once. The snapshot each saw was stale,
     # so the store refuses the losers, which then try gpt-4o-mini; the books never go over.
-    h = await started(store_url, tokens, {"router": {"downgrade_below": 0},
+    h = await start_proxy(store_url, {"router": {"downgrade_below": 0},
                                           "defaults": {"org": {"day": {"usd": 0.042}}}})
-    try:
-        body = {"model": "smart", "messages": MSGS, "max_tokens": 1000}
-        results = await asyncio.gather(*(post(h, "/chat/completions", body) for _ in range(40)))
-        by_model = {}
-        for status, headers, _ in results:
-            assert status in (200, 429)
-            if status == 200:
-                by_model[headers["x-budget-model"]] = by_model.get(headers["x-budget-model"], 0) + 1
-        assert 1 <= by_model.get("gpt-4o", 0) <= 4
-        assert by_model.get("gpt-4o-mini", 0) >= 1
-        await h.settled()
-        day = (await h.balances(Scope("org", "acme")))[("day", "usd")]
-        assert day.reserved == 0 and day.used <= 42_000
-        assert (await h.books()) == (reported_tokens(h), 0)
-    finally:
-        await harness.stop(h)
+    body = {"model": "smart", "messages": MSGS, "max_tokens": 1000}
+    results = await asyncio.gather(*(post(h, "/chat/completions", body) for _ in range(40)))
+    by_model = {}
+    for status, headers, _ in results:
+        assert status in (200, 429)
+        if status == 200:
+            by_model[headers["x-budget-model"]] = by_model.get(headers["x-budget-model"], 0) + 1
+    assert 1 <= by_model.get("gpt-4o", 0) <= 4
+    assert by_model.get("gpt-4o-mini", 0) >= 1
+    await h.settled()
+    day = (await h.balances(Scope("org", "acme")))[("day", "usd")]
+    assert day.reserved == 0 and day.used <= 42_000
+    assert (await h.books()) == (reported_tokens(h), 0)
 
 
-async def test_an_end_user_name_cannot_reach_another_orgs_user_budget(store_url, tokens):
+async def test_an_end_user_name_cannot_reach_another_orgs_user_budget(store_url, tokens, start_proxy):
     # globex's key has no end users: its user is "other". acme sends user="other" in the body.
-    h = await started(store_url, tokens, {"defaults": {"user": {"day": {"tokens": 200}}}})
-    try:
-        for _ in range(3):
-            await h.client().chat.completions.create(model="gpt-4o", messages=MSGS, user="other",
-                                                     max_tokens=20)
-        r = await h.client(harness.OTHER_KEY).chat.completions.create(model="gpt-4o", messages=MSGS,
-                                                                      max_tokens=20)
-        assert r.choices[0].message.content
-        await h.settled()
-        assert (await h.balances(Scope("user", "other")))[("day", "tokens")].used == \
-            h.fake.reported[-1]["total_tokens"]
-    finally:
-        await harness.stop(h)
+    h = await start_proxy(store_url, {"defaults": {"user": {"day": {"tokens": 200}}}})
+    for _ in range(3):
+        await h.client().chat.completions.create(model="gpt-4o", messages=MSGS, user="other",
+                                                 max_tokens=20)
+    r = await h.client(harness.OTHER_KEY).chat.completions.create(model="gpt-4o", messages=MSGS,
+                                                                  max_tokens=20)
+    assert r.choices[0].message.content
+    await h.settled()
+    assert (await h.balances(Scope("user", "other")))[("day", "tokens")].used == \
+        h.fake.reported[-1]["total_tokens"]
 
 
-async def test_redis_frozen_mid_call_is_a_503_that_leaves_nothing_reserved(redis_server, redis_url, tokens):
+async def test_redis_frozen_mid_call_is_a_503_that_leaves_nothing_reserved(redis_server, redis_url, start_proxy):
     # Redis freezes (SIGSTOP): the reserve times out, the client gets a 503 in about three
     # seconds, and after Redis wakes nothing is left reserved.
     import signal
-    h = await started(redis_url, tokens, {"defaults": {"org": {"day": {"usd": 10}}}})
+    h = await start_proxy(redis_url, {"defaults": {"org": {"day": {"usd": 10}}}})
+    redis_server.proc.send_signal(signal.SIGSTOP)
     try:
-        redis_server.proc.send_signal(signal.SIGSTOP)
-        try:
-            # one candidate and its own max_tokens: no snapshot, the reserve is the first call
-            status, _, body = await post(h, "/chat/completions",
-                                         {"model": "gpt-4o-mini", "messages": MSGS, "max_tokens": 10})
-        finally:
-            redis_server.proc.send_signal(signal.SIGCONT)
-        assert status == 503 and json.loads(body)["error"]["code"] == "BUDGET_STORE_UNAVAILABLE"
-        if h.gateway.ledger.pending:
-            await asyncio.wait(list(h.gateway.ledger.pending), timeout=20)
-        await asyncio.sleep(0.2)
-        assert h.fake.seen == []
-        assert await h.reserved_anywhere() == []
+        # one candidate and its own max_tokens: no snapshot, the reserve is the first call
+        status, _, body = await post(h, "/chat/completions",
+                                     {"model": "gpt-4o-mini", "messages": MSGS, "max_tokens": 10})
     finally:
-        await harness.stop(h)
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert status == 503 and json.loads(body)["error"]["code"] == "BUDGET_STORE_UNAVAILABLE"
+    if h.gateway.ledger.pending:
+        await asyncio.wait(list(h.gateway.ledger.pending), timeout=20)
+    await asyncio.sleep(0.2)
+    assert h.fake.seen == []
+    assert await h.reserved_anywhere() == []

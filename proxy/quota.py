@@ -1,0 +1,61 @@
+"""What a request's budget looks like to the client: the 429 and the x-budget-* headers."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+from urllib.parse import quote
+
+from .errors import BudgetExceeded
+from .ledger import Balance, Refusal
+
+
+def _display(unit: str, amount: int) -> float | int:
+    return amount / 1_000_000 if unit == "usd" else amount
+
+
+def refusal_error(r: Refusal) -> BudgetExceeded:
+    """The 429. SDKs honour Retry-After only up to about a minute and retry 429s by default, so
+    `x-should-retry: false` is sent for day and month windows and for any reset over 60 s away."""
+    wait = max(0.0, r.reset_in)
+    shown = {"type": r.scope.type, "id": r.scope.id, "window": r.window, "unit": r.unit,
+             "limit": _display(r.unit, r.limit), "used": _display(r.unit, r.used),
+             "requested": _display(r.unit, r.requested)}
+    unit = "USD" if r.unit == "usd" else "tokens"
+    message = (f"Budget exceeded for {r.scope.type} '{r.scope.id}': the {r.window} limit is "
+               f"{shown['limit']} {unit}, {_display(r.unit, r.used + r.reserved)} are used or reserved, "
+               f"and this request needs {shown['requested']}. The {r.window} window resets in "
+               f"{math.ceil(wait)} s.")
+    headers = {"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000)),
+               "x-should-retry": "false" if r.window in ("day", "month") or wait > 60 else "true"}
+    return BudgetExceeded(message, headers=headers, extra={"scope": shown})
+
+
+def budget_headers(model: str, asked: str, balances: Sequence[Balance]) -> dict[str, str]:
+    out = {"x-budget-model": model}
+    if model != asked:
+        out["x-budget-downgraded-from"] = asked
+    if balances:
+        out.update(_remaining(balances))
+    return out
+
+
+def _remaining(balances: Sequence[Balance]) -> dict[str, str]:
+    """The tightest scope after this reservation, like OpenAI's x-ratelimit-remaining-*."""
+    tight = None
+    low = {"tokens": None, "usd": None}
+    for b in balances:
+        left = b.remaining
+        low[b.unit] = left if low[b.unit] is None else min(low[b.unit], left)
+        frac = left / b.limit if b.limit else 0.0
+        if tight is None or frac < tight[0]:
+            tight = (frac, b)
+    out = {}
+    if low["tokens"] is not None:
+        out["x-budget-remaining-tokens"] = str(low["tokens"])
+    if low["usd"] is not None:
+        out["x-budget-remaining-usd"] = f"{low['usd'] / 1_000_000:.6f}"
+    if tight is not None:
+        b = tight[1]
+        out["x-budget-scope"] = f"{b.scope.type}:{quote(b.scope.id, safe='@/._-')} {b.window} {b.unit}"
+    return out
