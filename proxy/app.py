@@ -24,6 +24,7 @@ from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
 from .endpoints import ENDPOINTS
 from .gateway import Gateway
 from .ledger import Ledger
+from .observer import Observer
 from .stores import open_store
 from .tasks import Tasks
 from .tokens import TokenCounter
@@ -34,6 +35,7 @@ log = logging.getLogger("proxy")
 TASKS = web.AppKey("tasks", Tasks)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 LEDGER = web.AppKey("ledger", Optional[Ledger])      # None when enforcement is disabled
+OBSERVER = web.AppKey("observer", Observer)
 GATEWAY = web.AppKey("gateway", Gateway)
 _POST_ONLY = frozenset("/v1" + e.path for e in ENDPOINTS.values())
 POLICY_POLL_SECONDS = 2.0
@@ -107,8 +109,12 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
         await app[TASKS].drain(SHUTDOWN_GRACE_SECONDS)
 
+    async def observer(app: web.Application) -> AsyncIterator[None]:
+        app[OBSERVER] = Observer()
+        yield
+
     async def gateway(app: web.Application) -> AsyncIterator[None]:
-        app[GATEWAY] = Gateway(cfg, app[LEDGER], tokens, app[UPSTREAMS], app[TASKS])
+        app[GATEWAY] = Gateway(cfg, app[LEDGER], tokens, app[UPSTREAMS], app[TASKS], app[OBSERVER])
         yield
 
     def endpoint(kind: str):
@@ -143,7 +149,7 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
     app.router.add_route("*", "/v1/{tail:.*}", not_found)
-    app.cleanup_ctx.extend([upstreams, ledger, tasks, gateway, _background])
+    app.cleanup_ctx.extend([upstreams, ledger, tasks, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
     return app
 
@@ -181,6 +187,7 @@ async def _sweep(ledger: Ledger, stop: asyncio.Event) -> None:
             while await ledger.sweep() == 100:
                 pass
         except BudgetProxyError as exc:
+            metrics.JOB_FAILURES.labels("sweep").inc()
             log.warning("lease sweep failed: %s", exc)
 
 
@@ -206,6 +213,7 @@ async def _watch_policy(ledger: Ledger, stop: asyncio.Event) -> None:
             ledger.policy = await asyncio.to_thread(policy_mod.load, path)
             log.info("policy reloaded from %s", path)
         except ConfigError as exc:
+            metrics.JOB_FAILURES.labels("policy_reload").inc()
             log.error("policy change rejected, keeping the running policy: %s", exc)
 
 

@@ -22,10 +22,11 @@ from typing import Sequence
 import aiohttp
 from aiohttp import web
 
-from . import auth, body, planner
+from . import auth, body, metrics, planner
 from .config import Config, Model
 from .errors import ApiError, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
 from .ledger import Balance, Ledger, Refusal, Reservation
+from .observer import Observer
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
 from .sse import UsageTap
@@ -38,8 +39,9 @@ SSE = "text/event-stream"
 
 class Gateway:
     def __init__(self, config: Config, ledger: Ledger | None, tokens, upstreams: Upstreams,
-                 tasks: Tasks) -> None:
+                 tasks: Tasks, observer: Observer | None = None) -> None:
         self.config = config
+        self.observer = observer or Observer()
         self.ledger = ledger            # None when enforcement is disabled: the store is never contacted
         self.tokens = tokens
         self.upstreams = upstreams
@@ -84,27 +86,30 @@ class Gateway:
         """Plan, then try the candidates in order until one is reserved; else the 429."""
         ledger = self.ledger
         if ledger is None:
-            return self._flight(None, models[0], call, prompt), budget_headers(models[0].name, models[0].name, ())
+            return self._flight(None, models[0], call, prompt, who), budget_headers(models[0].name, models[0].name, ())
         policy = ledger.policy
         rid = f"{self._id_prefix}{next(self._ids):x}"
         refusal: Refusal | None = None
         try:
             balances = await self._balances(ledger, call, who, models)
             for c in planner.plan(call, who, models, prompt, policy, balances):
-                got = await ledger.reserve(rid, c.amounts, c.scopes)
+                with metrics.Timer(metrics.STORE["reserve"]):
+                    got = await ledger.reserve(rid, c.amounts, c.scopes)
                 if isinstance(got, Reservation):
                     self.balance_cache.put(c.scopes, got.balances, time.monotonic())
-                    return self._admitted(got, c, models, call, prompt)
+                    return self._admitted(got, c, models, call, prompt, who)
                 refusal = refusal or got
         except StoreUnavailable as exc:
             self.stats["store_unavailable"] += 1
+            self.observer.store_unavailable()
             if self.config.enforcement == "strict":
                 raise ServiceUnavailable("The budget store is unavailable; the request was not sent.",
                                          code="BUDGET_STORE_UNAVAILABLE", headers={"Retry-After": "1"}) from exc
             log.warning("budget store unavailable (%s); advisory mode forwards without a reservation", exc)
-            return self._flight(None, models[0], call, prompt), budget_headers(models[0].name, models[0].name, ())
+            return self._flight(None, models[0], call, prompt, who), budget_headers(models[0].name, models[0].name, ())
         self.stats["refused"] += 1
         assert refusal is not None
+        self.observer.refused(refusal, who.org, who.user, models[0].name)
         raise refusal_error(refusal)
 
     async def _balances(self, ledger: Ledger, call: body.ApiCall, who: auth.Caller,
@@ -120,24 +125,28 @@ class Gateway:
         cached = self.balance_cache.get(scopes, now)
         if cached is not None:
             return cached
-        balances = await ledger.snapshot(scopes, limited_only=True)
+        with metrics.Timer(metrics.STORE["snapshot"]):
+            balances = await ledger.snapshot(scopes, limited_only=True)
         self.balance_cache.put(scopes, balances, now)
         return balances
 
     def _admitted(self, res: Reservation, c: planner.Candidate, models: Sequence[Model],
-                  call: body.ApiCall, prompt: int) -> tuple[Flight, dict[str, str]]:
+                  call: body.ApiCall, prompt: int, who: auth.Caller) -> tuple[Flight, dict[str, str]]:
         if res.would_refuse is not None:
             self.stats["shadow_refused"] += 1
             r = res.would_refuse
             log.info("shadow: would refuse %s/%s %s %s", r.scope.type, r.scope.id, r.window, r.unit)
         if c.model != models[0].name:
             self.stats["downgraded"] += 1
+        self.observer.admitted(res, models[0].name, c.model)
         model = self.config.models[c.model]
-        return self._flight(res, model, call, prompt), budget_headers(c.model, models[0].name, res.balances)
+        return self._flight(res, model, call, prompt, who), budget_headers(c.model, models[0].name, res.balances)
 
-    def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int) -> Flight:
+    def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int,
+                who: auth.Caller) -> Flight:
         count = functools.partial(self.tokens.count, model=model.upstream)
-        return Flight(self.ledger, self.tasks, res, model, call.endpoint, prompt, count)
+        return Flight(self.ledger, self.tasks, res, model, call.endpoint, prompt, count,
+                      self.observer, who.org)
 
     # --- forward and stream ---------------------------------------------------------------
 
@@ -152,7 +161,8 @@ class Gateway:
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         flight.sent = True
         try:
-            up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None)
+            with metrics.Timer(metrics.UPSTREAM_SECONDS.labels(model.provider)):
+                up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
             flight.release_soon()                   # never reached the upstream: nothing to pay
             raise _upstream_error(model.provider, exc) from None

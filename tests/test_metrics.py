@@ -10,6 +10,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import metrics
+from proxy.app import OBSERVER
 from proxy.ledger import Scope
 
 from . import harness
@@ -90,6 +91,7 @@ def test_every_metric_is_prefixed_and_documented_in_the_readme():
 WORKER = """
 import sys
 from proxy import metrics
+from proxy.app import OBSERVER
 metrics.REQUESTS.labels("/v1/chat/completions", "200").inc(int(sys.argv[1]))
 metrics.SPEND_USD.labels("acme", "gpt-4o").inc(float(sys.argv[1]) / 100)
 """
@@ -103,3 +105,51 @@ def test_several_worker_processes_are_summed_in_multiprocess_mode(tmp_path, monk
     got = samples(metrics.render().decode())
     assert got[("budget_proxy_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))] == 7
     assert abs(got[("budget_proxy_spend_usd_total", (("model", "gpt-4o"), ("org", "acme")))] - 0.07) < 1e-9
+
+
+def value(got, name: str, **labels) -> float:
+    return got.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def delta(before, after, name: str, **labels) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+async def test_spend_reservations_latencies_downgrades_and_refusals_are_counted(store_url, tokens):
+    policy = {"defaults": {"user": {"day": {"tokens": 100_000}}},
+              "overrides": {"model": {"gpt-4o": {"day": {"tokens": 5}}},        # smart -> gpt-4o-mini
+                            "user": {"acme/capped": {"day": {"tokens": 1}}}}}
+    h = await harness.start(store_url, policy, tokens)
+    try:
+        before = await scrape(h)
+        client = h.client()
+        await client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, max_tokens=20)
+        raw = await client.chat.completions.with_raw_response.create(model="smart", messages=MSGS, max_tokens=20)
+        assert raw.headers["x-budget-downgraded-from"] == "gpt-4o"
+        try:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, max_tokens=20, user="capped")
+        except Exception as exc:                                    # noqa: BLE001 - asserted below
+            assert getattr(exc, "status_code", None) == 429
+        else:
+            raise AssertionError("the capped user was not refused")
+        await h.settled()
+        after = await scrape(h)
+
+        prompt = sum(u["prompt_tokens"] for u in h.fake.reported)
+        completion = sum(u["completion_tokens"] for u in h.fake.reported)
+        mini = "gpt-4o-mini"
+        assert delta(before, after, "budget_proxy_spend_tokens_total", org="acme", model=mini, kind="prompt") == prompt
+        assert delta(before, after, "budget_proxy_spend_tokens_total", org="acme", model=mini,
+                     kind="completion") == completion
+        usd = delta(before, after, "budget_proxy_spend_usd_total", org="acme", model=mini)
+        assert abs(usd - (prompt * 0.15 + completion * 0.6) / 1e6) < 2e-6      # micro-dollars, rounded up
+        assert delta(before, after, "budget_proxy_reservations_total", outcome="admitted") == 2
+        assert delta(before, after, "budget_proxy_reservations_total", outcome="refused") == 1
+        assert delta(before, after, "budget_proxy_downgrades_total", **{"from": "gpt-4o", "to": mini}) == 1
+        assert delta(before, after, "budget_proxy_store_seconds_count", operation="reserve") >= 3
+        assert delta(before, after, "budget_proxy_store_seconds_count", operation="commit") == 2
+        assert delta(before, after, "budget_proxy_upstream_seconds_count", provider="openai") == 2
+        seen = h.proxy.app[OBSERVER].refusals[-1]
+        assert (seen.user, seen.refusal.scope) == ("acme/capped", Scope("user", "acme/capped"))
+    finally:
+        await harness.stop(h)
