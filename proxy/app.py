@@ -17,7 +17,7 @@ from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
-from . import auth, health, metrics
+from . import alerts, auth, health, metrics
 from . import config as config_mod
 from . import policy as policy_mod
 from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
@@ -110,8 +110,16 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         await app[TASKS].drain(SHUTDOWN_GRACE_SECONDS)
 
     async def observer(app: web.Application) -> AsyncIterator[None]:
-        app[OBSERVER] = Observer()
+        """Metrics, the recent-refusal ring and alerts (whose sender has its own tasks and session)."""
+        if app[LEDGER] is None:
+            app[OBSERVER] = Observer()
+            yield
+            return
+        sender = alerts.Sender()
+        await sender.open()
+        app[OBSERVER] = Observer(alerts.Alerts(app[LEDGER], app[TASKS], sender))
         yield
+        await sender.close()
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
         app[GATEWAY] = Gateway(cfg, app[LEDGER], tokens, app[UPSTREAMS], app[TASKS], app[OBSERVER])
