@@ -17,7 +17,8 @@ from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
-from . import alerts, auth, health, metrics
+from . import admin_routes, alerts, auth, health, metrics
+from .admin import AdminGate
 from . import config as config_mod
 from . import policy as policy_mod
 from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
@@ -157,6 +158,9 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
     app.router.add_route("*", "/v1/{tail:.*}", not_found)
+    gate = AdminGate(cfg.admin_keys, cfg.environment)
+    if gate.enabled:                   # in prod only with admin keys configured
+        admin_routes.add(app, gate, LEDGER, OBSERVER)
     app.cleanup_ctx.extend([upstreams, ledger, tasks, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
     return app

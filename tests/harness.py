@@ -128,11 +128,12 @@ async def post(h: Harness, path: str, body, key: str | None = CLIENT_KEY, raw: b
 
 
 async def start(store_url: str, policy: dict, tokens, *, enforcement: str = "strict", keys: bool = True,
-                fake: FakeOpenAI | None = None, env=None, clock=None) -> Harness:
+                fake: FakeOpenAI | None = None, env=None, clock=None, config: dict | None = None) -> Harness:
+    """`config` adds or replaces top-level config.yaml keys (e.g. admin_keys)."""
     fake = fake or FakeOpenAI()
     upstream = TestServer(fake.app())
     await upstream.start_server()
-    data = config_data(str(upstream.make_url("/v1")), store_url, enforcement, keys)
+    data = {**config_data(str(upstream.make_url("/v1")), store_url, enforcement, keys), **(config or {})}
     cfg = config_mod.parse(data, "test-config.yaml", env={"BP_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})})
     pol = parse_policy({"version": 1, **policy}, "test-policy.yaml")
     proxy = TestServer(build_app(cfg, pol, tokens=tokens, clock=clock))
