@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import policy, schema
-from .errors import ConfigError
+from .errors import ApiError, ConfigError, StoreUnavailable
 
 
 def _kind(path: str, data: object) -> str:
@@ -63,6 +63,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.config, host=args.host, port=args.port)
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Read usage straight from the store (works while the proxy is down)."""
+    import asyncio
+    import json
+
+    from . import config as config_mod, usage
+    from .ledger import Ledger
+    from .stores import open_store
+    try:
+        cfg = config_mod.load(args.config)
+        pol = policy.load_for(cfg.environment, cfg.policies_dir, cfg.policy_path)
+        query = usage.usage_query({"type": args.type, "id": args.id, "window": args.window})
+    except ConfigError as exc:
+        print(f"usage: {exc}", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        print(f"usage: --{exc.param}: {exc.message}", file=sys.stderr)
+        return 2
+
+    async def read() -> dict:
+        ledger = Ledger(open_store(cfg.store_url, cfg.namespace), pol, namespace=cfg.namespace)
+        try:
+            return usage.document(await ledger.usage(**query))
+        finally:
+            await ledger.store.close()
+
+    try:
+        doc = asyncio.run(read())
+    except StoreUnavailable as exc:
+        print(f"usage: the budget store is unavailable: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else usage.table(doc))
+    return 0
+
+
+def _usage_parser(sub) -> None:
+    p = sub.add_parser("usage", help="print budget usage, closest to a limit first (reads the store)")
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--type", help="scope type: global, org, user, provider or model")
+    p.add_argument("--id", help="scope id")
+    p.add_argument("--window", help="minute, hour, day or month (default: all current windows)")
+    p.add_argument("--json", action="store_true", help="print the same document as GET /admin/v1/usage")
+    p.set_defaults(func=cmd_usage)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="budget-proxy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("hash-key", help="print the sha256 of a proxy API key, for config.yaml")
     p.add_argument("key", nargs="?")
     p.set_defaults(func=cmd_hash_key)
+    _usage_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

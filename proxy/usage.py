@@ -104,3 +104,38 @@ def settlements_query(q: Mapping[str, str]) -> dict:
                          code="invalid_value")
     return {"since_ms": since_ms(q.get("since")), "limit": int(raw),
             "org": q.get("org") or None, "user": q.get("user") or None}
+
+
+# --- the CLI's table -------------------------------------------------------------------------
+
+BAR_WIDTH = 20
+
+
+def _cell(e: Mapping, unit: str) -> str:
+    used, limit = e["used"][unit] or 0, e["limit"][unit]
+    fmt = (lambda v: f"{v:,.2f}") if unit == "usd" else (lambda v: f"{int(v):,}")
+    return fmt(used) + ("" if limit is None else f" / {fmt(limit)}")
+
+
+def bar(e: Mapping, width: int = BAR_WIDTH) -> str:
+    """`[####++......]`: used (#) and reserved (+) of the unit closest to its limit; blank if unlimited."""
+    limited = [u for u in UNITS if e["limit"][u] is not None]
+    if not limited:
+        return ""
+    unit = max(limited, key=lambda u: ((e["used"][u] or 0) + (e["reserved"][u] or 0)) / (e["limit"][u] or 1e-9))
+    limit = e["limit"][unit] or 1e-9
+    used = min(width, round(width * (e["used"][unit] or 0) / limit))
+    reserved = min(width - used, round(width * (e["reserved"][unit] or 0) / limit))
+    return "[" + "#" * used + "+" * reserved + "." * (width - used - reserved) + "]"
+
+
+def table(doc: Mapping) -> str:
+    """The usage document as text, one row per scope and window, closest to a limit first."""
+    head = ("SCOPE", "WINDOW", "TOKENS (used / limit)", "USD (used / limit)", "SHARE", "")
+    rows = [head]
+    for e in doc["data"]:
+        share = closeness(e)
+        rows.append((f"{e['scope']['type']}:{e['scope']['id']}", e["window"], _cell(e, "tokens"),
+                     _cell(e, "usd"), "-" if share < 0 else f"{share:.0%}", bar(e)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -70,3 +70,21 @@ def test_serve_refuses_an_invalid_config(tmp_path, capsys):
 def test_hash_key_prints_the_sha256(capsys):
     assert main(["hash-key", "abc"]) == 0
     assert capsys.readouterr().out.strip() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_usage_table_sorts_by_closeness_and_draws_bars():
+    from proxy import usage
+
+    def e(sid, used, reserved, limit):
+        return {"scope": {"type": "org", "id": sid}, "window": "day", "start": "", "end": "",
+                "used": {"tokens": used, "usd": 0.5}, "reserved": {"tokens": reserved, "usd": 0.0},
+                "limit": {"tokens": limit, "usd": None}, "remaining": {"tokens": None, "usd": None}}
+
+    doc = {"data": [e("a", 500, 0, 1000), e("b", 900, 100, 1000), e("c", 10, 0, None)]}
+    doc["data"].sort(key=lambda x: -usage.closeness(x))
+    lines = usage.table(doc).splitlines()
+    assert lines[0].split()[:2] == ["SCOPE", "WINDOW"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["org:b", "org:a", "org:c"]
+    assert lines[1].endswith("[##################++]") and "100%" in lines[1]
+    assert lines[2].endswith("[##########..........]") and "50%" in lines[2]
+    assert "[" not in lines[3] and "10" in lines[3]
