@@ -1,5 +1,19 @@
 """Every store key name is built here.
 
+Layout (Redis; the memory store mirrors it):
+  {ns}:w:<window label>  hash, one per window (e.g. d20261129): field "<scope type>:<scope id>"
+                         -> "<tokens used> <tokens reserved> <micro-USD used> <micro-USD reserved>".
+                         The hash is also the window's index of the scopes seen in it, and expires
+                         as a whole with its window (plus a margin), so old fields never pile up.
+  {ns}:r:<reservation>   string, one reservation's state, amounts, lease deadline and counters
+  {ns}:leases            sorted set of open reservation ids scored by lease deadline (epoch ms)
+  {ns}:log               stream, the settlement log (capped)
+  {ns}:claim:<name>      string, a once-only claim (alert deduplication)
+
+One hash per window rather than one key per scope and window: a request reads and writes each
+window it touches with one HMGET and one HSET, whatever the number of scopes (a 5-scope request
+over 3 windows costs 6 counter commands a call, not 5 x 3 x 3).
+
 All keys of one deployment share one Redis Cluster hash tag, `{<namespace>}`: a reservation must
 check and change the global, org, user, provider and model counters in one script, and a
 multi-key script needs all its keys in one slot. Since every request touches the global counters,
@@ -8,32 +22,56 @@ deployment's budget keys live on one shard; Cluster still gives replicas and fai
 second deployment (another namespace) lands elsewhere.
 
 Scope ids come from clients (the OpenAI `user` field), so they are escaped: `%`, `:`, `{`, `}`,
-whitespace and control characters become %XX, which keeps keys unambiguous and the hash tag intact.
+whitespace and control characters become %XX, which keeps fields unambiguous (the first `:`
+separates type from id; no whitespace, so the scripts can split lists on it) and the hash tag intact.
 """
 
 from __future__ import annotations
 
 import re
 from functools import lru_cache
+from urllib.parse import quote, unquote
 
 _UNSAFE = re.compile(r"[%:{}\s\x00-\x1f\x7f]")
 
 
 @lru_cache(maxsize=65536)
 def _escape(part: str) -> str:
-    return _UNSAFE.sub(lambda m: "%{:02X}".format(ord(m.group())), part)
+    # UTF-8 percent-encoding, so non-ASCII whitespace (U+2003) decodes back unambiguously.
+    return _UNSAFE.sub(lambda m: quote(m.group(), safe=""), part)
 
 
-def counter_key(ns: str, scope_type: str, scope_id: str, window_label: str) -> str:
-    """A hash of one scope's usage in one window: fields t/tr (tokens used/reserved), d/dr (micro-USD)."""
-    return f"{{{ns}}}:c:{scope_type}:{_escape(scope_id)}:{window_label}"
+def window_key(ns: str, window_label: str) -> str:
+    """The hash of every scope's usage in one window (see the module docstring)."""
+    return f"{{{ns}}}:w:{window_label}"
+
+
+def scope_field(scope_type: str, scope_id: str) -> str:
+    """A scope's field in a window hash."""
+    return f"{scope_type}:{_escape(scope_id)}"
+
+
+def parse_scope_field(field: str) -> tuple[str, str]:
+    """(scope type, scope id) from a window hash field."""
+    scope_type, _, escaped = field.partition(":")
+    return scope_type, unquote(escaped)
 
 
 def record_key(ns: str, reservation_id: str) -> str:
-    """A hash describing one reservation (its state, amounts, lease deadline and counter keys)."""
+    """A string describing one reservation (its state, amounts, lease deadline and counters)."""
     return f"{{{ns}}}:r:{_escape(reservation_id)}"
 
 
 def leases_key(ns: str) -> str:
     """A sorted set of open reservation ids scored by lease deadline (epoch ms)."""
     return f"{{{ns}}}:leases"
+
+
+def log_key(ns: str) -> str:
+    """The settlement log: a stream capped at the configured length."""
+    return f"{{{ns}}}:log"
+
+
+def claim_key(ns: str, name: str) -> str:
+    """A once-only claim (e.g. an alert already sent for a scope, window and threshold)."""
+    return f"{{{ns}}}:claim:{_escape(name)}"

@@ -20,10 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-from .keys import counter_key
+from .keys import parse_scope_field, scope_field, window_key
 from .policy import UNLIMITED, Policy
 from .errors import StoreUnavailable
-from .stores import Counter, Status, Store
+from .settlements import OUTCOMES, Drift, RequestInfo, SettlementRecord, Usage, audit, record
+from .stores import Counter, ReserveOutcome, Seen, Status, Store
+from .stores.base import Note
 from .windows import WINDOWS, Window, windows_at
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ class Amounts:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """The first scope a request would exceed (all amounts in the unit's integer form)."""
+    """The first counter a request would exceed, in the order minute, hour, day, month and,
+    within a window, the order of the request's scopes (amounts in the unit's integer form)."""
     scope: Scope
     window: str
     unit: str            # "tokens" or "usd" (micro-dollars)
@@ -66,6 +69,39 @@ class Balance(NamedTuple):
     resets_at: float     # epoch seconds
 
 
+class Slot(NamedTuple):
+    """One counter of a request with the scope and window it counts."""
+    counter: Counter
+    scope: Scope
+    window: Window
+
+
+class Plan(NamedTuple):
+    """The counters of a set of scopes in the current windows (`counters` as the store takes them)."""
+    counters: tuple[Counter, ...]
+    slots: tuple[Slot, ...]
+
+
+FAR_FUTURE_MS = 2 ** 62
+
+
+class Pair(NamedTuple):
+    tokens: int | None     # None: unlimited (in a limit or what remains of one)
+    usd: int | None        # micro-dollars
+
+
+class ScopeUsage(NamedTuple):
+    """One scope in one window, as the usage API shows it."""
+    scope: Scope
+    window: str            # minute | hour | day | month
+    start: float           # epoch seconds
+    end: float
+    used: Pair
+    reserved: Pair
+    limit: Pair
+    remaining: Pair
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     id: str
@@ -84,7 +120,7 @@ class Ledger:
         self._ns = namespace
         self._clock = clock
         self._windows_cache: tuple[int, object, tuple[Window, ...]] = (-1, None, ())
-        self._plans: dict = {}          # scopes -> (counters, where), for the current windows and policy
+        self._plans: dict[tuple[Scope, ...], Plan] = {}   # for the current windows and policy
         self._plans_for: tuple = (None, None)
         self.pending: set[asyncio.Task] = set()    # undo tasks; the app waits for them at shutdown
 
@@ -95,8 +131,7 @@ class Ledger:
             self._windows_cache = (int(now), policy.timezone, wins)
         return wins
 
-    def _plan(self, scopes: Sequence[Scope], now: float, policy: Policy
-              ) -> tuple[list[Counter], list[tuple[Scope, Window]]]:
+    def _plan(self, scopes: Sequence[Scope], now: float, policy: Policy) -> Plan:
         """The counters of `scopes` now, cached until the windows or the policy change."""
         wins = self._windows(now, policy)
         if self._plans_for[0] is not wins or self._plans_for[1] is not policy or len(self._plans) > 4096:
@@ -108,31 +143,35 @@ class Ledger:
             plan = self._plans[key] = self._build_plan(key, wins, policy)
         return plan
 
-    def _build_plan(self, scopes: tuple[Scope, ...], wins: tuple[Window, ...], policy: Policy
-                    ) -> tuple[list[Counter], list[tuple[Scope, Window]]]:
+    def _build_plan(self, scopes: tuple[Scope, ...], wins: tuple[Window, ...], policy: Policy) -> Plan:
+        """Window by window (the store reads and writes each window once), scope by scope."""
         lease_margin = 2 * policy.lease_seconds
-        counters, where = [], []
-        for scope in scopes:
-            table = policy.limits_for(scope.type, scope.id).table
-            for i, w in enumerate(wins):
+        tables = [policy.limits_for(scope.type, scope.id).table for scope in scopes]
+        slots = []
+        for i, w in enumerate(wins):
+            key = window_key(self._ns, w.label)
+            expire_ms = int((w.end + max(w.end - w.start, lease_margin)) * 1000)
+            for scope, table in zip(scopes, tables):
                 tl, dl = table[i]
                 if i < _ALWAYS_TRACKED and tl == UNLIMITED and dl == UNLIMITED:
                     continue
-                expire_ms = int((w.end + max(w.end - w.start, lease_margin)) * 1000)
-                counters.append(Counter(counter_key(self._ns, scope.type, scope.id, w.label), tl, dl, expire_ms))
-                where.append((scope, w))
-        return tuple(counters), tuple(where)
+                slots.append(Slot(Counter(key, scope_field(scope.type, scope.id), tl, dl, expire_ms), scope, w))
+        return Plan(tuple(s.counter for s in slots), tuple(slots))
 
-    async def reserve(self, rid: str, amounts: Amounts, scopes: Sequence[Scope]) -> Reservation | Refusal:
-        """Reserve `amounts` on every counter of `scopes`, or refuse naming the first one over."""
+    async def reserve(self, rid: str, amounts: Amounts, scopes: Sequence[Scope],
+                      info: RequestInfo | None = None) -> Reservation | Refusal:
+        """Reserve `amounts` on every counter of `scopes`, or refuse naming the first one over.
+        `info` is kept with the reservation for its settlement's log record."""
         if not (0 <= amounts.tokens <= MAX_AMOUNT and 0 <= amounts.usd <= MAX_AMOUNT):
             raise ValueError(f"amounts out of range: {amounts}")
         policy = self.policy
         now = self._clock()
-        counters, where = self._plan(scopes, now, policy)
+        plan = self._plan(scopes, now, policy)
+        counters = plan.counters
         deadline = int((now + policy.lease_seconds) * 1000)
         try:
-            out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow)
+            out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow,
+                                           info.pack() if info else "")
         except (StoreUnavailable, asyncio.CancelledError):
             # The answer was lost (timeout, dropped connection, the caller went away) but the
             # script may have run: undo it by id, off the caller's task, retrying a while.
@@ -141,17 +180,15 @@ class Ledger:
             task.add_done_callback(self.pending.discard)
             raise
         if out.status is Status.REFUSED:
-            return self._refusal(out, counters, where, amounts, now)
-        refusal = self._refusal(out, counters, where, amounts, now) if out.status is Status.FORCED else None
-        return Reservation(rid, amounts, tuple(counters), deadline, refusal,
-                           self._after(out.seen, counters, where, amounts))
+            return self._refusal(out, plan, amounts, now)
+        refusal = self._refusal(out, plan, amounts, now) if out.status is Status.FORCED else None
+        return Reservation(rid, amounts, counters, deadline, refusal, self._after(out.seen, plan, amounts))
 
     @staticmethod
-    def _after(seen, counters, where, amounts: Amounts) -> tuple[Balance, ...]:
+    def _after(seen: Sequence[Seen], plan: Plan, amounts: Amounts) -> tuple[Balance, ...]:
         out = []
-        for i, t, tr, d, dr in seen:
-            c = counters[i]
-            scope, w = where[i]
+        for i, (t, tr, d, dr) in seen:
+            c, scope, w = plan.slots[i]
             if c.token_limit >= 0:
                 tr += amounts.tokens
                 out.append(Balance(scope, w.name, "tokens", c.token_limit, t, tr,
@@ -162,14 +199,13 @@ class Ledger:
         return tuple(out)
 
     @staticmethod
-    def _refusal(out, counters, where, amounts: Amounts, now: float) -> Refusal:
-        c = counters[out.index]
-        scope, w = where[out.index]
-        if c.token_limit >= 0 and out.used_tokens + out.reserved_tokens + amounts.tokens > c.token_limit:
-            return Refusal(scope, w.name, "tokens", c.token_limit, out.used_tokens, out.reserved_tokens,
-                           amounts.tokens, w.end - now)
-        return Refusal(scope, w.name, "usd", c.usd_limit, out.used_usd, out.reserved_usd,
-                       amounts.usd, w.end - now)
+    def _refusal(out: ReserveOutcome, plan: Plan, amounts: Amounts, now: float) -> Refusal:
+        assert out.over is not None
+        c, scope, w = plan.slots[out.over.index]
+        t, tr, d, dr = out.over.totals
+        if c.token_limit >= 0 and t + tr + amounts.tokens > c.token_limit:
+            return Refusal(scope, w.name, "tokens", c.token_limit, t, tr, amounts.tokens, w.end - now)
+        return Refusal(scope, w.name, "usd", c.usd_limit, d, dr, amounts.usd, w.end - now)
 
     async def _undo(self, rid: str, counters, attempts: int = 10) -> None:
         """Release a reserve whose answer was lost (a settle of an unknown id only marks it
@@ -177,21 +213,23 @@ class Ledger:
         down through every attempt, the lease expires and the sweeper settles it."""
         for attempt in range(attempts):
             try:
-                await self.store.settle(rid, counters, 0, 0)
+                await self.store.release(rid, counters)
                 return
             except StoreUnavailable:
                 await asyncio.sleep(min(0.1 * 2 ** attempt, 5.0))
         log.error("could not release reservation %s whose answer was lost; its lease will expire", rid)
 
-    async def commit(self, res: Reservation, actual: Amounts) -> bool:
-        """Charge the actual amounts in the reservation's windows. False if already settled."""
+    async def commit(self, res: Reservation, actual: Amounts, usage: Usage | None = None,
+                     outcome: str = "ok", latency_ms: int | None = None) -> bool:
+        """Charge the actual amounts in the reservation's windows, logging `usage` and `outcome`
+        (ok, cut, client_gone, upstream_error). False if already settled."""
         self._check_overrun(res, actual)
         tokens, usd = (min(max(0, v), MAX_AMOUNT) for v in (actual.tokens, actual.usd))
-        return await self.store.settle(res.id, res.counters, tokens, usd)
+        return await self.store.commit(res.id, res.counters, tokens, usd, _note(outcome, usage, latency_ms))
 
-    async def release(self, res: Reservation) -> bool:
+    async def release(self, res: Reservation, outcome: str = "released", latency_ms: int | None = None) -> bool:
         """Give the reservation back; nothing used. False if already settled."""
-        return await self.store.settle(res.id, res.counters, 0, 0)
+        return await self.store.release(res.id, res.counters, _note(outcome, None, latency_ms))
 
     async def extend(self, res: Reservation) -> Reservation:
         """Push the lease of a long-running request by another lease length from now."""
@@ -206,7 +244,7 @@ class Ledger:
         charge = self.policy.on_expiry == "commit"
         n = 0
         for rid, counters in await self.store.expired(now_ms, limit):
-            if await self.store.settle(rid, counters, -1 if charge else 0, -1 if charge else 0, now_ms):
+            if await self.store.expire(rid, counters, charge, now_ms):
                 log.warning("lease of reservation %s expired; %s", rid,
                             "charged at its reserved amount" if charge else "released")
                 n += 1
@@ -216,13 +254,12 @@ class Ledger:
         """Limit, used, reserved and remaining per scope, window and unit (every tracked counter:
         day and month always, minute and hour where limited; only limited ones if asked)."""
         policy = self.policy
-        counters, where = self._plan(scopes, self._clock(), policy)
+        slots = self._plan(scopes, self._clock(), policy).slots
         if limited_only:
-            pairs = [(c, w) for c, w in zip(counters, where) if c.token_limit >= 0 or c.usd_limit >= 0]
-            counters, where = [c for c, _ in pairs], [w for _, w in pairs]
-        rows = await self.store.snapshot([c.key for c in counters]) if counters else []
+            slots = tuple(s for s in slots if s.counter.token_limit >= 0 or s.counter.usd_limit >= 0)
+        rows = await self.store.snapshot([s.counter for s in slots]) if slots else []
         out = []
-        for c, (scope, w), (t, tr, d, dr) in zip(counters, where, rows):
+        for (c, scope, w), (t, tr, d, dr) in zip(slots, rows):
             for unit, limit, used, reserved in (("tokens", c.token_limit, t, tr), ("usd", c.usd_limit, d, dr)):
                 if limited_only and limit == UNLIMITED:
                     continue
@@ -230,6 +267,67 @@ class Ledger:
                 rem = None if lim is None else max(0, lim - used - reserved)
                 out.append(Balance(scope, w.name, unit, lim, used, reserved, rem, w.end))
         return out
+
+    async def open_reservations(self, limit: int = 1000) -> list[str]:
+        """Ids of reservations not yet settled, whatever their lease (tests and operators: after
+        every request has finished, none should remain)."""
+        return [e.id for e in await self.store.expired(FAR_FUTURE_MS, limit)]
+
+    async def usage(self, window: str | None = None, type: str | None = None,  # noqa: A002 - API names
+                    id: str | None = None) -> list[ScopeUsage]:  # noqa: A002
+        """Every scope seen in the current windows (or the one named), read from each window's
+        index in one pipeline. Minute and hour windows list the scopes limited there (only those
+        are counted; see the module docstring); day and month every scope that spent."""
+        policy = self.policy
+        now = self._clock()
+        wins = [w for w in self._windows(now, policy) if window is None or w.name == window]
+        if window is not None and not wins:
+            raise ValueError(f"window: expected one of {', '.join(WINDOWS)}, got {window!r}")
+        tables = await self.store.windows([window_key(self._ns, w.label) for w in wins])
+        out = []
+        for w, table in zip(wins, tables):
+            i = WINDOWS.index(w.name)
+            for field, (t, tr, d, dr) in sorted(table.items()):
+                scope = Scope(*parse_scope_field(field))
+                if (type is not None and scope.type != type) or (id is not None and scope.id != id):
+                    continue
+                tl, dl = (None if v == UNLIMITED else v for v in policy.limits_for(scope.type, scope.id).table[i])
+                left = Pair(None if tl is None else max(0, tl - t - tr), None if dl is None else max(0, dl - d - dr))
+                out.append(ScopeUsage(scope, w.name, w.start, w.end, Pair(t, d), Pair(tr, dr), Pair(tl, dl), left))
+        return out
+
+    async def settlements(self, since_ms: int | None = None, until_ms: int | None = None, limit: int = 100,
+                          org: str | None = None, user: str | None = None) -> list[SettlementRecord]:
+        """The settlement log, newest first, filtered by time (epoch ms) and org / user."""
+        out: list[SettlementRecord] = []
+        before = None
+        while len(out) < limit:
+            page = await self.store.settlements(since_ms, until_ms, max(limit, 500), before)
+            for entry in page:
+                r = record(entry)
+                if (org is None or r.org == org) and (user is None or r.user == user):
+                    out.append(r)
+                    if len(out) == limit:
+                        break
+            if len(page) < max(limit, 500):
+                break
+            before = page[-1].seq
+        return out
+
+    async def audit(self, window: str = "day") -> list[Drift]:
+        """Every scope's used amounts in the current `window`, recomputed from the settlement log
+        (which must reach back to the window's start), beside the counters."""
+        w = next((w for w in self._windows(self._clock(), self.policy) if w.name == window), None)
+        if w is None:
+            raise ValueError(f"window: expected one of {', '.join(WINDOWS)}, got {window!r}")
+        key = window_key(self._ns, w.label)
+        (table,) = await self.store.windows([key])
+        return audit(key, table, await self.settlements(limit=2 ** 62))
+
+    async def claim(self, key: str, expire_at_ms: int) -> bool:
+        """True for exactly one caller across every process sharing the store, until the claim
+        expires (e.g. one alert per scope, window, unit and threshold)."""
+        return await self.store.claim(key, expire_at_ms)
 
     @staticmethod
     def _check_overrun(res: Reservation, actual: Amounts) -> None:
@@ -240,4 +338,11 @@ class Ledger:
                         unit if unit == "tokens" else "micro-USD", held)
 
 
-__all__ = ["Amounts", "Balance", "Ledger", "Refusal", "Reservation", "Scope", "WINDOWS"]
+def _note(outcome: str, usage: Usage | None, latency_ms: int | None) -> Note:
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome: expected one of {', '.join(OUTCOMES)}, got {outcome!r}")
+    return Note(outcome, usage.pack() if usage else "", "" if latency_ms is None else str(int(latency_ms)))
+
+
+__all__ = ["Amounts", "Balance", "Ledger", "Pair", "Refusal", "RequestInfo", "Reservation", "Scope",
+           "ScopeUsage", "SettlementRecord", "Usage", "WINDOWS"]

@@ -56,12 +56,8 @@ def document(rows: Iterable[Any]) -> dict:
 
 
 def settlement(rec: Any) -> dict:
-    """A settlement record with the export's field names; `time` in ISO 8601 UTC."""
-    out = rec._asdict() if hasattr(rec, "_asdict") else dict(rec)
-    t = out.get("time")
-    if isinstance(t, (int, float)):
-        out["time"] = iso(t / 1000 if t > 1e11 else t)
-    return out
+    """A settlement record with the export's field names and order (`time` in ISO 8601 UTC)."""
+    return rec.export()
 
 
 # --- query parameters ---------------------------------------------------------------------

@@ -90,17 +90,13 @@ class Harness:
         return {(b.window, b.unit): b for b in await ledger.snapshot([scope])}
 
     async def reserved_anywhere(self) -> list[str]:
-        """Counters in the store, any scope, that still hold a reservation."""
+        """Reservations still open, and scopes still holding a reserved amount in any current
+        window, read through the ledger's public reads."""
         await self.settled()
-        store = self.gateway.ledger.store
-        if hasattr(store, "_counters"):                       # memory
-            return [k for k, row in store._counters.items() if row[1] or row[3]]
-        r = store._r                                          # redis
-        held = []
-        async for key in r.scan_iter(match="{bp}:c:*", count=1000):
-            tr, dr = await r.hmget(key, "tr", "dr")
-            if int(tr or 0) or int(dr or 0):
-                held.append(key.decode())
+        ledger = self.gateway.ledger
+        held = [f"reservation {rid}" for rid in await ledger.open_reservations()]
+        held += [f"{u.window} {u.scope.type}:{u.scope.id} reserved {u.reserved}"
+                 for u in await ledger.usage() if u.reserved.tokens or u.reserved.usd]
         return held
 
     async def books(self) -> tuple[int, int]:

@@ -6,9 +6,9 @@ process) and `redis://` (many processes and machines share one Redis).
 
 from __future__ import annotations
 
-from .base import Counter, ReserveOutcome, Store, Status
+from .base import Counter, Expired, ReserveOutcome, Seen, Status, Store, Totals
 
-__all__ = ["Counter", "ReserveOutcome", "Store", "Status", "open_store"]
+__all__ = ["Counter", "Expired", "ReserveOutcome", "Seen", "Status", "Store", "Totals", "open_store"]
 
 
 def open_store(url: str, namespace: str = "bp") -> Store:

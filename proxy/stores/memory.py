@@ -1,125 +1,153 @@
 """The embedded store: one process, nothing to install.
 
-Same semantics as the Redis store. Atomicity comes from the event loop: no method awaits between
-its first read and its last write, so no other task can interleave.
+Same semantics and layout as the Redis store (a table per window, a row per scope). Atomicity
+comes from the event loop: no method awaits between its first read and its last write, so no other
+task can interleave.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Sequence
 
-from .base import Counter, ReserveOutcome, Status, Store
+from .base import (EMPTY, LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry,
+                   Note, ReserveOutcome, Seen, Status, Store, Totals)
 
-# How long a settled id is remembered so a repeated settle or reserve is a no-op: retries come
-# within seconds, and at thousands of requests a second a longer memory costs real RAM.
-SETTLED_TTL_MS = 120_000
-OPEN_RECORD_MARGIN_MS = 35 * 86_400_000
-_EMPTY = (0, 0, 0, 0, 0)
+_ZERO = (0, 0, 0, 0)
+
+
+@dataclass(slots=True)
+class _Window:
+    expire_at: int                                             # epoch ms
+    rows: dict[str, list[int]] = field(default_factory=dict)   # scope -> [t, tr, d, dr]
 
 
 @dataclass(slots=True)
 class _Record:
     state: str                       # "r" open, "c" settled, "x" settled by lease expiry
-    tokens: int
+    tokens: int                      # "r": reserved; "x": what the sweeper charged
     usd: int
     deadline: int
     counters: tuple[Counter, ...]
     forget_at: int
+    info: str = ""
 
 
 class MemoryStore(Store):
-    def __init__(self, clock=time.time) -> None:
+    def __init__(self, clock=time.time, log_length: int = LOG_LENGTH) -> None:
         self._clock = clock
-        self._counters: dict[str, list[int]] = {}    # key -> [t, tr, d, dr, expire_at]
+        self._log: deque[LogEntry] = deque(maxlen=log_length)
+        self._seq = itertools.count()
+        self._claims: dict[str, int] = {}
+        self._windows: dict[str, _Window] = {}
         self._records: dict[str, _Record] = {}
         self._open: dict[str, _Record] = {}          # the reserved (unsettled) subset, for expiry
-        self._expiries: list[tuple[int, str]] = []   # heap of (expire_at, counter key)
+        self._expiries: list[tuple[int, str]] = []   # heap of (expire_at, window key)
         self._forget: list[tuple[int, str]] = []     # heap of (forget_at, reservation id)
         self._next_purge = 0.0
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
+    def _row(self, c: Counter) -> list[int] | None:
+        win = self._windows.get(c.window)
+        return win.rows.get(c.scope) if win is not None else None
+
+    def _new_row(self, c: Counter) -> list[int]:
+        win = self._windows.get(c.window)
+        if win is None:
+            win = self._windows[c.window] = _Window(c.expire_at)
+            heapq.heappush(self._expiries, (c.expire_at, c.window))
+        elif c.expire_at > win.expire_at:
+            win.expire_at = c.expire_at
+            heapq.heappush(self._expiries, (c.expire_at, c.window))
+        row = win.rows[c.scope] = [0, 0, 0, 0]
+        return row
+
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
-                      deadline_ms: int, force: bool) -> ReserveOutcome:
+                      deadline_ms: int, force: bool, info: str = "") -> ReserveOutcome:
         self._purge()
         if rid in self._records:
             return ReserveOutcome(Status.DUPLICATE)
-        table = self._counters
         first = None
         seen = []
         for i, c in enumerate(counters):
             if c.token_limit < 0 and c.usd_limit < 0:
                 continue
-            t, tr, d, dr, _ = table.get(c.key) or _EMPTY
-            seen.append((i, t, tr, d, dr))
+            t, tr, d, dr = self._row(c) or _ZERO
+            seen.append(Seen(i, Totals(t, tr, d, dr)))
             if first is None and ((c.token_limit >= 0 and t + tr + tokens > c.token_limit) or
                                   (c.usd_limit >= 0 and d + dr + usd > c.usd_limit)):
-                first = ReserveOutcome(Status.REFUSED, i, t, tr, d, dr)
+                first = seen[-1]
                 if not force:
-                    break
-        if first is not None and not force:
-            return first
+                    return ReserveOutcome(Status.REFUSED, first)
         for c in counters:
-            row = table.get(c.key)
-            if row is None:
-                table[c.key] = [0, tokens, 0, usd, c.expire_at]
-                heapq.heappush(self._expiries, (c.expire_at, c.key))
-            else:
-                row[1] += tokens
-                row[3] += usd
-                if c.expire_at > row[4]:
-                    row[4] = c.expire_at
-                    heapq.heappush(self._expiries, (c.expire_at, c.key))
+            row = self._row(c) or self._new_row(c)
+            row[1] += tokens
+            row[3] += usd
         self._remember(rid, _Record("r", tokens, usd, deadline_ms, tuple(counters),
-                                    deadline_ms + OPEN_RECORD_MARGIN_MS))
-        if first is None:
-            return ReserveOutcome(Status.ADMITTED, seen=tuple(seen))
-        return ReserveOutcome(Status.FORCED, first.index, first.used_tokens, first.reserved_tokens,
-                              first.used_usd, first.reserved_usd, tuple(seen))
+                                    deadline_ms + OPEN_RECORD_MARGIN_MS, info))
+        return ReserveOutcome(Status.ADMITTED if first is None else Status.FORCED, first, tuple(seen))
 
-    async def settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
-                     not_after_ms: int = 0) -> bool:
+    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
+                     note: Note = Note("ok")) -> bool:
+        return self._settle(rid, counters, tokens, usd, note)
+
+    async def release(self, rid: str, counters: Sequence[Counter], note: Note = Note("released")) -> bool:
+        return self._settle(rid, counters, 0, 0, note)
+
+    async def expire(self, rid: str, counters: Sequence[Counter], charge: bool, now_ms: int) -> bool:
+        rec = self._records.get(rid)
+        if rec is None or rec.state != "r" or rec.deadline > now_ms:
+            return False
+        tokens, usd = (rec.tokens, rec.usd) if charge else (0, 0)
+        self._apply(counters, tokens, usd, rec.tokens, rec.usd)
+        self._append(rid, Note("expired"), tokens, usd, rec.info, counters)
+        # Kept (with what was charged) while its windows live: a late commit corrects it.
+        forget = max((c.expire_at for c in counters), default=now_ms)
+        self._remember(rid, _Record("x", tokens, usd, 0, (), forget, rec.info))
+        return True
+
+    def _settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int, note: Note) -> bool:
         rec = self._records.get(rid)
         state = rec.state if rec else None
-        res_t, res_d = (rec.tokens, rec.usd) if rec else (0, 0)
-        if tokens < 0:
-            tokens, usd = res_t, res_d
-        if not_after_ms:                                 # the sweeper, for an expired lease
-            if state != "r" or rec.deadline > not_after_ms:
-                return False
-            self._apply(counters, tokens, usd, res_t, res_d)
-            # Kept (with what was charged) while its counters live: a late commit corrects it.
-            forget = max((c.expire_at for c in counters), default=not_after_ms)
-            self._remember(rid, _Record("x", tokens, usd, 0, (), forget))
-            return True
         if state == "r":
-            self._apply(counters, tokens, usd, res_t, res_d)
-        elif state == "x":                               # late commit: correct the sweeper's charge
-            self._apply(counters, tokens - res_t, usd - res_d, 0, 0)
+            self._apply(counters, tokens, usd, rec.tokens, rec.usd)
+        elif state == "x":                               # late: correct the sweeper's charge
+            tokens, usd = tokens - rec.tokens, usd - rec.usd
+            self._apply(counters, tokens, usd, 0, 0)
+            note = note._replace(outcome="corrected")
         elif state is not None:
             return False                                 # already settled
         else:
             self._apply(counters, tokens, usd, 0, 0)     # record lost (purged): usage is real
+        self._append(rid, note, tokens, usd, rec.info if rec else "", counters)
         self._remember(rid, _Record("c", 0, 0, 0, (), self._now_ms() + SETTLED_TTL_MS))
         return True
 
-    def _apply(self, counters: Sequence[Counter], used_t: int, used_d: int, res_t: int, res_d: int) -> None:
-        table = self._counters
+    def _append(self, rid: str, note: Note, tokens: int, usd: int, info: str, counters: Sequence[Counter]) -> None:
+        windows: dict[str, list[str]] = {}
         for c in counters:
-            row = table.get(c.key)
+            windows.setdefault(c.window, []).append(c.scope)
+        now = self._now_ms()
+        self._log.append(LogEntry(f"{now}-{next(self._seq)}", now, rid, note.outcome, tokens, usd, note.usage,
+                                  note.latency_ms, info, tuple((k, tuple(v)) for k, v in windows.items())))
+
+    def _apply(self, counters: Sequence[Counter], used_t: int, used_d: int, res_t: int, res_d: int) -> None:
+        for c in counters:
+            row = self._row(c)
             if row is None:
                 # The window's data is gone (purged): record the usage, nothing to un-reserve.
                 if used_t > 0 or used_d > 0:
-                    table[c.key] = [max(used_t, 0), 0, max(used_d, 0), 0, c.expire_at]
-                    heapq.heappush(self._expiries, (c.expire_at, c.key))
+                    self._new_row(c)[:] = [used_t, 0, used_d, 0]
                 continue
-            row[0] += used_t
+            row[0] = max(0, row[0] + used_t)
             row[1] = max(0, row[1] - res_t)
-            row[2] += used_d
+            row[2] = max(0, row[2] + used_d)
             row[3] = max(0, row[3] - res_d)
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
@@ -130,14 +158,46 @@ class MemoryStore(Store):
         self._remember(rid, rec)
         return True
 
-    async def expired(self, now_ms: int, limit: int) -> list[tuple[str, list[Counter]]]:
+    async def expired(self, now_ms: int, limit: int) -> list[Expired]:
         self._purge()
-        due = [(rid, list(r.counters)) for rid, r in self._open.items() if r.deadline <= now_ms]
+        due = [Expired(rid, r.counters) for rid, r in self._open.items() if r.deadline <= now_ms]
         return due[:limit]
 
-    async def snapshot(self, keys: Sequence[str]) -> list[tuple[int, int, int, int]]:
-        get = self._counters.get
-        return [tuple((get(k) or _EMPTY)[:4]) for k in keys]  # type: ignore[misc]
+    async def snapshot(self, counters: Sequence[Counter]) -> list[Totals]:
+        return [Totals(*row) if (row := self._row(c)) else EMPTY for c in counters]
+
+    async def windows(self, keys: Sequence[str]) -> list[dict[str, Totals]]:
+        self._purge()
+        out = []
+        for key in keys:
+            win = self._windows.get(key)
+            out.append({f: Totals(*row) for f, row in win.rows.items()} if win else {})
+        return out
+
+    async def settlements(self, since_ms: int | None, until_ms: int | None, limit: int,
+                          before: str | None = None) -> list[LogEntry]:
+        out = []
+        older = _seq_key(before) if before else None
+        for e in reversed(self._log):
+            if older is not None and _seq_key(e.seq) >= older:
+                continue
+            if until_ms is not None and e.time_ms > until_ms:
+                continue
+            if since_ms is not None and e.time_ms < since_ms:
+                break
+            out.append(e)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def claim(self, name: str, expire_at_ms: int) -> bool:
+        now = self._now_ms()
+        if self._claims.get(name, 0) > now:
+            return False
+        if len(self._claims) > 10_000:
+            self._claims = {k: v for k, v in self._claims.items() if v > now}
+        self._claims[name] = expire_at_ms
+        return True
 
     def _remember(self, rid: str, rec: _Record) -> None:
         if rec.state == "r":
@@ -151,7 +211,7 @@ class MemoryStore(Store):
     def _purge(self) -> None:
         """Drop expired windows and forgotten records, at most once a second.
 
-        The heaps may hold stale entries (a record re-remembered, a key whose expiry grew); an
+        The heaps may hold stale entries (a record re-remembered, a window whose expiry grew); an
         entry only deletes when the live item's own time has passed."""
         now = self._clock()
         if now < self._next_purge:
@@ -160,12 +220,17 @@ class MemoryStore(Store):
         now_ms = int(now * 1000)
         while self._expiries and self._expiries[0][0] <= now_ms:
             _, key = heapq.heappop(self._expiries)
-            row = self._counters.get(key)
-            if row is not None and row[4] <= now_ms:
-                del self._counters[key]
+            win = self._windows.get(key)
+            if win is not None and win.expire_at <= now_ms:
+                del self._windows[key]
         while self._forget and self._forget[0][0] <= now_ms:
             _, rid = heapq.heappop(self._forget)
             rec = self._records.get(rid)
             if rec is not None and rec.forget_at <= now_ms:
                 del self._records[rid]
                 self._open.pop(rid, None)
+
+
+def _seq_key(seq: str) -> tuple[int, int]:
+    ms, _, n = seq.partition("-")
+    return int(ms), int(n or 0)

@@ -4,14 +4,18 @@ Scripts are `.lua` files shipped in this package, registered once (EVALSHA, relo
 on NOSCRIPT, so a `SCRIPT FLUSH` or a failover to a fresh replica changes nothing). Each store
 operation is one round trip. redis-py retries on connection errors and timeouts; the scripts are
 idempotent by reservation id, so a retried call never counts twice. Every redis-py or OS error is
-wrapped here into StoreUnavailable and never escapes upward.
+wrapped into StoreUnavailable once, by `_wrap_errors` on every public method, and never escapes
+upward.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
+import struct
 from importlib import resources
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -20,13 +24,11 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from ..errors import StoreUnavailable
-from ..keys import leases_key, record_key
-from .base import Counter, ReserveOutcome, Status, Store
+from ..keys import claim_key, leases_key, log_key, record_key
+from .base import (EMPTY, LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry,
+                   Note, ReserveOutcome, Seen, Status, Store, Totals)
 
-# How long a settled id is remembered so a retried settle or reserve is a no-op: redis-py
-# retries within seconds, and at thousands of requests a second an hour of ids is gigabytes.
-SETTLED_TTL_MS = 120_000
-OPEN_RECORD_MARGIN_MS = 35 * 86_400_000
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
 def _script(name: str) -> str:
@@ -95,15 +97,80 @@ class _Coalescer:
             self._done()
 
 
-def _expires(counters: Sequence[Counter]) -> str:
-    return "\n".join([str(c.expire_at) for c in counters])
+class _Wire(NamedTuple):
+    """A request's counters as the scripts take them (see reserve.lua): its window keys, and per
+    window <expire-at> <n> <n fields> <n token/usd limit pairs>."""
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
 
 
+def _wire(counters: Sequence[Counter]) -> _Wire:
+    groups: dict[str, list[Counter]] = {}
+    for c in counters:
+        groups.setdefault(c.window, []).append(c)
+    args: list[str] = []
+    for group in groups.values():
+        args += (str(group[0].expire_at), str(len(group)), *(c.scope for c in group))
+        for c in group:
+            args += (str(c.token_limit), str(c.usd_limit))
+    return _Wire(tuple(groups), tuple(args))
+
+
+def _counters(keys: list[str], args: list[str]) -> tuple[Counter, ...]:
+    """The counters of a wire form (as kept in a reservation record)."""
+    out = []
+    a = 0
+    for key in keys:
+        expire, n = int(args[a]), int(args[a + 1])
+        fields, limits = args[a + 2:a + 2 + n], args[a + 2 + n:a + 2 + 3 * n]
+        out += (Counter(key, f, int(limits[2 * j]), int(limits[2 * j + 1]), expire) for j, f in enumerate(fields))
+        a += 2 + 3 * n
+    return tuple(out)
+
+
+def _totals(value: bytes | None) -> Totals:
+    """A counter's value in a window hash: four little-endian doubles (see reserve.lua)."""
+    return Totals(*map(int, _VALUE.unpack(value))) if value else EMPTY
+
+
+_VALUE = struct.Struct("<dddd")
+
+
+def _entry(seq: str, f: dict[bytes, bytes]) -> LogEntry:
+    """A settlement log entry from its stream fields (see settle.lua)."""
+    text = {k.decode(): v.decode() for k, v in f.items()}
+    keys = text.get("w", "").split(" ") if text.get("w") else []
+    fields = text.get("f", "").split(" ") if keys else []
+    return LogEntry(seq, int(seq.partition("-")[0]), text.get("id", ""), text.get("o", ""),
+                    int(text.get("ct") or 0), int(text.get("cd") or 0), text.get("u", ""), text.get("l", ""),
+                    text.get("i", ""), tuple((k, tuple(fs.split(","))) for k, fs in zip(keys, fields)))
+
+
+def _wrap_errors(cls):
+    """Every public coroutine method of `cls` raises StoreUnavailable for any redis-py, OS or
+    timeout error, naming the operation; nothing from redis.exceptions reaches the caller."""
+    def wrap(name, fn):
+        @functools.wraps(fn)
+        async def method(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except _FAILURES as exc:
+                raise StoreUnavailable(f"redis {name} failed: {type(exc).__name__}") from exc
+        return method
+    for name, fn in list(vars(cls).items()):
+        if not name.startswith("_") and name != "close" and inspect.iscoroutinefunction(fn):
+            setattr(cls, name, wrap(name, fn))
+    return cls
+
+
+@_wrap_errors
 class RedisStore(Store):
     def __init__(self, url: str, namespace: str = "bp", *, timeout: float = 1.0,
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, log_length: int = LOG_LENGTH) -> None:
         self._ns = namespace
         self._leases = leases_key(namespace)
+        self._log = log_key(namespace)
+        self._log_length = log_length
         # A blocking pool: a burst larger than the pool waits (up to `timeout`) for a connection
         # instead of failing; 64 connections keep one Redis core busy from one proxy process.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -115,68 +182,106 @@ class RedisStore(Store):
             retry_on_error=[ConnectionError, TimeoutError, OSError],
         )
         self._reserve = self._r.register_script(_script("reserve"))
-        self._settle = self._r.register_script(_script("settle"))
+        self._settle_script = self._r.register_script(_script("settle"))
         self._extend = self._r.register_script(_script("extend"))
         self._calls = _Coalescer(self._r)
+        self._wires: dict[tuple[Counter, ...], _Wire] = {}
+
+    def _wired(self, counters: Sequence[Counter]) -> _Wire:
+        """The wire form of `counters`, cached: the ledger passes the same tuple for every
+        request of one plan, so encoding (most of the client's cost per call) happens once."""
+        key = counters if isinstance(counters, tuple) else tuple(counters)
+        wire = self._wires.get(key)
+        if wire is None:
+            if len(self._wires) > 4096:
+                self._wires.clear()
+            wire = self._wires[key] = _wire(key)
+        return wire
 
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
-                      deadline_ms: int, force: bool) -> ReserveOutcome:
-        keys = [record_key(self._ns, rid), self._leases, *(c.key for c in counters)]
-        limits = " ".join(f"{c.token_limit} {c.usd_limit}" for c in counters)
+                      deadline_ms: int, force: bool, info: str = "") -> ReserveOutcome:
+        wire = self._wired(counters)
+        keys = [record_key(self._ns, rid), self._leases, *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
-                "1" if force else "0", limits, _expires(counters)]
-        try:
-            st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis reserve failed: {type(exc).__name__}") from exc
-        seen = tuple(tuple(flat[i:i + 5]) for i in range(0, len(flat), 5))
-        return ReserveOutcome(Status(st), idx, t, tr, d, dr, seen)  # type: ignore[arg-type]
+                "1" if force else "0", info, *wire.args]
+        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args)
+        seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
+        over = Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None
+        return ReserveOutcome(Status(st), over, seen)
 
-    async def settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
-                     not_after_ms: int = 0) -> bool:
-        keys = [record_key(self._ns, rid), self._leases, *(c.key for c in counters)]
-        keep_until = max((c.expire_at for c in counters), default=not_after_ms)
-        args = [rid, tokens, usd, SETTLED_TTL_MS, not_after_ms, _expires(counters), keep_until]
-        try:
-            return bool(await self._calls.call(self._settle, keys, args))
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis settle failed: {type(exc).__name__}") from exc
+    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
+                     note: Note = Note("ok")) -> bool:
+        return await self._settle(rid, counters, "commit", tokens, usd, note)
+
+    async def release(self, rid: str, counters: Sequence[Counter], note: Note = Note("released")) -> bool:
+        return await self._settle(rid, counters, "release", 0, 0, note)
+
+    async def expire(self, rid: str, counters: Sequence[Counter], charge: bool, now_ms: int) -> bool:
+        keep_until = max((c.expire_at for c in counters), default=now_ms)
+        return await self._settle(rid, counters, "expire", 0, 0, Note("expired"), now_ms,
+                                  "1" if charge else "0", keep_until)
+
+    async def _settle(self, rid: str, counters: Sequence[Counter], mode: str, tokens: int, usd: int,
+                      note: Note, now_ms: int = 0, charge: str = "0", keep_until: int = 0) -> bool:
+        wire = self._wired(counters)
+        keys = [record_key(self._ns, rid), self._leases, self._log, *wire.keys]
+        args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
+                note.outcome, note.usage, note.latency_ms, self._log_length, *wire.args]
+        return bool(await self._calls.call(self._settle_script, keys, args))
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
         keys = [record_key(self._ns, rid), self._leases]
-        try:
-            return bool(await self._extend(
-                keys=keys, args=[rid, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS]))
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis extend failed: {type(exc).__name__}") from exc
+        return bool(await self._extend(keys=keys, args=[rid, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS]))
 
-    async def expired(self, now_ms: int, limit: int) -> list[tuple[str, list[Counter]]]:
-        try:
-            ids = await self._r.zrangebyscore(self._leases, "-inf", now_ms, start=0, num=limit)
-            if not ids:
-                return []
-            pipe = self._r.pipeline(transaction=False)
-            for rid in ids:
-                pipe.hmget(record_key(self._ns, rid.decode()), "k", "e")
-            rows = await pipe.execute()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis expired failed: {type(exc).__name__}") from exc
+    async def expired(self, now_ms: int, limit: int) -> list[Expired]:
+        ids = await self._r.zrangebyscore(self._leases, "-inf", now_ms, start=0, num=limit)
+        if not ids:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for rid in ids:
+            pipe.get(record_key(self._ns, rid.decode()))
+        records = await pipe.execute()
         out = []
-        for rid, (k, e) in zip(ids, rows):
-            keys = k.decode().split("\n") if k else []
-            exps = [int(x) for x in e.decode().split("\n")] if e else []
-            out.append((rid.decode(), [Counter(key, -1, -1, exp) for key, exp in zip(keys, exps)]))
+        for rid, rec in zip(ids, records):
+            # "r <deadline> <tokens> <usd>\n<keys>\n<counters>\n<info>"; a vanished record is
+            # passed on with no counters, for expire to drop from the lease index.
+            parts = rec.decode().split("\n", 3) if rec else []
+            counters = _counters(parts[1].split(" "), parts[2].split(" ")) if len(parts) == 4 else ()
+            out.append(Expired(rid.decode(), counters))
         return out
 
-    async def snapshot(self, keys: Sequence[str]) -> list[tuple[int, int, int, int]]:
-        try:
-            pipe = self._r.pipeline(transaction=False)
-            for k in keys:
-                pipe.hmget(k, "t", "tr", "d", "dr")
-            rows = await pipe.execute()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise StoreUnavailable(f"redis snapshot failed: {type(exc).__name__}") from exc
-        return [tuple(int(v or 0) for v in row) for row in rows]  # type: ignore[misc]
+    async def snapshot(self, counters: Sequence[Counter]) -> list[Totals]:
+        wire = self._wired(counters)
+        pipe = self._r.pipeline(transaction=False)
+        fields: dict[str, list[str]] = {k: [] for k in wire.keys}
+        for c in counters:
+            fields[c.window].append(c.scope)
+        for key, names in fields.items():
+            pipe.hmget(key, names)
+        rows = await pipe.execute()
+        found = {}
+        for (key, names), vals in zip(fields.items(), rows):
+            for name, v in zip(names, vals):
+                found[key, name] = _totals(v)
+        return [found[c.window, c.scope] for c in counters]
+
+    async def windows(self, keys: Sequence[str]) -> list[dict[str, Totals]]:
+        pipe = self._r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        rows = await pipe.execute()
+        return [{f.decode(): _totals(v) for f, v in row.items()} for row in rows]
+
+    async def settlements(self, since_ms: int | None, until_ms: int | None, limit: int,
+                          before: str | None = None) -> list[LogEntry]:
+        # Stream ids are "<ms>-<n>" of the server's clock: the range is read by id, newest first.
+        top = f"({before}" if before else ("+" if until_ms is None else str(until_ms))
+        bottom = "-" if since_ms is None else str(since_ms)
+        rows = await self._r.xrevrange(self._log, top, bottom, count=limit)
+        return [_entry(seq.decode(), fields) for seq, fields in rows]
+
+    async def claim(self, name: str, expire_at_ms: int) -> bool:
+        return bool(await self._r.set(claim_key(self._ns, name), b"1", nx=True, pxat=expire_at_ms))
 
     async def close(self) -> None:
         if self._calls.tasks:

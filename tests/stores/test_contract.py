@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 
-from proxy.stores import Counter, Status
+import pytest
+
+from proxy.stores import Counter, Status, open_store
 
 NOW_MS = int(time.time() * 1000) + 86_400_000          # keys must not expire during the test
 
 
 def counters(*limits: tuple[int, int]) -> list[Counter]:
-    return [Counter(f"{{bp}}:c:test:{i}", tl, dl, NOW_MS + 3_600_000) for i, (tl, dl) in enumerate(limits)]
+    return [Counter("{bp}:w:test", f"test:{i}", tl, dl, NOW_MS + 3_600_000) for i, (tl, dl) in enumerate(limits)]
 
 
 async def test_admitted_reserve_reports_what_it_read_on_limited_counters(store):
@@ -18,29 +21,29 @@ async def test_admitted_reserve_reports_what_it_read_on_limited_counters(store):
     assert (await store.reserve("a", cs, 10, 50, NOW_MS, False)).status is Status.ADMITTED
     out = await store.reserve("b", cs, 20, 60, NOW_MS, False)
     assert out.status is Status.ADMITTED
-    assert out.seen == ((0, 0, 10, 0, 50), (2, 0, 10, 0, 50))       # unlimited counter 1 not read
+    assert out.seen == ((0, (0, 10, 0, 50)), (2, (0, 10, 0, 50)))   # unlimited counter 1 not read
 
 
 async def test_duplicate_id_writes_nothing(store):
     cs = counters((100, -1))
     await store.reserve("a", cs, 10, 0, NOW_MS, False)
     assert (await store.reserve("a", cs, 10, 0, NOW_MS, False)).status is Status.DUPLICATE
-    assert await store.snapshot([cs[0].key]) == [(0, 10, 0, 0)]
+    assert await store.snapshot(cs[:1]) == [(0, 10, 0, 0)]
 
 
 async def test_refusal_names_the_first_counter_over_and_its_values(store):
     cs = counters((100, -1), (5, -1), (1, -1))
     out = await store.reserve("a", cs, 10, 0, NOW_MS, False)
-    assert (out.status, out.index, out.used_tokens, out.reserved_tokens) == (Status.REFUSED, 1, 0, 0)
-    assert await store.snapshot([c.key for c in cs]) == [(0, 0, 0, 0)] * 3
+    assert (out.status, out.over.index, out.over.totals) == (Status.REFUSED, 1, (0, 0, 0, 0))
+    assert await store.snapshot(cs) == [(0, 0, 0, 0)] * 3
 
 
-async def test_settle_of_a_lost_record_still_records_the_usage(store):
+async def test_commit_of_a_lost_record_still_records_the_usage(store):
     # After a store restart the record is gone but the request really ran.
     cs = counters((100, -1))
-    assert await store.settle("never-seen", cs, 7, 70)
-    assert await store.snapshot([cs[0].key]) == [(7, 0, 70, 0)]
-    assert not await store.settle("never-seen", cs, 7, 70)           # and only once
+    assert await store.commit("never-seen", cs, 7, 70)
+    assert await store.snapshot(cs[:1]) == [(7, 0, 70, 0)]
+    assert not await store.commit("never-seen", cs, 7, 70)           # and only once
 
 
 async def test_expired_lists_only_open_leases_past_their_deadline(store):
@@ -48,9 +51,40 @@ async def test_expired_lists_only_open_leases_past_their_deadline(store):
     await store.reserve("due", cs, 1, 0, NOW_MS - 10, False)
     await store.reserve("later", cs, 1, 0, NOW_MS + 10_000, False)
     await store.reserve("settled", cs, 1, 0, NOW_MS - 10, False)
-    await store.settle("settled", cs, 0, 0)
+    await store.release("settled", cs)
     due = await store.expired(NOW_MS, 100)
-    assert [(rid, [c.key for c in found]) for rid, found in due] == [("due", [cs[0].key])]
-    assert not await store.settle("due", cs, -1, -1, NOW_MS - 20)    # not yet due at that instant
-    assert await store.settle("due", cs, -1, -1, NOW_MS)             # charged what it reserved
-    assert await store.snapshot([cs[0].key]) == [(1, 1, 0, 0)]       # "later" still holds 1
+    assert [(e.id, [c[:2] for c in e.counters]) for e in due] == [("due", [cs[0][:2]])]
+    assert not await store.expire("due", cs, True, NOW_MS - 20)      # not yet due at that instant
+    assert await store.expire("due", cs, True, NOW_MS)               # charged what it reserved
+    assert await store.snapshot(cs[:1]) == [(1, 1, 0, 0)]       # "later" still holds 1
+
+
+async def test_release_after_expiry_refunds_the_sweepers_charge_once(store):
+    cs = counters((100, -1))
+    await store.reserve("slow", cs, 10, 5, NOW_MS - 10, False)
+    assert await store.expire("slow", cs, True, NOW_MS)
+    assert await store.snapshot(cs[:1]) == [(10, 0, 5, 0)]
+    assert await store.release("slow", cs)                          # the live request gave up
+    assert not await store.release("slow", cs)
+    assert await store.snapshot(cs[:1]) == [(0, 0, 0, 0)]
+
+
+async def test_every_redis_operation_fails_as_store_unavailable():
+    # Nothing listens on this port: each public method must raise the one store error.
+    from proxy.errors import StoreUnavailable
+    from tests.redis_server import free_port
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0")
+    cs = counters((1, -1))
+    calls = {"reserve": lambda: store.reserve("a", cs, 1, 1, NOW_MS, False),
+             "commit": lambda: store.commit("a", cs, 1, 1), "release": lambda: store.release("a", cs),
+             "expire": lambda: store.expire("a", cs, True, NOW_MS), "extend": lambda: store.extend("a", NOW_MS),
+             "expired": lambda: store.expired(NOW_MS, 10), "snapshot": lambda: store.snapshot(cs[:1]),
+             "windows": lambda: store.windows(["{bp}:w:test"]), "settlements": lambda: store.settlements(None, None, 10),
+             "claim": lambda: store.claim("x", NOW_MS)}
+    from proxy.stores.redis import RedisStore
+    public = {n for n, f in vars(RedisStore).items() if not n.startswith("_") and inspect.iscoroutinefunction(f)}
+    assert public - {"close"} == set(calls)
+    for name, call in calls.items():
+        with pytest.raises(StoreUnavailable, match=f"redis {name} failed"):
+            await call()
+    await store.close()

@@ -1,67 +1,72 @@
 -- Reserve an amount on every counter of a request, or on none.
 --
--- KEYS[1]   reservation record (hash)         KEYS[2]  lease index (zset: id -> deadline ms)
--- KEYS[3..] counter hashes: t / tr = tokens used / reserved, d / dr = micro-USD used / reserved
+-- KEYS[1]   reservation record (string)     KEYS[2]  lease index (zset: id -> deadline ms)
+-- KEYS[3..] window hashes, one per window the request touches: field "<scope type>:<scope id>"
+--           -> struct "<dddd": tokens used, tokens reserved, micro-USD used, micro-USD reserved
+--           (doubles: exact below 2^53; one C call to read or write, where text needs four)
 -- ARGV[1] reservation id      ARGV[2] tokens      ARGV[3] micro-USD
--- ARGV[4] lease deadline (epoch ms)      ARGV[5] record expiry (epoch ms)  ARGV[6] force: "1" = shadow
--- ARGV[7] per counter, in KEYS order: "<token limit> <micro-USD limit> " (-1 = none), all joined
--- ARGV[8] per counter: "<expire-at epoch ms>" joined by "\n" (the window's end plus a margin)
---         (two strings rather than 60 arguments: encoding arguments dominates the client's cost)
+-- ARGV[4] lease deadline (epoch ms)      ARGV[5] record expiry (epoch ms)   ARGV[6] "1" = force
+-- ARGV[7] what the settlement log needs to know about the request (opaque; kept in the record)
+-- ARGV[8..] the counters, per window in KEYS order: <expire-at epoch ms> <n> <n fields>
+--           <token limit> <micro-USD limit> (n pairs; -1 = none)
 -- Returns {status, index, used tokens, reserved tokens, used micro-USD, reserved micro-USD, seen}
 --   status 0 refused (nothing written), 1 admitted, 2 duplicate id (nothing written),
---          3 over a limit but written anyway (force); index is the first counter over (0-based).
+--          3 over a limit but written anyway (force); index: the first counter over (0-based,
+--          counting fields in ARGV order).
 --   seen: when admitted, {i, t, tr, d, dr, ...} for every limited counter i (0-based) as read
 --         before this reservation, so the caller learns the balances without another round trip.
+-- Record: "r <deadline> <tokens> <micro-USD>\n<KEYS[3..]>\n<ARGV[8..]>\n<ARGV[7]>" (space-joined
+--         lists), so the sweeper knows the counters and the log the request.
 --
 -- Every counter is checked before any is written: a Lua error after a write is not rolled back.
+-- A window hash gets its expiry when one of the fields written was absent (it may be new), so
+-- each hash is expired once per scope and window, not on every call.
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {2, -1, 0, 0, 0, 0, {}}
 end
 
--- Amounts are compared as Lua numbers but written as the caller's own decimal strings:
--- Lua would print a large number as "1e+17", which HINCRBY rejects after earlier writes.
-local tokens = tonumber(ARGV[2])
-local usd = tonumber(ARGV[3])
-local over = nil
-local seen = {}
+local tokens, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
 local force = ARGV[6] == '1'
+local over, seen = nil, {}
+local unpack, tonumber, sunpack, spack = unpack, tonumber, struct.unpack, struct.pack
+local writes = {}
+local index = 0
+local a = 8
 
-local limits = {}
-for n in string.gmatch(ARGV[7], '%S+') do limits[#limits + 1] = tonumber(n) end
-local expires = {}
-for n in string.gmatch(ARGV[8], '%d+') do expires[#expires + 1] = n end
-
-for i = 3, #KEYS do
-  local tl, dl = limits[2 * (i - 3) + 1], limits[2 * (i - 3) + 2]
-  if tl >= 0 or dl >= 0 then
-    local v = redis.call('HMGET', KEYS[i], 't', 'tr', 'd', 'dr')
-    local t, tr = tonumber(v[1]) or 0, tonumber(v[2]) or 0
-    local d, dr = tonumber(v[3]) or 0, tonumber(v[4]) or 0
-    local n = #seen
-    seen[n + 1], seen[n + 2], seen[n + 3], seen[n + 4], seen[n + 5] = i - 3, t, tr, d, dr
-    if not over and ((tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl)) then
-      over = {i - 3, t, tr, d, dr}
-      if not force then break end
+for w = 3, #KEYS do
+  local n = tonumber(ARGV[a + 1])
+  local first, limits = a + 2, a + 2 + n
+  local vals = redis.call('HMGET', KEYS[w], unpack(ARGV, first, first + n - 1))
+  local args, fresh = {}, false
+  for j = 1, n do
+    local t, tr, d, dr = 0, 0, 0, 0
+    if vals[j] then t, tr, d, dr = sunpack('<dddd', vals[j]) else fresh = true end
+    local tl, dl = tonumber(ARGV[limits + 2 * j - 2]), tonumber(ARGV[limits + 2 * j - 1])
+    if tl >= 0 or dl >= 0 then
+      local s = #seen
+      seen[s + 1], seen[s + 2], seen[s + 3], seen[s + 4], seen[s + 5] = index, t, tr, d, dr
+      if not over and ((tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl)) then
+        if not force then return {0, index, t, tr, d, dr, {}} end
+        over = {index, t, tr, d, dr}
+      end
     end
+    args[2 * j - 1] = ARGV[first + j - 1]
+    args[2 * j] = spack('<dddd', t, tr + tokens, d, dr + usd)
+    index = index + 1
   end
+  writes[#writes + 1] = {KEYS[w], args, fresh and ARGV[a]}
+  a = limits + 2 * n
 end
 
-if over and not force then
-  return {0, over[1], over[2], over[3], over[4], over[5], {}}
+redis.call('SET', KEYS[1], 'r ' .. ARGV[4] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. '\n' ..
+           table.concat(KEYS, ' ', 3) .. '\n' .. table.concat(ARGV, ' ', 8) .. '\n' .. ARGV[7],
+           'PXAT', ARGV[5])
+for i = 1, #writes do
+  local wr = writes[i]
+  redis.call('HSET', wr[1], unpack(wr[2]))
+  if wr[3] then redis.call('PEXPIREAT', wr[1], wr[3]) end
 end
-
-local keys = {}
-for i = 3, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'tr', ARGV[2])
-  redis.call('HINCRBY', KEYS[i], 'dr', ARGV[3])
-  redis.call('PEXPIREAT', KEYS[i], expires[i - 2])
-  keys[#keys + 1] = KEYS[i]
-end
-
-redis.call('HSET', KEYS[1], 's', 'r', 't', ARGV[2], 'd', ARGV[3], 'dl', ARGV[4],
-           'k', table.concat(keys, '\n'), 'e', ARGV[8])
-redis.call('PEXPIREAT', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 
 if over then

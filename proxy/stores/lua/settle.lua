@@ -1,88 +1,110 @@
--- Settle a reservation: move it from reserved to used with the actual amounts.
+-- Settle a reservation: commit (reserved -> used at the actual amounts), release (nothing used),
+-- or expire (the sweeper, for a lease whose deadline has passed).
 --
--- KEYS[1]   reservation record (hash)         KEYS[2]  lease index (zset)
--- KEYS[3..] the reservation's counter hashes, in reserve order
--- ARGV[1] reservation id
--- ARGV[2] actual tokens, ARGV[3] actual micro-USD: 0 0 releases; -1 -1 charges what was reserved
--- ARGV[4] TTL (ms) of the settled record, kept so a repeated settle is a no-op
--- ARGV[5] not-after (epoch ms): when > 0 this is the sweeper settling an expired lease, and only
---         if its deadline is <= not-after; the record then stays (state x, with what was charged)
---         until ARGV[7], so the late commit of a live request corrects the charge exactly once
--- ARGV[6] expire-at (epoch ms) per counter joined by "\n", used where a counter's key has vanished
--- ARGV[7] epoch ms until which an expired-lease record is kept (its counters' last expiry)
--- Returns 1 if settled (or corrected) now; 0 if already settled, not yet expired, or unknown.
+-- KEYS[1]   reservation record (string, see reserve.lua)     KEYS[2]  lease index (zset)
+-- KEYS[3]   settlement log (stream)         KEYS[4..] the reservation's window hashes (as in reserve.lua)
+-- ARGV[1] reservation id    ARGV[2] mode: "commit", "release" or "expire"
+-- ARGV[3] actual tokens, ARGV[4] actual micro-USD (commit; 0 otherwise)
+-- ARGV[5] TTL (ms) of a settled record, kept so a repeated settle is a no-op
+-- ARGV[6] expire only: now (epoch ms); only a lease whose deadline is <= now is settled
+-- ARGV[7] expire only: "1" charge what was reserved, "0" charge nothing
+-- ARGV[8] expire only: epoch ms until which the expired record is kept (its windows' last expiry)
+-- ARGV[9] outcome for the log (commit, release)   ARGV[10] usage "<prompt> <cached> <completion>
+--         <reasoning>" or ""   ARGV[11] upstream latency ms or ""   ARGV[12] log length (approximate cap)
+-- ARGV[13..] the counters per window, as reserve.lua's ARGV[8..] (the limits are not read)
+-- Returns 1 if settled (or corrected) now; 0 if already settled, not yet due, or unknown.
 --
--- Numbers written back are formatted with %d: Lua prints large numbers as 1e+15, which HINCRBY
--- rejects. Amounts are below 2^50, exact in a Lua number.
+-- Every settlement appends one log entry in this same call (so log and counters cannot disagree):
+--   id, o outcome (expire: "expired"; a late commit or release after it: "corrected"),
+--   ct / cd tokens / micro-USD the used counters moved by (a correction: the delta),
+--   u usage, l latency, i the request info kept from reserve, w window keys charged (space-joined),
+--   f per window the scope fields charged there (comma-joined; windows space-joined).
+--
+-- Record states: "r ..." open; "x <deadline> <charged tokens> <charged micro-USD>\n..." settled by
+-- the sweeper, kept so that the late commit or release of a live request corrects the charge to
+-- its actual amounts, once; "c" settled.
 
-local function incr(key, field, n)
-  if n ~= 0 then return redis.call('HINCRBY', key, field, string.format('%d', n)) end
-  return nil
-end
+local unpack, tonumber, sunpack, spack, max = unpack, tonumber, struct.unpack, struct.pack, math.max
 
-local expires = nil
-local function expire_at(i)
-  if not expires then
-    expires = {}
-    for n in string.gmatch(ARGV[6], '%d+') do expires[#expires + 1] = n end
-  end
-  return expires[i]
-end
-
--- Add used amounts (and take back reserved ones) on every counter. A counter whose key has
--- vanished (a restart) gets the usage again with its window's expiry, nothing to take back.
+-- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
+-- (a restart, or the window expired) gets the usage again, nothing to take back.
 local function apply(used_t, used_d, res_t, res_d)
-  for i = 3, #KEYS do
-    local k = KEYS[i]
-    if redis.call('EXISTS', k) == 1 then
-      local tr = incr(k, 'tr', -res_t)
-      if tr and tr < 0 then redis.call('HSET', k, 'tr', 0) end
-      local dr = incr(k, 'dr', -res_d)
-      if dr and dr < 0 then redis.call('HSET', k, 'dr', 0) end
-      incr(k, 't', used_t)
-      incr(k, 'd', used_d)
-    elseif used_t > 0 or used_d > 0 then
-      redis.call('HSET', k, 't', string.format('%d', math.max(used_t, 0)),
-                 'd', string.format('%d', math.max(used_d, 0)))
-      redis.call('PEXPIREAT', k, expire_at(i - 2))
+  local a = 13
+  for w = 4, #KEYS do
+    local n = tonumber(ARGV[a + 1])
+    local first = a + 2
+    local vals = redis.call('HMGET', KEYS[w], unpack(ARGV, first, first + n - 1))
+    local args, fresh = {}, false
+    for j = 1, n do
+      local v = vals[j]
+      local s = #args
+      if v then
+        local t, tr, d, dr = sunpack('<dddd', v)
+        args[s + 1] = ARGV[first + j - 1]
+        args[s + 2] = spack('<dddd', max(t + used_t, 0), max(tr - res_t, 0), max(d + used_d, 0), max(dr - res_d, 0))
+      elseif used_t > 0 or used_d > 0 then
+        args[s + 1] = ARGV[first + j - 1]
+        args[s + 2] = spack('<dddd', max(used_t, 0), 0, max(used_d, 0), 0)
+        fresh = true
+      end
     end
+    if #args > 0 then redis.call('HSET', KEYS[w], unpack(args)) end
+    if fresh then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end
+    a = first + 3 * n
   end
 end
 
-local function settled(state, t, d)
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 's', state, 't', string.format('%d', t), 'd', string.format('%d', d))
-  redis.call('ZREM', KEYS[2], ARGV[1])
+local function log(outcome, t, d, rec)
+  local fields, a = {}, 13
+  for w = 4, #KEYS do
+    local n = tonumber(ARGV[a + 1])
+    fields[#fields + 1] = table.concat(ARGV, ',', a + 2, a + 1 + n)
+    a = a + 2 + 3 * n
+  end
+  local info = rec and string.match(rec, '\n([^\n]*)$') or ''
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[12], '*', 'id', ARGV[1], 'o', outcome,
+             'ct', string.format('%d', t), 'cd', string.format('%d', d), 'u', ARGV[10], 'l', ARGV[11],
+             'i', info, 'w', table.concat(KEYS, ' ', 4), 'f', table.concat(fields, ' '))
 end
 
-local rec = redis.call('HMGET', KEYS[1], 's', 't', 'd', 'dl')
-local state = rec[1]
-local res_t, res_d = tonumber(rec[2]) or 0, tonumber(rec[3]) or 0
-local tokens, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
-local not_after = tonumber(ARGV[5])
-if tokens < 0 then tokens, usd = res_t, res_d end
+local mode = ARGV[2]
 
-if not_after > 0 then                                  -- the sweeper, for an expired lease
-  if state ~= 'r' then
-    if not state then redis.call('ZREM', KEYS[2], ARGV[1]) end
+if mode == 'expire' then
+  local rec = redis.call('GET', KEYS[1])
+  if not rec then
+    redis.call('ZREM', KEYS[2], ARGV[1])                 -- forgotten: nothing left to settle
     return 0
   end
-  if tonumber(rec[4]) > not_after then return 0 end
-  apply(tokens, usd, res_t, res_d)
-  settled('x', tokens, usd)                            -- t, d now hold what was charged
-  redis.call('PEXPIREAT', KEYS[1], ARGV[7])
+  local state, deadline, res_t, res_d, rest = string.match(rec, '^(%a) (%d+) (%d+) (%d+)(.*)$')
+  if state ~= 'r' or tonumber(deadline) > tonumber(ARGV[6]) then return 0 end
+  res_t, res_d = tonumber(res_t), tonumber(res_d)
+  local t, d = 0, 0
+  if ARGV[7] == '1' then t, d = res_t, res_d end
+  apply(t, d, res_t, res_d)
+  log('expired', t, d, rec)
+  redis.call('SET', KEYS[1], 'x ' .. deadline .. ' ' .. string.format('%d %d', t, d) .. rest, 'PXAT', ARGV[8])
+  redis.call('ZREM', KEYS[2], ARGV[1])
   return 1
 end
 
-if state == 'r' then
-  apply(tokens, usd, res_t, res_d)
-elseif state == 'x' then                               -- late commit: correct the sweeper's charge
-  apply(tokens - res_t, usd - res_d, 0, 0)
-elseif state then
-  return 0                                             -- already settled
-else
-  apply(tokens, usd, 0, 0)                             -- the store lost the record; usage is real
+-- commit or release: whatever the state was, the record ends settled ("c").
+local tokens, usd = tonumber(ARGV[3]), tonumber(ARGV[4])
+local rec = redis.call('SET', KEYS[1], 'c', 'PX', ARGV[5], 'GET')
+if not rec then
+  apply(tokens, usd, 0, 0)                               -- the store lost the record; usage is real
+  log(ARGV[9], tokens, usd, nil)
+  return 1
 end
-settled('c', 0, 0)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
+local state, _, res_t, res_d = string.match(rec, '^(%a) (%d+) (%d+) (%d+)')
+if state == 'r' then
+  apply(tokens, usd, tonumber(res_t), tonumber(res_d))
+  log(ARGV[9], tokens, usd, rec)
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+elseif state == 'x' then                                 -- late: correct the sweeper's charge
+  local t, d = tokens - tonumber(res_t), usd - tonumber(res_d)
+  apply(t, d, 0, 0)
+  log('corrected', t, d, rec)
+  return 1
+end
+return 0                                                 -- already settled
