@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 
 import aiohttp
 
-from .harness import CLIENT_KEY
+from proxy.cli import main
+from proxy.ledger import Amounts, RequestInfo, Scope
+from proxy.settlements import EXPORT_FIELDS
+
+from .harness import CLIENT_KEY, OTHER_KEY, config_data
 
 ADMIN = "bp-admin-key-for-tests"
 ADMIN_KEYS = {"admin_keys": {"ops": {"sha256": hashlib.sha256(ADMIN.encode()).hexdigest()}}}
@@ -56,3 +62,78 @@ async def test_in_prod_without_admin_keys_there_are_no_admin_endpoints(start_pro
     for path in ("/admin/", "/admin/v1/usage", "/admin/login"):
         status, _, _ = await get(h, path, headers={"Authorization": f"Bearer {ADMIN}"})
         assert status == 404, path
+
+
+# --- usage and settlements, from the API and the CLI ---------------------------------------
+
+USAGE_POLICY = {"defaults": {"org": {"day": {"tokens": 1_000, "usd": 1.0}}},
+                "overrides": {"org": {"globex": {"day": {"tokens": 100}}}}}
+
+
+async def admin_json(h, path: str) -> dict:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(h.proxy.make_url(path), headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+
+async def test_usage_api_lists_every_scope_closest_first_and_the_cli_prints_the_same(
+        redis_url, start_proxy, tmp_path, capsys):
+    h = await start_proxy(redis_url, USAGE_POLICY, config=ADMIN_KEYS)
+    msgs = [{"role": "user", "content": "Say hello."}]
+    await h.client().chat.completions.create(model="gpt-4o-mini", messages=msgs, max_tokens=8)
+    await h.client(OTHER_KEY).chat.completions.create(model="gpt-4o-mini", messages=msgs, max_tokens=8)
+    await h.settled()
+
+    doc = await admin_json(h, "/admin/v1/usage?window=day")
+    entries = doc["data"]
+    scopes = [(e["scope"]["type"], e["scope"]["id"]) for e in entries]
+    assert set(scopes) == {("global", "*"), ("org", "acme"), ("org", "globex"), ("user", "app"),
+                           ("user", "other"), ("provider", "openai"), ("model", "gpt-4o-mini")}
+    assert scopes[0] == ("org", "globex")                    # 100-token limit: the closest to it
+    globex = entries[0]
+    day = {(b.window, b.unit): b for b in await h.gateway.ledger.snapshot([Scope("org", "globex")])}
+    assert globex["used"]["tokens"] == day[("day", "tokens")].used > 0
+    assert globex["limit"] == {"tokens": 100, "usd": 1.0}
+    assert globex["remaining"]["tokens"] == 100 - globex["used"]["tokens"]
+    assert isinstance(globex["used"]["usd"], float) and globex["window"] == "day"
+    assert globex["start"].endswith("T00:00:00Z") and globex["end"].endswith("T00:00:00Z")
+    model = next(e for e in entries if e["scope"]["type"] == "model")
+    assert model["limit"] == {"tokens": None, "usd": None} and model["remaining"] == {"tokens": None, "usd": None}
+
+    orgs = await admin_json(h, "/admin/v1/usage?type=org&window=day")
+    assert [e["scope"]["id"] for e in orgs["data"]] == ["globex", "acme"]
+    one = await admin_json(h, "/admin/v1/usage?type=org&id=acme")
+    assert {e["window"] for e in one["data"]} >= {"day", "month"}
+    assert {e["scope"]["id"] for e in one["data"]} == {"acme"}
+
+    # The CLI reads the store itself: the same document, with the proxy down.
+    config = tmp_path / "config.yaml"
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(json.dumps({"version": 1, **USAGE_POLICY}))
+    config.write_text(json.dumps({**config_data("http://127.0.0.1:9/v1", redis_url), "policy": str(policy_file)}))
+    await h.proxy.close()
+    assert await asyncio.to_thread(main, ["usage", "--config", str(config), "--window", "day", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == doc
+    assert await asyncio.to_thread(main, ["usage", "--config", str(config), "--type", "org", "--window", "day"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines[1:]] == ["org:globex", "org:acme"]
+    assert lines[1].rstrip().endswith("]") and "#" in lines[1]
+
+
+async def test_settlements_api_is_newest_first_and_filters(start_proxy):
+    h = await start_proxy("memory://", config=ADMIN_KEYS)
+    ledger = h.gateway.ledger
+    for i, (org, user) in enumerate((("acme", "ann"), ("globex", "gil"), ("acme", "bob"))):
+        info = RequestInfo(org, user, None, "chat", "gpt-4o", "gpt-4o", "openai", False, None)
+        res = await ledger.reserve(f"r{i}", Amounts(10, 100), [Scope("org", org)], info)
+        await ledger.commit(res, Amounts(5 + i, 50 + i))
+        await asyncio.sleep(0.002)                          # distinct milliseconds
+    got = (await admin_json(h, "/admin/v1/settlements"))["data"]
+    assert [r["id"] for r in got] == ["r2", "r1", "r0"]
+    assert list(got[0]) == list(EXPORT_FIELDS) and got[0]["time"].endswith("Z") and got[0]["usd_micro"] == 52
+    assert [r["id"] for r in (await admin_json(h, "/admin/v1/settlements?org=acme"))["data"]] == ["r2", "r0"]
+    assert [r["id"] for r in (await admin_json(h, "/admin/v1/settlements?user=gil"))["data"]] == ["r1"]
+    assert [r["id"] for r in (await admin_json(h, "/admin/v1/settlements?limit=1"))["data"]] == ["r2"]
+    future = (await admin_json(h, "/admin/v1/settlements?since=2999-01-01T00:00:00Z"))["data"]
+    assert future == []
