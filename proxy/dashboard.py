@@ -53,8 +53,9 @@ class Bar(NamedTuple):
     share: float             # (used + reserved) / limit
 
 
-def bars(entries: Iterable[Mapping], warn_at: float, refused: Sequence[RefusalSeen]) -> list[Bar]:
-    """One bar per limited (scope, window, unit), closest to its limit first."""
+def bars(entries: Iterable[Mapping], warn_at: float, refused: Sequence[RefusalSeen], now: float,
+         scope_type: str | None = None, window: str | None = None) -> list[Bar]:
+    """One bar per limited (scope, window, unit), refused ones first, then closest to the limit."""
     out = []
     for e in entries:
         start = datetime.fromisoformat(e["start"].replace("Z", "+00:00")).timestamp()
@@ -70,12 +71,33 @@ def bars(entries: Iterable[Mapping], warn_at: float, refused: Sequence[RefusalSe
             state = "over" if share >= 1 or hit else "warn" if share >= warn_at else "ok"
             out.append(Bar(e["scope"]["type"], e["scope"]["id"], e["window"], unit, used, reserved, limit,
                            state, share))
+    out += _refused_only(out, refused, now, scope_type, window)
     out.sort(key=lambda b: (b.state != "over", -b.share, b.scope_type, b.scope_id))
     return out
 
 
+def _refused_only(shown: list[Bar], refused: Sequence[RefusalSeen], now: float, scope_type: str | None,
+                  window: str | None) -> list[Bar]:
+    """Scopes refused in a window still open that the usage index does not list (refused before
+    they ever spent): shown red from the refusal's own numbers, latest refusal first."""
+    seen = {(b.scope_type, b.scope_id, b.window, b.unit) for b in shown}
+    out = []
+    for seen_at, *_, r in reversed(refused):
+        key = (r.scope.type, r.scope.id, r.window, r.unit)
+        if key in seen or seen_at + r.reset_in <= now or scope_type not in (None, r.scope.type) \
+                or window not in (None, r.window):
+            continue
+        seen.add(key)
+        k = 1_000_000 if r.unit == "usd" else 1
+        out.append(Bar(r.scope.type, r.scope.id, r.window, r.unit, r.used / k, r.reserved / k, r.limit / k, "over",
+                       (r.used + r.reserved) / r.limit if r.limit else 1.0))
+    return out
+
+
 def _amount(unit: str, v: float) -> str:
-    return f"{v:,.2f} USD" if unit == "usd" else f"{int(v):,} tokens"
+    if unit == "tokens":
+        return f"{int(v):,} tokens"
+    return f"{v:,.6f} USD" if 0 < v < 0.01 else f"{v:,.2f} USD"       # cents hide small spend
 
 
 def _bar_row(b: Bar) -> str:
@@ -99,7 +121,8 @@ def _select(name: str, options: Sequence[str], chosen: str | None) -> str:
 
 
 def _table(head: Sequence[str], rows: Iterable[Sequence], empty: str, css: str) -> str:
-    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{escape('–' if c is None else str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
     if not body:
         return f'<p class="muted">{escape(empty)}</p>'
     return (f'<table class="{css}"><tr>' + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"
@@ -111,7 +134,7 @@ SETTLEMENT_COLUMNS = ("time", "org", "user", "model", "prompt_tokens", "completi
 
 def page(entries: Iterable[Mapping], settlements: Iterable[Mapping], refused: Sequence[RefusalSeen], *,
          scope_type: str | None, window: str | None, warn_at: float, now: float, error: str | None = None) -> str:
-    rows = bars(entries, warn_at, refused)
+    rows = bars(entries, warn_at, refused, now, scope_type, window)
     budget_html = (f'<table class="budgets"><tr><th>type</th><th>scope</th><th>window</th><th>budget</th>'
                    f"<th>amounts</th><th>share</th><th>state</th></tr>{''.join(_bar_row(b) for b in rows)}</table>"
                    if rows else '<p class="muted">No limited budget has been used in this window.</p>')
