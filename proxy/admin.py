@@ -11,7 +11,7 @@ Anyone who can read config.yaml could mint one: protect that file as you protect
 With no admin keys outside prod, /admin/ answers without authentication, but only to a peer on
 a loopback address that did not come through a reverse proxy (a Forwarded / X-Forwarded-For
 header means the real client is elsewhere). In prod, the admin endpoints exist only when admin
-keys are configured.
+keys are configured: they answer 404 while none is (admin keys follow config.yaml reloads).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import hashlib
 import hmac
 import ipaddress
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
 from .config import AdminKey
-from .errors import ApiError, Unauthorized
+from .errors import ApiError, NotFound, Unauthorized
 
 COOKIE = "bp_admin"
 SESSION_SECONDS = 12 * 3600
@@ -39,10 +39,16 @@ class NotAdmin(Unauthorized):
 
 
 class AdminGate:
-    def __init__(self, keys: tuple[AdminKey, ...], environment: str, clock=time.time) -> None:
-        self.keys = keys
+    def __init__(self, keys: Sequence[AdminKey] | Callable[[], Sequence[AdminKey]], environment: str,
+                 clock=time.time) -> None:
+        """`keys`: the admin keys, or a callable returning the current ones (a reloaded config)."""
+        self._keys = keys if callable(keys) else (lambda: keys)
         self.environment = environment
         self._clock = clock
+
+    @property
+    def keys(self) -> Sequence[AdminKey]:
+        return self._keys()
 
     @property
     def enabled(self) -> bool:
@@ -82,8 +88,10 @@ class AdminGate:
     # --- the check --------------------------------------------------------------------------
 
     def admit(self, request: web.Request) -> str:
-        """The admin's name (for logs), or raise: 401 without a valid admin key, 403 off
-        loopback when admin keys are not configured."""
+        """The admin's name (for logs), or raise: 404 in prod without admin keys, 401 without a
+        valid admin key, 403 off loopback when admin keys are not configured."""
+        if not self.enabled:
+            raise NotFound(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
         if self.loopback_only:
             if not _local(request):
                 raise ApiError("No admin_keys are configured: the admin endpoints answer only on "

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from . import dashboard, usage
 from .admin import AdminGate, NotAdmin, clear_session, set_session
-from .errors import ServiceUnavailable, StoreUnavailable
+from .errors import NotFound, ServiceUnavailable, StoreUnavailable
 
 PAGE_SETTLEMENTS = 20
 
@@ -73,12 +73,18 @@ def add(app: web.Application, gate: AdminGate, ledger_key: web.AppKey, observer_
                                     scope_type=q["type"], window=q["window"], warn_at=min(alerts),
                                     now=time.time(), error=error))
 
+    def exists(request: web.Request) -> None:
+        if not gate.enabled:
+            raise NotFound(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+
     async def login_form(request: web.Request) -> web.Response:
+        exists(request)
         if gate.loopback_only:
             raise web.HTTPSeeOther("/admin/")
         return _html(dashboard.login_page())
 
     async def login(request: web.Request) -> web.StreamResponse:
+        exists(request)
         if gate.loopback_only:
             raise web.HTTPSeeOther("/admin/")
         form = await request.post()
@@ -91,6 +97,7 @@ def add(app: web.Application, gate: AdminGate, ledger_key: web.AppKey, observer_
         raise done
 
     async def logout(request: web.Request) -> web.StreamResponse:
+        exists(request)
         done = web.HTTPSeeOther("/admin/login" if not gate.loopback_only else "/admin/")
         clear_session(done)
         raise done

@@ -8,11 +8,14 @@ order, under their own AppKey.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import AsyncIterator, Optional
 
 from aiohttp import web
@@ -21,6 +24,7 @@ from . import admin_routes, alerts, auth, health, metrics
 from .admin import AdminGate
 from . import config as config_mod
 from . import policy as policy_mod
+from . import watch
 from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
 from .endpoints import ENDPOINTS
 from .gateway import Gateway
@@ -39,7 +43,6 @@ LEDGER = web.AppKey("ledger", Optional[Ledger])      # None when enforcement is 
 OBSERVER = web.AppKey("observer", Observer)
 GATEWAY = web.AppKey("gateway", Gateway)
 _POST_ONLY = frozenset("/v1" + e.path for e in ENDPOINTS.values())
-POLICY_POLL_SECONDS = 2.0
 SWEEP_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 10.0
 
@@ -84,7 +87,7 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     sessions close."""
     app = web.Application(middlewares=[metrics.count_requests, errors], client_max_size=cfg.max_body_bytes)
     tokens = tokens or TokenCounter.load()          # blocking, once, before serving
-    models = _models_body(cfg)
+    models = {"for": None, "body": b""}             # /v1/models, rendered once per config
 
     async def upstreams(app: web.Application) -> AsyncIterator[None]:
         app[UPSTREAMS] = Upstreams(cfg)
@@ -132,8 +135,11 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         return handler
 
     async def list_models(request: web.Request) -> web.Response:
-        auth.authenticate(request.headers.get("Authorization"), cfg.keys)
-        return web.Response(body=models, content_type="application/json")
+        config = request.app[GATEWAY].config
+        auth.authenticate(request.headers.get("Authorization"), config.keys)
+        if models["for"] is not config:
+            models["for"], models["body"] = config, _models_body(config)
+        return web.Response(body=models["body"], content_type="application/json")
 
     async def not_found(request: web.Request) -> web.Response:
         if request.path in _POST_ONLY:
@@ -143,13 +149,14 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
 
     async def healthz(request: web.Request) -> web.Response:
         return _json(200, {"status": "ok", "enforcement": cfg.enforcement,
-                           "stats": dict(request.app[GATEWAY].stats)})
+                           "stats": dict(request.app[GATEWAY].stats),
+                           "reload_failures": dict(watch.failures)})
 
     async def readyz(request: web.Request) -> web.Response:
         return await health.readyz(request.app[LEDGER], cfg.namespace)
 
     async def scrape(request: web.Request) -> web.Response:
-        return await metrics.scrape(cfg, request.app[LEDGER])
+        return await metrics.scrape(request.app[GATEWAY].config, request.app[LEDGER])
 
     for kind, e in ENDPOINTS.items():
         app.router.add_post("/v1" + e.path, endpoint(kind))
@@ -158,9 +165,8 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
     app.router.add_route("*", "/v1/{tail:.*}", not_found)
-    gate = AdminGate(cfg.admin_keys, cfg.environment)
-    if gate.enabled:                   # in prod only with admin keys configured
-        admin_routes.add(app, gate, LEDGER, OBSERVER)
+    # Admin keys follow config reloads; in prod the admin endpoints answer 404 while none is set.
+    admin_routes.add(app, AdminGate(lambda: app[GATEWAY].config.admin_keys, cfg.environment), LEDGER, OBSERVER)
     app.cleanup_ctx.extend([upstreams, ledger, tasks, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
     return app
@@ -175,20 +181,34 @@ async def _freeze_gc(app: web.Application) -> None:
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    """Periodic jobs of a live proxy: settling dead processes' leases, reloading the policy."""
-    ledger = app[LEDGER]
-    stop = asyncio.Event()
-    jobs = []
+    """Periodic jobs of a live proxy: settling dead processes' leases, reloading the policy and
+    config.yaml (at once on SIGHUP)."""
+    ledger, gateway = app[LEDGER], app[GATEWAY]
+    stop, hup = asyncio.Event(), asyncio.Event()
+    jobs = [asyncio.create_task(_watch_config(gateway, stop, hup))]
     if ledger is not None:
         jobs.append(asyncio.create_task(_sweep(ledger, stop)))
         jobs.append(asyncio.create_task(_watch_policy(ledger, stop)))
+    hup_handled = _on_sighup(hup.set)
     yield
+    if hup_handled:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
     # Ask, then insist, then stop waiting: shutdown must not hang on a job stuck in a store call.
     stop.set()
     for job in jobs:
         job.cancel()
-    if jobs:
-        await asyncio.wait(jobs, timeout=SHUTDOWN_GRACE_SECONDS)
+    await asyncio.wait(jobs, timeout=SHUTDOWN_GRACE_SECONDS)
+
+
+def _on_sighup(callback) -> bool:
+    """SIGHUP re-reads config.yaml at once (where the platform has it and we own the signals)."""
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
 
 
 async def _sweep(ledger: Ledger, stop: asyncio.Event) -> None:
@@ -203,30 +223,24 @@ async def _sweep(ledger: Ledger, stop: asyncio.Event) -> None:
             log.warning("lease sweep failed: %s", exc)
 
 
-def _stamp(path: str) -> tuple[float, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime, st.st_size)
-
-
 async def _watch_policy(ledger: Ledger, stop: asyncio.Event) -> None:
     """Reload the policy file when it changes; an invalid edit keeps the running policy."""
-    path = ledger.policy.source
-    seen = _stamp(path)
-    while not stop.is_set():
-        await asyncio.sleep(POLICY_POLL_SECONDS)
-        now = _stamp(path)
-        if now == seen or now is None:
-            continue
-        seen = now
-        try:
-            ledger.policy = await asyncio.to_thread(policy_mod.load, path)
-            log.info("policy reloaded from %s", path)
-        except ConfigError as exc:
-            metrics.JOB_FAILURES.labels("policy_reload").inc()
-            log.error("policy change rejected, keeping the running policy: %s", exc)
+    def apply(policy: policy_mod.Policy) -> None:
+        ledger.policy = policy
+    await watch.watch("policy", ledger.policy.source, policy_mod.load, apply, stop)
+
+
+async def _watch_config(gateway: Gateway, stop: asyncio.Event, hup: asyncio.Event) -> None:
+    """Reload config.yaml when it changes or on SIGHUP: keys, models, prices, routes and
+    providers are swapped whole; what needs a restart is logged and left as it runs."""
+    def apply(fresh: config_mod.Config) -> None:
+        running = gateway.config
+        later = config_mod.restart_needed(running, fresh)
+        if later:
+            log.warning("config.yaml: %s changed; that takes a restart (the rest applies now)", ", ".join(later))
+            fresh = dataclasses.replace(fresh, **{f: getattr(running, f) for f in later})
+        gateway.reconfigure(fresh)
+    await watch.watch("config", gateway.config.source, config_mod.load, apply, stop, hup)
 
 
 def load(config_path: str) -> tuple[config_mod.Config, policy_mod.Policy]:

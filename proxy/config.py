@@ -1,6 +1,8 @@
 """config.yaml: listen address, store, environment, providers, the model registry, routes, keys.
 
-Read once at start-up into frozen dataclasses (policies reload while running; this file does not).
+Read into frozen dataclasses at start-up and again whenever the file changes or the proxy gets
+SIGHUP (proxy/watch.py): keys, models, prices, routes and providers are swapped whole; changes to
+the fields in RESTART_FIELDS are logged as needing a restart and otherwise ignored.
 Values may use `${VAR}` and `${VAR:-default}`, expanded from the environment at load; a value
 that is exactly one reference is then typed as YAML would type it (`port: ${PORT:-8787}` is an int).
 Environment overrides: APP_ENV, BUDGET_ENFORCEMENT_MODE, BUDGET_POLICY_PATH, REDIS_URL (or
@@ -92,6 +94,17 @@ class Config:
             return self.routes[name]
         model = self.models.get(name)
         return (name, *model.downgrade_to) if model else ()
+
+
+# What a running proxy cannot take from a reloaded config.yaml: the socket it listens on, the store
+# it holds, and what decides the store's and the policy's lifetime.
+RESTART_FIELDS = ("host", "port", "max_body_bytes", "environment", "enforcement", "store_url",
+                  "namespace", "policy_path")
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The fields of `new` that differ from `old` and only take effect after a restart."""
+    return [f for f in RESTART_FIELDS if getattr(old, f) != getattr(new, f)]
 
 
 def expand(value: Any, env: Mapping[str, str], source: str, path: str = "") -> Any:

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import Counter
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -25,7 +25,7 @@ from aiohttp import web
 from . import auth, body, metrics, planner
 from .config import Config, Model
 from .errors import ApiError, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
-from .ledger import Balance, Ledger, Refusal, Reservation
+from .ledger import Ledger, Refusal, Reservation
 from .observer import Observer
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
@@ -37,11 +37,17 @@ log = logging.getLogger(__name__)
 SSE = "text/event-stream"
 
 
+class Admitted(NamedTuple):
+    flight: Flight
+    headers: dict[str, str]        # x-budget-* for the response
+    cap: int | None                # completion limit to send upstream for a call that set none
+
+
 class Gateway:
     def __init__(self, config: Config, ledger: Ledger | None, tokens, upstreams: Upstreams,
                  tasks: Tasks, observer: Observer | None = None) -> None:
         self.config = config
-        self.observer = observer or Observer()
+        self.observer = observer or Observer()       # metrics, alerts, recent refusals
         self.ledger = ledger            # None when enforcement is disabled: the store is never contacted
         self.tokens = tokens
         self.upstreams = upstreams
@@ -53,21 +59,28 @@ class Gateway:
         self._ids = itertools.count()
         self._id_prefix = os.urandom(8).hex()
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config.yaml: requests already admitted keep the model (and prices) they
+        were admitted with; new ones see the new config whole."""
+        self.upstreams.reconfigure(config)
+        self.config = config
+
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
-        key = auth.authenticate(request.headers.get("Authorization"), self.config.keys)
+        config = self.config                # one config for the whole request, even across a reload
+        key = auth.authenticate(request.headers.get("Authorization"), config.keys)
         call = body.parse(await self._read(request), kind)
-        models = [self.config.models[name] for name in self.config.candidates(call.model)]
+        models = [config.models[name] for name in config.candidates(call.model)]
         if not models:
             raise NotFound(f"The model `{call.model}` does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
         prompt = await self.tokens.estimate(kind, call.body, models[0].upstream)
-        flight, headers = await self._reserve(call, who, models, prompt)
+        admitted = await self._reserve(call, who, models, prompt)
         try:
-            return await self._forward(request, call, flight, headers)
+            return await self._forward(request, call, admitted)
         finally:
-            flight.ensure_settled()         # a no-op unless some path above forgot, or raised
+            admitted.flight.ensure_settled()     # a no-op unless some path above forgot, or raised
 
     async def _read(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -82,23 +95,28 @@ class Gateway:
     # --- plan and reserve -----------------------------------------------------------------
 
     async def _reserve(self, call: body.ApiCall, who: auth.Caller, models: Sequence[Model],
-                       prompt: int) -> tuple[Flight, dict[str, str]]:
+                       prompt: int) -> Admitted:
         """Plan, then try the candidates in order until one is reserved; else the 429."""
         ledger = self.ledger
         if ledger is None:
-            return self._flight(None, models[0], call, prompt, who), budget_headers(models[0].name, models[0].name, ())
-        policy = ledger.policy
+            return self._unreserved(models[0], call, prompt, who)
         rid = f"{self._id_prefix}{next(self._ids):x}"
         refusal: Refusal | None = None
         try:
-            balances = await self._balances(ledger, call, who, models)
-            for c in planner.plan(call, who, models, prompt, policy, balances):
-                with metrics.Timer(metrics.STORE["reserve"]):
-                    got = await ledger.reserve(rid, c.amounts, c.scopes)
-                if isinstance(got, Reservation):
-                    self.balance_cache.put(c.scopes, got.balances, time.monotonic())
-                    return self._admitted(got, c, models, call, prompt, who)
-                refusal = refusal or got
+            # A call whose completion was sized from the balances and lost a race is sized again
+            # from a fresh snapshot, once: it fits what is really left instead of failing.
+            for fresh in (False, True):
+                plan = await self._plan(ledger, call, who, models, prompt, fresh)
+                refusal = plan.short
+                for c in plan.candidates:
+                    with metrics.Timer(metrics.STORE["reserve"]):
+                        got = await ledger.reserve(rid, c.amounts, c.scopes)
+                    if isinstance(got, Reservation):
+                        self.balance_cache.put(c.scopes, got.balances, time.monotonic(), ledger.policy)
+                        return self._admitted(got, c, models, call, prompt, who)
+                    refusal = refusal or got
+                if not any(c.cap is not None for c in plan.candidates):
+                    break
         except StoreUnavailable as exc:
             self.stats["store_unavailable"] += 1
             self.observer.store_unavailable()
@@ -106,32 +124,38 @@ class Gateway:
                 raise ServiceUnavailable("The budget store is unavailable; the request was not sent.",
                                          code="BUDGET_STORE_UNAVAILABLE", headers={"Retry-After": "1"}) from exc
             log.warning("budget store unavailable (%s); advisory mode forwards without a reservation", exc)
-            return self._flight(None, models[0], call, prompt, who), budget_headers(models[0].name, models[0].name, ())
+            return self._unreserved(models[0], call, prompt, who)
         self.stats["refused"] += 1
         assert refusal is not None
         self.observer.refused(refusal, who.org, who.user, models[0].name)
         raise refusal_error(refusal)
 
-    async def _balances(self, ledger: Ledger, call: body.ApiCall, who: auth.Caller,
-                        models: Sequence[Model]) -> Sequence[Balance]:
-        """Balances of the limited counters the candidates touch: () when they cannot change a
-        decision; from the cache when fresh; else one snapshot round trip."""
+    async def _plan(self, ledger: Ledger, call: body.ApiCall, who: auth.Caller, models: Sequence[Model],
+                    prompt: int, fresh: bool = False) -> planner.Plan:
+        """Plan from the balances of the limited counters the candidates touch: none when they
+        cannot change a decision; else cached ones when fresh, else one snapshot round trip.
+        Cached balances count reservations that may have settled since (for less), so a plan
+        they would cap or refuse is made again from a fresh snapshot."""
+        policy = ledger.policy
         if not planner.needs_balances(call, models):
-            return ()
+            return planner.plan(call, who, models, prompt, policy, (), ledger.now())
         scopes = list(dict.fromkeys(s for m in models for s in planner.scopes_for(who, m)))
-        if not planner.any_limited(ledger.policy, scopes):
-            return ()
+        if not planner.any_limited(policy, scopes):
+            return planner.plan(call, who, models, prompt, policy, (), ledger.now())
         now = time.monotonic()
-        cached = self.balance_cache.get(scopes, now)
+        cached = None if fresh else self.balance_cache.get(scopes, now, policy)
         if cached is not None:
-            return cached
+            plan = planner.plan(call, who, models, prompt, policy, cached, ledger.now())
+            if not plan.short and all(c.cap is None or c.cap >= policy.default_max_tokens
+                                      for c in plan.candidates):
+                return plan
         with metrics.Timer(metrics.STORE["snapshot"]):
             balances = await ledger.snapshot(scopes, limited_only=True)
-        self.balance_cache.put(scopes, balances, now)
-        return balances
+        self.balance_cache.put(scopes, balances, now, policy)
+        return planner.plan(call, who, models, prompt, policy, balances, ledger.now())
 
     def _admitted(self, res: Reservation, c: planner.Candidate, models: Sequence[Model],
-                  call: body.ApiCall, prompt: int, who: auth.Caller) -> tuple[Flight, dict[str, str]]:
+                  call: body.ApiCall, prompt: int, who: auth.Caller) -> Admitted:
         if res.would_refuse is not None:
             self.stats["shadow_refused"] += 1
             r = res.would_refuse
@@ -139,26 +163,37 @@ class Gateway:
         if c.model != models[0].name:
             self.stats["downgraded"] += 1
         self.observer.admitted(res, models[0].name, c.model)
-        model = self.config.models[c.model]
-        return self._flight(res, model, call, prompt, who), budget_headers(c.model, models[0].name, res.balances)
+        model = next(m for m in models if m.name == c.model)
+        cap = c.cap if self.ledger.policy.send_cap_upstream else None
+        return Admitted(self._flight(res, model, call, prompt, who),
+                        budget_headers(c.model, models[0].name, res.balances), cap)
+
+    def _unreserved(self, model: Model, call: body.ApiCall, prompt: int, who: auth.Caller) -> Admitted:
+        """Forwarded without a reservation (enforcement disabled, or advisory with the store down)."""
+        return Admitted(self._flight(None, model, call, prompt, who), budget_headers(model.name, model.name, ()),
+                        None)
 
     def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int,
                 who: auth.Caller) -> Flight:
         count = functools.partial(self.tokens.count, model=model.upstream)
-        return Flight(self.ledger, self.tasks, res, model, call.endpoint, prompt, count,
-                      self.observer, who.org)
+        return Flight(self.ledger, self.tasks, res, model, call.endpoint, prompt, count, self.observer, who.org)
 
     # --- forward and stream ---------------------------------------------------------------
 
-    async def _forward(self, request: web.Request, call: body.ApiCall, flight: Flight,
-                       budget: dict[str, str]) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, call: body.ApiCall, admitted: Admitted) -> web.StreamResponse:
+        flight = admitted.flight
         model = flight.model
         payload = dict(call.body)
         payload["model"] = model.upstream
+        if admitted.cap is not None:
+            payload[call.endpoint.cap_field] = admitted.cap
         inject = call.stream and not call.client_wants_usage
         if inject:
             payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        if model.provider not in self.upstreams.routes:     # a config reload removed it meanwhile
+            flight.release_soon()
+            raise _upstream_error(model.provider, ConnectionRefusedError())
         flight.sent = True
         try:
             with metrics.Timer(metrics.UPSTREAM_SECONDS.labels(model.provider)):
@@ -171,7 +206,7 @@ class Gateway:
             raise _upstream_error(model.provider, exc) from None
         try:
             headers = passed_headers(up)
-            headers.update(budget)
+            headers.update(admitted.headers)
             if up.status >= 400:
                 return await self._error_passthrough(up, headers, flight)
             if call.stream and up.content_type == SSE:

@@ -124,6 +124,10 @@ class Ledger:
         self._plans_for: tuple = (None, None)
         self.pending: set[asyncio.Task] = set()    # undo tasks; the app waits for them at shutdown
 
+    def now(self) -> float:
+        """The ledger's clock (epoch seconds): windows and lease deadlines are read from it."""
+        return self._clock()
+
     def _windows(self, now: float, policy: Policy) -> tuple[Window, ...]:
         second, tz, wins = self._windows_cache
         if int(now) != second or tz is not policy.timezone:

@@ -6,9 +6,14 @@ candidates in the order to try, each with its scopes and amounts. The reservatio
 is authoritative; the snapshot only picks the order and caps a defaulted completion.
 
 Order: the first candidate whose reservation would leave every limited counter at or above
-`downgrade_below` of its limit; else the first that fits at all; after it, the cheaper (later)
-candidates that fit, as fallbacks for a lost race. When the snapshot says nothing fits, every
-candidate is still tried: the store has the last word.
+`downgrade_below` of its limit, then the cheaper (later) candidates that fit, as fallbacks for a
+lost race; when none keeps the threshold, the cheapest that fits. When the snapshot says nothing
+fits, every candidate is still tried, cheapest first: the store has the last word.
+
+Hard caps: a call that sets no completion limit reserves the policy's `default_max_tokens`,
+capped by what remains; where a limit applies, that cap is sent upstream as the call's own limit
+(so the answer cannot outgrow the reservation), and with fewer than `min_completion_tokens` left
+the call is refused rather than cut to nothing. Where nothing limits the call, nothing is capped.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Iterable, NamedTuple, Sequence
 from .auth import Caller
 from .body import ApiCall
 from .config import Model
-from .ledger import Amounts, Balance, Scope
+from .ledger import Amounts, Balance, Refusal, Scope
 from .policy import UNLIMITED, Policy
 
 CACHE_SECONDS = 1.0
@@ -29,7 +34,16 @@ class Candidate(NamedTuple):
     model: str                     # registry name
     amounts: Amounts               # what to reserve
     scopes: tuple[Scope, ...]
-    default_cap: int | None = None     # completion tokens per choice reserved for a call that set none
+    # Completion tokens per choice reserved for a call that set none, where a limit applies: sent
+    # upstream as the call's limit (policy `send_cap_upstream`), so the answer fits the reservation.
+    cap: int | None = None
+    # The balance that leaves this candidate less than `min_completion_tokens`: not worth trying.
+    short: Balance | None = None
+
+
+class Plan(NamedTuple):
+    candidates: list[Candidate]    # in the order to try; empty when every one is short
+    short: Refusal | None          # why, when empty
 
 
 def scopes_for(who: Caller, model: Model) -> tuple[Scope, ...]:
@@ -44,53 +58,78 @@ def any_limited(policy: Policy, scopes: Iterable[Scope]) -> bool:
 
 
 def needs_balances(call: ApiCall, models: Sequence[Model]) -> bool:
-    """Balances decide something only with several candidates or a completion to default."""
+    """Balances decide something only with several candidates or a completion to cap."""
     return len(models) > 1 or (call.endpoint.output and call.max_output is None)
 
 
 def plan(call: ApiCall, who: Caller, models: Sequence[Model], prompt: int, policy: Policy,
-         balances: Sequence[Balance]) -> list[Candidate]:
+         balances: Sequence[Balance], now: float) -> Plan:
+    """The candidates to try, in order. Balances are those of the limited counters the
+    candidates touch (none: nothing limits them, or nothing is to be decided)."""
     cands = [_candidate(call, who, m, prompt, policy, balances) for m in models]
     if not balances:
-        return cands
-    return order(cands, balances, policy.downgrade_below) or cands
+        return Plan(cands, None)
+    usable = [c for c in cands if c.short is None]
+    if not usable:
+        return Plan([], _short_refusal(cands[0], prompt, policy, now))
+    # By the snapshot nothing fits: still ask the store (it has the last word), cheapest first.
+    return Plan(order(usable, balances, policy.downgrade_below) or sorted(usable, key=_usd), None)
+
+
+def _usd(c: Candidate) -> int:
+    return c.amounts.usd
 
 
 def _candidate(call: ApiCall, who: Caller, m: Model, prompt: int, policy: Policy,
                balances: Sequence[Balance]) -> Candidate:
     scopes = scopes_for(who, m)
-    cap = None
+    cap = short = None
     if not call.endpoint.output:
         per_choice = 0
     elif call.max_output is not None:
         per_choice = call.max_output           # the client asked for that much: reserved in full
+    elif not balances:
+        per_choice = policy.default_max_tokens  # nothing limits it: nothing to cap
     else:
-        per_choice = cap = default_completion(m, scopes, balances, prompt, policy.default_max_tokens,
-                                              call.choices)
+        per_choice, tightest = default_completion(m, scopes, balances, prompt, policy.default_max_tokens,
+                                                  call.choices)
+        if per_choice < policy.min_completion_tokens:
+            short = tightest
+            if policy.shadow:               # refuses nothing: reserve the minimum, the store counts it
+                per_choice, short = policy.min_completion_tokens, None
+        cap = per_choice
     completion = per_choice * call.choices
-    return Candidate(m.name, Amounts(prompt + completion, m.cost(prompt, completion)), scopes, cap)
+    return Candidate(m.name, Amounts(prompt + completion, m.cost(prompt, completion)), scopes, cap, short)
 
 
 def default_completion(m: Model, scopes: Sequence[Scope], balances: Sequence[Balance], prompt: int,
-                       default: int, choices: int) -> int:
-    """Completion tokens per choice to reserve for a call that set no limit: the policy default,
-    capped by what remains in the tightest scope (shared by the `choices`), so a worst-case
-    guess cannot pin a budget. At least 1."""
-    tokens_left = usd_left = None
+                       default: int, choices: int) -> tuple[int, Balance | None]:
+    """Completion tokens per choice to reserve for a call that set no limit - the policy
+    default, capped by what remains in the tightest scope after the prompt (shared by the
+    `choices`), so a worst-case guess cannot pin a budget - and the balance that capped it."""
+    room, tightest = default * choices, None
     for b in balances:
         if b.scope not in scopes or b.limit is None:
             continue
         left = b.limit - b.used - b.reserved
         if b.unit == "tokens":
-            tokens_left = left if tokens_left is None else min(tokens_left, left)
+            fits = left - prompt
+        elif m.output_per_million > 0:
+            fits = int((left - m.cost(prompt, 0)) / m.output_per_million)
         else:
-            usd_left = left if usd_left is None else min(usd_left, left)
-    room = default * choices
-    if tokens_left is not None:
-        room = min(room, tokens_left - prompt)
-    if usd_left is not None and m.output_per_million > 0:
-        room = min(room, int((usd_left - m.cost(prompt, 0)) / m.output_per_million))
-    return max(1, min(default, room // choices))
+            continue
+        if fits < room:
+            room, tightest = fits, b
+    return max(0, min(default, room // choices)), tightest
+
+
+def _short_refusal(c: Candidate, prompt: int, policy: Policy, now: float) -> Refusal:
+    """The 429 for a call whose tightest scope has less than the minimum completion left."""
+    b = c.short
+    assert b is not None
+    wanted = prompt + policy.min_completion_tokens
+    requested = wanted if b.unit == "tokens" else c.amounts.usd
+    return Refusal(b.scope, b.window, b.unit, b.limit, b.used, b.reserved, requested, b.resets_at - now)
 
 
 def _headroom(c: Candidate, balances: dict[tuple[Scope, str], list[Balance]]) -> float | None:
@@ -108,17 +147,21 @@ def _headroom(c: Candidate, balances: dict[tuple[Scope, str], list[Balance]]) ->
 
 
 def order(candidates: Sequence[Candidate], snapshot: Sequence[Balance], threshold: float) -> list[Candidate]:
-    """Candidates in the order to try: the preferred one first, then the cheaper (later) ones
-    that may fit. Empty when none fits by the snapshot."""
+    """Candidates in the order to try. The first that keeps every limited counter at or above
+    `threshold` of its limit, then the cheaper (later) ones that fit, as fallbacks for a lost
+    race. When none keeps the threshold, money is running out: only the cheapest that fits (the
+    last of a budget never goes to the expensive model). Empty when none fits by the snapshot."""
     by_scope: dict[tuple[Scope, str], list[Balance]] = {}
     for b in snapshot:
         if b.limit is not None:
             by_scope.setdefault((b.scope, b.unit), []).append(b)
-    fits = [(i, c) for i, c in enumerate(candidates) if _headroom(c, by_scope) is not None]
+    fits = [(i, c, h) for i, c in enumerate(candidates) if (h := _headroom(c, by_scope)) is not None]
     if not fits:
         return []
-    first = next((i for i, c in fits if _headroom(c, by_scope) >= threshold), fits[0][0])
-    return [c for i, c in fits if i >= first]
+    first = next((i for i, c, h in fits if h >= threshold), None)
+    if first is None:
+        return [min((c for _, c, _ in fits), key=_usd)]
+    return [c for i, c, _ in fits if i >= first]
 
 
 class BalanceCache:
@@ -130,8 +173,15 @@ class BalanceCache:
 
     def __init__(self) -> None:
         self._by_scope: dict[Scope, tuple[float, list[Balance]]] = {}
+        self._policy: Policy | None = None      # balances carry limits: a new policy voids them all
 
-    def get(self, scopes: Iterable[Scope], now: float) -> list[Balance] | None:
+    def _for(self, policy: Policy | None) -> None:
+        if policy is not self._policy:
+            self._by_scope.clear()
+            self._policy = policy
+
+    def get(self, scopes: Iterable[Scope], now: float, policy: Policy | None = None) -> list[Balance] | None:
+        self._for(policy)
         out: list[Balance] = []
         for scope in scopes:
             hit = self._by_scope.get(scope)
@@ -140,7 +190,9 @@ class BalanceCache:
             out += hit[1]
         return out
 
-    def put(self, scopes: Iterable[Scope], balances: Iterable[Balance], now: float) -> None:
+    def put(self, scopes: Iterable[Scope], balances: Iterable[Balance], now: float,
+            policy: Policy | None = None) -> None:
+        self._for(policy)
         if len(self._by_scope) > CACHE_SCOPES:
             self._by_scope.clear()
         fresh: dict[Scope, list[Balance]] = {s: [] for s in scopes}

@@ -77,6 +77,12 @@ class Policy:
     default_max_tokens: int = 1024
     lease_seconds: int = 900
     on_expiry: str = "commit"          # what an expired lease does: "commit" or "release"
+    # A call that sets no completion limit, where a limit applies, is sent upstream with the
+    # completion it reserved as its limit, so the answer cannot outgrow the reservation.
+    send_cap_upstream: bool = True
+    # Fewer completion tokens than this left in the tightest scope: refuse rather than cut an
+    # answer to almost nothing.
+    min_completion_tokens: int = 16
     defaults: Mapping[str, Limits] = field(default_factory=dict)
     overrides: Mapping[tuple[str, str], Limits] = field(default_factory=dict)
     alerts: Alerts = Alerts()
@@ -104,6 +110,8 @@ def parse(data: Any, source: str) -> Policy:
         default_max_tokens=int(res.get("default_max_tokens", 1024)),
         lease_seconds=int(res.get("lease_seconds", 900)),
         on_expiry=res.get("on_expiry", "commit"),
+        send_cap_upstream=bool(res.get("send_cap_upstream", True)),
+        min_completion_tokens=int(res.get("min_completion_tokens", 16)),
         defaults=MappingProxyType(defaults),
         overrides=MappingProxyType(overrides),
         alerts=_alerts(data.get("alerts") or {}, source),

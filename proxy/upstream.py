@@ -54,6 +54,10 @@ class Upstreams:
         self.routes = {name: _route(p) for name, p in config.providers.items()}
         self.session: aiohttp.ClientSession | None = None
 
+    def reconfigure(self, config: Config) -> None:
+        """New providers (a reloaded config): swapped whole; pooled connections are kept."""
+        self.routes = {name: _route(p) for name, p in config.providers.items()}
+
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
                                          keepalive_timeout=60, enable_cleanup_closed=True)

@@ -33,6 +33,7 @@ class FakeOpenAI:
     cut_after: int | None = None      # drop the connection after this many stream chunks
     seen: list[Seen] = field(default_factory=list)
     reported: list[dict] = field(default_factory=list)    # usage objects it reported
+    prompt_counter: object = None     # body -> prompt tokens to report, instead of the rough default
     cut_streams: int = 0              # streams whose reader went away mid-way
     finished_streams: int = 0
 
@@ -44,6 +45,8 @@ class FakeOpenAI:
         return app
 
     def prompt_tokens(self, body: dict) -> int:
+        if self.prompt_counter is not None:
+            return self.prompt_counter(body)
         return 7 + len(json.dumps(body.get("messages") or body.get("prompt") or body.get("input"))) // 10
 
     def usage(self, request: web.Request, body: dict, completion: int) -> dict:
@@ -53,6 +56,14 @@ class FakeOpenAI:
         if "x-test-direct" not in request.headers:
             self.reported.append(u)
         return u
+
+    def answer(self, body: dict) -> tuple[list[str], str]:
+        """The words to answer (one token each) and the finish reason: like OpenAI, a completion
+        limit (`max_completion_tokens`, else `max_tokens`) cuts the answer with "length"."""
+        cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        if cap is not None and cap < len(self.words):
+            return self.words[:cap], "length"
+        return self.words, "stop"
 
     async def _admit(self, request: web.Request) -> dict | web.Response:
         body = await request.json()
@@ -75,12 +86,13 @@ class FakeOpenAI:
             return body
         if body.get("stream"):
             return await self._stream(request, body, "chat.completion.chunk")
+        words, finish = self.answer(body)
         return web.json_response({
             "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
             "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "".join(self.words)}}],
-            "usage": self.usage(request, body, len(self.words))})
+            "choices": [{"index": 0, "finish_reason": finish,
+                         "message": {"role": "assistant", "content": "".join(words)}}],
+            "usage": self.usage(request, body, len(words))})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._admit(request)
@@ -88,11 +100,12 @@ class FakeOpenAI:
             return body
         if body.get("stream"):
             return await self._stream(request, body, "text_completion")
+        words, finish = self.answer(body)
         return web.json_response({
             "id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
             "model": body["model"],
-            "choices": [{"index": 0, "text": "".join(self.words), "finish_reason": "stop", "logprobs": None}],
-            "usage": self.usage(request, body, len(self.words))})
+            "choices": [{"index": 0, "text": "".join(words), "finish_reason": finish, "logprobs": None}],
+            "usage": self.usage(request, body, len(words))})
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         body = await self._admit(request)
@@ -113,21 +126,22 @@ class FakeOpenAI:
         c["obfuscation"] = "AAatV4uAp"        # OpenAI pads chunks with this member, after usage
         return b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n"   # compact, as OpenAI sends
 
-    def _pieces(self, obj: str) -> list[dict]:
+    def _pieces(self, obj: str, words: list[str], finish: str) -> list[dict]:
         if obj == "text_completion":
             return [{"choices": [{"index": 0, "text": w, "finish_reason": None, "logprobs": None}]}
-                    for w in self.words] + \
-                   [{"choices": [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}]}]
+                    for w in words] + \
+                   [{"choices": [{"index": 0, "text": "", "finish_reason": finish, "logprobs": None}]}]
         return [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}] + \
-               [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in self.words] + \
-               [{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+               [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in words] + \
+               [{"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}]
 
     async def _stream(self, request: web.Request, body: dict, obj: str) -> web.StreamResponse:
         include = bool((body.get("stream_options") or {}).get("include_usage"))
+        words, finish = self.answer(body)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "req-fake"})
         await resp.prepare(request)
         try:
-            for i, piece in enumerate(self._pieces(obj)):
+            for i, piece in enumerate(self._pieces(obj, words, finish)):
                 if i == self.cut_after:
                     request.transport.abort()          # the upstream dies mid-stream
                     self.cut_streams += 1
@@ -136,7 +150,7 @@ class FakeOpenAI:
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
             if include:
-                await resp.write(self._chunk(body, obj, {"choices": [], "usage": self.usage(request, body, len(self.words))},
+                await resp.write(self._chunk(body, obj, {"choices": [], "usage": self.usage(request, body, len(words))},
                                              False))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()

@@ -9,6 +9,7 @@ import json
 
 import aiohttp
 import openai
+import yaml
 from aiohttp.test_utils import TestServer
 
 from proxy import config as config_mod
@@ -124,13 +125,22 @@ async def post(h: Harness, path: str, body, key: str | None = CLIENT_KEY, raw: b
 
 
 async def start(store_url: str, policy: dict, tokens, *, enforcement: str = "strict", keys: bool = True,
-                fake: FakeOpenAI | None = None, env=None, clock=None, config: dict | None = None) -> Harness:
-    """`config` adds or replaces top-level config.yaml keys (e.g. admin_keys)."""
+                fake: FakeOpenAI | None = None, env=None, clock=None, config_file: str | None = None,
+                config: dict | None = None) -> Harness:
+    """A fake upstream and a proxy in front of it. With `config_file`, the config is written
+    there as YAML and loaded from it (for tests that edit it while the proxy runs). `config`
+    adds or replaces top-level config.yaml keys (e.g. admin_keys)."""
     fake = fake or FakeOpenAI()
     upstream = TestServer(fake.app())
     await upstream.start_server()
     data = {**config_data(str(upstream.make_url("/v1")), store_url, enforcement, keys), **(config or {})}
-    cfg = config_mod.parse(data, "test-config.yaml", env={"BP_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})})
+    env = {"BP_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}
+    if config_file:
+        with open(config_file, "w") as fh:
+            yaml.safe_dump(data, fh)
+        cfg = config_mod.load(config_file, env)
+    else:
+        cfg = config_mod.parse(data, "test-config.yaml", env=env)
     pol = parse_policy({"version": 1, **policy}, "test-policy.yaml")
     proxy = TestServer(build_app(cfg, pol, tokens=tokens, clock=clock))
     await proxy.start_server()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 
 import aiohttp
 
 from proxy.cli import main
+from proxy.config import AdminKey
 from proxy.ledger import Amounts, RequestInfo, Scope
 from proxy.settlements import EXPORT_FIELDS
 
@@ -62,6 +64,13 @@ async def test_in_prod_without_admin_keys_there_are_no_admin_endpoints(start_pro
     for path in ("/admin/", "/admin/v1/usage", "/admin/login"):
         status, _, _ = await get(h, path, headers={"Authorization": f"Bearer {ADMIN}"})
         assert status == 404, path
+    # Admin keys follow a config reload: once one is configured, the endpoints exist.
+    key = AdminKey("ops", hashlib.sha256(ADMIN.encode()).hexdigest())
+    h.gateway.reconfigure(dataclasses.replace(h.gateway.config, admin_keys=(key,)))
+    status, _, _ = await get(h, "/admin/v1/usage", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert status == 200
+    status, _, _ = await get(h, "/admin/v1/usage", headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+    assert status == 401
 
 
 # --- usage and settlements, from the API and the CLI ---------------------------------------

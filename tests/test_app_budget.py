@@ -198,7 +198,8 @@ def test_hash_key_matches_config_lookup():
 async def test_policy_edits_apply_while_running_and_bad_edits_are_ignored(tmp_path, monkeypatch, tokens, start_proxy):
     from proxy import app as app_mod
     from proxy import policy as policy_mod
-    monkeypatch.setattr(app_mod, "POLICY_POLL_SECONDS", 0.02)
+    from proxy import watch
+    monkeypatch.setattr(watch, "POLL_SECONDS", 0.02)
     path = tmp_path / "dev.yaml"
     path.write_text("version: 1\ndefaults: {user: {day: {tokens: 5}}}\n")
     h = await start_proxy("memory://", {})

@@ -40,7 +40,7 @@ class _Record:
 class MemoryStore(Store):
     def __init__(self, clock=time.time, log_length: int = LOG_LENGTH) -> None:
         self._clock = clock
-        self._log: deque[LogEntry] = deque(maxlen=log_length)
+        self._log: deque[tuple] = deque(maxlen=log_length)        # raw entries, see _append
         self._seq = itertools.count()
         self._claims: dict[str, int] = {}
         self._windows: dict[str, _Window] = {}
@@ -75,18 +75,24 @@ class MemoryStore(Store):
             return ReserveOutcome(Status.DUPLICATE)
         first = None
         seen = []
+        rows = []                    # the hot path: rows looked up once, inline (no method calls)
+        windows = self._windows
         for i, c in enumerate(counters):
+            win = windows.get(c.window)
+            row = win.rows.get(c.scope) if win is not None else None
+            rows.append(row)
             if c.token_limit < 0 and c.usd_limit < 0:
                 continue
-            t, tr, d, dr = self._row(c) or _ZERO
+            t, tr, d, dr = row or _ZERO
             seen.append(Seen(i, Totals(t, tr, d, dr)))
             if first is None and ((c.token_limit >= 0 and t + tr + tokens > c.token_limit) or
                                   (c.usd_limit >= 0 and d + dr + usd > c.usd_limit)):
                 first = seen[-1]
                 if not force:
                     return ReserveOutcome(Status.REFUSED, first)
-        for c in counters:
-            row = self._row(c) or self._new_row(c)
+        for c, row in zip(counters, rows):
+            if row is None:
+                row = self._new_row(c)
             row[1] += tokens
             row[3] += usd
         self._remember(rid, _Record("r", tokens, usd, deadline_ms, tuple(counters),
@@ -130,25 +136,26 @@ class MemoryStore(Store):
         return True
 
     def _append(self, rid: str, note: Note, tokens: int, usd: int, info: str, counters: Sequence[Counter]) -> None:
-        windows: dict[str, list[str]] = {}
-        for c in counters:
-            windows.setdefault(c.window, []).append(c.scope)
+        # Kept raw: the log entry is built when read (settlements), not on every settlement.
         now = self._now_ms()
-        self._log.append(LogEntry(f"{now}-{next(self._seq)}", now, rid, note.outcome, tokens, usd, note.usage,
-                                  note.latency_ms, info, tuple((k, tuple(v)) for k, v in windows.items())))
+        self._log.append((f"{now}-{next(self._seq)}", now, rid, note, tokens, usd, info, counters))
 
     def _apply(self, counters: Sequence[Counter], used_t: int, used_d: int, res_t: int, res_d: int) -> None:
+        windows = self._windows
         for c in counters:
-            row = self._row(c)
+            win = windows.get(c.window)
+            row = win.rows.get(c.scope) if win is not None else None
             if row is None:
                 # The window's data is gone (purged): record the usage, nothing to un-reserve.
                 if used_t > 0 or used_d > 0:
-                    self._new_row(c)[:] = [used_t, 0, used_d, 0]
+                    self._new_row(c)[:] = [max(used_t, 0), 0, max(used_d, 0), 0]
                 continue
-            row[0] = max(0, row[0] + used_t)
-            row[1] = max(0, row[1] - res_t)
-            row[2] = max(0, row[2] + used_d)
-            row[3] = max(0, row[3] - res_d)
+            row[0] += used_t
+            row[1] -= res_t
+            row[2] += used_d
+            row[3] -= res_d
+            if row[0] < 0 or row[1] < 0 or row[2] < 0 or row[3] < 0:
+                row[:] = [max(v, 0) for v in row]
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
         rec = self._records.get(rid)
@@ -178,14 +185,15 @@ class MemoryStore(Store):
                           before: str | None = None) -> list[LogEntry]:
         out = []
         older = _seq_key(before) if before else None
-        for e in reversed(self._log):
-            if older is not None and _seq_key(e.seq) >= older:
+        for raw in reversed(self._log):
+            seq, ms = raw[0], raw[1]
+            if older is not None and _seq_key(seq) >= older:
                 continue
-            if until_ms is not None and e.time_ms > until_ms:
+            if until_ms is not None and ms > until_ms:
                 continue
-            if since_ms is not None and e.time_ms < since_ms:
+            if since_ms is not None and ms < since_ms:
                 break
-            out.append(e)
+            out.append(_entry(*raw))
             if len(out) >= limit:
                 break
         return out
@@ -234,3 +242,12 @@ class MemoryStore(Store):
 def _seq_key(seq: str) -> tuple[int, int]:
     ms, _, n = seq.partition("-")
     return int(ms), int(n or 0)
+
+
+def _entry(seq: str, ms: int, rid: str, note: Note, tokens: int, usd: int, info: str,
+           counters: Sequence[Counter]) -> LogEntry:
+    windows: dict[str, list[str]] = {}
+    for c in counters:
+        windows.setdefault(c.window, []).append(c.scope)
+    return LogEntry(seq, ms, rid, note.outcome, tokens, usd, note.usage, note.latency_ms, info,
+                    tuple((k, tuple(v)) for k, v in windows.items()))

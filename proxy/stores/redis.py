@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import struct
 from importlib import resources
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -25,8 +24,9 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ..errors import StoreUnavailable
 from ..keys import claim_key, leases_key, log_key, record_key
-from .base import (EMPTY, LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry,
-                   Note, ReserveOutcome, Seen, Status, Store, Totals)
+from . import wire as fmt
+from .base import (LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
+                   ReserveOutcome, Seen, Status, Store, Totals)
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
@@ -97,55 +97,6 @@ class _Coalescer:
             self._done()
 
 
-class _Wire(NamedTuple):
-    """A request's counters as the scripts take them (see reserve.lua): its window keys, and per
-    window <expire-at> <n> <n fields> <n token/usd limit pairs>."""
-    keys: tuple[str, ...]
-    args: tuple[str, ...]
-
-
-def _wire(counters: Sequence[Counter]) -> _Wire:
-    groups: dict[str, list[Counter]] = {}
-    for c in counters:
-        groups.setdefault(c.window, []).append(c)
-    args: list[str] = []
-    for group in groups.values():
-        args += (str(group[0].expire_at), str(len(group)), *(c.scope for c in group))
-        for c in group:
-            args += (str(c.token_limit), str(c.usd_limit))
-    return _Wire(tuple(groups), tuple(args))
-
-
-def _counters(keys: list[str], args: list[str]) -> tuple[Counter, ...]:
-    """The counters of a wire form (as kept in a reservation record)."""
-    out = []
-    a = 0
-    for key in keys:
-        expire, n = int(args[a]), int(args[a + 1])
-        fields, limits = args[a + 2:a + 2 + n], args[a + 2 + n:a + 2 + 3 * n]
-        out += (Counter(key, f, int(limits[2 * j]), int(limits[2 * j + 1]), expire) for j, f in enumerate(fields))
-        a += 2 + 3 * n
-    return tuple(out)
-
-
-def _totals(value: bytes | None) -> Totals:
-    """A counter's value in a window hash: four little-endian doubles (see reserve.lua)."""
-    return Totals(*map(int, _VALUE.unpack(value))) if value else EMPTY
-
-
-_VALUE = struct.Struct("<dddd")
-
-
-def _entry(seq: str, f: dict[bytes, bytes]) -> LogEntry:
-    """A settlement log entry from its stream fields (see settle.lua)."""
-    text = {k.decode(): v.decode() for k, v in f.items()}
-    keys = text.get("w", "").split(" ") if text.get("w") else []
-    fields = text.get("f", "").split(" ") if keys else []
-    return LogEntry(seq, int(seq.partition("-")[0]), text.get("id", ""), text.get("o", ""),
-                    int(text.get("ct") or 0), int(text.get("cd") or 0), text.get("u", ""), text.get("l", ""),
-                    text.get("i", ""), tuple((k, tuple(fs.split(","))) for k, fs in zip(keys, fields)))
-
-
 def _wrap_errors(cls):
     """Every public coroutine method of `cls` raises StoreUnavailable for any redis-py, OS or
     timeout error, naming the operation; nothing from redis.exceptions reaches the caller."""
@@ -185,9 +136,9 @@ class RedisStore(Store):
         self._settle_script = self._r.register_script(_script("settle"))
         self._extend = self._r.register_script(_script("extend"))
         self._calls = _Coalescer(self._r)
-        self._wires: dict[tuple[Counter, ...], _Wire] = {}
+        self._wires: dict[tuple[Counter, ...], fmt.Wire] = {}
 
-    def _wired(self, counters: Sequence[Counter]) -> _Wire:
+    def _wired(self, counters: Sequence[Counter]) -> fmt.Wire:
         """The wire form of `counters`, cached: the ledger passes the same tuple for every
         request of one plan, so encoding (most of the client's cost per call) happens once."""
         key = counters if isinstance(counters, tuple) else tuple(counters)
@@ -195,7 +146,7 @@ class RedisStore(Store):
         if wire is None:
             if len(self._wires) > 4096:
                 self._wires.clear()
-            wire = self._wires[key] = _wire(key)
+            wire = self._wires[key] = fmt.wire(key)
         return wire
 
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
@@ -203,7 +154,7 @@ class RedisStore(Store):
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
-                "1" if force else "0", info, *wire.args]
+                "1" if force else "0", info, wire.record, *wire.reserve]
         st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args)
         seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
         over = Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None
@@ -226,7 +177,7 @@ class RedisStore(Store):
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, self._log, *wire.keys]
         args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
-                note.outcome, note.usage, note.latency_ms, self._log_length, *wire.args]
+                note.outcome, note.usage, note.latency_ms, self._log_length, *wire.settle]
         return bool(await self._calls.call(self._settle_script, keys, args))
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
@@ -241,14 +192,8 @@ class RedisStore(Store):
         for rid in ids:
             pipe.get(record_key(self._ns, rid.decode()))
         records = await pipe.execute()
-        out = []
-        for rid, rec in zip(ids, records):
-            # "r <deadline> <tokens> <usd>\n<keys>\n<counters>\n<info>"; a vanished record is
-            # passed on with no counters, for expire to drop from the lease index.
-            parts = rec.decode().split("\n", 3) if rec else []
-            counters = _counters(parts[1].split(" "), parts[2].split(" ")) if len(parts) == 4 else ()
-            out.append(Expired(rid.decode(), counters))
-        return out
+        # A vanished record is passed on with no counters, for expire to drop from the lease index.
+        return [Expired(rid.decode(), fmt.record_counters(rec)) for rid, rec in zip(ids, records)]
 
     async def snapshot(self, counters: Sequence[Counter]) -> list[Totals]:
         wire = self._wired(counters)
@@ -262,7 +207,7 @@ class RedisStore(Store):
         found = {}
         for (key, names), vals in zip(fields.items(), rows):
             for name, v in zip(names, vals):
-                found[key, name] = _totals(v)
+                found[key, name] = fmt.totals(v)
         return [found[c.window, c.scope] for c in counters]
 
     async def windows(self, keys: Sequence[str]) -> list[dict[str, Totals]]:
@@ -270,7 +215,7 @@ class RedisStore(Store):
         for key in keys:
             pipe.hgetall(key)
         rows = await pipe.execute()
-        return [{f.decode(): _totals(v) for f, v in row.items()} for row in rows]
+        return [{f.decode(): fmt.totals(v) for f, v in row.items()} for row in rows]
 
     async def settlements(self, since_ms: int | None, until_ms: int | None, limit: int,
                           before: str | None = None) -> list[LogEntry]:
@@ -278,7 +223,7 @@ class RedisStore(Store):
         top = f"({before}" if before else ("+" if until_ms is None else str(until_ms))
         bottom = "-" if since_ms is None else str(since_ms)
         rows = await self._r.xrevrange(self._log, top, bottom, count=limit)
-        return [_entry(seq.decode(), fields) for seq, fields in rows]
+        return [fmt.log_entry(seq.decode(), fields) for seq, fields in rows]
 
     async def claim(self, name: str, expire_at_ms: int) -> bool:
         return bool(await self._r.set(claim_key(self._ns, name), b"1", nx=True, pxat=expire_at_ms))

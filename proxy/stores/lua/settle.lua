@@ -11,7 +11,7 @@
 -- ARGV[8] expire only: epoch ms until which the expired record is kept (its windows' last expiry)
 -- ARGV[9] outcome for the log (commit, release)   ARGV[10] usage "<prompt> <cached> <completion>
 --         <reasoning>" or ""   ARGV[11] upstream latency ms or ""   ARGV[12] log length (approximate cap)
--- ARGV[13..] the counters per window, as reserve.lua's ARGV[8..] (the limits are not read)
+-- ARGV[13..] the counters, per window in KEYS order: <expire-at epoch ms> <n> <n fields>
 -- Returns 1 if settled (or corrected) now; 0 if already settled, not yet due, or unknown.
 --
 -- Every settlement appends one log entry in this same call (so log and counters cannot disagree):
@@ -24,6 +24,7 @@
 -- the sweeper, kept so that the late commit or release of a live request corrects the charge to
 -- its actual amounts, once; "c" settled.
 
+local KEYS, ARGV = KEYS, ARGV
 local unpack, tonumber, sunpack, spack, max = unpack, tonumber, struct.unpack, struct.pack, math.max
 
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
@@ -50,7 +51,7 @@ local function apply(used_t, used_d, res_t, res_d)
     end
     if #args > 0 then redis.call('HSET', KEYS[w], unpack(args)) end
     if fresh then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end
-    a = first + 3 * n
+    a = first + n
   end
 end
 
@@ -59,7 +60,7 @@ local function log(outcome, t, d, rec)
   for w = 4, #KEYS do
     local n = tonumber(ARGV[a + 1])
     fields[#fields + 1] = table.concat(ARGV, ',', a + 2, a + 1 + n)
-    a = a + 2 + 3 * n
+    a = a + 2 + n
   end
   local info = rec and string.match(rec, '\n([^\n]*)$') or ''
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[12], '*', 'id', ARGV[1], 'o', outcome,
