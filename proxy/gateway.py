@@ -196,7 +196,7 @@ class Gateway:
             raise _upstream_error(model.provider, ConnectionRefusedError())
         flight.sent = True
         try:
-            with metrics.Timer(metrics.UPSTREAM_SECONDS.labels(model.provider)):
+            with metrics.Timer(metrics.upstream(model.provider)):
                 up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
             flight.release_soon()                   # never reached the upstream: nothing to pay

@@ -36,28 +36,28 @@ class Observer:
         self._clock = clock
 
     def admitted(self, res: Reservation, asked: str, model: str) -> None:
-        metrics.RESERVATIONS.labels("forced" if res.would_refuse is not None else "admitted").inc()
+        metrics.reservations("forced" if res.would_refuse is not None else "admitted").inc()
         if model != asked:
-            metrics.DOWNGRADES.labels(asked, model).inc()
+            metrics.downgrades(asked, model).inc()
 
     def refused(self, refusal: Refusal, org: str, user: str, asked: str) -> None:
-        metrics.RESERVATIONS.labels("refused").inc()
+        metrics.reservations("refused").inc()
         self.refusals.append(RefusalSeen(self._clock(), org, user, asked, refusal))
         if self.alerts is not None:
             self.alerts.refused(refusal)
 
     def store_unavailable(self) -> None:
-        metrics.RESERVATIONS.labels("store_unavailable").inc()
+        metrics.reservations("store_unavailable").inc()
 
     def committed(self, res: Reservation, actual: Amounts, org: str, model: str, prompt: int,
                   cached: int, completion: int) -> None:
-        metrics.SPEND_USD.labels(org, model).inc(actual.usd / 1_000_000)
-        metrics.SPEND_TOKENS.labels(org, model, "prompt").inc(prompt)
+        metrics.spend_usd(org, model).inc(actual.usd / 1_000_000)
+        metrics.spend_tokens(org, model, "prompt").inc(prompt)
         if cached:
-            metrics.SPEND_TOKENS.labels(org, model, "cached").inc(cached)
-        metrics.SPEND_TOKENS.labels(org, model, "completion").inc(completion)
+            metrics.spend_tokens(org, model, "cached").inc(cached)
+        metrics.spend_tokens(org, model, "completion").inc(completion)
         over = max(actual.tokens / max(res.amounts.tokens, 1), actual.usd / max(res.amounts.usd, 1))
         if actual.tokens > res.amounts.tokens or actual.usd > res.amounts.usd:
-            metrics.OVERRUNS.labels("critical" if over > OVERRUN_CRITICAL else "warning").inc()
+            metrics.overruns("critical" if over > OVERRUN_CRITICAL else "warning").inc()
         if self.alerts is not None:
             self.alerts.committed(res, actual)
