@@ -25,7 +25,7 @@ from aiohttp import web
 from . import auth, body, metrics, planner
 from .config import Config, Model
 from .errors import ApiError, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
-from .ledger import Ledger, Refusal, Reservation
+from .ledger import Ledger, Refusal, RequestInfo, Reservation
 from .observer import Observer
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
@@ -110,7 +110,7 @@ class Gateway:
                 refusal = plan.short
                 for c in plan.candidates:
                     with metrics.Timer(metrics.STORE["reserve"]):
-                        got = await ledger.reserve(rid, c.amounts, c.scopes)
+                        got = await ledger.reserve(rid, c.amounts, c.scopes, _info(call, who, models, c.model))
                     if isinstance(got, Reservation):
                         self.balance_cache.put(c.scopes, got.balances, time.monotonic(), ledger.policy)
                         return self._admitted(got, c, models, call, prompt, who)
@@ -282,6 +282,16 @@ async def _write(resp: web.StreamResponse, pieces) -> None:
         await resp.write(pieces[0])
     elif pieces:
         await resp.write(b"".join(pieces))
+
+
+def _info(call: body.ApiCall, who: auth.Caller, models: Sequence[Model], model: str) -> RequestInfo:
+    """What the settlement log records of this request (kept with its reservation): the model
+    name the client sent (a route or a model), the model used, and the first candidate when it
+    was downgraded from it."""
+    asked = models[0]
+    used = next(m for m in models if m.name == model)
+    return RequestInfo(who.org, who.user, call.end_user, call.endpoint.kind, call.model, model, used.provider,
+                       call.stream, asked.name if model != asked.name else None)
 
 
 def _upstream_error(provider: str, exc: BaseException) -> ApiError:

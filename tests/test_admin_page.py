@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MSGS = [{"role": "user", "content": "Say hello."}]
 RED, AMBER, GREEN = "rgb(207, 34, 46)", "rgb(212, 167, 44)", "rgb(45, 164, 78)"
 
-POLICY = {"defaults": {"org": {"day": {"tokens": 1_000, "usd": 5}}},
+POLICY = {"defaults": {"org": {"day": {"tokens": 1_000, "usd": 5}}, "user": {"day": {"tokens": 10_000}}},
           "overrides": {"org": {"globex": {"day": {"tokens": 40}}},              # two requests: ~85 %
                         "user": {"acme/capped": {"day": {"tokens": 5}}, # refused at once, nothing used
                                  "acme/full": {"day": {"tokens": 30}}}}}          # one fits, the next is refused
@@ -107,6 +107,15 @@ async def test_the_page_in_chromium(start_proxy, tmp_path):
             users = await page.evaluate(ROWS_JS)
             assert users and {r["type"] for r in users} == {"user"}
             assert await page.eval_on_selector("#type", "e => e.value") == "user"   # the filter is kept
+
+            # A client names its end user: markup in it is shown as text, never run.
+            evil = '<img src=x onerror="document.title=\'pwned\'">'
+            await spend(acme, 1, user=evil)
+            await h.settled()
+            await page.reload()
+            await page.wait_for_selector("table.budgets")
+            assert await page.title() != "pwned" and await page.locator("img").count() == 0
+            assert f"acme/{evil}" in await page.inner_text("table.budgets")
         finally:
             await browser.close()
     assert (tmp_path / "admin.png").stat().st_size > 10_000

@@ -146,3 +146,15 @@ async def test_settlements_api_is_newest_first_and_filters(start_proxy):
     assert [r["id"] for r in (await admin_json(h, "/admin/v1/settlements?limit=1"))["data"]] == ["r2"]
     future = (await admin_json(h, "/admin/v1/settlements?since=2999-01-01T00:00:00Z"))["data"]
     assert future == []
+
+
+async def test_the_settlement_log_names_who_spent_on_what(start_proxy):
+    h = await start_proxy("memory://", config=ADMIN_KEYS)
+    msgs = [{"role": "user", "content": "Say hello."}]
+    await h.client().chat.completions.create(model="smart", messages=msgs, max_tokens=8, user="zoe")
+    await h.settled()
+    (rec,) = (await admin_json(h, "/admin/v1/settlements"))["data"]
+    assert (rec["org"], rec["user"], rec["end_user"], rec["endpoint"]) == ("acme", "acme/zoe", "zoe", "chat")
+    assert (rec["model_requested"], rec["model"], rec["provider"], rec["stream"]) == ("smart", "gpt-4o", "openai",
+                                                                                     False)
+    assert rec["outcome"] == "ok" and rec["usd_micro"] > 0
