@@ -26,6 +26,7 @@ from .endpoints import Endpoint
 from .errors import StoreUnavailable
 from .ledger import Amounts, Ledger, Reservation
 from .observer import Observer
+from .settlements import Usage
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ class Flight:
     async def _commit(self, prompt_tokens: int, completion_tokens: int) -> None:
         actual = Amounts(prompt_tokens + completion_tokens, self.model.cost(prompt_tokens, completion_tokens))
         res = self.res
-        stored = await retry.until_stored(lambda: self._timed("commit", self.ledger.commit(res, actual)),
+        usage = Usage(prompt_tokens, 0, completion_tokens, 0)      # cached/reasoning: not read yet
+        stored = await retry.until_stored(lambda: self._timed("commit", self.ledger.commit(res, actual, usage)),
                                           f"commit of {res.id}")
         if not stored:
             metrics.JOB_FAILURES.labels("settlement").inc()

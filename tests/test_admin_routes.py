@@ -158,3 +158,5 @@ async def test_the_settlement_log_names_who_spent_on_what(start_proxy):
     assert (rec["model_requested"], rec["model"], rec["provider"], rec["stream"]) == ("smart", "gpt-4o", "openai",
                                                                                      False)
     assert rec["outcome"] == "ok" and rec["usd_micro"] > 0
+    (reported,) = h.fake.reported
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (reported["prompt_tokens"], reported["completion_tokens"])
