@@ -160,3 +160,30 @@ async def test_the_settlement_log_names_who_spent_on_what(start_proxy):
     assert rec["outcome"] == "ok" and rec["usd_micro"] > 0
     (reported,) = h.fake.reported
     assert (rec["prompt_tokens"], rec["completion_tokens"]) == (reported["prompt_tokens"], reported["completion_tokens"])
+
+
+def test_start_up_says_where_the_admin_endpoints_answer(caplog, monkeypatch):
+    import logging
+    import os
+
+    from proxy.app import load
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.delenv("APP_ENV", raising=False)
+    with caplog.at_level(logging.WARNING, logger="proxy"):
+        cfg, _ = load(os.path.join(root, "config.yaml"))
+    assert not cfg.admin_keys and cfg.environment != "prod"
+    assert "no admin_keys configured: /admin/ answers only on loopback, without authentication" in caplog.text
+
+
+async def test_with_the_store_down_the_api_is_a_503_and_the_page_says_so(redis_server, redis_url, start_proxy):
+    h = await start_proxy(redis_url, config=ADMIN_KEYS)
+    redis_server.stop()
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(h.proxy.make_url("/admin/v1/usage"), headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+                assert r.status == 503
+                assert (await r.json())["error"]["code"] == "BUDGET_STORE_UNAVAILABLE"
+            async with s.get(h.proxy.make_url("/admin/"), headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+                assert r.status == 200 and "The budget store is unavailable" in await r.text()
+    finally:
+        redis_server.start()
