@@ -20,7 +20,7 @@ from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
-from . import admin_routes, alerts, auth, health, metrics
+from . import admin_routes, alerts, auth, health, metrics, passthrough
 from .admin import AdminGate
 from . import config as config_mod
 from . import policy as policy_mod
@@ -43,6 +43,7 @@ LEDGER = web.AppKey("ledger", Optional[Ledger])      # None when enforcement is 
 OBSERVER = web.AppKey("observer", Observer)
 GATEWAY = web.AppKey("gateway", Gateway)
 _POST_ONLY = frozenset("/v1" + e.path for e in ENDPOINTS.values())
+_ANTHROPIC_PATHS = tuple("/v1" + e.path for e in ENDPOINTS.values() if e.api == "anthropic")
 SWEEP_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 10.0
 
@@ -52,24 +53,30 @@ def _json(status: int, body: dict, headers: dict | None = None) -> web.Response:
                         content_type="application/json")
 
 
+def _error(request: web.Request, err: ApiError, headers: dict | None = None) -> web.Response:
+    """In the shape of the API the client speaks: Anthropic's below /v1/messages, else OpenAI's."""
+    body = err.anthropic_body() if request.path.startswith(_ANTHROPIC_PATHS) else err.body()
+    return _json(err.status, body, headers)
+
+
 @web.middleware
 async def errors(request: web.Request, handler) -> web.StreamResponse:
-    """The one place an error becomes a response, always in OpenAI's shape."""
+    """The one place an error becomes a response, in the shape of the API the client speaks."""
     try:
         return await handler(request)
     except ApiError as exc:
-        return _json(exc.status, exc.body(), exc.headers)
+        return _error(request, exc, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
         err = ApiError(exc.reason or "error", status=exc.status, code=code)
-        return _json(exc.status, err.body(), {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
+        return _error(request, err, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
     except Exception:  # noqa: BLE001 - the last line of defence: a bug, not the client's fault
         log.exception("unhandled error on %s %s", request.method, request.path)
         err = ApiError("The proxy failed to process the request.", status=500, type="api_error",
                        code="internal_error")
-        return _json(500, err.body())
+        return _error(request, err)
 
 
 def _models_body(cfg: config_mod.Config) -> bytes:
@@ -160,6 +167,17 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
 
     for kind, e in ENDPOINTS.items():
         app.router.add_post("/v1" + e.path, endpoint(kind))
+    def relayed(handler):
+        """A pass-through handler (never charged) with the live config and upstream sessions."""
+        async def relay(request: web.Request) -> web.StreamResponse:
+            return await handler(request, request.app[GATEWAY].config, request.app[UPSTREAMS])
+        return relay
+
+    stored = relayed(passthrough.stored_response)
+    app.router.add_get("/v1/responses/{id}", stored)
+    app.router.add_delete("/v1/responses/{id}", stored)
+    app.router.add_get("/v1/responses/{id}/input_items", stored)
+    app.router.add_post("/v1/messages/count_tokens", relayed(passthrough.count_tokens))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

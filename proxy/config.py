@@ -11,8 +11,8 @@ REDIS_HOST / REDIS_PORT / REDIS_DB / REDIS_PASSWORD).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import yaml
 
-from . import schema
+from . import pricing, schema
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class Provider:
     connect_timeout: float
     read_timeout: float
     api_key: str | None = field(default=None, repr=False)   # read from api_key_env at load; never logged
+    kind: str = "openai"          # the API it speaks: openai | anthropic
+    anthropic_version: str = "2023-06-01"   # sent as `anthropic-version` to an anthropic provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +50,26 @@ class Model:
     input_per_million: float      # USD per million tokens == micro-USD per token
     output_per_million: float
     downgrade_to: tuple[str, ...]
+    # Prompt-cache prices; None: the provider kind's default (see pricing.DEFAULT_MULTIPLIERS).
+    cached_input_per_million: float | None = None
+    cache_write_per_million: float | None = None       # short retention (Anthropic 5 min)
+    cache_write_1h_per_million: float | None = None    # long retention (Anthropic 1 h, OpenAI 12 h)
+    kind: str = "openai"          # its provider's kind, which decides the defaults above
+    rates: pricing.Rates = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Fixed once, at load: requests only multiply integers.
+        object.__setattr__(self, "rates", pricing.rates(
+            self.kind, self.input_per_million, self.output_per_million, self.cached_input_per_million,
+            self.cache_write_per_million, self.cache_write_1h_per_million))
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
-        """Micro-dollars, rounded up: a dollar per million tokens is a micro-dollar per token."""
-        exact = prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million
-        return math.ceil(round(exact, 6))     # round first: 1000 * 2.5 must not become 2501
+        """Micro-dollars, rounded up, for uncached prompt and completion tokens (an estimate)."""
+        return pricing.cost(pricing.estimate(prompt_tokens, completion_tokens), self.rates)
+
+    def charge(self, usage: pricing.Usage) -> int:
+        """Micro-dollars, rounded up, for real usage (cache reads and writes at their own rates)."""
+        return pricing.cost(usage, self.rates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +193,12 @@ def load(path: str, env: Mapping[str, str] | None = None) -> Config:
 def _provider(name: str, raw: dict, env: Mapping[str, str]) -> Provider:
     key_env = raw.get("api_key_env")
     return Provider(name, raw["base_url"].rstrip("/"), key_env, float(raw.get("connect_timeout", 10)),
-                    float(raw.get("read_timeout", 600)), env.get(key_env) or None if key_env else None)
+                    float(raw.get("read_timeout", 600)), env.get(key_env) or None if key_env else None,
+                    raw.get("kind", "openai"), raw.get("anthropic_version", "2023-06-01"))
+
+
+def _price(raw: dict, key: str) -> float | None:
+    return None if raw.get(key) is None else float(raw[key])
 
 
 def _model(name: str, raw: dict, providers: Mapping[str, Provider], source: str) -> Model:
@@ -184,7 +206,9 @@ def _model(name: str, raw: dict, providers: Mapping[str, Provider], source: str)
         raise ConfigError(f"{source}: models.{name}.provider: expected one of "
                           f"{', '.join(sorted(providers))}; got {raw['provider']!r}")
     return Model(name, raw["provider"], raw.get("upstream", name), float(raw["input_per_million"]),
-                 float(raw["output_per_million"]), tuple(raw.get("downgrade_to", ())))
+                 float(raw["output_per_million"]), tuple(raw.get("downgrade_to", ())),
+                 _price(raw, "cached_input_per_million"), _price(raw, "cache_write_per_million"),
+                 _price(raw, "cache_write_1h_per_million"), providers[raw["provider"]].kind)
 
 
 def _unknown(where: str, names, models, source: str, prod: bool) -> tuple[str, ...]:
@@ -201,10 +225,21 @@ def _unknown(where: str, names, models, source: str, prod: bool) -> tuple[str, .
     return tuple(kept)
 
 
+def _same_kind(where: str, names, models, source: str) -> None:
+    """A request is forwarded as it came (no translation between APIs), so every candidate for
+    one name must speak the same API as the first."""
+    kinds = {models[n].kind for n in names}
+    if len(kinds) > 1:
+        first = models[names[0]]
+        odd = next(n for n in names if models[n].kind != first.kind)
+        raise ConfigError(f"{source}: {where}: {odd!r} speaks the {models[odd].kind} API; expected "
+                          f"every candidate to speak {first.kind}, like {first.name!r}")
+
+
 def _checked_downgrades(m: Model, models, source: str, prod: bool) -> Model:
     kept = _unknown(f"models.{m.name}.downgrade_to", m.downgrade_to, models, source, prod)
-    return m if kept == m.downgrade_to else Model(m.name, m.provider, m.upstream,
-                                                   m.input_per_million, m.output_per_million, kept)
+    _same_kind(f"models.{m.name}.downgrade_to", (m.name, *kept), models, source)
+    return m if kept == m.downgrade_to else dataclasses.replace(m, downgrade_to=kept)
 
 
 def _checked_route(name: str, route: list, models, source: str, prod: bool) -> tuple[str, ...]:
@@ -213,6 +248,7 @@ def _checked_route(name: str, route: list, models, source: str, prod: bool) -> t
     kept = _unknown(f"routes.{name}", route, models, source, prod)
     if not kept:
         raise ConfigError(f"{source}: routes.{name}: expected at least one registry model")
+    _same_kind(f"routes.{name}", kept, models, source)
     return kept
 
 

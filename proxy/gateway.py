@@ -24,14 +24,14 @@ from aiohttp import web
 
 from . import auth, body, metrics, planner
 from .config import Config, Model
-from .errors import ApiError, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
+from .endpoints import ENDPOINTS
+from .errors import ApiError, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
 from .ledger import Ledger, Refusal, RequestInfo, Reservation
 from .observer import Observer
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
-from .sse import UsageTap
 from .tasks import Tasks
-from .upstream import Upstreams, passed_headers
+from .upstream import Upstreams, passed_headers, redacted
 
 log = logging.getLogger(__name__)
 SSE = "text/event-stream"
@@ -67,12 +67,10 @@ class Gateway:
 
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
         config = self.config                # one config for the whole request, even across a reload
-        key = auth.authenticate(request.headers.get("Authorization"), config.keys)
+        endpoint = ENDPOINTS[kind]
+        key = auth.authenticate(auth.presented(request.headers, endpoint.api), config.keys)
         call = body.parse(await self._read(request), kind)
-        models = [config.models[name] for name in config.candidates(call.model)]
-        if not models:
-            raise NotFound(f"The model `{call.model}` does not exist or you do not have access to it.",
-                           param="model", code="model_not_found")
+        models = planner.models_for(config, call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
         prompt = await self.tokens.estimate(kind, call.body, models[0].upstream)
@@ -187,7 +185,7 @@ class Gateway:
         payload["model"] = model.upstream
         if admitted.cap is not None:
             payload[call.endpoint.cap_field] = admitted.cap
-        inject = call.stream and not call.client_wants_usage
+        inject = call.stream and call.endpoint.usage_opt_in and not call.client_wants_usage
         if inject:
             payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
@@ -197,7 +195,8 @@ class Gateway:
         flight.sent = True
         try:
             with metrics.Timer(metrics.upstream(model.provider)):
-                up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None)
+                up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None,
+                                               request.headers)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
             flight.release_soon()                   # never reached the upstream: nothing to pay
             raise _upstream_error(model.provider, exc) from None
@@ -210,7 +209,7 @@ class Gateway:
             if up.status >= 400:
                 return await self._error_passthrough(up, headers, flight)
             if call.stream and up.content_type == SSE:
-                return await self._stream(request, up, headers, flight, inject)
+                return await self._stream(request, up, headers, flight, call.endpoint.tap(inject))
             return await self._whole(up, headers, flight)
         finally:
             up.release()
@@ -230,10 +229,7 @@ class Gateway:
             log.error("provider %s rejected the proxy's credentials (HTTP %d)", provider, up.status)
             raise UpstreamFailed(f"The upstream provider '{provider}' rejected the proxy's credentials; "
                                  f"tell the proxy's operator.", code="upstream_auth_failed")
-        key = self.upstreams.routes[provider].key
-        if key and key.encode() in data:
-            data = data.replace(key.encode(), b"[redacted]")
-        return web.Response(status=up.status, body=data, headers=headers)
+        return web.Response(status=up.status, body=redacted(self.upstreams.routes[provider], data), headers=headers)
 
     async def _whole(self, up: aiohttp.ClientResponse, headers, flight: Flight) -> web.Response:
         try:
@@ -245,8 +241,7 @@ class Gateway:
         return web.Response(status=up.status, body=data, headers=headers)
 
     async def _stream(self, request: web.Request, up: aiohttp.ClientResponse, headers, flight: Flight,
-                      inject: bool) -> web.StreamResponse:
-        tap = UsageTap(drop_usage_chunk=inject)
+                      tap) -> web.StreamResponse:
         resp = web.StreamResponse(status=up.status, headers=headers)
         try:
             await resp.prepare(request)

@@ -20,25 +20,18 @@ import logging
 import math
 from typing import Any, Callable
 
-from . import metrics, retry
+from . import metrics, pricing, retry
 from .config import Model
 from .endpoints import Endpoint
 from .errors import StoreUnavailable
 from .ledger import Amounts, Ledger, Reservation
 from .observer import Observer
-from .settlements import Usage
+from .settlements import Usage as LoggedUsage
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4      # for output we could not count: English text averages about 4 characters a token
-
-
-def reported_usage(usage: Any) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an OpenAI `usage` object, or None if it is not one."""
-    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-        return usage["prompt_tokens"], int(usage.get("completion_tokens") or 0)
-    return None
 
 
 class Flight:
@@ -94,13 +87,13 @@ class Flight:
             self.tasks.spawn(retry.until_stored(lambda: self._timed("release", self.ledger.release(res)),
                                                 f"release of {res.id}"))
 
-    def commit_soon(self, prompt_tokens: int, completion_tokens: int) -> None:
+    def commit_soon(self, usage: pricing.Usage) -> None:
         if self._claim():
-            self.tasks.spawn(self._commit(prompt_tokens, completion_tokens))
+            self.tasks.spawn(self._commit(usage))
 
     def charge_estimate_soon(self, output_tokens: int) -> None:
         """No usage from the upstream: the prompt estimate plus what we counted of the output."""
-        self.commit_soon(self.prompt, output_tokens)
+        self.commit_soon(pricing.estimate(self.prompt, output_tokens))
 
     def charge_prompt_soon(self) -> None:
         """The upstream may have read (and will bill) the prompt, but answered nothing."""
@@ -117,16 +110,22 @@ class Flight:
     # --- from what the upstream answered -----------------------------------------------------
 
     def settle_stream(self, tap) -> None:
-        reported = reported_usage(tap.usage)
-        if reported is not None:
-            self.commit_soon(*reported)
+        """From a stream tap: its usage if the upstream reported it; released if the upstream
+        failed before any output; else what is known of the input (the estimate, or the exact
+        input a stream reported at its start) plus an estimate of the output streamed."""
+        read = self.endpoint.read_usage
+        usage = read(tap.usage)
+        if usage is not None:
+            self.commit_soon(usage)
         elif tap.error is not None and not tap.output_chunks:
             self.release_soon()              # an upstream error before any output
         else:
-            estimate = max(tap.output_chunks, math.ceil(tap.output_chars / CHARS_PER_TOKEN))
+            # Only typed-event taps may know part of the usage (Anthropic: the exact input).
+            known = read(getattr(tap, "partial", None)) or pricing.estimate(self.prompt, 0)
+            estimate = max(known.output, tap.output_chunks, math.ceil(tap.output_chars / CHARS_PER_TOKEN))
             log.info("stream %s ended without usage; charging an estimate of %d output tokens",
                      self.res.id if self.res else "-", estimate)
-            self.charge_estimate_soon(estimate)
+            self.commit_soon(known._replace(output=estimate))
 
     def settle_body(self, data: bytes) -> None:
         """Settle from a whole response body; parsing it happens in the task, after the reply."""
@@ -138,22 +137,23 @@ class Flight:
             obj = json.loads(data)
         except (ValueError, RecursionError):
             obj = None
-        reported = reported_usage(obj.get("usage") if isinstance(obj, dict) else None)
-        if reported is not None:
-            await self._commit(*reported)
-        else:
-            await self._commit(self.prompt, self._count_output(obj))
+        usage = self.endpoint.read_usage(obj.get("usage") if isinstance(obj, dict) else None)
+        if usage is None:
+            usage = pricing.estimate(self.prompt, self._count_output(obj))
+        await self._commit(usage)
 
-    async def _commit(self, prompt_tokens: int, completion_tokens: int) -> None:
-        actual = Amounts(prompt_tokens + completion_tokens, self.model.cost(prompt_tokens, completion_tokens))
+    async def _commit(self, usage: pricing.Usage) -> None:
+        """Tokens and the dollars of the model actually used, every token kind at its own rate."""
+        actual = Amounts(usage.total_tokens, self.model.charge(usage))
+        logged = LoggedUsage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning)
         res = self.res
-        usage = Usage(prompt_tokens, 0, completion_tokens, 0)      # cached/reasoning: not read yet
-        stored = await retry.until_stored(lambda: self._timed("commit", self.ledger.commit(res, actual, usage)),
+        stored = await retry.until_stored(lambda: self._timed("commit", self.ledger.commit(res, actual, logged)),
                                           f"commit of {res.id}")
         if not stored:
             metrics.JOB_FAILURES.labels("settlement").inc()
         elif self.observer is not None:
-            self.observer.committed(res, actual, self.org, self.model.name, prompt_tokens, 0, completion_tokens)
+            self.observer.committed(res, actual, self.org, self.model.name, usage.prompt_tokens,
+                                    usage.cached_tokens, usage.completion_tokens)
 
     @staticmethod
     async def _timed(operation: str, call):
@@ -163,10 +163,4 @@ class Flight:
     def _count_output(self, obj: Any) -> int:
         if not self.endpoint.output or not isinstance(obj, dict):
             return 0
-        texts = []
-        for choice in obj.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            msg = choice.get("message") if self.endpoint.kind == "chat" else None
-            texts.append(msg.get("content") if isinstance(msg, dict) else choice.get("text"))
-        return sum(self.count(t) for t in texts if isinstance(t, str))
+        return sum(self.count(t) for t in self.endpoint.output_texts(obj) if isinstance(t, str))

@@ -8,6 +8,7 @@ import io
 import json
 
 import aiohttp
+import anthropic
 import openai
 import yaml
 from aiohttp.test_utils import TestServer
@@ -27,14 +28,33 @@ PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "text-embedding-3-s
           "gpt-3.5-turbo-instruct": (1.5, 2.0)}
 
 
+# Models for the Responses and Messages surfaces, with every cache price (USD per million tokens).
+TYPED_API_MODELS = {
+    "gpt-4.1": {"provider": "openai", "input_per_million": 2.0, "cached_input_per_million": 0.5,
+                "cache_write_per_million": 2.5, "cache_write_1h_per_million": 3.0, "output_per_million": 8.0,
+                "upstream": "gpt-4.1-2025-04-14"},
+    "claude-sonnet-4-6": {"provider": "anthropic", "input_per_million": 3.0, "cached_input_per_million": 0.3,
+                          "cache_write_per_million": 3.75, "cache_write_1h_per_million": 6.0,
+                          "output_per_million": 15.0, "upstream": "claude-sonnet-4-6-20260217",
+                          "downgrade_to": ["claude-haiku-4-5"]},
+    "claude-haiku-4-5": {"provider": "anthropic", "input_per_million": 1.0, "output_per_million": 5.0},
+}
+
+
 def config_data(upstream_url: str, store: str, enforcement: str = "strict", keys: bool = True) -> dict:
     models = {name: {"provider": "openai", "input_per_million": i, "output_per_million": o}
               for name, (i, o) in PRICES.items()}
     models["gpt-4o"]["downgrade_to"] = ["gpt-4o-mini"]
+    models["gpt-4o"]["cached_input_per_million"] = 1.25
     models["gpt-4o-mini"]["upstream"] = "gpt-4o-mini-2024-07-18"
+    models.update(TYPED_API_MODELS)
     data = {"environment": "dev", "enforcement": enforcement, "store": store,
             "providers": {"openai": {"base_url": upstream_url, "api_key_env": "BP_TEST_UPSTREAM_KEY",
-                                     "connect_timeout": 2, "read_timeout": 10}},
+                                     "connect_timeout": 2, "read_timeout": 10},
+                          # Anthropic's base URL is the API root (its SDK adds /v1): the fake serves both
+                          "anthropic": {"base_url": upstream_url.removesuffix("/v1"), "kind": "anthropic",
+                                        "api_key_env": "BP_TEST_UPSTREAM_KEY", "connect_timeout": 2,
+                                        "read_timeout": 10}},
             "models": models, "routes": {"smart": ["gpt-4o", "gpt-4o-mini"]}}
     if keys:
         data["keys"] = {
@@ -64,6 +84,14 @@ class Harness:
         kw.setdefault("max_retries", 0)
         kw.setdefault("timeout", 30)          # a stuck proxy fails the test instead of hanging it
         c = openai.AsyncOpenAI(base_url=self.url, api_key=key, **kw)
+        self._clients.append(c)
+        return c
+
+    def anthropic(self, key: str = CLIENT_KEY, **kw) -> anthropic.AsyncAnthropic:
+        """The official anthropic SDK pointed at the proxy, with a proxy key (sent as x-api-key)."""
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 30)
+        c = anthropic.AsyncAnthropic(base_url=str(self.proxy.make_url("")), api_key=key, **kw)
         self._clients.append(c)
         return c
 

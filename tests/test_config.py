@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from proxy import config
+from proxy import config, pricing
 from proxy.cli import main
 from proxy.errors import ConfigError
 
@@ -31,6 +31,17 @@ BAD = {
     "unknown_provider.yaml": "models.gpt-4o.provider: expected one of openai; got 'azure'",
     "unknown_top_key.yaml": "(top level): unknown key 'enforcment'",
     "unset_variable.yaml": "listen.port: environment variable BP_UNSET_PORT_VAR is not set",
+    "bad_provider_kind.yaml": "providers.openai.kind: expected one of openai, anthropic; got 'gemini'",
+    "bad_anthropic_version.yaml": "providers.anthropic.anthropic_version: expected a date like 2023-06-01, "
+                                  "got 'v1'",
+    "negative_cached_price.yaml": "models.gpt-4o.cached_input_per_million: expected a number >= 0, got -1.25",
+    "cache_write_price_not_a_number.yaml": "models.claude-haiku-4-5.cache_write_1h_per_million: expected a "
+                                           "number, got '2x'",
+    "route_mixes_provider_kinds.yaml": "routes.smart: 'claude-haiku-4-5' speaks the anthropic API; expected "
+                                       "every candidate to speak openai, like 'gpt-4o'",
+    "downgrade_mixes_provider_kinds.yaml": "models.claude-haiku-4-5.downgrade_to: 'gpt-4o-mini' speaks the "
+                                           "openai API; expected every candidate to speak anthropic, like "
+                                           "'claude-haiku-4-5'",
     "store_url_with_password.yaml": "store: expected memory:// or a redis://, rediss:// or unix:// URL, "
                                      "got 'postgres://***@db:5432/0'",       # the password is masked
 }
@@ -56,6 +67,41 @@ def test_shipped_config_validates_and_uses_its_defaults(capsys):
     assert cfg.candidates("smart") == ("gpt-4o", "gpt-4.1", "gpt-4o-mini")
     assert cfg.candidates("gpt-4o") == ("gpt-4o", "gpt-4o-mini")
     assert cfg.candidates("nope") == ()
+    claude = cfg.providers["anthropic"]
+    assert (claude.kind, claude.base_url, claude.api_key_env, claude.anthropic_version) == \
+        ("anthropic", "https://api.anthropic.com", "ANTHROPIC_API_KEY", "2023-06-01")
+    assert cfg.providers["openai"].kind == "openai"
+    assert cfg.models["claude-sonnet-4-6"].kind == "anthropic" and cfg.models["gpt-4o"].kind == "openai"
+
+
+# Shipped list prices, USD per million tokens: (input, cached input, output), and Anthropic's
+# 5-minute and 1-hour cache writes.
+SHIPPED_PRICES = {
+    "gpt-4o": (2.50, 1.25, 10.00), "gpt-4o-mini": (0.15, 0.075, 0.60), "gpt-4.1": (2.00, 0.50, 8.00),
+    "gpt-4.1-mini": (0.40, 0.10, 1.60), "gpt-4.1-nano": (0.10, 0.025, 0.40),
+    "claude-sonnet-4-6": (3.00, 0.30, 15.00), "claude-haiku-4-5": (1.00, 0.10, 5.00),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_PRICES))
+def test_shipped_models_carry_list_prices_with_cached_rates(name):
+    m = config.load(os.path.join(ROOT, "config.yaml"), env={}).models[name]
+    assert (m.input_per_million, m.cached_input_per_million, m.output_per_million) == SHIPPED_PRICES[name]
+    if m.kind == "anthropic":
+        assert (m.cache_write_per_million, m.cache_write_1h_per_million) == \
+            (m.input_per_million * 1.25, m.input_per_million * 2)
+
+
+def test_cache_prices_default_by_provider_kind(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("providers:\n  o: {base_url: 'http://o'}\n  a: {base_url: 'http://a', kind: anthropic}\n"
+                    "models:\n  g: {provider: o, input_per_million: 2, output_per_million: 8}\n"
+                    "  c: {provider: a, input_per_million: 3, output_per_million: 15, cache_write_per_million: 4}\n")
+    cfg = config.load(str(path), env={})
+    # pico-dollars per token: input, cache read, short write, long write, output
+    assert tuple(cfg.models["g"].rates) == (2_000_000, 2_000_000, 2_000_000, 2_000_000, 8_000_000)
+    assert tuple(cfg.models["c"].rates) == (3_000_000, 300_000, 4_000_000, 6_000_000, 15_000_000)
+    assert cfg.providers["a"].anthropic_version == "2023-06-01"
 
 
 def test_environment_overrides_and_expansion():
@@ -81,3 +127,5 @@ def test_unknown_route_model_is_dropped_with_a_warning_outside_prod(caplog):
 def test_price_arithmetic_is_exact_micro_dollars():
     m = config.Model("m", "p", "m", 2.5, 10.0, ())
     assert m.cost(1000, 0) == 2500 and m.cost(0, 3) == 30 and m.cost(1, 0) == 3    # rounded up
+    cached = config.Model("m", "p", "m", 2.5, 10.0, (), cached_input_per_million=1.25)
+    assert cached.charge(pricing.Usage(input=1000, cached_input=1000, output=3)) == 2500 + 1250 + 30

@@ -459,3 +459,52 @@ async def test_event_loop_keeps_running_while_a_huge_prompt_is_counted(counter, 
     # Counted inline, the await would complete without ever yielding: zero ticks.
     assert ticks_during_count > 0
     assert result == len(o200k.encode_ordinary(prompt))
+
+
+# --- Responses API --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tokens_counter(loaded):
+    return loaded[0]
+
+
+def test_responses_input_string_with_instructions(tokens_counter):
+    n = lambda t: tokens_counter.count(t, "gpt-4.1")
+    body = {"model": "gpt-4.1", "instructions": "Answer in French.", "input": "Where is the library?"}
+    assert tokens_counter.responses_input(body, "gpt-4.1") == \
+        tokens.REPLY_PRIMING_TOKENS + 2 * tokens.TOKENS_PER_MESSAGE + n("Answer in French.") + n("Where is the library?")
+
+
+def test_responses_input_items_parts_tools_and_schema(tokens_counter):
+    n = lambda t: tokens_counter.count(t, "gpt-4o")
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    body = {"input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                     {"type": "input_image", "image_url": "https://x/y.png", "detail": "low"},
+                                     {"type": "input_image", "image_url": "https://x/z.png"},
+                                     {"type": "input_file", "file_data": "A" * 400}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "A cat."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "18C, sunny"},
+        {"type": "reasoning", "id": "rs_1", "summary": []}],
+        "tools": [tool], "text": {"format": {"type": "json_schema", "name": "w", "schema": schema}}}
+    expected = (tokens.REPLY_PRIMING_TOKENS
+                + tokens.TOKENS_PER_MESSAGE + n("What is this?") + tokens.IMAGE_TOKENS_LOW
+                + tokens.IMAGE_TOKENS_DEFAULT + 300 // tokens.FILE_BYTES_PER_TOKEN
+                + tokens.TOKENS_PER_MESSAGE + n("A cat.")
+                + tokens.TOKENS_PER_TOOL_CALL + n("get_weather") + n('{"city":"Paris"}')
+                + tokens.TOKENS_PER_MESSAGE + n("18C, sunny")
+                + n('{"type":"reasoning","id":"rs_1","summary":[]}')          # unknown: its JSON
+                + tokens.TOOLS_BLOCK_TOKENS + tokens.TOKENS_PER_TOOL
+                + n('{"type":"function","name":"get_weather","parameters":{"type":"object"}}')
+                + n('{"type":"object","properties":{"city":{"type":"string"}}}'))
+    assert tokens_counter.responses_input(body, "gpt-4o") == expected
+
+
+async def test_responses_and_messages_are_estimate_kinds(tokens_counter):
+    body = {"input": "hi", "messages": [{"role": "user", "content": "hi"}]}
+    assert await tokens_counter.estimate("responses", body, "gpt-4o") == tokens_counter.responses_input(body, "gpt-4o")
+    assert await tokens_counter.estimate("messages", body, "claude-haiku-4-5") == tokens_counter.messages_prompt(body, "x")
+    assert tokens_counter.responses_input({"input": 5, "tools": "x"}, "gpt-4o") == tokens.REPLY_PRIMING_TOKENS
