@@ -9,7 +9,7 @@ import sys
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import metrics
+from proxy import metrics, pricing
 from proxy.app import OBSERVER
 from proxy.ledger import Scope
 
@@ -90,7 +90,7 @@ def test_every_metric_is_prefixed_and_documented_in_the_readme():
 
 WORKER = """
 import sys
-from proxy import metrics
+from proxy import metrics, pricing
 from proxy.app import OBSERVER
 metrics.REQUESTS.labels("/v1/chat/completions", "200").inc(int(sys.argv[1]))
 metrics.SPEND_USD.labels("acme", "gpt-4o").inc(float(sys.argv[1]) / 100)
@@ -120,6 +120,7 @@ async def test_spend_reservations_latencies_downgrades_and_refusals_are_counted(
               "overrides": {"model": {"gpt-4o": {"day": {"tokens": 5}}},        # smart -> gpt-4o-mini
                             "user": {"acme/capped": {"day": {"tokens": 1}}}}}
     h = await harness.start(store_url, policy, tokens)
+    h.fake.cached_prompt = 4
     try:
         before = await scrape(h)
         client = h.client()
@@ -142,7 +143,10 @@ async def test_spend_reservations_latencies_downgrades_and_refusals_are_counted(
         assert delta(before, after, "budget_proxy_spend_tokens_total", org="acme", model=mini,
                      kind="completion") == completion
         usd = delta(before, after, "budget_proxy_spend_usd_total", org="acme", model=mini)
-        assert abs(usd - (prompt * 0.15 + completion * 0.6) / 1e6) < 2e-6      # micro-dollars, rounded up
+        cfg_mini = h.gateway.config.models[mini]
+        assert abs(usd - sum(cfg_mini.charge(pricing.from_openai(u)) for u in h.fake.reported) / 1e6) < 1e-9
+        assert delta(before, after, "budget_proxy_spend_tokens_total", org="acme", model=mini, kind="cached") == \
+            sum(u["prompt_tokens_details"]["cached_tokens"] for u in h.fake.reported) > 0
         assert delta(before, after, "budget_proxy_reservations_total", outcome="admitted") == 2
         assert delta(before, after, "budget_proxy_reservations_total", outcome="refused") == 1
         assert delta(before, after, "budget_proxy_downgrades_total", **{"from": "gpt-4o", "to": mini}) == 1
