@@ -157,3 +157,10 @@ async def test_spend_reservations_latencies_downgrades_and_refusals_are_counted(
         assert (seen.user, seen.refusal.scope) == ("acme/capped", Scope("user", "acme/capped"))
     finally:
         await harness.stop(h)
+
+
+def test_the_cli_does_not_import_prometheus_client_before_serve_can_choose_its_mode():
+    # prometheus_client picks multiprocess mode when the first metric is made, from the
+    # environment: `serve --workers N` must be able to set PROMETHEUS_MULTIPROC_DIR first.
+    code = "import sys, proxy.cli; assert 'prometheus_client' not in sys.modules, 'imported too early'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
