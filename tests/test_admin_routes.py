@@ -187,3 +187,14 @@ async def test_with_the_store_down_the_api_is_a_503_and_the_page_says_so(redis_s
                 assert r.status == 200 and "The budget store is unavailable" in await r.text()
     finally:
         redis_server.start()
+
+
+async def test_without_admin_keys_outside_prod_the_page_opens_on_loopback_without_a_login(start_proxy):
+    h = await start_proxy("memory://", {"defaults": {"org": {"day": {"tokens": 1000}}}})
+    await h.client().chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=8)
+    await h.settled()
+    status, _, text = await get(h, "/admin/")
+    assert status == 200 and 'data-scope-id="acme"' in text
+    status, headers, _ = await get(h, "/admin/login")
+    assert status == 303 and headers["Location"] == "/admin/"
