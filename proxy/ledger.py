@@ -8,8 +8,12 @@ hour counters are kept only where the policy limits them (a new one starts from 
 half of all counters and nobody reads an unlimited minute's spend, while each counter costs Redis
 work on every request.
 
-Windows are fixed at reserve time: the reservation carries its counter keys, so a request that
+Windows are fixed at reserve time: the reservation carries its counters, so a request that
 starts at 23:59:59 and ends after midnight is charged to the day it started.
+
+Every settlement also appends a record to the settlement log in the same store call (see
+settlements.py); `settlements`, `usage`, `audit` and `claim` are the reads and the one write the
+admin API, the CLI and alerts build on.
 """
 
 from __future__ import annotations
@@ -305,15 +309,16 @@ class Ledger:
         """The settlement log, newest first, filtered by time (epoch ms) and org / user."""
         out: list[SettlementRecord] = []
         before = None
+        size = min(max(limit, 100), 2000)        # pages bound each reply (the log may be 100 MB)
         while len(out) < limit:
-            page = await self.store.settlements(since_ms, until_ms, max(limit, 500), before)
+            page = await self.store.settlements(since_ms, until_ms, size, before)
             for entry in page:
                 r = record(entry)
                 if (org is None or r.org == org) and (user is None or r.user == user):
                     out.append(r)
                     if len(out) == limit:
                         break
-            if len(page) < max(limit, 500):
+            if len(page) < size:
                 break
             before = page[-1].seq
         return out

@@ -128,6 +128,11 @@ class Harness:
                  for u in await ledger.usage() if u.reserved.tokens or u.reserved.usd]
         return held
 
+    async def drift(self) -> list:
+        """Scopes whose day or month counters disagree with the settlement log (budget-proxy audit)."""
+        ledger = self.gateway.ledger
+        return [d for window in ("day", "month") for d in await ledger.audit(window) if d.tokens or d.usd]
+
     async def books(self) -> tuple[int, int]:
         """(tokens used, tokens reserved) on the global day counter."""
         await self.settled()
@@ -180,6 +185,7 @@ async def stop(h: Harness, check_reserved: bool = True) -> None:
     try:
         if check_reserved and h.gateway.ledger is not None:
             assert await h.reserved_anywhere() == []
+            assert await h.drift() == []
     finally:
         await _close(h)
 

@@ -117,9 +117,10 @@ async def test_export_round_trips_the_log_as_json_lines_and_csv(tmp_path, redis_
     assert [r["id"] for r in rows] == [e["id"] for e in expected]
     assert [int(r["usd_micro"]) for r in rows] == [e["usd_micro"] for e in expected]
     assert {r["outcome"] for r in rows} == {"ok", "upstream_error", "expired", "corrected"}
-    since = records[0].time                                                # only the newest
+    since = records[0].time                                                # the newest millisecond
     assert await asyncio.to_thread(main, ["export", "--config", config, "--since", since]) == 0
-    assert [json.loads(x)["id"] for x in capsys.readouterr().out.splitlines()] == ["late"]
+    newest = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert newest == [e for e in expected if e["time"] >= since] and newest[-1]["outcome"] == "corrected"
     future = str(time.time() + 3600)
     assert await asyncio.to_thread(main, ["export", "--config", config, "--since", future]) == 0
     assert capsys.readouterr().out == ""

@@ -14,7 +14,7 @@ SETTLED_TTL_MS = 120_000
 # sweeper of any surviving process to find it, bounded so a store without sweepers still empties.
 OPEN_RECORD_MARGIN_MS = 35 * 86_400_000
 # Settlement log entries kept by default (a capped stream on Redis, a ring in memory; the oldest
-# go first). About 300 bytes each on Redis: 100,000 entries are ~30 MB. `budget-proxy audit`
+# go first). About 420-520 bytes each on Redis: 100,000 entries are ~45 MB. `budget-proxy audit`
 # needs the log to reach back to the start of the window it checks.
 LOG_LENGTH = 100_000
 

@@ -177,7 +177,7 @@ class RedisStore(Store):
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, self._log, *wire.keys]
         args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
-                note.outcome, note.usage, note.latency_ms, self._log_length, *wire.settle]
+                note.outcome, note.usage, note.latency_ms, self._log_length, wire.record, *wire.settle]
         return bool(await self._calls.call(self._settle_script, keys, args))
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
@@ -215,7 +215,7 @@ class RedisStore(Store):
         for key in keys:
             pipe.hgetall(key)
         rows = await pipe.execute()
-        return [{f.decode(): fmt.totals(v) for f, v in row.items()} for row in rows]
+        return [{f.decode(): fmt.totals(v) for f, v in row.items() if f != b"_"} for row in rows]
 
     async def settlements(self, since_ms: int | None, until_ms: int | None, limit: int,
                           before: str | None = None) -> list[LogEntry]:

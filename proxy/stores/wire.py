@@ -52,10 +52,11 @@ def counters(keys: Sequence[str], settle: Sequence[str]) -> tuple[Counter, ...]:
 
 
 def record_counters(record: bytes | None) -> tuple[Counter, ...]:
-    """An open reservation's counters from its record ("r <deadline> <tokens> <usd>\\n<keys>\\n
-    <settle arguments>\\n<info>"); none for a vanished or settled record."""
+    """An open reservation's counters from its record (see reserve.lua: "r <deadline> <tokens>
+    <usd>", the request, the window keys, the settle arguments; one a line); none for a vanished
+    or settled record."""
     parts = record.decode().split("\n", 3) if record else []
-    return counters(parts[1].split(" "), parts[2].split(" ")) if len(parts) == 4 else ()
+    return counters(parts[2].split(" "), parts[3].split(" ")) if len(parts) == 4 else ()
 
 
 def totals(value: bytes | None) -> Totals:
@@ -67,7 +68,9 @@ def log_entry(seq: str, f: dict[bytes, bytes]) -> LogEntry:
     """A settlement log entry from its stream fields (see settle.lua)."""
     text = {k.decode(): v.decode() for k, v in f.items()}
     keys = text["w"].split(" ") if text.get("w") else []
-    fields = text.get("f", "").split(" ") if keys else []
+    windows: dict[str, list[str]] = {}
+    for c in counters(keys, text["c"].split(" ")) if keys else ():
+        windows.setdefault(c.window, []).append(c.scope)
     return LogEntry(seq, int(seq.partition("-")[0]), text.get("id", ""), text.get("o", ""),
                     int(text.get("ct") or 0), int(text.get("cd") or 0), text.get("u", ""), text.get("l", ""),
-                    text.get("i", ""), tuple((k, tuple(fs.split(","))) for k, fs in zip(keys, fields)))
+                    text.get("i", ""), tuple((k, tuple(v)) for k, v in windows.items()))

@@ -31,6 +31,14 @@ async def test_duplicate_id_writes_nothing(store):
     assert await store.snapshot(cs[:1]) == [(0, 10, 0, 0)]
 
 
+async def test_a_retried_reserve_is_a_duplicate_even_when_its_own_amount_fills_the_counter(store):
+    # redis-py retries a call whose reply was lost: the counters now hold this id's reservation.
+    cs = counters((10, -1))
+    assert (await store.reserve("a", cs, 10, 0, NOW_MS, False)).status is Status.ADMITTED
+    assert (await store.reserve("a", cs, 10, 0, NOW_MS, False)).status is Status.DUPLICATE
+    assert await store.snapshot(cs) == [(0, 10, 0, 0)]
+
+
 async def test_refusal_names_the_first_counter_over_and_its_values(store):
     cs = counters((100, -1), (5, -1), (1, -1))
     out = await store.reserve("a", cs, 10, 0, NOW_MS, False)

@@ -16,16 +16,17 @@
 --          counting fields in ARGV order).
 --   seen: when admitted, {i, t, tr, d, dr, ...} for every limited counter i (0-based) as read
 --         before this reservation, so the caller learns the balances without another round trip.
--- Record: "r <deadline> <tokens> <micro-USD>\n<KEYS[3..] space-joined>\n<ARGV[8]>\n<ARGV[7]>".
+-- Record: "r <deadline> <tokens> <micro-USD>\n<ARGV[7]>\n<KEYS[3..] space-joined>\n<ARGV[8]>"
+--         (the request first: settle.lua reads it with an anchored pattern, not a scan).
 --
 -- Every counter is checked before any is written: a Lua error after a write is not rolled back.
--- A window hash gets its expiry when one of the fields written was absent (it may be new), so
--- each hash is expired once per scope and window, not on every call.
+-- A repeated id (redis-py retrying a call that ran) is found by the record's SET NX, or, when the
+-- counters now refuse (they hold this id's own reservation), by EXISTS on that path only.
+-- Each window hash carries a marker field "_": read with the counters (no extra command), it
+-- says whether the hash is new, so PEXPIREAT runs once per window hash, not once per call.
 
 local KEYS, ARGV = KEYS, ARGV
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {2, -1, 0, 0, 0, 0, {}}
-end
+local DUPLICATE = {2, -1, 0, 0, 0, 0, {}}
 
 local unpack, tonumber, sunpack, spack = unpack, tonumber, struct.unpack, struct.pack
 local tokens, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -37,10 +38,12 @@ local base, a = 0, 9
 for w = 3, #KEYS do
   local n = tonumber(ARGV[a + 1])
   local first = a + 2
-  local vals = redis.call('HMGET', KEYS[w], unpack(ARGV, first, first + n - 1))
+  local got = redis.call('HMGET', KEYS[w], '_', unpack(ARGV, first, first + n - 1))
+  fresh[w] = not got[1]
+  local vals = {}
   for j = 1, n do
-    local v = vals[j]
-    if v then vals[j] = {sunpack('<dddd', v)} else vals[j] = {0, 0, 0, 0}; fresh[w] = true end
+    local v = got[j + 1]
+    if v then vals[j] = {sunpack('<dddd', v)} else vals[j] = {0, 0, 0, 0} end
   end
   reads[w] = vals
   local l = first + n
@@ -51,7 +54,10 @@ for w = 3, #KEYS do
     seen[ns + 1], seen[ns + 2], seen[ns + 3], seen[ns + 4], seen[ns + 5] = base + j - 1, t, tr, d, dr
     ns = ns + 5
     if not over and ((tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl)) then
-      if not force then return {0, base + j - 1, t, tr, d, dr, {}} end
+      if not force then
+        if redis.call('EXISTS', KEYS[1]) == 1 then return DUPLICATE end   -- a retry, once admitted
+        return {0, base + j - 1, t, tr, d, dr, {}}
+      end
       over = {base + j - 1, t, tr, d, dr}
     end
   end
@@ -59,16 +65,19 @@ for w = 3, #KEYS do
   a = l + 1 + 3 * tonumber(ARGV[l])
 end
 
-redis.call('SET', KEYS[1], 'r ' .. ARGV[4] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. '\n' ..
-           table.concat(KEYS, ' ', 3) .. '\n' .. ARGV[8] .. '\n' .. ARGV[7], 'PXAT', ARGV[5])
+-- The record is the first write, NX: if this id already reserved, nothing has been written yet.
+if not redis.call('SET', KEYS[1], 'r ' .. ARGV[4] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. '\n' .. ARGV[7] ..
+                  '\n' .. table.concat(KEYS, ' ', 3) .. '\n' .. ARGV[8], 'NX', 'PXAT', ARGV[5]) then
+  return DUPLICATE
+end
 a = 9
 for w = 3, #KEYS do
   local n = tonumber(ARGV[a + 1])
-  local first, vals, args = a + 2, reads[w], {}
+  local first, vals, args = a + 2, reads[w], {'_', '1'}
   for j = 1, n do
     local v = vals[j]
-    args[2 * j - 1] = ARGV[first + j - 1]
-    args[2 * j] = spack('<dddd', v[1], v[2] + tokens, v[3], v[4] + usd)
+    args[2 * j + 1] = ARGV[first + j - 1]
+    args[2 * j + 2] = spack('<dddd', v[1], v[2] + tokens, v[3], v[4] + usd)
   end
   redis.call('HSET', KEYS[w], unpack(args))
   if fresh[w] then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end

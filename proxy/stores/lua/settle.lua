@@ -11,14 +11,15 @@
 -- ARGV[8] expire only: epoch ms until which the expired record is kept (its windows' last expiry)
 -- ARGV[9] outcome for the log (commit, release)   ARGV[10] usage "<prompt> <cached> <completion>
 --         <reasoning>" or ""   ARGV[11] upstream latency ms or ""   ARGV[12] log length (approximate cap)
--- ARGV[13..] the counters, per window in KEYS order: <expire-at epoch ms> <n> <n fields>
+-- ARGV[13] ARGV[14..] space-joined, for the log entry
+-- ARGV[14..] the counters, per window in KEYS order: <expire-at epoch ms> <n> <n fields>
 -- Returns 1 if settled (or corrected) now; 0 if already settled, not yet due, or unknown.
 --
 -- Every settlement appends one log entry in this same call (so log and counters cannot disagree):
 --   id, o outcome (expire: "expired"; a late commit or release after it: "corrected"),
 --   ct / cd tokens / micro-USD the used counters moved by (a correction: the delta),
 --   u usage, l latency, i the request info kept from reserve, w window keys charged (space-joined),
---   f per window the scope fields charged there (comma-joined; windows space-joined).
+--   c the counters charged (ARGV[13]: per window <expire-at> <n> <n fields>).
 --
 -- Record states: "r ..." open; "x <deadline> <charged tokens> <charged micro-USD>\n..." settled by
 -- the sweeper, kept so that the late commit or release of a live request corrects the charge to
@@ -30,14 +31,14 @@ local unpack, tonumber, sunpack, spack, max = unpack, tonumber, struct.unpack, s
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
 -- (a restart, or the window expired) gets the usage again, nothing to take back.
 local function apply(used_t, used_d, res_t, res_d)
-  local a = 13
+  local a = 14
   for w = 4, #KEYS do
     local n = tonumber(ARGV[a + 1])
     local first = a + 2
-    local vals = redis.call('HMGET', KEYS[w], unpack(ARGV, first, first + n - 1))
-    local args, fresh = {}, false
+    local vals = redis.call('HMGET', KEYS[w], '_', unpack(ARGV, first, first + n - 1))
+    local args, fresh = {'_', '1'}, not vals[1]     -- "_": the hash's marker (see reserve.lua)
     for j = 1, n do
-      local v = vals[j]
+      local v = vals[j + 1]
       local s = #args
       if v then
         local t, tr, d, dr = sunpack('<dddd', v)
@@ -46,26 +47,21 @@ local function apply(used_t, used_d, res_t, res_d)
       elseif used_t > 0 or used_d > 0 then
         args[s + 1] = ARGV[first + j - 1]
         args[s + 2] = spack('<dddd', max(used_t, 0), 0, max(used_d, 0), 0)
-        fresh = true
       end
     end
-    if #args > 0 then redis.call('HSET', KEYS[w], unpack(args)) end
-    if fresh then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end
+    if #args > 2 then
+      redis.call('HSET', KEYS[w], unpack(args))
+      if fresh then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end
+    end
     a = first + n
   end
 end
 
+-- Amounts go to XADD as Lua numbers: Redis 7 writes integers below 2^53 exactly.
 local function log(outcome, t, d, rec)
-  local fields, a = {}, 13
-  for w = 4, #KEYS do
-    local n = tonumber(ARGV[a + 1])
-    fields[#fields + 1] = table.concat(ARGV, ',', a + 2, a + 1 + n)
-    a = a + 2 + n
-  end
-  local info = rec and string.match(rec, '\n([^\n]*)$') or ''
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[12], '*', 'id', ARGV[1], 'o', outcome,
-             'ct', string.format('%d', t), 'cd', string.format('%d', d), 'u', ARGV[10], 'l', ARGV[11],
-             'i', info, 'w', table.concat(KEYS, ' ', 4), 'f', table.concat(fields, ' '))
+  local info = rec and string.match(rec, '^[^\n]*\n([^\n]*)') or ''
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[12], '*', 'id', ARGV[1], 'o', outcome, 'ct', t, 'cd', d,
+             'u', ARGV[10], 'l', ARGV[11], 'i', info, 'w', table.concat(KEYS, ' ', 4), 'c', ARGV[13])
 end
 
 local mode = ARGV[2]
