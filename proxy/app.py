@@ -20,7 +20,8 @@ from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
-from . import auth, passthrough, server
+from . import admin_routes, alerts, auth, health, metrics, passthrough, server
+from .admin import AdminGate
 from . import config as config_mod
 from . import policy as policy_mod
 from . import watch
@@ -28,6 +29,7 @@ from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
 from .endpoints import ENDPOINTS
 from .gateway import Gateway
 from .ledger import Ledger
+from .observer import Observer
 from .stores import open_store
 from .tasks import Tasks
 from .tokens import TokenCounter
@@ -38,6 +40,7 @@ log = logging.getLogger("proxy")
 TASKS = web.AppKey("tasks", Tasks)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 LEDGER = web.AppKey("ledger", Optional[Ledger])      # None when enforcement is disabled
+OBSERVER = web.AppKey("observer", Observer)
 GATEWAY = web.AppKey("gateway", Gateway)
 _POST_ONLY = frozenset("/v1" + e.path for e in ENDPOINTS.values())
 _ANTHROPIC_PATHS = tuple("/v1" + e.path for e in ENDPOINTS.values() if e.api == "anthropic")
@@ -89,7 +92,7 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     context and closed after it, under its own AppKey. Teardown runs in reverse: background jobs
     stop, running settlements drain (they need the store), then the store and the upstream
     sessions close."""
-    app = web.Application(middlewares=[errors], client_max_size=cfg.max_body_bytes)
+    app = web.Application(middlewares=[metrics.count_requests, errors], client_max_size=cfg.max_body_bytes)
     tokens = tokens or TokenCounter.load()          # blocking, once, before serving
     models = {"for": None, "body": b""}             # /v1/models, rendered once per config
 
@@ -117,8 +120,20 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
         await app[TASKS].drain(SHUTDOWN_GRACE_SECONDS)
 
+    async def observer(app: web.Application) -> AsyncIterator[None]:
+        """Metrics, the recent-refusal ring and alerts (whose sender has its own tasks and session)."""
+        if app[LEDGER] is None:
+            app[OBSERVER] = Observer()
+            yield
+            return
+        sender = alerts.Sender()
+        await sender.open()
+        app[OBSERVER] = Observer(alerts.Alerts(app[LEDGER], app[TASKS], sender))
+        yield
+        await sender.close()
+
     async def gateway(app: web.Application) -> AsyncIterator[None]:
-        app[GATEWAY] = Gateway(cfg, app[LEDGER], tokens, app[UPSTREAMS], app[TASKS])
+        app[GATEWAY] = Gateway(cfg, app[LEDGER], tokens, app[UPSTREAMS], app[TASKS], app[OBSERVER])
         yield
 
     def endpoint(kind: str):
@@ -144,6 +159,12 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
                            "stats": _stats(request.app[GATEWAY]),
                            "reload_failures": dict(watch.failures)})
 
+    async def readyz(request: web.Request) -> web.Response:
+        return await health.readyz(request.app[LEDGER], cfg.namespace)
+
+    async def scrape(request: web.Request) -> web.Response:
+        return await metrics.scrape(request.app[GATEWAY].config, request.app[LEDGER])
+
     for kind, e in ENDPOINTS.items():
         app.router.add_post("/v1" + e.path, endpoint(kind))
     def relayed(handler):
@@ -159,8 +180,12 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     app.router.add_post("/v1/messages/count_tokens", relayed(passthrough.count_tokens))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", scrape)
     app.router.add_route("*", "/v1/{tail:.*}", not_found)
-    app.cleanup_ctx.extend([upstreams, ledger, tasks, gateway, _background])
+    # Admin keys follow config reloads; in prod the admin endpoints answer 404 while none is set.
+    admin_routes.add(app, AdminGate(lambda: app[GATEWAY].config.admin_keys, cfg.environment), LEDGER, OBSERVER)
+    app.cleanup_ctx.extend([upstreams, ledger, tasks, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
     return app
 
@@ -222,9 +247,11 @@ async def _sweep(ledger: Ledger, stop: asyncio.Event, stats) -> None:
                 pass
         except BudgetProxyError as exc:
             stats["job_failures"] += 1
+            metrics.JOB_FAILURES.labels("sweep").inc()
             log.warning("lease sweep failed: %s", exc)
         except Exception:  # noqa: BLE001 - the sweeper must outlive any one bad round
             stats["job_failures"] += 1
+            metrics.JOB_FAILURES.labels("sweep").inc()
             log.exception("lease sweep failed")
 
 
@@ -254,6 +281,9 @@ def load(config_path: str) -> tuple[config_mod.Config, policy_mod.Policy]:
     if not cfg.keys:
         log.warning("no API keys configured: auth is OPEN (any bearer is accepted as org 'default'); "
                     "configure `keys` before exposing the proxy")
+    if not cfg.admin_keys:
+        log.warning("no admin_keys configured: %s", "the admin endpoints are off (prod)" if cfg.environment == "prod"
+                    else "/admin/ answers only on loopback, without authentication")
     return cfg, pol
 
 

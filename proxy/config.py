@@ -84,6 +84,12 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminKey:
+    name: str                     # safe to log
+    sha256: str                   # hex digest of the key; the key itself is never held
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     host: str
@@ -101,6 +107,7 @@ class Config:
     models: Mapping[str, Model]
     routes: Mapping[str, tuple[str, ...]]
     keys: Mapping[str, ApiKey]    # sha256 hex of the key -> who it is
+    admin_keys: tuple[AdminKey, ...] = ()   # open /admin/; never the proxy
 
     def candidates(self, name: str) -> tuple[str, ...]:
         """Models to try for a requested name, best first: a route's list, or the model and
@@ -167,6 +174,7 @@ def parse(data: Any, source: str, env: Mapping[str, str] | None = None) -> Confi
     models = {n: _checked_downgrades(m, models, source, prod) for n, m in models.items()}
     routes = {n: _checked_route(n, r, models, source, prod) for n, r in (data.get("routes") or {}).items()}
     keys = _keys(data.get("keys") or {}, source, prod)
+    admin_keys = _admin_keys(data.get("admin_keys") or {}, keys, source)
     listen = data.get("listen") or {}
     base = os.path.dirname(os.path.abspath(source))
     # BUDGET_POLICY_PATH is relative to where the proxy runs; `policy:` to the config file.
@@ -183,7 +191,7 @@ def parse(data: Any, source: str, env: Mapping[str, str] | None = None) -> Confi
         policy_path=os.path.join(base, policy_path) if policy_path else None,
         policies_dir=os.path.join(base, "policies"),
         providers=MappingProxyType(providers), models=MappingProxyType(models),
-        routes=MappingProxyType(routes), keys=MappingProxyType(keys))
+        routes=MappingProxyType(routes), keys=MappingProxyType(keys), admin_keys=admin_keys)
 
 
 def check_exposure(cfg: Config, host: str) -> None:
@@ -280,6 +288,20 @@ def _keys(raw: dict, source: str, prod: bool) -> dict[str, ApiKey]:
             raise ConfigError(f"{source}: keys.{name}.sha256: the same key hash is listed twice")
         keys[k["sha256"]] = ApiKey(str(name), k["org"], k.get("user"), bool(k.get("allow_end_user", False)))
     return keys
+
+
+def _admin_keys(raw: dict, keys: Mapping[str, ApiKey], source: str) -> tuple[AdminKey, ...]:
+    """A proxy key must never open /admin/, so the same hash in both lists is an error."""
+    out: list[AdminKey] = []
+    for name, k in raw.items():
+        digest = k["sha256"]
+        if digest in keys:
+            raise ConfigError(f"{source}: admin_keys.{name}.sha256: expected a key that is not also "
+                              f"a proxy key (it is keys.{keys[digest].name})")
+        if any(a.sha256 == digest for a in out):
+            raise ConfigError(f"{source}: admin_keys.{name}.sha256: the same key hash is listed twice")
+        out.append(AdminKey(str(name), digest))
+    return tuple(out)
 
 
 def _store_url(configured: str, env: Mapping[str, str], source: str) -> str:

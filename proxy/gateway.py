@@ -23,11 +23,12 @@ from typing import NamedTuple, Sequence
 import aiohttp
 from aiohttp import web
 
-from . import auth, body, planner
+from . import auth, body, metrics, planner
 from .config import Config, Model
 from .endpoints import ENDPOINTS
 from .errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
-from .ledger import Ledger, Refusal, Reservation
+from .ledger import Ledger, Refusal, RequestInfo, Reservation
+from .observer import Observer
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
 from .tasks import Tasks
@@ -46,8 +47,9 @@ class Admitted(NamedTuple):
 
 class Gateway:
     def __init__(self, config: Config, ledger: Ledger | None, tokens, upstreams: Upstreams,
-                 tasks: Tasks) -> None:
+                 tasks: Tasks, observer: Observer | None = None) -> None:
         self.config = config
+        self.observer = observer or Observer()       # metrics, alerts, recent refusals
         self.ledger = ledger            # None when enforcement is disabled: the store is never contacted
         self.tokens = tokens
         self.upstreams = upstreams
@@ -103,7 +105,7 @@ class Gateway:
         """Plan, then try the candidates in order until one is reserved; else the 429."""
         ledger = self.ledger
         if ledger is None:
-            return self._unreserved(models[0], call, prompt)
+            return self._unreserved(models[0], call, prompt, who)
         rid = f"{self._id_prefix}{next(self._ids):x}"
         refusal: Refusal | None = None
         try:
@@ -113,22 +115,25 @@ class Gateway:
                 plan = await self._plan(ledger, call, who, models, prompt, fresh)
                 refusal = plan.short
                 for c in plan.candidates:
-                    got = await ledger.reserve(rid, c.amounts, c.scopes)
+                    with metrics.Timer(metrics.STORE["reserve"]):
+                        got = await ledger.reserve(rid, c.amounts, c.scopes, _info(call, who, models, c.model))
                     if isinstance(got, Reservation):
                         self.balance_cache.put(c.scopes, got.balances, time.monotonic(), ledger.policy)
-                        return self._admitted(got, c, models, call, prompt)
+                        return self._admitted(got, c, models, call, prompt, who)
                     refusal = refusal or got
                 if not any(c.cap is not None for c in plan.candidates):
                     break
         except StoreUnavailable as exc:
             self.stats["store_unavailable"] += 1
+            self.observer.store_unavailable()
             if self.config.enforcement == "strict":
                 raise ServiceUnavailable("The budget store is unavailable; the request was not sent.",
                                          code="BUDGET_STORE_UNAVAILABLE", headers={"Retry-After": "1"}) from exc
             log.warning("budget store unavailable (%s); advisory mode forwards without a reservation", exc)
-            return self._unreserved(models[0], call, prompt)
+            return self._unreserved(models[0], call, prompt, who)
         self.stats["refused"] += 1
         assert refusal is not None
+        self.observer.refused(refusal, who.org, who.user, models[0].name)
         raise refusal_error(refusal)
 
     async def _plan(self, ledger: Ledger, call: body.ApiCall, who: auth.Caller, models: Sequence[Model],
@@ -150,30 +155,34 @@ class Gateway:
             if not plan.short and all(c.cap is None or c.cap >= policy.default_max_tokens
                                       for c in plan.candidates):
                 return plan
-        balances = await ledger.snapshot(scopes, limited_only=True)
+        with metrics.Timer(metrics.STORE["snapshot"]):
+            balances = await ledger.snapshot(scopes, limited_only=True)
         self.balance_cache.put(scopes, balances, now, policy)
         return planner.plan(call, who, models, prompt, policy, balances, ledger.now())
 
     def _admitted(self, res: Reservation, c: planner.Candidate, models: Sequence[Model],
-                  call: body.ApiCall, prompt: int) -> Admitted:
+                  call: body.ApiCall, prompt: int, who: auth.Caller) -> Admitted:
         if res.would_refuse is not None:
             self.stats["shadow_refused"] += 1
             r = res.would_refuse
             log.info("shadow: would refuse %s/%s %s %s", r.scope.type, r.scope.id, r.window, r.unit)
         if c.model != models[0].name:
             self.stats["downgraded"] += 1
+        self.observer.admitted(res, models[0].name, c.model)
         model = next(m for m in models if m.name == c.model)
         cap = c.cap if self.ledger.policy.send_cap_upstream else None
-        return Admitted(self._flight(res, model, call, prompt),
+        return Admitted(self._flight(res, model, call, prompt, who),
                         budget_headers(c.model, models[0].name, res.balances), cap)
 
-    def _unreserved(self, model: Model, call: body.ApiCall, prompt: int) -> Admitted:
+    def _unreserved(self, model: Model, call: body.ApiCall, prompt: int, who: auth.Caller) -> Admitted:
         """Forwarded without a reservation (enforcement disabled, or advisory with the store down)."""
-        return Admitted(self._flight(None, model, call, prompt), budget_headers(model.name, model.name, ()), None)
+        return Admitted(self._flight(None, model, call, prompt, who), budget_headers(model.name, model.name, ()),
+                        None)
 
-    def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int) -> Flight:
+    def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int,
+                who: auth.Caller) -> Flight:
         count = functools.partial(self.tokens.count, model=model.upstream)
-        return Flight(self.ledger, self.tasks, res, model, call.endpoint, prompt, count)
+        return Flight(self.ledger, self.tasks, res, model, call.endpoint, prompt, count, self.observer, who.org)
 
     # --- forward and stream ---------------------------------------------------------------
 
@@ -193,8 +202,9 @@ class Gateway:
             raise _upstream_error(model.provider, ConnectionRefusedError())
         flight.sent = True
         try:
-            up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None,
-                                           request.headers)
+            with metrics.Timer(metrics.upstream(model.provider)):
+                up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None,
+                                               request.headers)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
             flight.release_soon()                   # never reached the upstream: nothing to pay
             raise _upstream_error(model.provider, exc) from None
@@ -296,6 +306,16 @@ def _json_object(data: bytes) -> bool:
     while end > start and data[end - 1] in b" \t\r\n":
         end -= 1
     return data[start:start + 1] == b"{" and data[end - 1:end] == b"}"
+
+
+def _info(call: body.ApiCall, who: auth.Caller, models: Sequence[Model], model: str) -> RequestInfo:
+    """What the settlement log records of this request (kept with its reservation): the model
+    name the client sent (a route or a model), the model used, and the first candidate when it
+    was downgraded from it."""
+    asked = models[0]
+    used = next(m for m in models if m.name == model)
+    return RequestInfo(who.org, who.user, call.end_user, call.endpoint.kind, call.model, model, used.provider,
+                       call.stream, asked.name if model != asked.name else None)
 
 
 def _upstream_error(provider: str, exc: BaseException) -> ApiError:

@@ -20,11 +20,12 @@ import logging
 import math
 from typing import Any, Callable
 
-from . import pricing, retry
+from . import metrics, pricing, retry
 from .config import Model
 from .endpoints import Endpoint
 from .errors import StoreUnavailable
 from .ledger import Amounts, Ledger, Reservation
+from .observer import Observer
 from .settlements import Usage as LoggedUsage
 from .tasks import Tasks
 
@@ -35,7 +36,8 @@ CHARS_PER_TOKEN = 4      # for output we could not count: English text averages 
 
 class Flight:
     def __init__(self, ledger: Ledger | None, tasks: Tasks, res: Reservation | None, model: Model,
-                 endpoint: Endpoint, prompt: int, count: Callable[[str], int]) -> None:
+                 endpoint: Endpoint, prompt: int, count: Callable[[str], int],
+                 observer: Observer | None = None, org: str = "") -> None:
         self.ledger = ledger
         self.tasks = tasks
         self.res = res              # None: enforcement disabled, or the store was down (advisory)
@@ -44,6 +46,8 @@ class Flight:
         self.prompt = prompt        # estimated prompt tokens
         self.count = count          # output text -> tokens, with the model's encoding
         self.sent = False           # the request may have reached the upstream
+        self.observer = observer    # told of the commit (metrics, alerts); None in unit tests
+        self.org = org
         self._settled = res is None
         self._timer: asyncio.TimerHandle | None = None
         if res is not None:
@@ -80,7 +84,8 @@ class Flight:
         """Nothing was used (the upstream was never reached, or refused before any output)."""
         if self._claim():
             res = self.res
-            self.tasks.spawn(retry.until_stored(lambda: self.ledger.release(res), f"release of {res.id}"))
+            self.tasks.spawn(retry.until_stored(lambda: self._timed("release", self.ledger.release(res)),
+                                                f"release of {res.id}"))
 
     def commit_soon(self, usage: pricing.Usage) -> None:
         if self._claim():
@@ -142,7 +147,18 @@ class Flight:
         actual = Amounts(usage.total_tokens, self.model.charge(usage))
         logged = LoggedUsage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning)
         res = self.res
-        await retry.until_stored(lambda: self.ledger.commit(res, actual, logged), f"commit of {res.id}")
+        stored = await retry.until_stored(lambda: self._timed("commit", self.ledger.commit(res, actual, logged)),
+                                          f"commit of {res.id}")
+        if not stored:
+            metrics.JOB_FAILURES.labels("settlement").inc()
+        elif self.observer is not None:
+            self.observer.committed(res, actual, self.org, self.model.name, usage.prompt_tokens,
+                                    usage.cached_tokens, usage.completion_tokens)
+
+    @staticmethod
+    async def _timed(operation: str, call):
+        with metrics.Timer(metrics.STORE[operation]):
+            return await call
 
     def _count_output(self, obj: Any) -> int:
         if not self.endpoint.output or not isinstance(obj, dict):

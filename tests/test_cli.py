@@ -138,3 +138,21 @@ def test_export_refuses_the_memory_store(tmp_path, capsys):
     path.write_text(json.dumps(config_data("http://127.0.0.1:9/v1", "memory://")))
     assert main(["export", "--config", str(path)]) == 2
     assert f"{path}: store: expected a shared store" in capsys.readouterr().err
+
+
+def test_usage_table_sorts_by_closeness_and_draws_bars():
+    from proxy import usage
+
+    def e(sid, used, reserved, limit):
+        return {"scope": {"type": "org", "id": sid}, "window": "day", "start": "", "end": "",
+                "used": {"tokens": used, "usd": 0.5}, "reserved": {"tokens": reserved, "usd": 0.0},
+                "limit": {"tokens": limit, "usd": None}, "remaining": {"tokens": None, "usd": None}}
+
+    doc = {"data": [e("a", 500, 0, 1000), e("b", 900, 100, 1000), e("c", 10, 0, None)]}
+    doc["data"].sort(key=lambda x: -usage.closeness(x))
+    lines = usage.table(doc).splitlines()
+    assert lines[0].split()[:2] == ["SCOPE", "WINDOW"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["org:b", "org:a", "org:c"]
+    assert lines[1].endswith("[##################++]") and "100%" in lines[1]
+    assert lines[2].endswith("[##########..........]") and "50%" in lines[2]
+    assert "[" not in lines[3] and "10" in lines[3]

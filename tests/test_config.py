@@ -13,6 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "configs")
 
 BAD = {
+    "admin_key_not_sha256.yaml": "admin_keys.ops.sha256: expected 64 lowercase hex characters "
+                                 "(budget-proxy hash-key prints them), got 'ABCDEF'",
+    "admin_key_is_proxy_key.yaml": "admin_keys.ops.sha256: expected a key that is not also a proxy key "
+                                   "(it is keys.app)",
+    "admin_key_twice.yaml": "admin_keys.oncall.sha256: the same key hash is listed twice",
+    "admin_key_unknown_field.yaml": "admin_keys.ops: unknown key 'org'",
     "bad_base_url.yaml": "providers.openai.base_url: expected an http:// or https:// URL, got 'ftp://x'",
     "bad_enforcement.yaml": "enforcement: expected one of strict, advisory, disabled; got 'lenient'",
     "bad_store_url.yaml": "store: expected memory:// or a redis://, rediss:// or unix:// URL, got 'postgres://db'",

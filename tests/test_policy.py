@@ -17,6 +17,11 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "policies")
 POLICIES = os.path.join(ROOT, "policies")
 
 BAD = {
+    "alerts_threshold_zero.yaml": "alerts.thresholds.0: expected a number > 0, got 0",
+    "alerts_unknown_scope.yaml": "alerts.webhooks.0.scopes.1: expected one of global, org, user, provider, "
+                                 "model; got 'team'",
+    "alerts_bad_url.yaml": "alerts.webhooks.0.url: expected an http:// or https:// URL",     # never echoed
+    "alerts_unset_variable.yaml": "alerts.webhooks.0.url: environment variable BP_UNSET_ALERT_URL is not set",
     "unknown_top_key.yaml": "(top level): unknown key 'ratelimit'",
     "unknown_scope_type.yaml": "defaults: unknown key 'team'",
     "unknown_window.yaml": "defaults.org: unknown key 'dya'",
@@ -119,3 +124,15 @@ def test_the_schema_names_the_same_environments_as_the_code():
 def test_unknown_environment_is_an_error():
     with pytest.raises(ConfigError, match="APP_ENV: expected one of dev, staging, prod; got 'qa'"):
         policy.load_for("qa", POLICIES)
+
+
+def test_alerts_parse_with_defaults_and_expand_the_webhook_url(monkeypatch):
+    assert policy.parse({"version": 1}, "p.yaml").alerts.thresholds == (0.8, 0.95, 1.0)
+    monkeypatch.setenv("BP_ALERT_URL", "https://hooks.example.com/T1/s3cret")
+    pol = policy.parse({"version": 1, "alerts": {"thresholds": [0.95, 0.5], "webhooks": [
+        {"url": "${BP_ALERT_URL}", "scopes": ["org"]}, {"url": "http://127.0.0.1:9/any"}]}}, "p.yaml")
+    assert pol.alerts.thresholds == (0.5, 0.95)
+    org_only, every = pol.alerts.webhooks
+    assert org_only.url == "https://hooks.example.com/T1/s3cret"
+    assert org_only.wants("org") and not org_only.wants("user") and every.wants("user")
+    assert "s3cret" not in repr(pol)                       # a webhook URL is a secret: never in logs
