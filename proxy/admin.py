@@ -78,7 +78,9 @@ class AdminGate:
     def from_cookie(self, value: str) -> AdminKey | None:
         name, _, rest = value.partition(".")
         expires, _, mac = rest.partition(".")
-        if not expires.isdigit() or int(expires) < self._clock():
+        # A cookie is client input: only ASCII digits are an expiry, only ASCII a MAC
+        # (str.isdigit accepts "²", and compare_digest rejects non-ASCII str with a TypeError).
+        if not (expires.isascii() and expires.isdigit() and mac.isascii()) or int(expires) < self._clock():
             return None
         for key in self.keys:
             if hmac.compare_digest(_mac(key, name, int(expires)), mac):

@@ -55,6 +55,8 @@ async def test_the_session_cookie_opens_until_it_expires_and_never_holds_the_key
     assert gate.from_cookie(f"{name}.{expires}.{'0' * 64}") is None
     other = AdminGate((AdminKey("ops", hashlib.sha256(b"rotated").hexdigest()),), "dev", clock=lambda: now[0])
     assert other.from_cookie(cookie) is None                                      # rotating the key revokes
+    for odd in (f"{name}.{expires}.{mac[:-1]}é", f"{name}.²{expires}.{mac}", "", "..", "ops"):
+        assert gate.from_cookie(odd) is None                                     # client input: never a 500
     now[0] += SESSION_SECONDS + 1
     assert gate.from_cookie(cookie) is None
 
