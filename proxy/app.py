@@ -1,8 +1,8 @@
 """The aiohttp application: routes, the one place errors become responses, and lifetimes.
 
-Resources with a lifetime (the upstream sessions, the ledger and its store, the task tracker,
-the gateway, the background jobs) are each opened and closed in their own `cleanup_ctx`, in that
-order, under their own AppKey.
+Resources with a lifetime (the upstream sessions, the store, the task tracker, the ledger, the
+observer, the gateway, the background jobs) are each opened and closed in their own
+`cleanup_ctx`, in that order, under their own AppKey.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .endpoints import ENDPOINTS
 from .gateway import Gateway
 from .ledger import Ledger
 from .observer import Observer
-from .stores import open_store
+from .stores import Store, open_store
 from .tasks import Tasks
 from .tokens import TokenCounter
 from .upstream import Upstreams
@@ -39,7 +39,8 @@ log = logging.getLogger("proxy")
 
 TASKS = web.AppKey("tasks", Tasks)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
-LEDGER = web.AppKey("ledger", Optional[Ledger])      # None when enforcement is disabled
+STORE = web.AppKey("store", Optional[Store])         # None when enforcement is disabled
+LEDGER = web.AppKey("ledger", Optional[Ledger])
 OBSERVER = web.AppKey("observer", Observer)
 GATEWAY = web.AppKey("gateway", Gateway)
 _POST_ONLY = frozenset("/v1" + e.path for e in ENDPOINTS.values())
@@ -102,23 +103,26 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         yield
         await app[UPSTREAMS].close()
 
-    async def ledger(app: web.Application) -> AsyncIterator[None]:
-        if cfg.enforcement == "disabled":
-            app[LEDGER] = None
-            yield
-            return
-        kwargs = {"clock": clock} if clock else {}
-        app[LEDGER] = Ledger(open_store(cfg.store_url, cfg.namespace), policy, namespace=cfg.namespace, **kwargs)
+    async def store(app: web.Application) -> AsyncIterator[None]:
+        """The budget store; closed last but one, after every settlement that needs it ran."""
+        app[STORE] = None if cfg.enforcement == "disabled" else open_store(cfg.store_url, cfg.namespace)
         yield
-        await app[LEDGER].store.close()
+        if app[STORE] is not None:
+            await app[STORE].close()
 
     async def tasks(app: web.Application) -> AsyncIterator[None]:
+        """The one owner of background work: settlements, lost-reserve undos, lease extensions,
+        alert deliveries. Drained (bounded) before the store closes."""
         app[TASKS] = Tasks()
         yield
-        pending = set(app[LEDGER].pending) if app[LEDGER] is not None else set()
-        if pending:
-            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
         await app[TASKS].drain(SHUTDOWN_GRACE_SECONDS)
+
+    async def ledger(app: web.Application) -> AsyncIterator[None]:
+        """None when enforcement is disabled: the store is never contacted."""
+        kwargs = {"clock": clock} if clock else {}
+        app[LEDGER] = None if app[STORE] is None else \
+            Ledger(app[STORE], policy, namespace=cfg.namespace, tasks=app[TASKS], **kwargs)
+        yield
 
     async def observer(app: web.Application) -> AsyncIterator[None]:
         """Metrics, the recent-refusal ring and alerts (whose sender has its own tasks and session)."""
@@ -185,7 +189,7 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     app.router.add_route("*", "/v1/{tail:.*}", not_found)
     # Admin keys follow config reloads; in prod the admin endpoints answer 404 while none is set.
     admin_routes.add(app, AdminGate(lambda: app[GATEWAY].config.admin_keys, cfg.environment), LEDGER, OBSERVER)
-    app.cleanup_ctx.extend([upstreams, ledger, tasks, observer, gateway, _background])
+    app.cleanup_ctx.extend([upstreams, store, tasks, ledger, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
     return app
 

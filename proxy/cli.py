@@ -99,7 +99,7 @@ async def _with_ledger(config_path: str, work):
 def cmd_export(args: argparse.Namespace) -> int:
     """The settlement log, oldest first, one record a line (CSV: a header row first)."""
     from .errors import StoreUnavailable
-    from .settlements import write_csv, write_jsonl
+    from .settlement_log import write_csv, write_jsonl
 
     async def work(ledger):
         return await ledger.settlements(args.since, args.until, limit=2 ** 62)

@@ -26,7 +26,7 @@ from .endpoints import Endpoint
 from .errors import StoreUnavailable
 from .ledger import Amounts, Ledger, Reservation
 from .observer import Observer
-from .settlements import Usage as LoggedUsage
+from .settlement_log import Usage as LoggedUsage
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)

@@ -301,8 +301,8 @@ async def test_redis_frozen_mid_call_is_a_503_that_leaves_nothing_reserved(redis
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
     assert status == 503 and json.loads(body)["error"]["code"] == "BUDGET_STORE_UNAVAILABLE"
-    if h.gateway.ledger.pending:
-        await asyncio.wait(list(h.gateway.ledger.pending), timeout=20)
+    if len(h.gateway.ledger.tasks):
+        await asyncio.wait(h.gateway.ledger.tasks.pending(), timeout=20)
     await asyncio.sleep(0.2)
     assert h.fake.seen == []
     assert await h.reserved_anywhere() == []
