@@ -1,0 +1,273 @@
+"""`budget-proxy serve --workers N`: real processes on one port, one Redis store, clean stops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from proxy import workers
+from proxy.cli import main
+from proxy.ledger import Ledger, Scope
+from proxy.policy import parse as parse_policy
+from proxy.stores import open_store
+
+from .fake_upstream import UPSTREAM_KEY, FakeOpenAI
+from .harness import CLIENT_KEY, MSGS, config_data
+from .redis_server import free_port
+from .test_cli import _wait_for_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POLICY = {"version": 1, "defaults": {"global": {"day": {"tokens": 10_000_000}}}}
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+def children(pid: int) -> set[int]:
+    """Live child processes of `pid`, read from /proc."""
+    out = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.add(int(name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Served:
+    def __init__(self, proc, port: int, fake: FakeOpenAI, log_path: str) -> None:
+        self.proc, self.port, self.fake, self.log_path = proc, port, fake, log_path
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    async def workers(self, n: int, seconds: float = 30) -> set[int]:
+        for _ in range(int(seconds / 0.05)):
+            pids = children(self.proc.pid)
+            if len(pids) == n:
+                return pids
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"expected {n} workers, found {children(self.proc.pid)}:\n{self.log()}")
+
+    async def healthz_by_pid(self, want: set[int]) -> dict[int, dict]:
+        """/healthz of each worker in `want`: each call is a new connection, which the kernel
+        hands to one worker's socket by a hash of its addresses; ask until every one answered."""
+        seen: dict[int, dict] = {}
+        for _ in range(200):
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                async with s.get(self.url("/healthz")) as r:
+                    body = await r.json()
+            seen[body["pid"]] = body["stats"]
+            if want <= set(seen):
+                return seen
+        raise AssertionError(f"workers {want - set(seen)} never answered; saw {sorted(seen)}")
+
+    async def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 60)
+
+
+@pytest.fixture
+async def serve_workers(tmp_path, redis_url):
+    """A factory: `await serve_workers(n, fake)` runs `budget-proxy serve --workers n` on the Redis
+    store in a subprocess; stopped (and its workers checked gone) after the test."""
+    started: list[tuple[Served, TestServer]] = []
+
+    async def start(n: int, fake: FakeOpenAI | None = None) -> Served:
+        fake = fake or FakeOpenAI()
+        upstream = TestServer(fake.app())
+        await upstream.start_server()
+        policy_path, cfg_path = tmp_path / "policy.yaml", tmp_path / "config.yaml"
+        policy_path.write_text(yaml.safe_dump(POLICY))
+        cfg_path.write_text(yaml.safe_dump({**config_data(str(upstream.make_url("/v1")), redis_url),
+                                            "policy": str(policy_path)}))
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "BUDGET_", "APP_ENV"))}
+        env.update(BP_TEST_UPSTREAM_KEY=UPSTREAM_KEY, LOG_LEVEL="INFO")
+        log_path = tmp_path / "serve.log"
+        with open(log_path, "wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg_path), "--port", str(port),
+                "--workers", str(n), env=env, cwd=ROOT, stdout=log, stderr=log)
+        served = Served(proc, port, fake, str(log_path))
+        started.append((served, upstream))
+        await _wait_for_port(port, proc)
+        return served
+
+    yield start
+    for served, upstream in started:
+        if served.proc.returncode is None:
+            pids = children(served.proc.pid)
+            served.proc.kill()
+            await served.proc.wait()
+            for pid in pids:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        await upstream.close()
+
+
+async def global_day(redis_url: str) -> tuple[int, int]:
+    """(tokens used, tokens reserved) on the global day counter, through the store's public API."""
+    ledger = Ledger(open_store(redis_url), parse_policy(POLICY, "policy.yaml"))
+    try:
+        b = {(x.window, x.unit): x for x in await ledger.snapshot([Scope("global", "*")])}[("day", "tokens")]
+        return b.used, b.reserved
+    finally:
+        await ledger.store.close()
+
+
+async def chat(served: Served, stream: bool = False) -> str:
+    """One chat call on its own connection (so the kernel picks a worker for it); the answer."""
+    body = {"model": "gpt-4o-mini", "messages": MSGS, "stream": stream}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        async with s.post(served.url("/v1/chat/completions"), json=body, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+            return await r.text()
+
+
+async def test_two_workers_serve_one_port_and_charge_one_redis_store(serve_workers, redis_url):
+    served = await serve_workers(2)
+    pids = await served.workers(2)
+    for _ in range(24):
+        await chat(served)
+    stats = await served.healthz_by_pid(pids)
+    assert set(stats) == pids
+    assert all(stats[pid]["requests"] > 0 for pid in pids), stats       # both served some
+    assert sum(stats[pid]["requests"] for pid in pids) == 24
+    used, reserved = await global_day(redis_url)                         # one store, all 24 charged
+    assert (used, reserved) == (sum(u["total_tokens"] for u in served.fake.reported), 0)
+    assert await served.stop() == 0
+    assert not any(alive(pid) for pid in pids)                          # no orphan
+    assert "2 worker(s)" in served.log() and "Traceback" not in served.log()
+
+
+async def test_sigterm_lets_every_worker_finish_its_streams_and_settle(serve_workers, redis_url):
+    served = await serve_workers(2, FakeOpenAI(chunk_delay=0.2))
+    pids = await served.workers(2)
+    await served.healthz_by_pid(pids)            # both serving (connections still in a backlog at
+                                                 # shutdown are reset, by any server)
+    streams = [asyncio.create_task(chat(served, stream=True)) for _ in range(6)]
+    await asyncio.sleep(0.5)                     # every stream is under way (its first chunks sent)
+    assert not any(s.done() for s in streams)
+    assert await served.stop() == 0
+    for text in await asyncio.gather(*streams):
+        assert "upstream" in text and text.rstrip().endswith("data: [DONE]")
+    used, reserved = await global_day(redis_url)
+    assert (used, reserved) == (sum(u["total_tokens"] for u in served.fake.reported), 0)
+    assert len(served.fake.reported) == 6
+    assert not any(alive(pid) for pid in pids)
+
+
+async def test_a_worker_that_dies_is_reported_and_replaced(serve_workers):
+    served = await serve_workers(2)
+    pids = await served.workers(2)
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(200):
+        now = children(served.proc.pid)
+        if len(now) == 2 and victim not in now:
+            break
+        await asyncio.sleep(0.05)
+    assert victim not in now and len(now) == 2
+    assert f"(pid {victim}) was killed by signal 9 (SIGKILL); starting a new one" in served.log()
+    await served.healthz_by_pid(now)             # the replacement serves
+    await chat(served)
+    assert await served.stop() == 0
+    assert not any(alive(pid) for pid in now)
+
+
+def memory_config(tmp_path) -> str:
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({**config_data("http://127.0.0.1:9/v1", "memory://"),
+                                   "policy": str(tmp_path / "policy.yaml")}))
+    return str(cfg)
+
+
+def test_the_memory_store_refuses_more_than_one_worker(tmp_path, capsys):
+    cfg = memory_config(tmp_path)
+    assert main(["serve", "--config", str(cfg), "--workers", "2"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "budget-proxy: --workers 2: the memory store cannot be shared between workers; "
+        "use a redis:// store or --workers 1\n")
+
+
+@pytest.mark.parametrize("given", ["0", "-1", "two", ""])
+def test_workers_must_be_a_positive_count_or_auto(given, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--workers", given])
+    assert exc.value.code == 2
+    assert f"argument --workers: expected a positive integer or 'auto', got {given!r}" in capsys.readouterr().err
+
+
+def test_auto_is_one_worker_per_usable_core():
+    assert workers.worker_count("auto") == len(os.sched_getaffinity(0))
+    assert workers.worker_count("3") == 3
+
+
+def test_the_loop_is_uvloop_when_installed_and_asyncio_without_it(monkeypatch):
+    uvloop = pytest.importorskip("uvloop")
+    for kind, expected in (("auto", uvloop.Loop), ("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)):
+        loop = workers.event_loop(kind)
+        assert isinstance(loop, expected) and (kind != "asyncio" or not isinstance(loop, uvloop.Loop))
+        loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)            # as if not installed
+    loop = workers.event_loop("auto")
+    assert not isinstance(loop, uvloop.Loop)
+    loop.close()
+    with pytest.raises(ImportError):
+        workers.event_loop("uvloop")
+
+
+def test_serve_refuses_uvloop_when_it_is_not_installed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    cfg = memory_config(tmp_path)
+    assert main(["serve", "--config", str(cfg), "--loop", "uvloop"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "budget-proxy: --loop uvloop: uvloop is not installed (pip install 'budget-proxy[fast]')\n")
+
+
+def test_metrics_dir_is_fresh_per_server_and_removed_after(monkeypatch):
+    monkeypatch.delenv(workers.METRICS_ENV, raising=False)
+    with workers.metrics_dir(1):
+        assert workers.METRICS_ENV not in os.environ             # one process: nothing to aggregate
+    with workers.metrics_dir(2):
+        path = os.environ[workers.METRICS_ENV]
+        assert os.path.isdir(path) and os.listdir(path) == []
+    assert workers.METRICS_ENV not in os.environ and not os.path.exists(path)
+    monkeypatch.setenv(workers.METRICS_ENV, "/operator/chosen")
+    with workers.metrics_dir(2):
+        assert os.environ[workers.METRICS_ENV] == "/operator/chosen"
+    assert os.environ[workers.METRICS_ENV] == "/operator/chosen"
+
+
+def test_port_zero_gives_every_worker_the_same_port():
+    groups = workers.listen("127.0.0.1", 0, 3)
+    try:
+        ports = {s.getsockname()[1] for group in groups for s in group}
+        assert len(groups) == 3 and len(ports) == 1 and ports != {0}
+    finally:
+        for group in groups:
+            for s in group:
+                s.close()
