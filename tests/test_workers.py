@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import os
 import signal
 import sys
@@ -94,7 +96,7 @@ async def serve_workers(tmp_path, redis_url):
     store in a subprocess; stopped (and its workers checked gone) after the test."""
     started: list[tuple[Served, TestServer]] = []
 
-    async def start(n: int, fake: FakeOpenAI | None = None) -> Served:
+    async def start(n: int, fake: FakeOpenAI | None = None, loop: str = "auto") -> Served:
         fake = fake or FakeOpenAI()
         upstream = TestServer(fake.app())
         await upstream.start_server()
@@ -109,7 +111,7 @@ async def serve_workers(tmp_path, redis_url):
         with open(log_path, "wb") as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg_path), "--port", str(port),
-                "--workers", str(n), env=env, cwd=ROOT, stdout=log, stderr=log)
+                "--workers", str(n), "--loop", loop, env=env, cwd=ROOT, stdout=log, stderr=log)
         served = Served(proc, port, fake, str(log_path))
         started.append((served, upstream))
         await _wait_for_port(port, proc)
@@ -160,10 +162,12 @@ async def test_two_workers_serve_one_port_and_charge_one_redis_store(serve_worke
     assert await served.stop() == 0
     assert not any(alive(pid) for pid in pids)                          # no orphan
     assert "2 worker(s)" in served.log() and "Traceback" not in served.log()
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"      # auto: uvloop when installed
+    assert served.log().count(f"(event loop: {loop})") == 2
 
 
 async def test_sigterm_lets_every_worker_finish_its_streams_and_settle(serve_workers, redis_url):
-    served = await serve_workers(2, FakeOpenAI(chunk_delay=0.2))
+    served = await serve_workers(2, FakeOpenAI(chunk_delay=0.2), loop="asyncio")     # the fallback loop
     pids = await served.workers(2)
     await served.healthz_by_pid(pids)            # both serving (connections still in a backlog at
                                                  # shutdown are reset, by any server)
@@ -177,6 +181,7 @@ async def test_sigterm_lets_every_worker_finish_its_streams_and_settle(serve_wor
     assert (used, reserved) == (sum(u["total_tokens"] for u in served.fake.reported), 0)
     assert len(served.fake.reported) == 6
     assert not any(alive(pid) for pid in pids)
+    assert served.log().count("(event loop: asyncio)") == 2
 
 
 async def test_a_worker_that_dies_is_reported_and_replaced(serve_workers):
@@ -195,6 +200,24 @@ async def test_a_worker_that_dies_is_reported_and_replaced(serve_workers):
     await chat(served)
     assert await served.stop() == 0
     assert not any(alive(pid) for pid in now)
+
+
+async def test_workers_that_keep_dying_stop_the_server_with_status_1(serve_workers):
+    served = await serve_workers(2)
+    await served.workers(2)
+    killed: set[int] = set()
+    for _ in range(500):                         # each worker the parent starts dies at once
+        if served.proc.returncode is not None:
+            break
+        for pid in children(served.proc.pid) - killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        await asyncio.sleep(0.02)
+    assert await asyncio.wait_for(served.proc.wait(), 60) == 1
+    assert (f"more than {workers.RESTART_LIMIT} worker deaths within {workers.RESTART_WINDOW_SECONDS:.0f} s; "
+            f"stopping the server") in served.log()
+    assert children(served.proc.pid) == set()
 
 
 def memory_config(tmp_path) -> str:
