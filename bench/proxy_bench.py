@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import shlex
@@ -53,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from measure import (BENCH_DIR, PLAIN_BODY, REPO, BenchError, Children, RedisServer, TtfbResult,
@@ -392,6 +393,11 @@ def checks(plan_: list[Target], rounds: Rounds, args) -> list[tuple[str, bool, s
             f"proxy's cores: this machine has none to spare)",
             values(rounds, lambda r: r[multi.name].sat.rps / r["redis"].sat.rps), lambda v: v >= TARGET_SCALING,
             ".2f")
+    if multi:       # what N cores of their own would give, from CPU per request (foreign load barely moves it)
+        add(f"(derived) {multi.workers} workers on cores of their own: {multi.workers} × CPU per request of 1 "
+            f"worker / of {multi.workers} workers, >= {TARGET_SCALING:g}x",
+            values(rounds, lambda r: multi.workers * r["redis"].cpu_us_per_req / r[multi.name].cpu_us_per_req),
+            lambda v: v >= TARGET_SCALING, ".2f")
     if "redis" in names:
         add(f"1 worker, Redis: added latency p50 at -c1 <= {TARGET_ADDED_P50_MS:g} ms over the pass-through",
             values(rounds, lambda r: r["redis"].one.p50_ms - r["passthrough"].one.p50_ms),
@@ -501,6 +507,7 @@ def parse_args(argv: list[str] | None):
                    help="wait up to S seconds for both cores to be quiet before each target (default 10)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     p.add_argument("--markdown", metavar="FILE", help="also write the report (table, targets, notes) to FILE")
+    p.add_argument("--json", metavar="FILE", help="also write every round's raw results to FILE")
     args = p.parse_args(argv)
     args.seconds = args.seconds or (3.0 if args.quick else 10.0)
     args.ttfb_requests = args.ttfb_requests or (200 if args.quick else 1000)
@@ -578,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write(text + "\n" + notes_text)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"command": command, "meta": meta, "rounds": [{k: asdict(v) for k, v in r.items()}
+                                                                        for r in rounds]}, f, indent=1)
         ok = True
     except BenchError as exc:
         print(f"\nbench failed: {exc}", file=sys.stderr)

@@ -223,16 +223,12 @@ def serve(config_path: str, host: str | None = None, port: int | None = None, *,
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format=fmt)
     try:
         cfg, pol = load(config_path)
-        if workers > 1 and cfg.store_url.startswith("memory://"):
-            raise ConfigError(f"--workers {workers}: the memory store cannot be shared between workers; "
-                              f"use a redis:// store or --workers 1")
-        workers_mod.event_loop(loop).close()         # uvloop asked for but not installed: say so now
     except ConfigError as exc:
         print(f"budget-proxy: {exc}", file=sys.stderr)
         return 2
-    except ImportError:
-        print("budget-proxy: --loop uvloop: uvloop is not installed (pip install 'budget-proxy[fast]')",
-              file=sys.stderr)
+    refusal = workers_mod.refusal(cfg.store_url, workers, loop)
+    if refusal:
+        print(f"budget-proxy: {refusal}", file=sys.stderr)
         return 2
     host, port = host or cfg.host, port or cfg.port
     log.info("environment %s, enforcement %s, store %s, policy %s, %d worker(s)", cfg.environment,

@@ -96,6 +96,18 @@ def event_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+def refusal(store_url: str, workers: int, loop: str) -> str | None:
+    """Why `serve` cannot run with these options (told before anything starts), or None."""
+    if workers > 1 and store_url.startswith("memory://"):
+        return (f"--workers {workers}: the memory store cannot be shared between workers; "
+                f"use a redis:// store or --workers 1")
+    try:
+        event_loop(loop).close()
+    except ImportError:
+        return "--loop uvloop: uvloop is not installed (pip install 'budget-proxy[fast]')"
+    return None
+
+
 @contextlib.contextmanager
 def metrics_dir(workers: int) -> Iterator[None]:
     """PROMETHEUS_MULTIPROC_DIR for N > 1 workers (see the module docstring); call it before

@@ -184,6 +184,26 @@ async def test_sigterm_lets_every_worker_finish_its_streams_and_settle(serve_wor
     assert served.log().count("(event loop: asyncio)") == 2
 
 
+async def test_every_worker_reloads_an_edited_policy(serve_workers, tmp_path):
+    served = await serve_workers(2)
+    pids = await served.workers(2)
+    await served.healthz_by_pid(pids)
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(
+        {"version": 1, "defaults": {"global": {"day": {"tokens": 1}}}}))      # nothing fits any more
+    body = {"model": "gpt-4o-mini", "messages": MSGS}
+    for _ in range(100):                         # each worker polls the file on its own
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async with s.post(served.url("/v1/chat/completions"), json=body, headers=AUTH) as r:
+                assert r.status in (200, 429)
+        stats = await served.healthz_by_pid(pids)
+        if all(stats[pid].get("refused") for pid in pids):
+            break
+        await asyncio.sleep(0.1)
+    assert all(stats[pid].get("refused") for pid in pids), stats
+    assert served.log().count("policy reloaded from") == 2
+    assert await served.stop() == 0
+
+
 async def test_a_worker_that_dies_is_reported_and_replaced(serve_workers):
     served = await serve_workers(2)
     pids = await served.workers(2)
