@@ -226,7 +226,7 @@ def serve(config_path: str, host: str | None = None, port: int | None = None, *,
     except ConfigError as exc:
         print(f"budget-proxy: {exc}", file=sys.stderr)
         return 2
-    refusal = workers_mod.refusal(cfg.store_url, workers, loop)
+    refusal = workers_mod.refusal(cfg.store_url if cfg.enforcement != "disabled" else None, workers, loop)
     if refusal:
         print(f"budget-proxy: {refusal}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from typing import Callable, Iterator, Sequence
@@ -96,9 +97,10 @@ def event_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def refusal(store_url: str, workers: int, loop: str) -> str | None:
-    """Why `serve` cannot run with these options (told before anything starts), or None."""
-    if workers > 1 and store_url.startswith("memory://"):
+def refusal(store_url: str | None, workers: int, loop: str) -> str | None:
+    """Why `serve` cannot run with these options (told before anything starts), or None.
+    `store_url` is None when enforcement is disabled: no store, nothing to share."""
+    if workers > 1 and store_url and store_url.startswith("memory://"):
         return (f"--workers {workers}: the memory store cannot be shared between workers; "
                 f"use a redis:// store or --workers 1")
     try:
@@ -115,6 +117,9 @@ def metrics_dir(workers: int) -> Iterator[None]:
     if workers <= 1 or os.environ.get(METRICS_ENV):
         yield
         return
+    if "prometheus_client" in sys.modules:
+        log.warning("prometheus_client was imported before %s was set: each worker will report only "
+                    "its own metrics", METRICS_ENV)
     path = tempfile.mkdtemp(prefix="budget-proxy-metrics-")
     os.environ[METRICS_ENV] = path
     try:

@@ -85,8 +85,8 @@ class Served:
                 return seen
         raise AssertionError(f"workers {want - set(seen)} never answered; saw {sorted(seen)}")
 
-    async def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
         return await asyncio.wait_for(self.proc.wait(), 60)
 
 
@@ -201,7 +201,8 @@ async def test_every_worker_reloads_an_edited_policy(serve_workers, tmp_path):
         await asyncio.sleep(0.1)
     assert all(stats[pid].get("refused") for pid in pids), stats
     assert served.log().count("policy reloaded from") == 2
-    assert await served.stop() == 0
+    assert await served.stop(signal.SIGINT) == 0                         # Ctrl-C stops it as SIGTERM does
+    assert not any(alive(pid) for pid in pids)
 
 
 async def test_a_worker_that_dies_is_reported_and_replaced(serve_workers):
@@ -254,6 +255,21 @@ def test_the_memory_store_refuses_more_than_one_worker(tmp_path, capsys):
     assert capsys.readouterr().err.endswith(
         "budget-proxy: --workers 2: the memory store cannot be shared between workers; "
         "use a redis:// store or --workers 1\n")
+
+
+def test_without_enforcement_there_is_no_store_to_share():
+    assert workers.refusal(None, 4, "asyncio") is None
+    assert workers.refusal("redis://127.0.0.1:6379/0", 4, "asyncio") is None
+    assert workers.refusal("memory://", 1, "asyncio") is None
+    assert "cannot be shared" in workers.refusal("memory://", 2, "asyncio")
+
+
+def test_metrics_dir_warns_when_prometheus_client_was_imported_first(monkeypatch, caplog):
+    monkeypatch.delenv(workers.METRICS_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "prometheus_client", sys)          # any module: "already imported"
+    with workers.metrics_dir(2):
+        pass
+    assert "each worker will report only its own metrics" in caplog.text
 
 
 @pytest.mark.parametrize("given", ["0", "-1", "two", ""])
