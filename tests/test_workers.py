@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import os
 import signal
+import subprocess
 import sys
 
 import aiohttp
@@ -262,6 +263,36 @@ def test_without_enforcement_there_is_no_store_to_share():
     assert workers.refusal("redis://127.0.0.1:6379/0", 4, "asyncio") is None
     assert workers.refusal("memory://", 1, "asyncio") is None
     assert "cannot be shared" in workers.refusal("memory://", 2, "asyncio")
+
+
+AGGREGATE = """
+import os
+from proxy.workers import metrics_dir
+with metrics_dir(2):                      # as `serve` does, before prometheus_client is imported
+    from prometheus_client import CollectorRegistry, Counter, generate_latest, multiprocess
+    requests = Counter("bp_requests", "requests")
+    pids = []
+    for n in (5, 6):                      # two forked workers count on their own
+        pid = os.fork()
+        if pid == 0:
+            requests.inc(n)
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    print(generate_latest(registry).decode())
+"""
+
+
+def test_metrics_of_forked_workers_aggregate_in_the_metrics_dir():
+    pytest.importorskip("prometheus_client")
+    env = {k: v for k, v in os.environ.items() if k != workers.METRICS_ENV}
+    out = subprocess.run([sys.executable, "-c", AGGREGATE], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "bp_requests_total 11.0" in out.stdout.splitlines()
 
 
 def test_metrics_dir_warns_when_prometheus_client_was_imported_first(monkeypatch, caplog):
