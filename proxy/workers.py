@@ -129,26 +129,39 @@ def metrics_dir(workers: int) -> Iterator[None]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _bound(family: int, sockaddr: tuple, port: int, reuse_port: bool) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((sockaddr[0], port, *sockaddr[2:]))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 def listen(host: str, port: int, workers: int, backlog: int = 1024) -> list[list[socket.socket]]:
-    """For each worker, one SO_REUSEPORT listening socket per address `host` resolves to. With
-    port 0 the first socket's port is reused for the rest, so all workers share one port."""
+    """For each worker, one SO_REUSEPORT listening socket per address `host` resolves to. Each
+    address is first bound once without SO_REUSEPORT and let go, so a port that another server
+    holds fails here, even one of another `serve --workers` (which would otherwise join its
+    reuse-port group silently and split the traffic). Port 0 picks one port for all workers."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     addrs = list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in infos))
+    for family, sockaddr in addrs:
+        with _bound(family, sockaddr, port, reuse_port=False) as probe:
+            port = port or probe.getsockname()[1]
     out: list[list[socket.socket]] = []
     try:
         for _ in range(workers):
             out.append([])
             for family, sockaddr in addrs:
-                s = socket.socket(family, socket.SOCK_STREAM)
-                out[-1].append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind((sockaddr[0], port, *sockaddr[2:]))
-                port = port or s.getsockname()[1]
-                s.listen(backlog)
-                s.setblocking(False)
+                out[-1].append(_bound(family, sockaddr, port, reuse_port=True))
+                out[-1][-1].listen(backlog)
+                out[-1][-1].setblocking(False)
     except OSError:
         for s in (s for group in out for s in group):
             s.close()

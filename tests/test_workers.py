@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -350,6 +352,34 @@ def test_metrics_dir_is_fresh_per_server_and_removed_after(monkeypatch):
     with workers.metrics_dir(2):
         assert os.environ[workers.METRICS_ENV] == "/operator/chosen"
     assert os.environ[workers.METRICS_ENV] == "/operator/chosen"
+
+
+def test_a_port_held_by_another_server_is_refused_even_one_with_reuse_port():
+    groups = workers.listen("127.0.0.1", 0, 2)               # another `serve --workers 2`
+    port = groups[0][0].getsockname()[1]
+    try:
+        with pytest.raises(OSError) as exc:
+            workers.listen("127.0.0.1", port, 2)
+        assert exc.value.errno == errno.EADDRINUSE
+    finally:
+        for group in groups:
+            for s in group:
+                s.close()
+    workers.listen("127.0.0.1", port, 1)[0][0].close()       # free again once it is gone
+
+
+def test_serve_with_workers_on_a_busy_port_exits_1_saying_why(tmp_path, capsys):
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({**config_data("http://127.0.0.1:9/v1", "memory://", enforcement="disabled"),
+                                   "policy": str(tmp_path / "policy.yaml")}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--config", str(cfg), "--port", str(port), "--workers", "2"]) == 1
+    assert capsys.readouterr().err.endswith(
+        f"budget-proxy: cannot listen on 127.0.0.1:{port}: Address already in use\n")
 
 
 def test_port_zero_gives_every_worker_the_same_port():
