@@ -39,6 +39,7 @@ import collections
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import shutil
 import signal
@@ -61,12 +62,21 @@ METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RunWorker = Callable[[Sequence[socket.socket]], None]
 
 
-def cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers' cpusets narrow)."""
+def cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its CPU affinity (which cpusets narrow), and no more than
+    its cgroup v2 CPU quota rounded up (a container's `--cpus` or a Kubernetes CPU limit)."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:                  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def worker_count(text: str) -> int:

@@ -313,9 +313,21 @@ def test_workers_must_be_a_positive_count_or_auto(given, capsys):
     assert f"argument --workers: expected a positive integer or 'auto', got {given!r}" in capsys.readouterr().err
 
 
-def test_auto_is_one_worker_per_usable_core():
-    assert workers.worker_count("auto") == len(os.sched_getaffinity(0))
+def test_auto_is_one_worker_per_usable_core(tmp_path):
+    assert workers.worker_count("auto") == workers.cores()
     assert workers.worker_count("3") == 3
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    assert workers.cores(str(tmp_path / "absent")) == affinity
+    quota.write_text("max 100000\n")
+    assert workers.cores(str(quota)) == affinity                          # no limit
+    quota.write_text("50000 100000\n")
+    assert workers.cores(str(quota)) == 1                                 # half a core: one worker
+    quota.write_text(f"{(affinity + 8) * 100000} 100000\n")
+    assert workers.cores(str(quota)) == affinity                          # never above the affinity
+    if affinity >= 2:
+        quota.write_text("150000 100000\n")
+        assert workers.cores(str(quota)) == 2                             # 1.5 cores round up
 
 
 def test_the_loop_is_uvloop_when_installed_and_asyncio_without_it(monkeypatch):
