@@ -3,7 +3,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install --no-cache-dir ".[fast]" \
+RUN pip install --no-cache-dir . \
     && python -c "from proxy.tokens import TokenCounter; assert not TokenCounter.load().approximate"
 COPY config.yaml ./
 COPY policies ./policies
