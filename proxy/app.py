@@ -159,7 +159,8 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         raise NotFound(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
 
     async def healthz(request: web.Request) -> web.Response:
-        return _json(200, {"status": "ok", "enforcement": cfg.enforcement,
+        # pid: with --workers N each worker answers for itself (its own stats)
+        return _json(200, {"status": "ok", "enforcement": cfg.enforcement, "pid": os.getpid(),
                            "stats": _stats(request.app[GATEWAY]),
                            "reload_failures": dict(watch.failures)})
 
@@ -291,9 +292,16 @@ def load(config_path: str) -> tuple[config_mod.Config, policy_mod.Policy]:
     return cfg, pol
 
 
-def serve(config_path: str, host: str | None = None, port: int | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def serve(config_path: str, host: str | None = None, port: int | None = None, *, workers: int = 1,
+          loop: str = "auto") -> int:
+    """Run the proxy until SIGTERM/SIGINT: in this process, or with `workers` > 1 in that many
+    forked worker processes sharing the port (proxy/workers.py says how and why). `loop`: `auto`
+    (uvloop when installed), `uvloop` or `asyncio`. The exit status: 2 for a config the proxy
+    refuses, 1 when workers failed, 0 otherwise."""
+    from . import workers as workers_mod
+    fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s" if workers > 1 else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format=fmt)
     try:
         cfg, pol = load(config_path)
         host, port = host or cfg.host, port or cfg.port
@@ -301,8 +309,24 @@ def serve(config_path: str, host: str | None = None, port: int | None = None) ->
     except ConfigError as exc:
         print(f"budget-proxy: {exc}", file=sys.stderr)
         return 2
-    log.info("environment %s, enforcement %s, store %s, policy %s", cfg.environment, cfg.enforcement,
-             cfg.store_url.split("://")[0] + "://…", pol.source)
-    server.run(build_app(cfg, pol), host, port, cfg.shutdown_grace_seconds,
-               lambda: log.info("listening on http://%s:%s/v1", host, port))
-    return 0
+    refusal = workers_mod.refusal(cfg.store_url if cfg.enforcement != "disabled" else None, workers, loop)
+    if refusal:
+        print(f"budget-proxy: {refusal}", file=sys.stderr)
+        return 2
+    log.info("environment %s, enforcement %s, store %s, policy %s, %d worker(s)", cfg.environment,
+             cfg.enforcement, cfg.store_url.split("://")[0] + "://…", pol.source, workers)
+
+    def run(sockets=None) -> None:
+        server.run(build_app(cfg, pol), host, port, cfg.shutdown_grace_seconds, lambda: log.info(
+            "listening on http://%s:%s/v1 (event loop: %s)", host, port,
+            type(asyncio.get_running_loop()).__module__.split(".")[0]), sockets=sockets, loop=loop)
+
+    if workers == 1:
+        run()
+        return 0
+    try:
+        sockets = workers_mod.listen(host, port, workers)
+    except OSError as exc:
+        print(f"budget-proxy: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return workers_mod.supervise(sockets, run)
