@@ -146,10 +146,16 @@ def parse(raw: bytes, kind: str) -> ApiCall:
         _texts_or_tokens(body, "prompt" if kind == "completion" else "input")
     if kind == "embedding" and stream:
         raise BadRequest("Embeddings cannot be streamed.", param="stream", code="invalid_value")
-    max_out = _int_field(body, "max_completion_tokens", 1, MAX_OUTPUT_TOKENS)
-    legacy = _int_field(body, "max_tokens", 1, MAX_OUTPUT_TOKENS)
+    # Both limits set: the larger is reserved. OpenAI prefers `max_completion_tokens`, but an
+    # OpenAI-compatible server that reads only `max_tokens` could answer up to that much.
+    limits = [v for v in (_int_field(body, "max_completion_tokens", 1, MAX_OUTPUT_TOKENS),
+                          _int_field(body, "max_tokens", 1, MAX_OUTPUT_TOKENS)) if v is not None]
+    choices = _int_field(body, "n", 1, 128) or 1
+    if kind == "completion":
+        # `best_of` completions are generated (and billed) server-side, `n` of them returned.
+        choices = max(choices, _int_field(body, "best_of", 1, 128) or 1)
     return ApiCall(ENDPOINTS[kind], body, model, stream, bool(opts and opts.get("include_usage")),
-                   max_out if max_out is not None else legacy, _int_field(body, "n", 1, 128) or 1, user)
+                   max(limits) if limits else None, choices, user)
 
 
 # --- the Responses and Messages APIs ----------------------------------------------------------
