@@ -10,11 +10,31 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
 from .endpoints import ENDPOINTS, Endpoint
-from .errors import BadRequest
+from .errors import BadRequest, PayloadTooLarge
 
 MAX_OUTPUT_TOKENS = 1_000_000      # far above any model's output limit, far below float trouble
 MAX_USER_CHARS = 256
+
+
+async def read(request: web.Request, limit: int) -> bytes:
+    """The request body, decoded as its Content-Encoding says, at most `limit` bytes; a body that
+    cannot be read is a 400 and one too large a 413 (every route that reads a body uses this)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the "
+                              f"{limit}-byte limit.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body is over the {limit}-byte limit.") from None
+    except web.RequestPayloadError:     # in practice: gzip/deflate on a body that is not
+        encoding = request.headers.get("Content-Encoding")
+        if encoding:
+            raise BadRequest(f"The request body could not be read as its Content-Encoding "
+                             f"({encoding}) says.", code="invalid_content_encoding") from None
+        raise BadRequest("The request body could not be read.", code="invalid_request_body") from None
 
 
 def _reject_constant(name: str):
