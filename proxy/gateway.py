@@ -79,6 +79,9 @@ class Gateway:
         admitted = await self._reserve(call, who, models, prompt)
         try:
             return await self._forward(request, call, admitted)
+        except asyncio.CancelledError:
+            admitted.flight.ensure_settled("client_gone")
+            raise
         finally:
             admitted.flight.ensure_settled()     # a no-op unless some path above forgot, or raised
 
@@ -185,10 +188,12 @@ class Gateway:
             flight.release_soon()
             raise _upstream_error(model.provider, ConnectionRefusedError())
         flight.sent = True
+        started = time.monotonic()
         try:
             with metrics.Timer(metrics.upstream(model.provider)):
                 up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None,
                                                request.headers)
+            flight.latency_ms = round((time.monotonic() - started) * 1000)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
             flight.release_soon()                   # never reached the upstream: nothing to pay
             raise _upstream_error(model.provider, exc) from None
@@ -210,7 +215,7 @@ class Gateway:
         """Upstream refused before any output: release, and pass its status and body through.
         Except 401/403: those are about the proxy's own upstream key (OpenAI's message even
         quotes part of it), which the client can neither see nor fix: a 502 of our own."""
-        flight.release_soon()
+        flight.release_soon("upstream_error")
         self.stats["upstream_errors"] += 1
         provider = flight.model.provider
         try:
@@ -254,7 +259,7 @@ class Gateway:
         except asyncio.CancelledError:
             up.close()                      # the client left: stop paying, drop the upstream now
             self.stats["client_disconnects"] += 1
-            flight.settle_stream(tap)
+            flight.settle_stream(tap, "client_gone")
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             # Either side broke: the client (a write failed) or the upstream (a read failed).
@@ -263,7 +268,7 @@ class Gateway:
             self.stats["client_disconnects" if client_gone else "upstream_cut"] += 1
             log.info("stream ended early (%s): %s", "client gone" if client_gone else "upstream cut",
                      type(exc).__name__)
-            flight.settle_stream(tap)
+            flight.settle_stream(tap, "client_gone" if client_gone else "cut")
             if not client_gone and request.transport is not None:
                 # Do not let aiohttp end the response cleanly: the client must see the cut too.
                 request.transport.abort()

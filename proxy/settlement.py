@@ -46,6 +46,7 @@ class Flight:
         self.prompt = prompt        # estimated prompt tokens
         self.count = count          # output text -> tokens, with the model's encoding
         self.sent = False           # the request may have reached the upstream
+        self.latency_ms: int | None = None   # upstream time to response headers, for the log
         self.observer = observer    # told of the commit (metrics, alerts); None in unit tests
         self.org = org
         self._settled = res is None
@@ -80,52 +81,53 @@ class Flight:
             self._timer.cancel()
         return True
 
-    def release_soon(self) -> None:
+    # Outcomes, as the settlement log records them (settlements.OUTCOMES): "ok" (the upstream
+    # answered), "cut" (a stream that ended without its usage), "client_gone", "upstream_error"
+    # (failed, timed out, or refused), "released" (never reached the upstream).
+
+    def release_soon(self, outcome: str = "released") -> None:
         """Nothing was used (the upstream was never reached, or refused before any output)."""
         if self._claim():
-            res = self.res
-            self.tasks.spawn(retry.until_stored(lambda: self._timed("release", self.ledger.release(res)),
-                                                f"release of {res.id}"))
+            res, latency = self.res, self.latency_ms
+            self.tasks.spawn(retry.until_stored(
+                lambda: self._timed("release", self.ledger.release(res, outcome, latency)), f"release of {res.id}"))
 
-    def commit_soon(self, usage: pricing.Usage) -> None:
+    def commit_soon(self, usage: pricing.Usage, outcome: str = "ok") -> None:
         if self._claim():
-            self.tasks.spawn(self._commit(usage))
+            self.tasks.spawn(self._commit(usage, outcome))
 
-    def charge_estimate_soon(self, output_tokens: int) -> None:
-        """No usage from the upstream: the prompt estimate plus what we counted of the output."""
-        self.commit_soon(pricing.estimate(self.prompt, output_tokens))
-
-    def charge_prompt_soon(self) -> None:
+    def charge_prompt_soon(self, outcome: str = "upstream_error") -> None:
         """The upstream may have read (and will bill) the prompt, but answered nothing."""
-        self.charge_estimate_soon(0)
+        self.commit_soon(pricing.estimate(self.prompt, 0), outcome)
 
-    def ensure_settled(self) -> None:
+    def ensure_settled(self, outcome: str = "upstream_error") -> None:
         """Last resort when the handler ends: a request that may have reached the upstream is
         charged its prompt; one that cannot have is released."""
         if self.sent:
-            self.charge_prompt_soon()
+            self.charge_prompt_soon(outcome)
         else:
             self.release_soon()
 
     # --- from what the upstream answered -----------------------------------------------------
 
-    def settle_stream(self, tap) -> None:
+    def settle_stream(self, tap, ended: str = "cut") -> None:
         """From a stream tap: its usage if the upstream reported it; released if the upstream
         failed before any output; else what is known of the input (the estimate, or the exact
-        input a stream reported at its start) plus an estimate of the output streamed."""
+        input a stream reported at its start) plus an estimate of the output streamed, logged
+        as `ended` ("cut", or "client_gone")."""
         read = self.endpoint.read_usage
         usage = read(tap.usage)
         if usage is not None:
             self.commit_soon(usage)
         elif tap.error is not None and not tap.output_chunks:
-            self.release_soon()              # an upstream error before any output
+            self.release_soon("upstream_error")      # an upstream error before any output
         else:
             # Only typed-event taps may know part of the usage (Anthropic: the exact input).
             known = read(getattr(tap, "partial", None)) or pricing.estimate(self.prompt, 0)
             estimate = max(known.output, tap.output_chunks, math.ceil(tap.output_chars / CHARS_PER_TOKEN))
             log.info("stream %s ended without usage; charging an estimate of %d output tokens",
                      self.res.id if self.res else "-", estimate)
-            self.commit_soon(known._replace(output=estimate))
+            self.commit_soon(known._replace(output=estimate), ended)
 
     def settle_body(self, data: bytes) -> None:
         """Settle from a whole response body; parsing it happens in the task, after the reply."""
@@ -142,13 +144,14 @@ class Flight:
             usage = pricing.estimate(self.prompt, self._count_output(obj))
         await self._commit(usage)
 
-    async def _commit(self, usage: pricing.Usage) -> None:
+    async def _commit(self, usage: pricing.Usage, outcome: str = "ok") -> None:
         """Tokens and the dollars of the model actually used, every token kind at its own rate."""
         actual = Amounts(usage.total_tokens, self.model.charge(usage))
         logged = LoggedUsage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning)
         res = self.res
-        stored = await retry.until_stored(lambda: self._timed("commit", self.ledger.commit(res, actual, logged)),
-                                          f"commit of {res.id}")
+        stored = await retry.until_stored(
+            lambda: self._timed("commit", self.ledger.commit(res, actual, logged, outcome, self.latency_ms)),
+            f"commit of {res.id}")
         if not stored:
             metrics.JOB_FAILURES.labels("settlement").inc()
         elif self.observer is not None:
