@@ -19,6 +19,9 @@ MAX_OUTPUT_TOKENS = 1_000_000      # far above any model's output limit, far bel
 MAX_USER_CHARS = 256
 
 
+_CLOSE = {"Connection": "close"}
+
+
 async def read(request: web.Request, limit: int) -> bytes:
     """The request body, decoded as its Content-Encoding says, at most `limit` bytes; a body that
     cannot be read is a 400 and one too large a 413 (every route that reads a body uses this)."""
@@ -30,11 +33,14 @@ async def read(request: web.Request, limit: int) -> bytes:
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"Request body is over the {limit}-byte limit.") from None
     except web.RequestPayloadError:     # in practice: gzip/deflate on a body that is not
+        # The rest of the body cannot be read either, so the connection cannot serve another
+        # request: the answer says so, and the client does not reuse it (server._Protocol keeps
+        # aiohttp's failed drain of the rest out of the error log).
         encoding = request.headers.get("Content-Encoding")
         if encoding:
             raise BadRequest(f"The request body could not be read as its Content-Encoding "
-                             f"({encoding}) says.", code="invalid_content_encoding") from None
-        raise BadRequest("The request body could not be read.", code="invalid_request_body") from None
+                             f"({encoding}) says.", code="invalid_content_encoding", headers=_CLOSE) from None
+        raise BadRequest("The request body could not be read.", code="invalid_request_body", headers=_CLOSE) from None
 
 
 def _reject_constant(name: str):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 
 import aiohttp
+from aiohttp import web
+
+from proxy import body, server
+from proxy.app import errors
 
 from . import harness, rawhttp
 from .rawhttp import post
@@ -55,3 +59,30 @@ async def test_since_that_overflows_a_float_is_a_400(start_proxy):
                              headers={"Authorization": f"Bearer {ADMIN}"}) as r:
                 assert r.status == 400, (since, await r.text())
                 assert (await r.json())["error"]["param"] == "since"
+
+
+async def test_a_body_that_fails_to_decode_closes_the_connection_cleanly_without_a_traceback(caplog):
+    # The 400 came, but aiohttp then drained the undecodable body again, logged "Unhandled
+    # exception" with a traceback (client bytes filling the error log), and dropped the
+    # keep-alive connection under the client's next request (connection reset). Served as
+    # `serve` serves (server.runner), with the one body reader and the app's error middleware.
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=await body.read(request, 1000))
+
+    app = web.Application(middlewares=[errors])
+    app.router.add_post("/", echo)
+    run = server.runner(app, 1.0)
+    await run.setup()
+    site = web.TCPSite(run, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{run.addresses[0][1]}/"
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.post(url, data=b"not gzip", headers={"Content-Encoding": "gzip"}) as r:
+                    assert r.status == 400 and r.headers.get("Connection", "").lower() == "close"
+                async with s.post(url, data=b"fine") as r:
+                    assert r.status == 200 and await r.read() == b"fine"
+    finally:
+        await run.cleanup()
+    assert "Unhandled exception" not in caplog.text and "Traceback" not in caplog.text
