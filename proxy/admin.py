@@ -25,7 +25,7 @@ from typing import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
-from .auth import loopback_host
+from .loopback import loopback_host
 from .config import AdminKey
 from .errors import ApiError, NotFound, Unauthorized
 

@@ -29,6 +29,7 @@ from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
 from .endpoints import ENDPOINTS
 from .gateway import Gateway
 from .ledger import Ledger
+from .loopback import loopback_host
 from .observer import Observer
 from .stores import open_store
 from .tasks import Tasks
@@ -86,7 +87,7 @@ async def open_auth_host(request: web.Request, handler) -> web.StreamResponse:
     operator's browser that rebinds its domain to 127.0.0.1 must not spend the upstream key."""
     config = request.app[GATEWAY].config
     if not config.keys and not config.allow_open_auth and request.path.startswith("/v1/") \
-            and not auth.loopback_host(request.headers.get("Host")):
+            and not loopback_host(request.headers.get("Host")):
         raise ApiError("With no API keys configured the proxy answers only requests addressed to "
                        "localhost (the Host header must be localhost, 127.0.0.1 or [::1]).",
                        status=403, type="permission_error", code="host_not_allowed")

@@ -12,7 +12,7 @@ import json
 import aiohttp
 import pytest
 
-from proxy.auth import loopback_host
+from proxy.loopback import loopback_host
 
 from . import rawhttp
 
