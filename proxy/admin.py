@@ -25,6 +25,7 @@ from typing import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
+from .loopback import loopback_host
 from .config import AdminKey
 from .errors import ApiError, NotFound, Unauthorized
 
@@ -127,6 +128,8 @@ def _mac(key: AdminKey, name: str, expires: int) -> str:
 
 def _local(request: web.Request) -> bool:
     if "Forwarded" in request.headers or "X-Forwarded-For" in request.headers:
+        return False
+    if not loopback_host(request.headers.get("Host")):       # DNS rebinding: see auth.loopback_host
         return False
     try:
         ip = ipaddress.ip_address(request.remote or "")

@@ -7,14 +7,16 @@ answers HTML, and a browser without a session gets the login form instead of a J
 from __future__ import annotations
 
 import time
+from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from . import dashboard, usage
+from . import body, dashboard, usage
 from .admin import AdminGate, NotAdmin, clear_session, set_session
 from .errors import NotFound, ServiceUnavailable, StoreUnavailable
 
 PAGE_SETTLEMENTS = 20
+LOGIN_BODY_BYTES = 16_384      # a login form holds one key
 
 
 def _html(text: str, status: int = 200) -> web.Response:
@@ -87,9 +89,8 @@ def add(app: web.Application, gate: AdminGate, ledger_key: web.AppKey, observer_
         exists(request)
         if gate.loopback_only:
             raise web.HTTPSeeOther("/admin/")
-        form = await request.post()
-        secret = form.get("key")
-        key = gate.key_for(secret) if isinstance(secret, str) and secret else None
+        secret = await _form_key(request)
+        key = gate.key_for(secret) if secret else None
         if key is None:
             return _html(dashboard.login_page("Incorrect admin key."), status=401)
         done = web.HTTPSeeOther("/admin/")
@@ -109,6 +110,20 @@ def add(app: web.Application, gate: AdminGate, ledger_key: web.AppKey, observer_
     app.router.add_get("/admin/login", login_form)
     app.router.add_post("/admin/login", login)
     app.router.add_post("/admin/logout", logout)
+
+
+async def _form_key(request: web.Request) -> str | None:
+    """The `key` field of the login form. Read here rather than with `request.post()`, which
+    raises on client input (an unknown charset, a broken multipart body, a bad gzip) and would
+    be a 500: the page's form is url-encoded, anything else is simply no key."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        return None
+    raw = await body.read(request, LOGIN_BODY_BYTES)
+    try:
+        fields = parse_qs(raw.decode("ascii"), encoding="utf-8", errors="surrogateescape")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return next(iter(fields.get("key", ())), None)
 
 
 async def _to_page(request: web.Request) -> web.StreamResponse:

@@ -29,6 +29,7 @@ from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
 from .endpoints import ENDPOINTS
 from .gateway import Gateway
 from .ledger import Ledger
+from .loopback import loopback_host
 from .observer import Observer
 from .stores import Store, open_store
 from .tasks import Tasks
@@ -80,6 +81,20 @@ async def errors(request: web.Request, handler) -> web.StreamResponse:
         return _error(request, err)
 
 
+@web.middleware
+async def open_auth_host(request: web.Request, handler) -> web.StreamResponse:
+    """With open auth allowed only because the proxy listens on loopback (no keys, no
+    `allow_open_auth`), /v1 answers only requests addressed to a loopback Host: a page in the
+    operator's browser that rebinds its domain to 127.0.0.1 must not spend the upstream key."""
+    config = request.app[GATEWAY].config
+    if not config.keys and not config.allow_open_auth and request.path.startswith("/v1/") \
+            and not loopback_host(request.headers.get("Host")):
+        raise ApiError("With no API keys configured the proxy answers only requests addressed to "
+                       "localhost (the Host header must be localhost, 127.0.0.1 or [::1]).",
+                       status=403, type="permission_error", code="host_not_allowed")
+    return await handler(request)
+
+
 def _models_body(cfg: config_mod.Config) -> bytes:
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "budget-proxy"} for name in cfg.routes]
     data += [{"id": name, "object": "model", "created": 0, "owned_by": m.provider}
@@ -93,7 +108,7 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     context and closed after it, under its own AppKey. Teardown runs in reverse: background jobs
     stop, running settlements drain (they need the store), then the store and the upstream
     sessions close."""
-    app = web.Application(middlewares=[metrics.count_requests, errors], client_max_size=cfg.max_body_bytes)
+    app = web.Application(middlewares=[metrics.count_requests, errors, open_auth_host], client_max_size=cfg.max_body_bytes)
     tokens = tokens or TokenCounter.load()          # blocking, once, before serving
     models = {"for": None, "body": b""}             # /v1/models, rendered once per config
 

@@ -64,3 +64,4 @@ def caller(key: ApiKey | None, end_user: str | None) -> Caller:
     if key.allow_end_user and end_user:
         return Caller(key.org, f"{key.org}/{end_user}", key.name)
     return Caller(key.org, key.user or key.name, key.name)
+

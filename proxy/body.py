@@ -10,11 +10,37 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
 from .endpoints import ENDPOINTS, Endpoint
-from .errors import BadRequest
+from .errors import BadRequest, PayloadTooLarge
 
 MAX_OUTPUT_TOKENS = 1_000_000      # far above any model's output limit, far below float trouble
 MAX_USER_CHARS = 256
+
+
+_CLOSE = {"Connection": "close"}
+
+
+async def read(request: web.Request, limit: int) -> bytes:
+    """The request body, decoded as its Content-Encoding says, at most `limit` bytes; a body that
+    cannot be read is a 400 and one too large a 413 (every route that reads a body uses this)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the "
+                              f"{limit}-byte limit.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body is over the {limit}-byte limit.") from None
+    except web.RequestPayloadError:     # in practice: gzip/deflate on a body that is not
+        # The rest of the body cannot be read either, so the connection cannot serve another
+        # request: the answer says so, and the client does not reuse it (server._Protocol keeps
+        # aiohttp's failed drain of the rest out of the error log).
+        encoding = request.headers.get("Content-Encoding")
+        if encoding:
+            raise BadRequest(f"The request body could not be read as its Content-Encoding "
+                             f"({encoding}) says.", code="invalid_content_encoding", headers=_CLOSE) from None
+        raise BadRequest("The request body could not be read.", code="invalid_request_body", headers=_CLOSE) from None
 
 
 def _reject_constant(name: str):
@@ -146,10 +172,16 @@ def parse(raw: bytes, kind: str) -> ApiCall:
         _texts_or_tokens(body, "prompt" if kind == "completion" else "input")
     if kind == "embedding" and stream:
         raise BadRequest("Embeddings cannot be streamed.", param="stream", code="invalid_value")
-    max_out = _int_field(body, "max_completion_tokens", 1, MAX_OUTPUT_TOKENS)
-    legacy = _int_field(body, "max_tokens", 1, MAX_OUTPUT_TOKENS)
+    # Both limits set: the larger is reserved. OpenAI prefers `max_completion_tokens`, but an
+    # OpenAI-compatible server that reads only `max_tokens` could answer up to that much.
+    limits = [v for v in (_int_field(body, "max_completion_tokens", 1, MAX_OUTPUT_TOKENS),
+                          _int_field(body, "max_tokens", 1, MAX_OUTPUT_TOKENS)) if v is not None]
+    choices = _int_field(body, "n", 1, 128) or 1
+    if kind == "completion":
+        # `best_of` completions are generated (and billed) server-side, `n` of them returned.
+        choices = max(choices, _int_field(body, "best_of", 1, 128) or 1)
     return ApiCall(ENDPOINTS[kind], body, model, stream, bool(opts and opts.get("include_usage")),
-                   max_out if max_out is not None else legacy, _int_field(body, "n", 1, 128) or 1, user)
+                   max(limits) if limits else None, choices, user)
 
 
 # --- the Responses and Messages APIs ----------------------------------------------------------

@@ -12,7 +12,6 @@ REDIS_HOST / REDIS_PORT / REDIS_DB / REDIS_PASSWORD).
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ import yaml
 
 from . import pricing, schema
 from .errors import ConfigError
+from .loopback import loopback_host
 from .policy import check_environment
 from .stores import url_problem
 
@@ -205,12 +205,7 @@ def check_exposure(cfg: Config, host: str) -> None:
 
 
 def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:              # a host name other than localhost: it may resolve anywhere
-        return False
+    return bool(host) and loopback_host(host)
 
 
 def load(path: str, env: Mapping[str, str] | None = None) -> Config:

@@ -26,7 +26,7 @@ from aiohttp import web
 from . import auth, body, metrics, planner
 from .config import Config, Model
 from .endpoints import ENDPOINTS
-from .errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
+from .errors import ApiError, ServiceUnavailable, StoreUnavailable, UpstreamFailed
 from .ledger import Ledger, Refusal, RequestInfo, Reservation
 from .observer import Observer
 from .quota import budget_headers, refusal_error
@@ -71,7 +71,7 @@ class Gateway:
         config = self.config                # one config for the whole request, even across a reload
         endpoint = ENDPOINTS[kind]
         key = auth.authenticate(auth.presented(request.headers, endpoint.api), config.keys)
-        call = body.parse(await self._read(request), kind)
+        call = body.parse(await body.read(request, config.max_body_bytes), kind)
         models = planner.models_for(config, call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
@@ -84,22 +84,6 @@ class Gateway:
             raise
         finally:
             admitted.flight.ensure_settled()     # a no-op unless some path above forgot, or raised
-
-    async def _read(self, request: web.Request) -> bytes:
-        limit = self.config.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"Request body of {request.content_length} bytes is over the "
-                                  f"{limit}-byte limit.")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(f"Request body is over the {limit}-byte limit.") from None
-        except web.RequestPayloadError:     # in practice: gzip/deflate on a body that is not
-            encoding = request.headers.get("Content-Encoding")
-            if encoding:
-                raise BadRequest(f"The request body could not be read as its Content-Encoding "
-                                 f"({encoding}) says.", code="invalid_content_encoding") from None
-            raise BadRequest("The request body could not be read.", code="invalid_request_body") from None
 
     # --- plan and reserve -----------------------------------------------------------------
 

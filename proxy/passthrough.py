@@ -82,8 +82,7 @@ async def count_tokens(request: web.Request, config: Config, upstreams: Upstream
     """POST /v1/messages/count_tokens: counted by the model's Anthropic provider, never charged."""
     endpoint = ENDPOINTS["messages"]
     auth.authenticate(auth.presented(request.headers, endpoint.api), config.keys)
-    raw = await request.read()
-    payload = body.json_object(raw)
+    payload = body.json_object(await body.read(request, config.max_body_bytes))
     name = payload.get("model")
     if not isinstance(name, str) or not name:
         raise BadRequest("model: Field required", param="model", code="missing_required_parameter")

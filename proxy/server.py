@@ -60,6 +60,17 @@ class _Protocol(web_protocol.RequestHandler):
         return resp
 
 
+    def log_exception(self, *args, **kw) -> None:
+        # After a handler answered a body that fails to decode (400, Connection: close), aiohttp
+        # drains the rest of it, which fails again and is logged as an unhandled exception with a
+        # traceback: the client's bad bytes, not a bug. One line, no traceback.
+        exc = kw.get("exc_info")
+        if isinstance(exc, web.RequestPayloadError):
+            log.info("request body could not be read (%s); connection closed", str(exc).split("\n", 1)[0])
+            return
+        super().log_exception(*args, **kw)
+
+
 class _Server(web.Server):
     def __call__(self) -> web_protocol.RequestHandler:
         return _Protocol(self, loop=self._loop, **self._kwargs)

@@ -81,7 +81,7 @@ def since_ms(value: str | None, param: str = "since") -> int | None:
         return None
     try:
         return int(float(value) * 1000)
-    except ValueError:
+    except (ValueError, OverflowError):     # not a number, NaN, or inf ("1e400")
         pass
     try:
         t = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
