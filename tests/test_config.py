@@ -14,7 +14,7 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "configs")
 BAD = {
     "bad_base_url.yaml": "providers.openai.base_url: expected an http:// or https:// URL, got 'ftp://x'",
     "bad_enforcement.yaml": "enforcement: expected one of strict, advisory, disabled; got 'lenient'",
-    "bad_store_url.yaml": "store: expected memory:// or a redis://, rediss:// or unix:// URL, got 'postgres://db'",
+    "bad_store_url.yaml": "store: expected memory:// or a redis://, rediss://, unix:// or redis+cluster:// URL, got 'postgres://db'",
     "key_not_sha256.yaml": "keys.a.sha256: expected 64 lowercase hex characters (budget-proxy hash-key "
                            "prints them), got 'not-a-hash'",
     "missing_price.yaml": "models.gpt-4o: missing required key 'input_per_million'",
@@ -25,7 +25,7 @@ BAD = {
     "unknown_provider.yaml": "models.gpt-4o.provider: expected one of openai; got 'azure'",
     "unknown_top_key.yaml": "(top level): unknown key 'enforcment'",
     "unset_variable.yaml": "listen.port: environment variable BP_UNSET_PORT_VAR is not set",
-    "store_url_with_password.yaml": "store: expected memory:// or a redis://, rediss:// or unix:// URL, "
+    "store_url_with_password.yaml": "store: expected memory:// or a redis://, rediss://, unix:// or redis+cluster:// URL, "
                                      "got 'postgres://***@db:5432/0'",       # the password is masked
 }
 
