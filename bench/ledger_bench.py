@@ -69,17 +69,27 @@ def _commandstats(server: RedisServer) -> dict[str, tuple[int, int]]:
 _SCRIPTS = ("evalsha", "eval", "evalsha_ro", "eval_ro")
 
 
-async def redis_work(server: RedisServer, n: int = 500) -> tuple[float, float, float, dict[str, float]]:
-    """(round trips, commands, server usec, commands by name) per sequential reserve+commit."""
+def _cpu_us(server: RedisServer) -> float:
+    """CPU time of Redis's main thread (user + system), in microseconds: unlike commandstats'
+    usec (wall time inside each command) it does not grow when other processes take the core,
+    and it includes reading, parsing and answering the calls."""
+    info = dict(line.split(":", 1) for line in server.command("INFO", "cpu").decode().split("\r\n")
+                if ":" in line)
+    return (float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])) * 1e6
+
+
+async def redis_work(server: RedisServer, n: int = 500) -> tuple[float, float, float, float, dict[str, float]]:
+    """(round trips, commands, server usec, main-thread CPU usec, commands by name) per sequential
+    reserve+commit."""
     store = open_store(server.url)
     ledger = Ledger(store, POLICY)
     warm = await ledger.reserve("warm", Amounts(1, 1), SCOPES)   # connection set-up, SCRIPT LOAD
     await ledger.commit(warm, Amounts(1, 1))
-    before = _commandstats(server)
+    before, cpu0 = _commandstats(server), _cpu_us(server)
     for _ in range(n):
         res = await ledger.reserve(uuid.uuid4().hex, Amounts(1200, 9000), SCOPES)
         await ledger.commit(res, Amounts(900, 7000))
-    after = _commandstats(server)
+    cpu1, after = _cpu_us(server), _commandstats(server)
     await store.close()
     diff = {k: (c - before.get(k, (0, 0))[0], u - before.get(k, (0, 0))[1]) for k, (c, u) in after.items()}
     diff.pop("info", None)
@@ -87,7 +97,7 @@ async def redis_work(server: RedisServer, n: int = 500) -> tuple[float, float, f
     usec = sum(diff.get(k, (0, 0))[1] for k in _SCRIPTS)
     commands = sum(c for c, _ in diff.values())
     by_name = {k: c / n for k, (c, _) in sorted(diff.items(), key=lambda kv: -kv[1][0]) if c}
-    return trips / n, commands / n, usec / n, by_name
+    return trips / n, commands / n, usec / n, (cpu1 - cpu0) / n, by_name
 
 
 async def main() -> None:
@@ -112,11 +122,13 @@ async def main() -> None:
             # usec is wall time inside Redis: on a shared machine other processes inflate it, so
             # the best of several rounds is the figure that compares between runs.
             rounds = [await redis_work(server) for _ in range(5)]
-            trips, commands, _, by_name = rounds[0]
+            trips, commands, _, _, by_name = rounds[0]
             usecs = sorted(r[2] for r in rounds)
+            cpus = sorted(r[3] for r in rounds)
             print(f"redis per request (reserve + commit, sequential): {trips:.2f} round trips, "
                   f"{commands:.1f} commands, {usecs[0]:.1f} us of server time (scripts' usec; best "
-                  f"of 5 rounds, median {usecs[2]:.1f})")
+                  f"of 5 rounds, median {usecs[2]:.1f}); Redis main-thread CPU {cpus[0]:.1f} us "
+                  f"(median {cpus[2]:.1f})")
             print("  commands: " + ", ".join(f"{k} {v:.2f}" for k, v in by_name.items()))
     finally:
         if server is not None:

@@ -1,8 +1,9 @@
-"""The `budget-proxy` command: serve, validate, hash-key."""
+"""The `budget-proxy` command: serve, validate, hash-key, export, audit."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import glob
 import hashlib
 import os
@@ -63,6 +64,76 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.config, host=args.host, port=args.port)
 
 
+def _when(text: str) -> int:
+    """Epoch ms from ISO 8601 (a zone-less time is UTC; a date alone is its midnight UTC) or
+    from epoch seconds."""
+    from datetime import datetime, timezone
+    try:
+        return int(float(text) * 1000)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time or epoch seconds, got {text!r}") from None
+    return int((t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp() * 1000)
+
+
+async def _with_ledger(config_path: str, work):
+    """Run `work(ledger)` on the store the config names, read directly: the proxy may be down."""
+    from . import config
+    from .ledger import Ledger
+    from .stores import open_store
+    cfg = config.load(config_path)
+    if cfg.store_url.startswith("memory://"):
+        raise ConfigError(f"{config_path}: store: expected a shared store (redis://…) to read; "
+                          "the memory store lives inside the proxy process")
+    pol = policy.load_for(cfg.environment, cfg.policies_dir, cfg.policy_path)
+    store = open_store(cfg.store_url, cfg.namespace)
+    try:
+        return await work(Ledger(store, pol, namespace=cfg.namespace))
+    finally:
+        await store.close()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The settlement log, oldest first, one record a line (CSV: a header row first)."""
+    from .errors import StoreUnavailable
+    from .settlements import write_csv, write_jsonl
+
+    async def work(ledger):
+        return await ledger.settlements(args.since, args.until, limit=2 ** 62)
+    try:
+        records = asyncio.run(_with_ledger(args.config, work))
+    except (ConfigError, StoreUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    (write_csv if args.format == "csv" else write_jsonl)(reversed(records), sys.stdout)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Per scope: the window's used counters beside the same recomputed from the log; 1 on drift."""
+    from .errors import StoreUnavailable
+
+    async def work(ledger):
+        return await ledger.audit(args.window)
+    try:
+        drifts = asyncio.run(_with_ledger(args.config, work))
+    except (ConfigError, StoreUnavailable, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'scope':<40} {'tokens':>14} {'logged':>14} {'drift':>8} {'usd_micro':>16} {'logged':>16} {'drift':>10}")
+    bad = 0
+    for d in drifts:
+        bad += bool(d.tokens or d.usd)
+        print(f"{d.scope_type + ':' + d.scope_id:<40} {d.counter.tokens_used:>14} {d.logged_tokens:>14} "
+              f"{d.tokens:>8} {d.counter.usd_used:>16} {d.logged_usd:>16} {d.usd:>10}")
+    window = drifts[0].window_key.rsplit(":", 1)[-1] if drifts else args.window
+    print(f"audit {window}: {len(drifts)} scopes, {bad} with drift")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="budget-proxy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("hash-key", help="print the sha256 of a proxy API key, for config.yaml")
     p.add_argument("key", nargs="?")
     p.set_defaults(func=cmd_hash_key)
+    p = sub.add_parser("export", help="write the settlement log (oldest first)")
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--since", type=_when, help="ISO 8601 time (UTC unless zoned) or epoch seconds")
+    p.add_argument("--until", type=_when)
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("audit", help="recompute a window's counters from the settlement log")
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--window", choices=("minute", "hour", "day", "month"), default="day")
+    p.set_defaults(func=cmd_audit)
     args = parser.parse_args(argv)
     return args.func(args)
 

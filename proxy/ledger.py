@@ -8,8 +8,12 @@ hour counters are kept only where the policy limits them (a new one starts from 
 half of all counters and nobody reads an unlimited minute's spend, while each counter costs Redis
 work on every request.
 
-Windows are fixed at reserve time: the reservation carries its counter keys, so a request that
+Windows are fixed at reserve time: the reservation carries its counters, so a request that
 starts at 23:59:59 and ends after midnight is charged to the day it started.
+
+Every settlement also appends a record to the settlement log in the same store call (see
+settlements.py); `settlements`, `usage`, `audit` and `claim` are the reads and the one write the
+admin API, the CLI and alerts build on.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-from .keys import scope_field, window_key
+from .keys import parse_scope_field, scope_field, window_key
 from .policy import UNLIMITED, Policy
 from .errors import StoreUnavailable
+from .settlements import OUTCOMES, Drift, RequestInfo, SettlementRecord, Usage, audit, record
 from .stores import Counter, ReserveOutcome, Seen, Status, Store
+from .stores.base import Note
 from .windows import WINDOWS, Window, windows_at
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,23 @@ class Plan(NamedTuple):
 
 
 FAR_FUTURE_MS = 2 ** 62
+
+
+class Pair(NamedTuple):
+    tokens: int | None     # None: unlimited (in a limit or what remains of one)
+    usd: int | None        # micro-dollars
+
+
+class ScopeUsage(NamedTuple):
+    """One scope in one window, as the usage API shows it."""
+    scope: Scope
+    window: str            # minute | hour | day | month
+    start: float           # epoch seconds
+    end: float
+    used: Pair
+    reserved: Pair
+    limit: Pair
+    remaining: Pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +166,10 @@ class Ledger:
                 slots.append(Slot(Counter(key, scope_field(scope.type, scope.id), tl, dl, expire_ms), scope, w))
         return Plan(tuple(s.counter for s in slots), tuple(slots))
 
-    async def reserve(self, rid: str, amounts: Amounts, scopes: Sequence[Scope]) -> Reservation | Refusal:
-        """Reserve `amounts` on every counter of `scopes`, or refuse naming the first one over."""
+    async def reserve(self, rid: str, amounts: Amounts, scopes: Sequence[Scope],
+                      info: RequestInfo | None = None) -> Reservation | Refusal:
+        """Reserve `amounts` on every counter of `scopes`, or refuse naming the first one over.
+        `info` is kept with the reservation for its settlement's log record."""
         if not (0 <= amounts.tokens <= MAX_AMOUNT and 0 <= amounts.usd <= MAX_AMOUNT):
             raise ValueError(f"amounts out of range: {amounts}")
         policy = self.policy
@@ -153,7 +178,8 @@ class Ledger:
         counters = plan.counters
         deadline = int((now + policy.lease_seconds) * 1000)
         try:
-            out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow)
+            out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow,
+                                           info.pack() if info else "")
         except (StoreUnavailable, asyncio.CancelledError):
             # The answer was lost (timeout, dropped connection, the caller went away) but the
             # script may have run: undo it by id, off the caller's task, retrying a while.
@@ -201,15 +227,17 @@ class Ledger:
                 await asyncio.sleep(min(0.1 * 2 ** attempt, 5.0))
         log.error("could not release reservation %s whose answer was lost; its lease will expire", rid)
 
-    async def commit(self, res: Reservation, actual: Amounts) -> bool:
-        """Charge the actual amounts in the reservation's windows. False if already settled."""
+    async def commit(self, res: Reservation, actual: Amounts, usage: Usage | None = None,
+                     outcome: str = "ok", latency_ms: int | None = None) -> bool:
+        """Charge the actual amounts in the reservation's windows, logging `usage` and `outcome`
+        (ok, cut, client_gone, upstream_error). False if already settled."""
         self._check_overrun(res, actual)
         tokens, usd = (min(max(0, v), MAX_AMOUNT) for v in (actual.tokens, actual.usd))
-        return await self.store.commit(res.id, res.counters, tokens, usd)
+        return await self.store.commit(res.id, res.counters, tokens, usd, _note(outcome, usage, latency_ms))
 
-    async def release(self, res: Reservation) -> bool:
+    async def release(self, res: Reservation, outcome: str = "released", latency_ms: int | None = None) -> bool:
         """Give the reservation back; nothing used. False if already settled."""
-        return await self.store.release(res.id, res.counters)
+        return await self.store.release(res.id, res.counters, _note(outcome, None, latency_ms))
 
     async def extend(self, res: Reservation) -> Reservation:
         """Push the lease of a long-running request by another lease length from now."""
@@ -253,6 +281,63 @@ class Ledger:
         every request has finished, none should remain)."""
         return [e.id for e in await self.store.expired(FAR_FUTURE_MS, limit)]
 
+    async def usage(self, window: str | None = None, type: str | None = None,  # noqa: A002 - API names
+                    id: str | None = None) -> list[ScopeUsage]:  # noqa: A002
+        """Every scope seen in the current windows (or the one named), read from each window's
+        index in one pipeline. Minute and hour windows list the scopes limited there (only those
+        are counted; see the module docstring); day and month every scope that spent."""
+        policy = self.policy
+        now = self._clock()
+        wins = [w for w in self._windows(now, policy) if window is None or w.name == window]
+        if window is not None and not wins:
+            raise ValueError(f"window: expected one of {', '.join(WINDOWS)}, got {window!r}")
+        tables = await self.store.windows([window_key(self._ns, w.label) for w in wins])
+        out = []
+        for w, table in zip(wins, tables):
+            i = WINDOWS.index(w.name)
+            for field, (t, tr, d, dr) in sorted(table.items()):
+                scope = Scope(*parse_scope_field(field))
+                if (type is not None and scope.type != type) or (id is not None and scope.id != id):
+                    continue
+                tl, dl = (None if v == UNLIMITED else v for v in policy.limits_for(scope.type, scope.id).table[i])
+                left = Pair(None if tl is None else max(0, tl - t - tr), None if dl is None else max(0, dl - d - dr))
+                out.append(ScopeUsage(scope, w.name, w.start, w.end, Pair(t, d), Pair(tr, dr), Pair(tl, dl), left))
+        return out
+
+    async def settlements(self, since_ms: int | None = None, until_ms: int | None = None, limit: int = 100,
+                          org: str | None = None, user: str | None = None) -> list[SettlementRecord]:
+        """The settlement log, newest first, filtered by time (epoch ms) and org / user."""
+        out: list[SettlementRecord] = []
+        before = None
+        size = min(max(limit, 100), 2000)        # pages bound each reply (the log may be 100 MB)
+        while len(out) < limit:
+            page = await self.store.settlements(since_ms, until_ms, size, before)
+            for entry in page:
+                r = record(entry)
+                if (org is None or r.org == org) and (user is None or r.user == user):
+                    out.append(r)
+                    if len(out) == limit:
+                        break
+            if len(page) < size:
+                break
+            before = page[-1].seq
+        return out
+
+    async def audit(self, window: str = "day") -> list[Drift]:
+        """Every scope's used amounts in the current `window`, recomputed from the settlement log
+        (which must reach back to the window's start), beside the counters."""
+        w = next((w for w in self._windows(self._clock(), self.policy) if w.name == window), None)
+        if w is None:
+            raise ValueError(f"window: expected one of {', '.join(WINDOWS)}, got {window!r}")
+        key = window_key(self._ns, w.label)
+        (table,) = await self.store.windows([key])
+        return audit(key, table, await self.settlements(limit=2 ** 62))
+
+    async def claim(self, key: str, expire_at_ms: int) -> bool:
+        """True for exactly one caller across every process sharing the store, until the claim
+        expires (e.g. one alert per scope, window, unit and threshold)."""
+        return await self.store.claim(key, expire_at_ms)
+
     @staticmethod
     def _check_overrun(res: Reservation, actual: Amounts) -> None:
         for unit, got, held in (("tokens", actual.tokens, res.amounts.tokens), ("usd", actual.usd, res.amounts.usd)):
@@ -262,4 +347,11 @@ class Ledger:
                         unit if unit == "tokens" else "micro-USD", held)
 
 
-__all__ = ["Amounts", "Balance", "Ledger", "Refusal", "Reservation", "Scope", "WINDOWS"]
+def _note(outcome: str, usage: Usage | None, latency_ms: int | None) -> Note:
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome: expected one of {', '.join(OUTCOMES)}, got {outcome!r}")
+    return Note(outcome, usage.pack() if usage else "", "" if latency_ms is None else str(int(latency_ms)))
+
+
+__all__ = ["Amounts", "Balance", "Ledger", "Pair", "Refusal", "RequestInfo", "Reservation", "Scope",
+           "ScopeUsage", "SettlementRecord", "Usage", "WINDOWS"]

@@ -91,9 +91,19 @@ class Harness:
         return {(b.window, b.unit): b for b in await ledger.snapshot([scope])}
 
     async def reserved_anywhere(self) -> list[str]:
-        """Reservations the store still holds open, any scope (read through the ledger)."""
+        """Reservations still open, and scopes still holding a reserved amount in any current
+        window, read through the ledger's public reads."""
         await self.settled()
-        return await self.gateway.ledger.open_reservations()
+        ledger = self.gateway.ledger
+        held = [f"reservation {rid}" for rid in await ledger.open_reservations()]
+        held += [f"{u.window} {u.scope.type}:{u.scope.id} reserved {u.reserved}"
+                 for u in await ledger.usage() if u.reserved.tokens or u.reserved.usd]
+        return held
+
+    async def drift(self) -> list:
+        """Scopes whose day or month counters disagree with the settlement log (budget-proxy audit)."""
+        ledger = self.gateway.ledger
+        return [d for window in ("day", "month") for d in await ledger.audit(window) if d.tokens or d.usd]
 
     async def books(self) -> tuple[int, int]:
         """(tokens used, tokens reserved) on the global day counter."""
@@ -145,6 +155,7 @@ async def stop(h: Harness, check_reserved: bool = True) -> None:
     try:
         if check_reserved and h.gateway.ledger is not None:
             assert await h.reserved_anywhere() == []
+            assert await h.drift() == []
     finally:
         await _close(h)
 

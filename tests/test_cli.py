@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import json
 import os
 import shutil
 import socket
 import sys
+import time
 
 import openai
 from aiohttp.test_utils import TestServer
@@ -70,3 +74,81 @@ def test_serve_refuses_an_invalid_config(tmp_path, capsys):
 def test_hash_key_prints_the_sha256(capsys):
     assert main(["hash-key", "abc"]) == 0
     assert capsys.readouterr().out.strip() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+# --- export and audit: read the store named in the config, the proxy down --------------------
+
+def _redis_config(tmp_path, redis_url: str) -> str:
+    from .harness import config_data
+    from .test_settlements import MIXED_POLICY
+    (tmp_path / "policy.yaml").write_text(json.dumps({"version": 1, **MIXED_POLICY}))
+    data = {**config_data("http://127.0.0.1:9/v1", redis_url), "policy": "policy.yaml"}
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+async def _workload(redis_url: str) -> list:
+    from proxy.ledger import Ledger
+    from proxy.policy import parse
+    from proxy.stores import open_store
+    from .test_ledger import Clock
+    from .test_settlements import MIXED_POLICY, _mixed_workload
+    store = open_store(redis_url)
+    clock = Clock(time.time())
+    ledger = Ledger(store, parse({"version": 1, **MIXED_POLICY}, "p"), clock=clock)
+    await _mixed_workload(ledger, clock)
+    records = await ledger.settlements(limit=1000)
+    await store.close()
+    return records
+
+
+async def test_export_round_trips_the_log_as_json_lines_and_csv(tmp_path, redis_url, capsys):
+    from proxy.settlements import EXPORT_FIELDS
+    records = await _workload(redis_url)
+    expected = [r.export() for r in reversed(records)]                     # oldest first
+    config = _redis_config(tmp_path, redis_url)
+    assert await asyncio.to_thread(main, ["export", "--config", config]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == expected and len(lines) == 32
+    assert await asyncio.to_thread(main, ["export", "--config", config, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert list(rows[0]) == list(EXPORT_FIELDS)
+    assert [r["id"] for r in rows] == [e["id"] for e in expected]
+    assert [int(r["usd_micro"]) for r in rows] == [e["usd_micro"] for e in expected]
+    assert {r["outcome"] for r in rows} == {"ok", "upstream_error", "expired", "corrected"}
+    since = records[0].time                                                # the newest millisecond
+    assert await asyncio.to_thread(main, ["export", "--config", config, "--since", since]) == 0
+    newest = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert newest == [e for e in expected if e["time"] >= since] and newest[-1]["outcome"] == "corrected"
+    future = str(time.time() + 3600)
+    assert await asyncio.to_thread(main, ["export", "--config", config, "--since", future]) == 0
+    assert capsys.readouterr().out == ""
+
+
+async def test_audit_exits_zero_when_clean_and_non_zero_on_a_corrupted_counter(tmp_path, redis_url, capsys):
+    import struct
+
+    import redis as redis_sync
+    await _workload(redis_url)
+    config = _redis_config(tmp_path, redis_url)
+    assert await asyncio.to_thread(main, ["audit", "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "7 scopes, 0 with drift" in out and "org:acme" in out
+    r = redis_sync.Redis.from_url(redis_url)
+    (key,) = r.keys("{bp}:w:d*")
+    t, tr, d, dr = struct.unpack("<dddd", r.hget(key, "user:bob"))
+    r.hset(key, "user:bob", struct.pack("<dddd", t, tr, d - 100, dr))     # a lost write of 100 micro-USD
+    r.close()
+    assert await asyncio.to_thread(main, ["audit", "--config", config, "--window", "day"]) == 1
+    out = capsys.readouterr().out
+    bob = next(line for line in out.splitlines() if line.startswith("user:bob"))
+    assert bob.split()[-1] == "-100" and "7 scopes, 1 with drift" in out
+
+
+def test_export_refuses_the_memory_store(tmp_path, capsys):
+    from .harness import config_data
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config_data("http://127.0.0.1:9/v1", "memory://")))
+    assert main(["export", "--config", str(path)]) == 2
+    assert f"{path}: store: expected a shared store" in capsys.readouterr().err

@@ -259,9 +259,10 @@ async def test_every_redis_key_expires(redis_server, redis_url):
     await ledger.commit(res, Amounts(10, 10))
     await store.close()
     r = redis_sync.Redis.from_url(redis_url)
-    keys = [k for k in r.keys("*") if not k.endswith(b":leases")]   # the lease index is one key
+    # The lease index and the settlement log are one key each (the log capped by length).
+    keys = [k for k in r.keys("*") if not k.endswith((b":leases", b":log"))]
     assert len(keys) == 4 and all(r.pttl(k) > 0 for k in keys)       # 3 window hashes + the record
-    sizes = sorted(r.hlen(k) for k in keys if b":w:" in k)
+    sizes = sorted(r.hlen(k) - 1 for k in keys if b":w:" in k)     # less the hash's "_" marker
     assert sizes == [1, 5, 5]        # minute: the limited user only; day and month: every scope
     assert r.pttl(b"{bp}:r:r1") <= 120_000
     r.close()
@@ -287,3 +288,30 @@ async def test_a_reserve_whose_reply_was_lost_is_released_by_id(store):
         await ledger.reserve("lost", Amounts(60, 1), SCOPES)
     await asyncio.gather(*ledger.pending)
     assert all(b.reserved == 0 for b in await ledger.snapshot(SCOPES))
+
+
+def _commands(redis_server) -> dict[str, int]:
+    out = {}
+    for line in redis_server.command("INFO", "commandstats").decode().split("\r\n"):
+        if line.startswith("cmdstat_"):
+            name, _, rest = line.partition(":")
+            out[name.removeprefix("cmdstat_")] = int(rest.split("calls=")[1].split(",")[0])
+    return out
+
+
+async def test_a_request_costs_nineteen_redis_commands_whoever_sends_it(redis_server, redis_url):
+    # Issue 10's budget is 25 per reserve + commit. Three windows here (a limited minute, day,
+    # month): one HMGET and one HSET per window and call, the record, the lease, the log entry;
+    # a new scope (a new user every request) adds no PEXPIREAT: each window hash expires once.
+    store = open_store(redis_url)
+    ledger = ledger_for(store, defaults={"user": {"minute": {"tokens": 10 ** 9}}, "org": {"day": {"usd": 10}}})
+    warm = await ledger.reserve("warm", Amounts(1, 1), SCOPES)
+    await ledger.commit(warm, Amounts(1, 1))
+    before = _commands(redis_server)
+    for i in range(20):
+        res = await ledger.reserve(f"r{i}", Amounts(10, 10), (*SCOPES[:2], Scope("user", f"u{i}"), *SCOPES[3:]))
+        await ledger.commit(res, Amounts(5, 5))
+    after = _commands(redis_server)
+    spent = {k: (v - before.get(k, 0)) / 20 for k, v in after.items() if v != before.get(k, 0) and k != "info"}
+    assert spent == {"evalsha": 2, "hmget": 6, "hset": 6, "set": 2, "zadd": 1, "zrem": 1, "xadd": 1}
+    await store.close()

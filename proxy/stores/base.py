@@ -13,6 +13,10 @@ SETTLED_TTL_MS = 120_000
 # An open reservation's record outlives its lease deadline by this much: long enough for the
 # sweeper of any surviving process to find it, bounded so a store without sweepers still empties.
 OPEN_RECORD_MARGIN_MS = 35 * 86_400_000
+# Settlement log entries kept by default (a capped stream on Redis, a ring in memory; the oldest
+# go first). About 420-520 bytes each on Redis: 100,000 entries are ~45 MB. `budget-proxy audit`
+# needs the log to reach back to the start of the window it checks.
+LOG_LENGTH = 100_000
 
 
 class Status(enum.IntEnum):
@@ -64,6 +68,28 @@ class Expired(NamedTuple):
     counters: tuple[Counter, ...]
 
 
+class Note(NamedTuple):
+    """What a settlement's log record says beyond the amounts (see proxy/settlements.py)."""
+    outcome: str             # ok | cut | client_gone | upstream_error | released (expired and
+    #                          corrected are the store's own)
+    usage: str = ""          # "<prompt> <cached> <completion> <reasoning>" tokens, or "" unknown
+    latency_ms: str = ""     # upstream latency, or "" unknown
+
+
+class LogEntry(NamedTuple):
+    """One settlement as the store logged it, in the same atomic call that moved the counters."""
+    seq: str                 # its position in the log ("<ms>-<n>", as a Redis stream id)
+    time_ms: int             # when it was written (the store's clock)
+    id: str                  # reservation id
+    outcome: str
+    tokens: int              # what the counters' used amounts moved by (a correction: the delta)
+    usd: int                 # micro-dollars, likewise
+    usage: str               # as in Note
+    latency_ms: str
+    info: str                # the request, as passed to reserve (opaque to the store)
+    windows: tuple[tuple[str, tuple[str, ...]], ...]   # (window key, scope fields charged there)
+
+
 class Store(abc.ABC):
     """Counters and reservations. Every method is atomic; every failure is StoreUnavailable.
 
@@ -72,20 +98,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
-                      deadline_ms: int, force: bool) -> ReserveOutcome:
+                      deadline_ms: int, force: bool, info: str = "") -> ReserveOutcome:
         """Check every counter (used + reserved + amount <= limit), then charge every counter's
         reserved amount, or none. Records the reservation with a lease until `deadline_ms`.
         A second call with the same `rid` writes nothing and answers DUPLICATE. With `force`,
-        charge even when over (answering FORCED with the first counter over its limit)."""
+        charge even when over (answering FORCED with the first counter over its limit). `info`
+        (one line) is kept with the reservation and copied into its settlement's log entry."""
 
     @abc.abstractmethod
-    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int) -> bool:
+    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
+                     note: Note = Note("ok")) -> bool:
         """Move reservation `rid` from reserved to used with the actual amounts. After `expire`
         charged it, correct that charge to the actual amounts (once). Unknown `rid` (the store
         lost it): charge the amounts anyway, the usage is real."""
 
     @abc.abstractmethod
-    async def release(self, rid: str, counters: Sequence[Counter]) -> bool:
+    async def release(self, rid: str, counters: Sequence[Counter], note: Note = Note("released")) -> bool:
         """Give reservation `rid` back, nothing used (after `expire`: refund what it charged).
         Unknown `rid`: marked settled, so a reserve retried later under it writes nothing."""
 
@@ -106,6 +134,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def snapshot(self, counters: Sequence[Counter]) -> list[Totals]:
         """The totals of each counter (zeros for a counter never written)."""
+
+    @abc.abstractmethod
+    async def windows(self, keys: Sequence[str]) -> list[dict[str, Totals]]:
+        """Every scope field of each window with its totals: the index of the scopes seen there."""
+
+    @abc.abstractmethod
+    async def settlements(self, since_ms: int | None, until_ms: int | None, limit: int,
+                          before: str | None = None) -> list[LogEntry]:
+        """Up to `limit` log entries written in [since_ms, until_ms], newest first; `before`
+        (an entry's `seq`) continues a previous page with the entries older than it."""
+
+    @abc.abstractmethod
+    async def claim(self, name: str, expire_at_ms: int) -> bool:
+        """True for the first caller (any process) to claim `name` until `expire_at_ms`."""
 
     async def close(self) -> None:
         """Release connections."""

@@ -8,12 +8,14 @@ task can interleave.
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, ReserveOutcome,
-                   Seen, Status, Store, Totals)
+from .base import (EMPTY, LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry,
+                   Note, ReserveOutcome, Seen, Status, Store, Totals)
 
 _ZERO = (0, 0, 0, 0)
 
@@ -32,11 +34,15 @@ class _Record:
     deadline: int
     counters: tuple[Counter, ...]
     forget_at: int
+    info: str = ""
 
 
 class MemoryStore(Store):
-    def __init__(self, clock=time.time) -> None:
+    def __init__(self, clock=time.time, log_length: int = LOG_LENGTH) -> None:
         self._clock = clock
+        self._log: deque[tuple] = deque(maxlen=log_length)        # raw entries, see _append
+        self._seq = itertools.count()
+        self._claims: dict[str, int] = {}
         self._windows: dict[str, _Window] = {}
         self._records: dict[str, _Record] = {}
         self._open: dict[str, _Record] = {}          # the reserved (unsettled) subset, for expiry
@@ -63,35 +69,42 @@ class MemoryStore(Store):
         return row
 
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
-                      deadline_ms: int, force: bool) -> ReserveOutcome:
+                      deadline_ms: int, force: bool, info: str = "") -> ReserveOutcome:
         self._purge()
         if rid in self._records:
             return ReserveOutcome(Status.DUPLICATE)
         first = None
         seen = []
+        rows = []                    # the hot path: rows looked up once, inline (no method calls)
+        windows = self._windows
         for i, c in enumerate(counters):
+            win = windows.get(c.window)
+            row = win.rows.get(c.scope) if win is not None else None
+            rows.append(row)
             if c.token_limit < 0 and c.usd_limit < 0:
                 continue
-            t, tr, d, dr = self._row(c) or _ZERO
+            t, tr, d, dr = row or _ZERO
             seen.append(Seen(i, Totals(t, tr, d, dr)))
             if first is None and ((c.token_limit >= 0 and t + tr + tokens > c.token_limit) or
                                   (c.usd_limit >= 0 and d + dr + usd > c.usd_limit)):
                 first = seen[-1]
                 if not force:
                     return ReserveOutcome(Status.REFUSED, first)
-        for c in counters:
-            row = self._row(c) or self._new_row(c)
+        for c, row in zip(counters, rows):
+            if row is None:
+                row = self._new_row(c)
             row[1] += tokens
             row[3] += usd
         self._remember(rid, _Record("r", tokens, usd, deadline_ms, tuple(counters),
-                                    deadline_ms + OPEN_RECORD_MARGIN_MS))
+                                    deadline_ms + OPEN_RECORD_MARGIN_MS, info))
         return ReserveOutcome(Status.ADMITTED if first is None else Status.FORCED, first, tuple(seen))
 
-    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int) -> bool:
-        return self._settle(rid, counters, tokens, usd)
+    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
+                     note: Note = Note("ok")) -> bool:
+        return self._settle(rid, counters, tokens, usd, note)
 
-    async def release(self, rid: str, counters: Sequence[Counter]) -> bool:
-        return self._settle(rid, counters, 0, 0)
+    async def release(self, rid: str, counters: Sequence[Counter], note: Note = Note("released")) -> bool:
+        return self._settle(rid, counters, 0, 0, note)
 
     async def expire(self, rid: str, counters: Sequence[Counter], charge: bool, now_ms: int) -> bool:
         rec = self._records.get(rid)
@@ -99,37 +112,50 @@ class MemoryStore(Store):
             return False
         tokens, usd = (rec.tokens, rec.usd) if charge else (0, 0)
         self._apply(counters, tokens, usd, rec.tokens, rec.usd)
+        self._append(rid, Note("expired"), tokens, usd, rec.info, counters)
         # Kept (with what was charged) while its windows live: a late commit corrects it.
         forget = max((c.expire_at for c in counters), default=now_ms)
-        self._remember(rid, _Record("x", tokens, usd, 0, (), forget))
+        self._remember(rid, _Record("x", tokens, usd, 0, (), forget, rec.info))
         return True
 
-    def _settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int) -> bool:
+    def _settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int, note: Note) -> bool:
         rec = self._records.get(rid)
         state = rec.state if rec else None
         if state == "r":
             self._apply(counters, tokens, usd, rec.tokens, rec.usd)
         elif state == "x":                               # late: correct the sweeper's charge
-            self._apply(counters, tokens - rec.tokens, usd - rec.usd, 0, 0)
+            tokens, usd = tokens - rec.tokens, usd - rec.usd
+            self._apply(counters, tokens, usd, 0, 0)
+            note = note._replace(outcome="corrected")
         elif state is not None:
             return False                                 # already settled
         else:
             self._apply(counters, tokens, usd, 0, 0)     # record lost (purged): usage is real
+        self._append(rid, note, tokens, usd, rec.info if rec else "", counters)
         self._remember(rid, _Record("c", 0, 0, 0, (), self._now_ms() + SETTLED_TTL_MS))
         return True
 
+    def _append(self, rid: str, note: Note, tokens: int, usd: int, info: str, counters: Sequence[Counter]) -> None:
+        # Kept raw: the log entry is built when read (settlements), not on every settlement.
+        now = self._now_ms()
+        self._log.append((f"{now}-{next(self._seq)}", now, rid, note, tokens, usd, info, counters))
+
     def _apply(self, counters: Sequence[Counter], used_t: int, used_d: int, res_t: int, res_d: int) -> None:
+        windows = self._windows
         for c in counters:
-            row = self._row(c)
+            win = windows.get(c.window)
+            row = win.rows.get(c.scope) if win is not None else None
             if row is None:
                 # The window's data is gone (purged): record the usage, nothing to un-reserve.
                 if used_t > 0 or used_d > 0:
-                    self._new_row(c)[:] = [used_t, 0, used_d, 0]
+                    self._new_row(c)[:] = [max(used_t, 0), 0, max(used_d, 0), 0]
                 continue
-            row[0] = max(0, row[0] + used_t)
-            row[1] = max(0, row[1] - res_t)
-            row[2] = max(0, row[2] + used_d)
-            row[3] = max(0, row[3] - res_d)
+            row[0] += used_t
+            row[1] -= res_t
+            row[2] += used_d
+            row[3] -= res_d
+            if row[0] < 0 or row[1] < 0 or row[2] < 0 or row[3] < 0:
+                row[:] = [max(v, 0) for v in row]
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
         rec = self._records.get(rid)
@@ -146,6 +172,40 @@ class MemoryStore(Store):
 
     async def snapshot(self, counters: Sequence[Counter]) -> list[Totals]:
         return [Totals(*row) if (row := self._row(c)) else EMPTY for c in counters]
+
+    async def windows(self, keys: Sequence[str]) -> list[dict[str, Totals]]:
+        self._purge()
+        out = []
+        for key in keys:
+            win = self._windows.get(key)
+            out.append({f: Totals(*row) for f, row in win.rows.items()} if win else {})
+        return out
+
+    async def settlements(self, since_ms: int | None, until_ms: int | None, limit: int,
+                          before: str | None = None) -> list[LogEntry]:
+        out = []
+        older = _seq_key(before) if before else None
+        for raw in reversed(self._log):
+            seq, ms = raw[0], raw[1]
+            if older is not None and _seq_key(seq) >= older:
+                continue
+            if until_ms is not None and ms > until_ms:
+                continue
+            if since_ms is not None and ms < since_ms:
+                break
+            out.append(_entry(*raw))
+            if len(out) >= limit:
+                break
+        return out
+
+    async def claim(self, name: str, expire_at_ms: int) -> bool:
+        now = self._now_ms()
+        if self._claims.get(name, 0) > now:
+            return False
+        if len(self._claims) > 10_000:
+            self._claims = {k: v for k, v in self._claims.items() if v > now}
+        self._claims[name] = expire_at_ms
+        return True
 
     def _remember(self, rid: str, rec: _Record) -> None:
         if rec.state == "r":
@@ -177,3 +237,17 @@ class MemoryStore(Store):
             if rec is not None and rec.forget_at <= now_ms:
                 del self._records[rid]
                 self._open.pop(rid, None)
+
+
+def _seq_key(seq: str) -> tuple[int, int]:
+    ms, _, n = seq.partition("-")
+    return int(ms), int(n or 0)
+
+
+def _entry(seq: str, ms: int, rid: str, note: Note, tokens: int, usd: int, info: str,
+           counters: Sequence[Counter]) -> LogEntry:
+    windows: dict[str, list[str]] = {}
+    for c in counters:
+        windows.setdefault(c.window, []).append(c.scope)
+    return LogEntry(seq, ms, rid, note.outcome, tokens, usd, note.usage, note.latency_ms, info,
+                    tuple((k, tuple(v)) for k, v in windows.items()))

@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import struct
 from importlib import resources
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -24,9 +23,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ..errors import StoreUnavailable
-from ..keys import leases_key, record_key
-from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, ReserveOutcome, Seen,
-                   Status, Store, Totals)
+from ..keys import claim_key, leases_key, log_key, record_key
+from . import wire as fmt
+from .base import (LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
+                   ReserveOutcome, Seen, Status, Store, Totals)
 
 _FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
@@ -97,45 +97,6 @@ class _Coalescer:
             self._done()
 
 
-class _Wire(NamedTuple):
-    """A request's counters as the scripts take them (see reserve.lua): its window keys, and per
-    window <expire-at> <n> <n fields> <n token/usd limit pairs>."""
-    keys: tuple[str, ...]
-    args: tuple[str, ...]
-
-
-def _wire(counters: Sequence[Counter]) -> _Wire:
-    groups: dict[str, list[Counter]] = {}
-    for c in counters:
-        groups.setdefault(c.window, []).append(c)
-    args: list[str] = []
-    for group in groups.values():
-        args += (str(group[0].expire_at), str(len(group)), *(c.scope for c in group))
-        for c in group:
-            args += (str(c.token_limit), str(c.usd_limit))
-    return _Wire(tuple(groups), tuple(args))
-
-
-def _counters(keys: list[str], args: list[str]) -> tuple[Counter, ...]:
-    """The counters of a wire form (as kept in a reservation record)."""
-    out = []
-    a = 0
-    for key in keys:
-        expire, n = int(args[a]), int(args[a + 1])
-        fields, limits = args[a + 2:a + 2 + n], args[a + 2 + n:a + 2 + 3 * n]
-        out += (Counter(key, f, int(limits[2 * j]), int(limits[2 * j + 1]), expire) for j, f in enumerate(fields))
-        a += 2 + 3 * n
-    return tuple(out)
-
-
-def _totals(value: bytes | None) -> Totals:
-    """A counter's value in a window hash: four little-endian doubles (see reserve.lua)."""
-    return Totals(*map(int, _VALUE.unpack(value))) if value else EMPTY
-
-
-_VALUE = struct.Struct("<dddd")
-
-
 def _wrap_errors(cls):
     """Every public coroutine method of `cls` raises StoreUnavailable for any redis-py, OS or
     timeout error, naming the operation; nothing from redis.exceptions reaches the caller."""
@@ -156,16 +117,18 @@ def _wrap_errors(cls):
 @_wrap_errors
 class RedisStore(Store):
     def __init__(self, url: str, namespace: str = "bp", *, timeout: float = 1.0,
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, log_length: int = LOG_LENGTH) -> None:
         self._ns = namespace
         self._leases = leases_key(namespace)
+        self._log = log_key(namespace)
+        self._log_length = log_length
         self._max_connections = max_connections
         self._r = self._connect(url, timeout, max_connections)
         self._reserve = self._r.register_script(_script("reserve"))
         self._settle_script = self._r.register_script(_script("settle"))
         self._extend = self._r.register_script(_script("extend"))
         self._calls = self._caller()
-        self._wires: dict[tuple[Counter, ...], _Wire] = {}
+        self._wires: dict[tuple[Counter, ...], fmt.Wire] = {}
 
     @staticmethod
     def _connect(url: str, timeout: float, max_connections: int):
@@ -183,7 +146,7 @@ class RedisStore(Store):
     def _caller(self):
         return _Coalescer(self._r)
 
-    def _wired(self, counters: Sequence[Counter]) -> _Wire:
+    def _wired(self, counters: Sequence[Counter]) -> fmt.Wire:
         """The wire form of `counters`, cached: the ledger passes the same tuple for every
         request of one plan, so encoding (most of the client's cost per call) happens once."""
         key = counters if isinstance(counters, tuple) else tuple(counters)
@@ -191,35 +154,38 @@ class RedisStore(Store):
         if wire is None:
             if len(self._wires) > 4096:
                 self._wires.clear()
-            wire = self._wires[key] = _wire(key)
+            wire = self._wires[key] = fmt.wire(key)
         return wire
 
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
-                      deadline_ms: int, force: bool) -> ReserveOutcome:
+                      deadline_ms: int, force: bool, info: str = "") -> ReserveOutcome:
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
-                "1" if force else "0", "", *wire.args]
+                "1" if force else "0", info, wire.record, *wire.reserve]
         st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args)
         seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
         over = Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None
         return ReserveOutcome(Status(st), over, seen)
 
-    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int) -> bool:
-        return await self._settle(rid, counters, "commit", tokens, usd)
+    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
+                     note: Note = Note("ok")) -> bool:
+        return await self._settle(rid, counters, "commit", tokens, usd, note)
 
-    async def release(self, rid: str, counters: Sequence[Counter]) -> bool:
-        return await self._settle(rid, counters, "release", 0, 0)
+    async def release(self, rid: str, counters: Sequence[Counter], note: Note = Note("released")) -> bool:
+        return await self._settle(rid, counters, "release", 0, 0, note)
 
     async def expire(self, rid: str, counters: Sequence[Counter], charge: bool, now_ms: int) -> bool:
         keep_until = max((c.expire_at for c in counters), default=now_ms)
-        return await self._settle(rid, counters, "expire", 0, 0, now_ms, "1" if charge else "0", keep_until)
+        return await self._settle(rid, counters, "expire", 0, 0, Note("expired"), now_ms,
+                                  "1" if charge else "0", keep_until)
 
     async def _settle(self, rid: str, counters: Sequence[Counter], mode: str, tokens: int, usd: int,
-                      now_ms: int = 0, charge: str = "0", keep_until: int = 0) -> bool:
+                      note: Note, now_ms: int = 0, charge: str = "0", keep_until: int = 0) -> bool:
         wire = self._wired(counters)
-        keys = [record_key(self._ns, rid), self._leases, *wire.keys]
-        args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until, *wire.args]
+        keys = [record_key(self._ns, rid), self._leases, self._log, *wire.keys]
+        args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
+                note.outcome, note.usage, note.latency_ms, self._log_length, wire.record, *wire.settle]
         return bool(await self._calls.call(self._settle_script, keys, args))
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
@@ -234,14 +200,8 @@ class RedisStore(Store):
         for rid in ids:
             pipe.get(record_key(self._ns, rid.decode()))
         records = await pipe.execute()
-        out = []
-        for rid, rec in zip(ids, records):
-            # "r <deadline> <tokens> <usd>\n<keys>\n<counters>\n<info>"; a vanished record is
-            # passed on with no counters, for expire to drop from the lease index.
-            parts = rec.decode().split("\n", 3) if rec else []
-            counters = _counters(parts[1].split(" "), parts[2].split(" ")) if len(parts) == 4 else ()
-            out.append(Expired(rid.decode(), counters))
-        return out
+        # A vanished record is passed on with no counters, for expire to drop from the lease index.
+        return [Expired(rid.decode(), fmt.record_counters(rec)) for rid, rec in zip(ids, records)]
 
     async def snapshot(self, counters: Sequence[Counter]) -> list[Totals]:
         wire = self._wired(counters)
@@ -255,8 +215,26 @@ class RedisStore(Store):
         found = {}
         for (key, names), vals in zip(fields.items(), rows):
             for name, v in zip(names, vals):
-                found[key, name] = _totals(v)
+                found[key, name] = fmt.totals(v)
         return [found[c.window, c.scope] for c in counters]
+
+    async def windows(self, keys: Sequence[str]) -> list[dict[str, Totals]]:
+        pipe = self._r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        rows = await pipe.execute()
+        return [{f.decode(): fmt.totals(v) for f, v in row.items() if f != b"_"} for row in rows]
+
+    async def settlements(self, since_ms: int | None, until_ms: int | None, limit: int,
+                          before: str | None = None) -> list[LogEntry]:
+        # Stream ids are "<ms>-<n>" of the server's clock: the range is read by id, newest first.
+        top = f"({before}" if before else ("+" if until_ms is None else str(until_ms))
+        bottom = "-" if since_ms is None else str(since_ms)
+        rows = await self._r.xrevrange(self._log, top, bottom, count=limit)
+        return [fmt.log_entry(seq.decode(), fields) for seq, fields in rows]
+
+    async def claim(self, name: str, expire_at_ms: int) -> bool:
+        return bool(await self._r.set(claim_key(self._ns, name), b"1", nx=True, pxat=expire_at_ms))
 
     async def close(self) -> None:
         if self._calls.tasks:

@@ -31,6 +31,14 @@ async def test_duplicate_id_writes_nothing(store):
     assert await store.snapshot(cs[:1]) == [(0, 10, 0, 0)]
 
 
+async def test_a_retried_reserve_is_a_duplicate_even_when_its_own_amount_fills_the_counter(store):
+    # redis-py retries a call whose reply was lost: the counters now hold this id's reservation.
+    cs = counters((10, -1))
+    assert (await store.reserve("a", cs, 10, 0, NOW_MS, False)).status is Status.ADMITTED
+    assert (await store.reserve("a", cs, 10, 0, NOW_MS, False)).status is Status.DUPLICATE
+    assert await store.snapshot(cs) == [(0, 10, 0, 0)]
+
+
 async def test_refusal_names_the_first_counter_over_and_its_values(store):
     cs = counters((100, -1), (5, -1), (1, -1))
     out = await store.reserve("a", cs, 10, 0, NOW_MS, False)
@@ -78,7 +86,9 @@ async def test_every_redis_operation_fails_as_store_unavailable():
     calls = {"reserve": lambda: store.reserve("a", cs, 1, 1, NOW_MS, False),
              "commit": lambda: store.commit("a", cs, 1, 1), "release": lambda: store.release("a", cs),
              "expire": lambda: store.expire("a", cs, True, NOW_MS), "extend": lambda: store.extend("a", NOW_MS),
-             "expired": lambda: store.expired(NOW_MS, 10), "snapshot": lambda: store.snapshot(cs[:1])}
+             "expired": lambda: store.expired(NOW_MS, 10), "snapshot": lambda: store.snapshot(cs[:1]),
+             "windows": lambda: store.windows(["{bp}:w:test"]), "settlements": lambda: store.settlements(None, None, 10),
+             "claim": lambda: store.claim("x", NOW_MS)}
     from proxy.stores.redis import RedisStore
     public = {n for n, f in vars(RedisStore).items() if not n.startswith("_") and inspect.iscoroutinefunction(f)}
     assert public - {"close"} == set(calls)

@@ -6,66 +6,83 @@
 --           (doubles: exact below 2^53; one C call to read or write, where text needs four)
 -- ARGV[1] reservation id      ARGV[2] tokens      ARGV[3] micro-USD
 -- ARGV[4] lease deadline (epoch ms)      ARGV[5] record expiry (epoch ms)   ARGV[6] "1" = force
--- ARGV[7] what the settlement log needs to know about the request (opaque; kept in the record)
--- ARGV[8..] the counters, per window in KEYS order: <expire-at epoch ms> <n> <n fields>
---           <token limit> <micro-USD limit> (n pairs; -1 = none)
+-- ARGV[7] the request, for the settlement log (one line, opaque)
+-- ARGV[8] the counters as settle.lua takes them, space-joined (kept in the record for the sweeper)
+-- ARGV[9..] the counters, per window in KEYS order: <expire-at epoch ms> <n> <n fields> <m> then
+--           m limited fields as <position 1..n> <token limit> <micro-USD limit> (-1 = none)
 -- Returns {status, index, used tokens, reserved tokens, used micro-USD, reserved micro-USD, seen}
 --   status 0 refused (nothing written), 1 admitted, 2 duplicate id (nothing written),
 --          3 over a limit but written anyway (force); index: the first counter over (0-based,
 --          counting fields in ARGV order).
 --   seen: when admitted, {i, t, tr, d, dr, ...} for every limited counter i (0-based) as read
 --         before this reservation, so the caller learns the balances without another round trip.
--- Record: "r <deadline> <tokens> <micro-USD>\n<KEYS[3..]>\n<ARGV[8..]>\n<ARGV[7]>" (space-joined
---         lists), so the sweeper knows the counters and the log the request.
+-- Record: "r <deadline> <tokens> <micro-USD>\n<ARGV[7]>\n<KEYS[3..] space-joined>\n<ARGV[8]>"
+--         (the request first: settle.lua reads it with an anchored pattern, not a scan).
 --
 -- Every counter is checked before any is written: a Lua error after a write is not rolled back.
--- A window hash gets its expiry when one of the fields written was absent (it may be new), so
--- each hash is expired once per scope and window, not on every call.
+-- A repeated id (redis-py retrying a call that ran) is found by the record's SET NX, or, when the
+-- counters now refuse (they hold this id's own reservation), by EXISTS on that path only.
+-- Each window hash carries a marker field "_": read with the counters (no extra command), it
+-- says whether the hash is new, so PEXPIREAT runs once per window hash, not once per call.
 
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {2, -1, 0, 0, 0, 0, {}}
-end
+local KEYS, ARGV = KEYS, ARGV
+local DUPLICATE = {2, -1, 0, 0, 0, 0, {}}
 
+local unpack, tonumber, sunpack, spack = unpack, tonumber, struct.unpack, struct.pack
 local tokens, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
 local force = ARGV[6] == '1'
-local over, seen = nil, {}
-local unpack, tonumber, sunpack, spack = unpack, tonumber, struct.unpack, struct.pack
-local writes = {}
-local index = 0
-local a = 8
+local over, seen, ns = nil, {}, 0
+local reads, fresh = {}, {}
+local base, a = 0, 9
 
 for w = 3, #KEYS do
   local n = tonumber(ARGV[a + 1])
-  local first, limits = a + 2, a + 2 + n
-  local vals = redis.call('HMGET', KEYS[w], unpack(ARGV, first, first + n - 1))
-  local args, fresh = {}, false
+  local first = a + 2
+  local got = redis.call('HMGET', KEYS[w], '_', unpack(ARGV, first, first + n - 1))
+  fresh[w] = not got[1]
+  local vals = {}
   for j = 1, n do
-    local t, tr, d, dr = 0, 0, 0, 0
-    if vals[j] then t, tr, d, dr = sunpack('<dddd', vals[j]) else fresh = true end
-    local tl, dl = tonumber(ARGV[limits + 2 * j - 2]), tonumber(ARGV[limits + 2 * j - 1])
-    if tl >= 0 or dl >= 0 then
-      local s = #seen
-      seen[s + 1], seen[s + 2], seen[s + 3], seen[s + 4], seen[s + 5] = index, t, tr, d, dr
-      if not over and ((tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl)) then
-        if not force then return {0, index, t, tr, d, dr, {}} end
-        over = {index, t, tr, d, dr}
-      end
-    end
-    args[2 * j - 1] = ARGV[first + j - 1]
-    args[2 * j] = spack('<dddd', t, tr + tokens, d, dr + usd)
-    index = index + 1
+    local v = got[j + 1]
+    if v then vals[j] = {sunpack('<dddd', v)} else vals[j] = {0, 0, 0, 0} end
   end
-  writes[#writes + 1] = {KEYS[w], args, fresh and ARGV[a]}
-  a = limits + 2 * n
+  reads[w] = vals
+  local l = first + n
+  for k = l + 1, l + 3 * tonumber(ARGV[l]), 3 do
+    local j, tl, dl = tonumber(ARGV[k]), tonumber(ARGV[k + 1]), tonumber(ARGV[k + 2])
+    local v = vals[j]
+    local t, tr, d, dr = v[1], v[2], v[3], v[4]
+    seen[ns + 1], seen[ns + 2], seen[ns + 3], seen[ns + 4], seen[ns + 5] = base + j - 1, t, tr, d, dr
+    ns = ns + 5
+    if not over and ((tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl)) then
+      if not force then
+        if redis.call('EXISTS', KEYS[1]) == 1 then return DUPLICATE end   -- a retry, once admitted
+        return {0, base + j - 1, t, tr, d, dr, {}}
+      end
+      over = {base + j - 1, t, tr, d, dr}
+    end
+  end
+  base = base + n
+  a = l + 1 + 3 * tonumber(ARGV[l])
 end
 
-redis.call('SET', KEYS[1], 'r ' .. ARGV[4] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. '\n' ..
-           table.concat(KEYS, ' ', 3) .. '\n' .. table.concat(ARGV, ' ', 8) .. '\n' .. ARGV[7],
-           'PXAT', ARGV[5])
-for i = 1, #writes do
-  local wr = writes[i]
-  redis.call('HSET', wr[1], unpack(wr[2]))
-  if wr[3] then redis.call('PEXPIREAT', wr[1], wr[3]) end
+-- The record is the first write, NX: if this id already reserved, nothing has been written yet.
+if not redis.call('SET', KEYS[1], 'r ' .. ARGV[4] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. '\n' .. ARGV[7] ..
+                  '\n' .. table.concat(KEYS, ' ', 3) .. '\n' .. ARGV[8], 'NX', 'PXAT', ARGV[5]) then
+  return DUPLICATE
+end
+a = 9
+for w = 3, #KEYS do
+  local n = tonumber(ARGV[a + 1])
+  local first, vals, args = a + 2, reads[w], {'_', '1'}
+  for j = 1, n do
+    local v = vals[j]
+    args[2 * j + 1] = ARGV[first + j - 1]
+    args[2 * j + 2] = spack('<dddd', v[1], v[2] + tokens, v[3], v[4] + usd)
+  end
+  redis.call('HSET', KEYS[w], unpack(args))
+  if fresh[w] then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end
+  local l = first + n
+  a = l + 1 + 3 * tonumber(ARGV[l])
 end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 

@@ -2,33 +2,43 @@
 -- or expire (the sweeper, for a lease whose deadline has passed).
 --
 -- KEYS[1]   reservation record (string, see reserve.lua)     KEYS[2]  lease index (zset)
--- KEYS[3..] the reservation's window hashes (values as in reserve.lua)
+-- KEYS[3]   settlement log (stream)         KEYS[4..] the reservation's window hashes (as in reserve.lua)
 -- ARGV[1] reservation id    ARGV[2] mode: "commit", "release" or "expire"
 -- ARGV[3] actual tokens, ARGV[4] actual micro-USD (commit; 0 otherwise)
 -- ARGV[5] TTL (ms) of a settled record, kept so a repeated settle is a no-op
 -- ARGV[6] expire only: now (epoch ms); only a lease whose deadline is <= now is settled
 -- ARGV[7] expire only: "1" charge what was reserved, "0" charge nothing
 -- ARGV[8] expire only: epoch ms until which the expired record is kept (its windows' last expiry)
--- ARGV[9..] the counters per window, as reserve.lua's ARGV[8..] (the limits are not read)
+-- ARGV[9] outcome for the log (commit, release)   ARGV[10] usage "<prompt> <cached> <completion>
+--         <reasoning>" or ""   ARGV[11] upstream latency ms or ""   ARGV[12] log length (approximate cap)
+-- ARGV[13] ARGV[14..] space-joined, for the log entry
+-- ARGV[14..] the counters, per window in KEYS order: <expire-at epoch ms> <n> <n fields>
 -- Returns 1 if settled (or corrected) now; 0 if already settled, not yet due, or unknown.
+--
+-- Every settlement appends one log entry in this same call (so log and counters cannot disagree):
+--   id, o outcome (expire: "expired"; a late commit or release after it: "corrected"),
+--   ct / cd tokens / micro-USD the used counters moved by (a correction: the delta),
+--   u usage, l latency, i the request info kept from reserve, w window keys charged (space-joined),
+--   c the counters charged (ARGV[13]: per window <expire-at> <n> <n fields>).
 --
 -- Record states: "r ..." open; "x <deadline> <charged tokens> <charged micro-USD>\n..." settled by
 -- the sweeper, kept so that the late commit or release of a live request corrects the charge to
 -- its actual amounts, once; "c" settled.
 
+local KEYS, ARGV = KEYS, ARGV
 local unpack, tonumber, sunpack, spack, max = unpack, tonumber, struct.unpack, struct.pack, math.max
 
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
 -- (a restart, or the window expired) gets the usage again, nothing to take back.
 local function apply(used_t, used_d, res_t, res_d)
-  local a = 9
-  for w = 3, #KEYS do
+  local a = 14
+  for w = 4, #KEYS do
     local n = tonumber(ARGV[a + 1])
     local first = a + 2
-    local vals = redis.call('HMGET', KEYS[w], unpack(ARGV, first, first + n - 1))
-    local args, fresh = {}, false
+    local vals = redis.call('HMGET', KEYS[w], '_', unpack(ARGV, first, first + n - 1))
+    local args, fresh = {'_', '1'}, not vals[1]     -- "_": the hash's marker (see reserve.lua)
     for j = 1, n do
-      local v = vals[j]
+      local v = vals[j + 1]
       local s = #args
       if v then
         local t, tr, d, dr = sunpack('<dddd', v)
@@ -37,13 +47,21 @@ local function apply(used_t, used_d, res_t, res_d)
       elseif used_t > 0 or used_d > 0 then
         args[s + 1] = ARGV[first + j - 1]
         args[s + 2] = spack('<dddd', max(used_t, 0), 0, max(used_d, 0), 0)
-        fresh = true
       end
     end
-    if #args > 0 then redis.call('HSET', KEYS[w], unpack(args)) end
-    if fresh then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end
-    a = first + 3 * n
+    if #args > 2 then
+      redis.call('HSET', KEYS[w], unpack(args))
+      if fresh then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end
+    end
+    a = first + n
   end
+end
+
+-- Amounts go to XADD as Lua numbers: Redis 7 writes integers below 2^53 exactly.
+local function log(outcome, t, d, rec)
+  local info = rec and string.match(rec, '^[^\n]*\n([^\n]*)') or ''
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[12], '*', 'id', ARGV[1], 'o', outcome, 'ct', t, 'cd', d,
+             'u', ARGV[10], 'l', ARGV[11], 'i', info, 'w', table.concat(KEYS, ' ', 4), 'c', ARGV[13])
 end
 
 local mode = ARGV[2]
@@ -60,6 +78,7 @@ if mode == 'expire' then
   local t, d = 0, 0
   if ARGV[7] == '1' then t, d = res_t, res_d end
   apply(t, d, res_t, res_d)
+  log('expired', t, d, rec)
   redis.call('SET', KEYS[1], 'x ' .. deadline .. ' ' .. string.format('%d %d', t, d) .. rest, 'PXAT', ARGV[8])
   redis.call('ZREM', KEYS[2], ARGV[1])
   return 1
@@ -70,15 +89,19 @@ local tokens, usd = tonumber(ARGV[3]), tonumber(ARGV[4])
 local rec = redis.call('SET', KEYS[1], 'c', 'PX', ARGV[5], 'GET')
 if not rec then
   apply(tokens, usd, 0, 0)                               -- the store lost the record; usage is real
+  log(ARGV[9], tokens, usd, nil)
   return 1
 end
 local state, _, res_t, res_d = string.match(rec, '^(%a) (%d+) (%d+) (%d+)')
 if state == 'r' then
   apply(tokens, usd, tonumber(res_t), tonumber(res_d))
+  log(ARGV[9], tokens, usd, rec)
   redis.call('ZREM', KEYS[2], ARGV[1])
   return 1
 elseif state == 'x' then                                 -- late: correct the sweeper's charge
-  apply(tokens - tonumber(res_t), usd - tonumber(res_d), 0, 0)
+  local t, d = tokens - tonumber(res_t), usd - tonumber(res_d)
+  apply(t, d, 0, 0)
+  log('corrected', t, d, rec)
   return 1
 end
 return 0                                                 -- already settled
