@@ -45,15 +45,15 @@ def tokens():
     return TokenCounter.load()
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_url(request):
-    """A store URL for e2e tests: the embedded store, and a real redis-server."""
-    return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
-
-
 _STORE_URLS = {"memory": lambda request: "memory://",
                "redis": lambda request: request.getfixturevalue("redis_url"),
                "cluster": lambda request: request.getfixturevalue("cluster_url")}
+
+
+@pytest.fixture(params=list(_STORE_URLS))
+def store_url(request):
+    """A store URL for e2e tests: the embedded store, a real redis-server, a real Redis Cluster."""
+    return _STORE_URLS[request.param](request)
 
 
 @pytest.fixture(params=list(_STORE_URLS))

@@ -335,27 +335,44 @@ class ClusterStore(RedisStore):
                 for (_, rid), rec in zip(due, records)]
 
     async def snapshot(self, counters: Sequence[Counter]) -> list[Totals]:
-        """This tenant's counters; an allowance counter as `_as_lent` reports it, with the lent
-        total read now (one more HMGET, on the lenders' shard)."""
+        """An org's counters, its allowance counters as `_as_lent` reports them (with the lent
+        total read now, one HGET each on the lender's shard). Counters naming no org (an
+        operator's look at the global scope, say) are summed over every org: one HMGET per org."""
         await self._calls.ready()
         plan = self._tenant_plan(counters)
+        if not plan.tenant:
+            return await self._summed(plan.limits)
         rows = await super().snapshot(plan.counters)
         if not plan.allowances:
             return rows
-        lenders = {(lend_key(self._ns, window_label(plan.limits[i].window)), plan.limits[i].scope) for i in plan.allowances}
+        order = sorted(plan.allowances)
         pipe = self._r.pipeline(transaction=False)
-        for lender, scope in lenders:
-            pipe.hget(lender, scope)
-        for (lender, scope), raw in zip(lenders, await pipe.execute()):
-            lent_t, lent_d = fmt.totals(raw)[:2]
-            self._lent[lender, scope] = (lent_t, lent_d)
-        mine = await super().snapshot([Counter(plan.counters[i].window, "~" + plan.counters[i].scope, -1, -1, 0)
-                                       for i in sorted(plan.allowances)])
+        for i in order:
+            pipe.hget(lend_key(self._ns, window_label(plan.limits[i].window)), plan.limits[i].scope)
+        for i, raw in zip(order, await pipe.execute()):
+            self._lent[lend_key(self._ns, window_label(plan.limits[i].window)), plan.limits[i].scope] = fmt.totals(raw)[:2]
+        held = await super().snapshot([Counter(plan.counters[i].window, "~" + plan.counters[i].scope, -1, -1, 0)
+                                       for i in order])
         out = list(rows)
-        for i, (gt, rt, gd, rd) in zip(sorted(plan.allowances), mine):
+        for i, (gt, rt, gd, rd) in zip(order, held):
             t, tr, d, dr = rows[i]
-            held = Seen(i, Totals(t - (gt - rt), tr, d - (gd - rd), dr))
-            out[i] = self._as_lent(plan, ReserveOutcome(Status.ADMITTED, None, (held,))).seen[0].totals
+            mine = Seen(i, Totals(t - (gt - rt), tr, d - (gd - rd), dr))
+            out[i] = self._as_lent(plan, ReserveOutcome(Status.ADMITTED, None, (mine,))).seen[0].totals
+        return out
+
+    async def _summed(self, counters: Sequence[Counter]) -> list[Totals]:
+        tenants = await self._all_tenants()
+        pipe = self._r.pipeline(transaction=False)
+        for c in counters:
+            for tenant in tenants:
+                pipe.hget(in_tenant(c.window, self._ns, tenant), c.scope)
+        rows = iter(await pipe.execute())
+        out = []
+        for _ in counters:
+            total = EMPTY
+            for _ in tenants:
+                total = Totals(*(a + b for a, b in zip(total, fmt.totals(next(rows)))))
+            out.append(total)
         return out
 
     async def windows(self, keys: Sequence[str]) -> list[dict[str, Totals]]:
