@@ -96,6 +96,7 @@ FRACTION = 8              # a draw's extra is at most 1/(FRACTION x holders) of 
 CHUNK_REQUESTS = 32       # ... and at most this many more requests of the size that drew it
 MAX_EXTRA_DRAWS = 8        # draws per reserve beyond one per allowance (see reserve)
 RECLAIM_SECONDS = 1.0     # at most one reclaim per process per second (see _reclaim)
+SWEEP_TENANTS = 200       # orgs whose lease index one sweep call visits (see expired)
 IDLE_SECONDS = 5.0        # an allowance not drawn on by this process for this long goes back
 
 
@@ -144,6 +145,7 @@ class ClusterStore(RedisStore):
         self._lent: dict[tuple[str, str], tuple[int, int]] = {}   # (lender, scope) -> lent, last seen
         self._held: dict[_Held, float] = {}              # -> monotonic time of this process's last draw
         self._reclaimed_at = float("-inf")
+        self._sweep_cursor = 0
         self._tenant_of: dict[str, str] = {}             # open reservation id -> tenant (for extend)
 
     @staticmethod
@@ -318,13 +320,25 @@ class ClusterStore(RedisStore):
         return sorted(m.decode() for m in await self._r.smembers(tenants_key(self._ns)))
 
     async def expired(self, now_ms: int, limit: int) -> list[Expired]:
-        """Visits every tenant's lease index: one ZRANGEBYSCORE per tenant, pipelined per node."""
+        """Due leases from the next SWEEP_TENANTS orgs of the tenant set (one ZRANGEBYSCORE each,
+        pipelined per node), continuing where this process's last call stopped: with many
+        processes sweeping, each org is visited every few seconds without any process reading
+        every org's lease index each time."""
         await self._calls.ready()
-        tenants = await self._all_tenants()
-        pipe = self._r.pipeline(transaction=False)
-        for tenant in tenants:
-            pipe.zrangebyscore(leases_key(tenant_tag(self._ns, tenant)), "-inf", now_ms, start=0, num=limit)
-        due = [(t, rid.decode()) for t, ids in zip(tenants, await pipe.execute()) for rid in ids][:limit]
+        due: list[tuple[str, str]] = []
+        visited = 0
+        while len(due) < limit and visited < SWEEP_TENANTS:
+            self._sweep_cursor, members = await self._r.sscan(tenants_key(self._ns), self._sweep_cursor,
+                                                             count=SWEEP_TENANTS)
+            tenants = [m.decode() for m in members]
+            visited += len(tenants)
+            pipe = self._r.pipeline(transaction=False)
+            for tenant in tenants:
+                pipe.zrangebyscore(leases_key(tenant_tag(self._ns, tenant)), "-inf", now_ms, start=0, num=limit)
+            due += [(t, rid.decode()) for t, ids in zip(tenants, await pipe.execute() if tenants else []) for rid in ids]
+            if self._sweep_cursor == 0:
+                break
+        due = due[:limit]
         if not due:
             return []
         pipe = self._r.pipeline(transaction=False)
