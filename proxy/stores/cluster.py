@@ -1,8 +1,7 @@
 """The Redis Cluster store: `redis+cluster://host:port[,host:port…]`.
 
-The listed nodes are start-up nodes; redis-py's cluster client discovers the rest and follows
-MOVED/ASK redirections. redis-py refuses EVALSHA inside a cluster pipeline, so script calls go
-out one by one (no coalescing); plain reads still pipeline, split per node by the client.
+Connecting and calling: cluster_client.py. Script calls go out one by one (redis-py refuses
+EVALSHA in a cluster pipeline); plain reads pipeline, split per node by the client.
 
 Layout (docs/cluster.md): each org's keys carry the tag `{<ns>:<org>}` — its window hashes,
 reservation records, lease index and settlement log — so a request's one reserve and one settle
@@ -15,81 +14,18 @@ an unlimited one is simply counted per org and summed when read. Unused allowanc
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import NamedTuple, Sequence
-from urllib.parse import unquote
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from ..errors import ConfigError, StoreUnavailable
+from ..errors import StoreUnavailable
 from ..keys import home_key, in_tenant, leases_key, lend_key, log_key, record_key, tenant_tag, tenants_key, window_label
 from . import wire as fmt
 from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
                    ReserveOutcome, Seen, Status, Totals)
+from .cluster_client import Direct, connect
 from .redis import RedisStore, _script, _wrap_errors
-
-SCHEME = "redis+cluster://"
-
-
-def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
-    """(start-up nodes, username, password) of `redis+cluster://[user:password@]h:p[,h:p…][/0]`."""
-    rest = url[len(SCHEME):].split("/", 1)[0]
-    user = password = None
-    if "@" in rest:
-        auth, rest = rest.rsplit("@", 1)
-        user, _, password = auth.partition(":")
-        user, password = unquote(user) or None, unquote(password) or None
-    nodes = []
-    for part in rest.split(","):
-        host, _, port = part.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"store: expected {SCHEME}host:port[,host:port…], got {part.strip()!r} in the node list")
-        nodes.append((host.strip("[]"), int(port)))
-    return nodes, user, password
-
-
-# Connections per node beyond the script calls' own, for the pipelined reads (sweeper, snapshot).
-_SPARE_CONNECTIONS = 8
-
-
-class _Direct:
-    """Script calls one by one (see the module docstring); the `_Coalescer` interface.
-
-    At most `limit` calls are out at once: redis-py's cluster client fails a call outright
-    (MaxConnectionsError) when a node's pool is exhausted, where the single-node store's blocking
-    pool waits; a burst of requests must wait its turn, not fail."""
-
-    tasks: set = frozenset()
-
-    def __init__(self, client: RedisCluster, limit: int) -> None:
-        self._r = client
-        self._slots = asyncio.Semaphore(limit)
-        self._ready = False
-        self._starting = asyncio.Lock()
-
-    async def call(self, script, keys: list, args: list):
-        if not self._ready:
-            await self._start()
-        async with self._slots:
-            return await script(keys=keys, args=args)
-
-    async def ready(self) -> None:
-        if not self._ready:
-            await self._start()
-
-    async def _start(self) -> None:
-        # Learn the slot map once before the first burst: redis-py swaps its start-up node
-        # objects for the discovered ones on initialisation and closes their connections, which
-        # breaks calls already sent on them when a burst of first calls races the swap.
-        async with self._starting:
-            if not self._ready:
-                await self._r.initialize()
-                self._ready = True
-
 
 SHARED = frozenset(("global", "provider", "model"))    # scope types that span orgs
 FRACTION = 8              # a draw's extra is at most 1/(FRACTION x holders) of what is free
@@ -150,16 +86,10 @@ class ClusterStore(RedisStore):
 
     @staticmethod
     def _connect(url: str, timeout: float, max_connections: int):
-        nodes, user, password = parse_cluster_url(url)
-        return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=user, password=password,
-            max_connections=max_connections + _SPARE_CONNECTIONS, socket_timeout=5, socket_connect_timeout=5,
-            # Two retries (re-discovering the slots between them): a node that stops answering is
-            # a StoreUnavailable within about a second, not after the default ten attempts.
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
+        return connect(url, max_connections)
 
     def _caller(self):
-        return _Direct(self._r, self._max_connections)
+        return Direct(self._r, self._max_connections)
 
     def _tenant_plan(self, counters: Sequence[Counter]) -> _TenantPlan:
         key = counters if isinstance(counters, tuple) else tuple(counters)

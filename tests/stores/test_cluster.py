@@ -9,7 +9,7 @@ import pytest
 
 from proxy.errors import ConfigError, StoreUnavailable
 from proxy.stores import Counter, open_store
-from proxy.stores.cluster import parse_cluster_url
+from proxy.stores.cluster_client import parse_cluster_url
 from tests.redis_server import free_port
 
 NOW_MS = int(time.time() * 1000) + 86_400_000
