@@ -192,23 +192,35 @@ class ClusterStore(RedisStore):
             return Seen(s.index, Totals(max(0, t + lt), tr, max(0, d + ld), dr))
         return ReserveOutcome(out.status, out.over and lent(out.over), tuple(map(lent, out.seen)))
 
-    async def give_back(self, idle_seconds: float = IDLE_SECONDS) -> int:
+    async def give_back(self, idle_seconds: float | None = None) -> int:
         """Return to the lenders what the allowances this process drew into hold unused, for
-        those it has not drawn on for `idle_seconds` (0: all, as at close); the count returned.
-        Three calls each: the lender's total for the tenant, the give, the lender's update. A
-        crash between the last two leaves the amount lent and unused: spend can only fall short,
-        and the tenant's next give-back sends the same cumulative total again."""
+        those it has not drawn on for `idle_seconds` (default IDLE_SECONDS; 0: all, as at
+        close); the count returned. Three calls each: the lender's total for the tenant, the
+        give, the lender's update. A crash between the last two leaves the amount lent and
+        unused: spend can only fall short, and the tenant's next give-back sends the same
+        cumulative total again."""
+        idle = IDLE_SECONDS if idle_seconds is None else idle_seconds
         now = time.monotonic()
-        due = [h for h, at in self._held.items() if now - at >= idle_seconds]
-        for h in due:
+        due = [(h, at) for h, at in self._held.items() if now - at >= idle]
+        for h, at in due:
             if self._held.pop(h, None) is None:        # another task is giving it back
                 continue
-            raw = await self._r.hget(h.lender, f"{h.scope} {h.tenant}")
-            drawn_t, _, drawn_d, _ = fmt.totals(raw)
-            ret_t, ret_d = await self._calls.call(self._allowance, [h.window], ["give", h.scope, drawn_t, drawn_d])
-            lent_t, lent_d = await self._calls.call(self._draw, [h.lender], ["returned", h.scope, h.tenant, ret_t, ret_d])
-            self._lent[h.lender, h.scope] = (lent_t, lent_d)
+            try:
+                still_reserved = await self._give(h)
+            except BaseException:
+                self._held.setdefault(h, at)           # try again at the next sweep
+                raise
+            if still_reserved:                         # a release may free some: look again later
+                self._held.setdefault(h, at)
         return len(due)
+
+    async def _give(self, h: _Held) -> bool:
+        """Give back one allowance's unused part; True if reservations are still open on it."""
+        drawn_t, _, drawn_d, _ = fmt.totals(await self._r.hget(h.lender, f"{h.scope} {h.tenant}"))
+        ret_t, ret_d, tr, dr = await self._calls.call(self._allowance, [h.window], ["give", h.scope, drawn_t, drawn_d])
+        self._lent[h.lender, h.scope] = tuple(await self._calls.call(
+            self._draw, [h.lender], ["returned", h.scope, h.tenant, ret_t, ret_d]))
+        return bool(tr or dr)
 
     async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                      note: Note = Note("ok")) -> bool:

@@ -151,3 +151,28 @@ async def test_unlimited_shared_scopes_cost_no_lending_and_are_summed_on_read(cl
     usage = {(u.scope.type, u.window): u for u in await ledger.usage()}
     assert usage["global", "day"].used == (60, 300) and usage["model", "month"].used == (60, 300)
     await store.close()
+
+
+async def test_the_sweep_gives_back_what_an_idle_allowance_holds_unused(cluster_url, monkeypatch):
+    from proxy.stores import cluster
+    store = open_store(cluster_url)
+    ledger = ledger_for(store, defaults={"global": {"day": {"tokens": 10_000}}})
+    res = await ledger.reserve("a", Amounts(10, 0), scopes("acme"))
+    g = next(c for c in res.counters if c.scope == "global:*" and c.token_limit >= 0)
+    lender = lend_key("bp", g.window.rpartition(":w:")[2])
+
+    async def lent() -> int:
+        from proxy.stores.wire import totals
+        return totals(await store._r.hget(lender, "global:*")).tokens_used      # first field: lent tokens
+
+    assert await lent() == 10 + CHUNK_REQUESTS * 10            # the need and an extra of 32 requests
+    await ledger.sweep()
+    assert await lent() == 10 + CHUNK_REQUESTS * 10            # not idle yet: kept
+    monkeypatch.setattr(cluster, "IDLE_SECONDS", 0.0)
+    await ledger.sweep()
+    assert await lent() == 10                                  # only what the open reservation holds
+    assert await ledger.commit(res, Amounts(4, 0))
+    await ledger.reserve("b", Amounts(9_990, 0), scopes("globex"))   # the rest of the limit, elsewhere
+    await ledger.sweep()
+    assert await lent() == 10_000 - 6                          # acme's 6 unused went back too
+    await store.close()

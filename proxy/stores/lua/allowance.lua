@@ -11,7 +11,9 @@
 --         (lend.lua); granted becomes at least that, so a credit lost in a crash is made good by
 --         the next one, and repeating a credit changes nothing
 -- ARGV[5] hash expiry (epoch ms; credit)
--- Returns credit: 1 if the allowance grew, else 0;  give: {returned tokens, returned micro-USD} (cumulative, for lend.lua)
+-- Returns credit: 1 if the allowance grew, else 0;  give: {returned tokens, returned micro-USD}
+--         (cumulative, for lend.lua), then the tokens and micro-USD still reserved on the scope
+--         (a later release frees them in the allowance: the caller gives back again later)
 --
 -- Units: tokens and micro-USD (integers kept as doubles, exact below 2^53). Give returns only
 -- what is neither used nor reserved, so spend never exceeds what the lender lent.
@@ -25,12 +27,12 @@ local grew = tonumber(ARGV[3]) > gt or tonumber(ARGV[4]) > gd
 gt, gd = max(gt, tonumber(ARGV[3])), max(gd, tonumber(ARGV[4]))
 
 if ARGV[1] == 'give' then
+  if not got[1] then return {rt, rd, 0, 0} end  -- the window's hash is gone: nothing known unused
   local t, tr, d, dr = 0, 0, 0, 0
   if got[3] then t, tr, d, dr = sunpack('<dddd', got[3]) end
   rt, rd = rt + max(0, gt - rt - t - tr), rd + max(0, gd - rd - d - dr)
-  if not got[1] then return {rt, rd} end                 -- the window is gone: nothing to keep
   redis.call('HSET', key, '~' .. field, spack('<dddd', gt, rt, gd, rd))
-  return {rt, rd}
+  return {rt, rd, tr, dr}
 end
 
 redis.call('HSET', key, '_', '1', '~' .. field, spack('<dddd', gt, rt, gd, rd))
