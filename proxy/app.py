@@ -1,8 +1,8 @@
 """The aiohttp application: routes, the one place errors become responses, and lifetimes.
 
-Resources with a lifetime (the upstream sessions, the ledger and its store, the task tracker,
-the gateway, the background jobs) are each opened and closed in their own `cleanup_ctx`, in that
-order, under their own AppKey.
+Resources with a lifetime (the upstream sessions, the store, the task tracker, the ledger, the
+observer, the gateway, the background jobs) are each opened and closed in their own
+`cleanup_ctx`, in that order, under their own AppKey.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
-from . import auth
+from . import admin_routes, alerts, auth, health, metrics, passthrough, server
+from .admin import AdminGate
 from . import config as config_mod
 from . import policy as policy_mod
 from . import watch
@@ -28,7 +29,8 @@ from .errors import ApiError, BudgetProxyError, ConfigError, NotFound
 from .endpoints import ENDPOINTS
 from .gateway import Gateway
 from .ledger import Ledger
-from .stores import open_store
+from .observer import Observer
+from .stores import Store, open_store
 from .tasks import Tasks
 from .tokens import TokenCounter
 from .upstream import Upstreams
@@ -37,9 +39,12 @@ log = logging.getLogger("proxy")
 
 TASKS = web.AppKey("tasks", Tasks)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
-LEDGER = web.AppKey("ledger", Optional[Ledger])      # None when enforcement is disabled
+STORE = web.AppKey("store", Optional[Store])         # None when enforcement is disabled
+LEDGER = web.AppKey("ledger", Optional[Ledger])
+OBSERVER = web.AppKey("observer", Observer)
 GATEWAY = web.AppKey("gateway", Gateway)
 _POST_ONLY = frozenset("/v1" + e.path for e in ENDPOINTS.values())
+_ANTHROPIC_PATHS = tuple("/v1" + e.path for e in ENDPOINTS.values() if e.api == "anthropic")
 SWEEP_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 10.0
 
@@ -49,24 +54,30 @@ def _json(status: int, body: dict, headers: dict | None = None) -> web.Response:
                         content_type="application/json")
 
 
+def _error(request: web.Request, err: ApiError, headers: dict | None = None) -> web.Response:
+    """In the shape of the API the client speaks: Anthropic's below /v1/messages, else OpenAI's."""
+    body = err.anthropic_body() if request.path.startswith(_ANTHROPIC_PATHS) else err.body()
+    return _json(err.status, body, headers)
+
+
 @web.middleware
 async def errors(request: web.Request, handler) -> web.StreamResponse:
-    """The one place an error becomes a response, always in OpenAI's shape."""
+    """The one place an error becomes a response, in the shape of the API the client speaks."""
     try:
         return await handler(request)
     except ApiError as exc:
-        return _json(exc.status, exc.body(), exc.headers)
+        return _error(request, exc, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
         err = ApiError(exc.reason or "error", status=exc.status, code=code)
-        return _json(exc.status, err.body(), {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
+        return _error(request, err, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
     except Exception:  # noqa: BLE001 - the last line of defence: a bug, not the client's fault
         log.exception("unhandled error on %s %s", request.method, request.path)
         err = ApiError("The proxy failed to process the request.", status=500, type="api_error",
                        code="internal_error")
-        return _json(500, err.body())
+        return _error(request, err)
 
 
 def _models_body(cfg: config_mod.Config) -> bytes:
@@ -82,7 +93,7 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     context and closed after it, under its own AppKey. Teardown runs in reverse: background jobs
     stop, running settlements drain (they need the store), then the store and the upstream
     sessions close."""
-    app = web.Application(middlewares=[errors], client_max_size=cfg.max_body_bytes)
+    app = web.Application(middlewares=[metrics.count_requests, errors], client_max_size=cfg.max_body_bytes)
     tokens = tokens or TokenCounter.load()          # blocking, once, before serving
     models = {"for": None, "body": b""}             # /v1/models, rendered once per config
 
@@ -92,26 +103,41 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         yield
         await app[UPSTREAMS].close()
 
-    async def ledger(app: web.Application) -> AsyncIterator[None]:
-        if cfg.enforcement == "disabled":
-            app[LEDGER] = None
-            yield
-            return
-        kwargs = {"clock": clock} if clock else {}
-        app[LEDGER] = Ledger(open_store(cfg.store_url, cfg.namespace), policy, namespace=cfg.namespace, **kwargs)
+    async def store(app: web.Application) -> AsyncIterator[None]:
+        """The budget store; closed last but one, after every settlement that needs it ran."""
+        app[STORE] = None if cfg.enforcement == "disabled" else open_store(cfg.store_url, cfg.namespace)
         yield
-        await app[LEDGER].store.close()
+        if app[STORE] is not None:
+            await app[STORE].close()
 
     async def tasks(app: web.Application) -> AsyncIterator[None]:
+        """The one owner of background work: settlements, lost-reserve undos, lease extensions,
+        alert deliveries. Drained (bounded) before the store closes."""
         app[TASKS] = Tasks()
         yield
-        pending = set(app[LEDGER].pending) if app[LEDGER] is not None else set()
-        if pending:
-            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
         await app[TASKS].drain(SHUTDOWN_GRACE_SECONDS)
 
+    async def ledger(app: web.Application) -> AsyncIterator[None]:
+        """None when enforcement is disabled: the store is never contacted."""
+        kwargs = {"clock": clock} if clock else {}
+        app[LEDGER] = None if app[STORE] is None else \
+            Ledger(app[STORE], policy, namespace=cfg.namespace, tasks=app[TASKS], **kwargs)
+        yield
+
+    async def observer(app: web.Application) -> AsyncIterator[None]:
+        """Metrics, the recent-refusal ring and alerts (whose sender has its own tasks and session)."""
+        if app[LEDGER] is None:
+            app[OBSERVER] = Observer()
+            yield
+            return
+        sender = alerts.Sender()
+        await sender.open()
+        app[OBSERVER] = Observer(alerts.Alerts(app[LEDGER], app[TASKS], sender))
+        yield
+        await sender.close()
+
     async def gateway(app: web.Application) -> AsyncIterator[None]:
-        app[GATEWAY] = Gateway(cfg, app[LEDGER], tokens, app[UPSTREAMS], app[TASKS])
+        app[GATEWAY] = Gateway(cfg, app[LEDGER], tokens, app[UPSTREAMS], app[TASKS], app[OBSERVER])
         yield
 
     def endpoint(kind: str):
@@ -134,17 +160,46 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
 
     async def healthz(request: web.Request) -> web.Response:
         return _json(200, {"status": "ok", "enforcement": cfg.enforcement,
-                           "stats": dict(request.app[GATEWAY].stats),
+                           "stats": _stats(request.app[GATEWAY]),
                            "reload_failures": dict(watch.failures)})
+
+    async def readyz(request: web.Request) -> web.Response:
+        return await health.readyz(request.app[LEDGER], cfg.namespace)
+
+    async def scrape(request: web.Request) -> web.Response:
+        return await metrics.scrape(request.app[GATEWAY].config, request.app[LEDGER])
 
     for kind, e in ENDPOINTS.items():
         app.router.add_post("/v1" + e.path, endpoint(kind))
+    def relayed(handler):
+        """A pass-through handler (never charged) with the live config and upstream sessions."""
+        async def relay(request: web.Request) -> web.StreamResponse:
+            return await handler(request, request.app[GATEWAY].config, request.app[UPSTREAMS])
+        return relay
+
+    stored = relayed(passthrough.stored_response)
+    app.router.add_get("/v1/responses/{id}", stored)
+    app.router.add_delete("/v1/responses/{id}", stored)
+    app.router.add_get("/v1/responses/{id}/input_items", stored)
+    app.router.add_post("/v1/messages/count_tokens", relayed(passthrough.count_tokens))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", scrape)
     app.router.add_route("*", "/v1/{tail:.*}", not_found)
-    app.cleanup_ctx.extend([upstreams, ledger, tasks, gateway, _background])
+    # Admin keys follow config reloads; in prod the admin endpoints answer 404 while none is set.
+    admin_routes.add(app, AdminGate(lambda: app[GATEWAY].config.admin_keys, cfg.environment), LEDGER, OBSERVER)
+    app.cleanup_ctx.extend([upstreams, store, tasks, ledger, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
     return app
+
+
+def _stats(gateway: Gateway) -> dict[str, int]:
+    """The gateway's counters; `job_failures` counts failed rounds of every background job (lease
+    sweeps here, file reloads in watch.failures): a job that fails logs it and carries on."""
+    stats = dict(gateway.stats)
+    stats["job_failures"] = stats.get("job_failures", 0) + sum(watch.failures.values())
+    return stats
 
 
 async def _freeze_gc(app: web.Application) -> None:
@@ -162,7 +217,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     stop, hup = asyncio.Event(), asyncio.Event()
     jobs = [asyncio.create_task(_watch_config(gateway, stop, hup))]
     if ledger is not None:
-        jobs.append(asyncio.create_task(_sweep(ledger, stop)))
+        jobs.append(asyncio.create_task(_sweep(ledger, stop, gateway.stats)))
         jobs.append(asyncio.create_task(_watch_policy(ledger, stop)))
     hup_handled = _on_sighup(hup.set)
     yield
@@ -186,15 +241,22 @@ def _on_sighup(callback) -> bool:
     return True
 
 
-async def _sweep(ledger: Ledger, stop: asyncio.Event) -> None:
-    """Settle reservations whose process died; any live proxy does it for all."""
+async def _sweep(ledger: Ledger, stop: asyncio.Event, stats) -> None:
+    """Settle reservations whose process died; any live proxy does it for all. A failed round
+    (the store away, or a bug) is logged and counted, and the next one runs."""
     while not stop.is_set():
         await asyncio.sleep(SWEEP_SECONDS)
         try:
             while await ledger.sweep() == 100:
                 pass
         except BudgetProxyError as exc:
+            stats["job_failures"] += 1
+            metrics.JOB_FAILURES.labels("sweep").inc()
             log.warning("lease sweep failed: %s", exc)
+        except Exception:  # noqa: BLE001 - the sweeper must outlive any one bad round
+            stats["job_failures"] += 1
+            metrics.JOB_FAILURES.labels("sweep").inc()
+            log.exception("lease sweep failed")
 
 
 async def _watch_policy(ledger: Ledger, stop: asyncio.Event) -> None:
@@ -223,6 +285,9 @@ def load(config_path: str) -> tuple[config_mod.Config, policy_mod.Policy]:
     if not cfg.keys:
         log.warning("no API keys configured: auth is OPEN (any bearer is accepted as org 'default'); "
                     "configure `keys` before exposing the proxy")
+    if not cfg.admin_keys:
+        log.warning("no admin_keys configured: %s", "the admin endpoints are off (prod)" if cfg.environment == "prod"
+                    else "/admin/ answers only on loopback, without authentication")
     return cfg, pol
 
 
@@ -231,13 +296,13 @@ def serve(config_path: str, host: str | None = None, port: int | None = None) ->
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg, pol = load(config_path)
+        host, port = host or cfg.host, port or cfg.port
+        config_mod.check_exposure(cfg, host)
     except ConfigError as exc:
         print(f"budget-proxy: {exc}", file=sys.stderr)
         return 2
     log.info("environment %s, enforcement %s, store %s, policy %s", cfg.environment, cfg.enforcement,
              cfg.store_url.split("://")[0] + "://…", pol.source)
-    app = build_app(cfg, pol)
-    web.run_app(app, host=host or cfg.host, port=port or cfg.port, access_log=None,
-                handler_cancellation=True, print=lambda *_: log.info(
-                    "listening on http://%s:%s/v1", host or cfg.host, port or cfg.port))
+    server.run(build_app(cfg, pol), host, port, cfg.shutdown_grace_seconds,
+               lambda: log.info("listening on http://%s:%s/v1", host, port))
     return 0

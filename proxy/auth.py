@@ -30,13 +30,23 @@ def bearer(header: str | None) -> str:
     return token
 
 
+def presented(headers: Mapping[str, str], api: str) -> str | None:
+    """The Authorization header to check. Anthropic's SDK sends its key as `x-api-key`, accepted
+    on the Anthropic surface; `Authorization: Bearer` works everywhere (and wins if both come)."""
+    if api == "anthropic" and "Authorization" not in headers and "x-api-key" in headers:
+        return f"Bearer {headers['x-api-key']}"
+    return headers.get("Authorization")
+
+
 def authenticate(header: str | None, keys: Mapping[str, ApiKey]) -> ApiKey | None:
     """The key behind an Authorization header; None when auth is open (no keys configured,
     allowed outside prod only: any bearer is accepted)."""
     token = bearer(header)
     if not keys:
         return None
-    key = keys.get(hashlib.sha256(token.encode()).hexdigest())
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives the exact bytes back
+    # (a Latin-1 or other non-UTF-8 key then simply matches no configured key).
+    key = keys.get(hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest())
     if key is None:
         raise Unauthorized("Incorrect API key provided.")
     return key

@@ -22,9 +22,17 @@ def _reject_constant(name: str):
 
 
 def _loads(raw: bytes) -> Any:
+    # Decoded here, strictly: json.loads(bytes) would decode with 'surrogatepass' and let the
+    # UTF-8 of a lone surrogate (ED A0 80) through, to fail later at tiktoken or on the way
+    # upstream. A UTF-8 BOM is accepted, as json.loads(bytes) did.
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:     # bad UTF-8, bad JSON, NaN, 5000-digit ints, deep nesting
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"We could not parse the JSON body of your request: it is not valid UTF-8 "
+                         f"(byte 0x{raw[exc.start]:02x} at offset {exc.start}).", code="invalid_json") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:     # bad JSON, NaN, 5000-digit ints, deep nesting
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise BadRequest(f"We could not parse the JSON body of your request: {reason}.",
                          code="invalid_json") from None
@@ -95,10 +103,7 @@ def _messages(body: dict) -> None:
         raise BadRequest("Invalid value for 'tools': expected an array.", param="tools", code="invalid_value")
 
 
-def parse(raw: bytes, kind: str) -> ApiCall:
-    body = _loads(raw)
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+def _model_and_stream(body: dict) -> tuple[str, bool]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("You must provide a model parameter.", param="model",
@@ -106,15 +111,35 @@ def parse(raw: bytes, kind: str) -> ApiCall:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("Invalid value for 'stream': expected a boolean.", param="stream", code="invalid_value")
+    return model, bool(stream)
+
+
+def _end_user(user: Any, param: str) -> str | None:
+    if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS
+                             or not user.isprintable()):
+        raise BadRequest(f"Invalid value for '{param}': expected a string of at most {MAX_USER_CHARS} "
+                         f"printable characters.", param=param, code="invalid_value")
+    return user
+
+
+def json_object(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400."""
+    body = _loads(raw)
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def parse(raw: bytes, kind: str) -> ApiCall:
+    body = json_object(raw)
+    if kind in _TYPED_API_PARSERS:
+        return _TYPED_API_PARSERS[kind](body)
+    model, stream = _model_and_stream(body)
     opts = body.get("stream_options")
     if opts is not None and not (isinstance(opts, dict) and isinstance(opts.get("include_usage", False), bool)):
         raise BadRequest("Invalid value for 'stream_options': expected an object with a boolean "
                          "'include_usage'.", param="stream_options", code="invalid_value")
-    user = body.get("user")
-    if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS
-                             or not user.isprintable()):
-        raise BadRequest(f"Invalid value for 'user': expected a string of at most {MAX_USER_CHARS} "
-                         f"printable characters.", param="user", code="invalid_value")
+    user = _end_user(body.get("user"), "user")
     if kind == "chat":
         _messages(body)
     else:
@@ -123,5 +148,111 @@ def parse(raw: bytes, kind: str) -> ApiCall:
         raise BadRequest("Embeddings cannot be streamed.", param="stream", code="invalid_value")
     max_out = _int_field(body, "max_completion_tokens", 1, MAX_OUTPUT_TOKENS)
     legacy = _int_field(body, "max_tokens", 1, MAX_OUTPUT_TOKENS)
-    return ApiCall(ENDPOINTS[kind], body, model, bool(stream), bool(opts and opts.get("include_usage")),
+    return ApiCall(ENDPOINTS[kind], body, model, stream, bool(opts and opts.get("include_usage")),
                    max_out if max_out is not None else legacy, _int_field(body, "n", 1, 128) or 1, user)
+
+
+# --- the Responses and Messages APIs ----------------------------------------------------------
+
+# Responses parameters whose input the proxy cannot see, so it cannot reserve for it: refused
+# with a 400 naming the field rather than admitted with a budget that does not hold.
+# `background`: the response is billed when it finishes, after the request that started it
+# ended (the proxy would have to poll for it). `previous_response_id` / `conversation`: the
+# upstream bills the whole stored conversation again as input, which the proxy never saw.
+# `prompt`: a stored prompt template, whose text the proxy never sees either.
+_RESPONSES_REFUSED = {
+    "background": "Background responses are not supported by this budget proxy: their cost is only "
+                  "known after the request that started them has ended. Send the request without "
+                  "'background' (stream it if it is long).",
+    "previous_response_id": "Chained responses are not supported by this budget proxy: the upstream "
+                            "bills the whole earlier conversation again as input, which the proxy cannot "
+                            "see to reserve for. Send the conversation in 'input' instead.",
+    "conversation": "Stored conversations are not supported by this budget proxy: the upstream bills "
+                    "them again as input, which the proxy cannot see to reserve for. Send the "
+                    "conversation in 'input' instead.",
+    "prompt": "Stored prompt templates are not supported by this budget proxy: it cannot see their "
+              "text to reserve for it. Send the prompt in 'instructions' and 'input' instead.",
+}
+_MAX_OUTPUT_FIELD = "max_output_tokens"
+
+
+def _refuse_hidden_input(body: dict) -> None:
+    for name, why in _RESPONSES_REFUSED.items():
+        value = body.get(name)
+        if value is not None and value is not False:
+            raise BadRequest(why, param=name, code="unsupported_parameter")
+
+
+def _responses_input(body: dict) -> None:
+    v = body.get("input")
+    if isinstance(v, str):
+        return
+    if not isinstance(v, list):
+        raise BadRequest("Invalid value for 'input': expected a string or an array of input items.",
+                         param="input", code="invalid_value" if v is not None else "missing_required_parameter")
+    for i, item in enumerate(v):
+        if not isinstance(item, dict):
+            raise BadRequest(f"Invalid value for 'input[{i}]': expected an object.", param=f"input[{i}]",
+                             code="invalid_value")
+        if item.get("type") == "item_reference":
+            raise BadRequest("Item references are not supported by this budget proxy: it cannot see the "
+                             "referenced item to reserve for it. Send the item itself.",
+                             param=f"input[{i}]", code="unsupported_parameter")
+
+
+def _optional(body: dict, name: str, kinds: tuple[type, ...], expected: str) -> None:
+    if body.get(name) is not None and not isinstance(body[name], kinds):
+        raise BadRequest(f"Invalid value for '{name}': expected {expected}.", param=name, code="invalid_value")
+
+
+def parse_responses(body: dict) -> ApiCall:
+    """A `POST /v1/responses` body. The cap the proxy may send upstream is `max_output_tokens`,
+    which OpenAI accepts from 16."""
+    model, stream = _model_and_stream(body)
+    _refuse_hidden_input(body)
+    _responses_input(body)
+    _optional(body, "instructions", (str,), "a string")
+    _optional(body, "tools", (list,), "an array")
+    cap = _int_field(body, _MAX_OUTPUT_FIELD, ENDPOINTS["responses"].min_output, MAX_OUTPUT_TOKENS)
+    # A Responses stream always ends with its usage: nothing to ask for, nothing to cut out.
+    return ApiCall(ENDPOINTS["responses"], body, model, stream, True, cap, 1,
+                   _end_user(body.get("user"), "user"))
+
+
+def _anthropic_messages(body: dict) -> None:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("messages: expected a non-empty array of messages.", param="messages",
+                         code="invalid_value")
+    for i, m in enumerate(msgs):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(content, str) or (isinstance(content, list) and all(isinstance(b, dict) for b in content))):
+            raise BadRequest(f"messages.{i}: expected an object with a string 'role' and a 'content' that "
+                             f"is a string or an array of content blocks.", param=f"messages.{i}",
+                             code="invalid_value")
+
+
+def parse_messages(body: dict) -> ApiCall:
+    """A `POST /v1/messages` body (Anthropic). `max_tokens` is required, as Anthropic requires it;
+    `metadata.user_id` names the end user, as the OpenAI `user` field does elsewhere. Messages
+    say what a bad field is in the message, Anthropic's way ("max_tokens: Field required")."""
+    model, stream = _model_and_stream(body)
+    _anthropic_messages(body)
+    if body.get("max_tokens") is None:
+        raise BadRequest("max_tokens: Field required", param="max_tokens", code="missing_required_parameter")
+    cap = _int_field(body, "max_tokens", 1, MAX_OUTPUT_TOKENS)
+    system = body.get("system")
+    if system is not None and not (isinstance(system, str) or (
+            isinstance(system, list) and all(isinstance(b, dict) for b in system))):
+        raise BadRequest("system: expected a string or an array of text blocks.", param="system",
+                         code="invalid_value")
+    _optional(body, "tools", (list,), "an array")
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise BadRequest("metadata: expected an object.", param="metadata", code="invalid_value")
+    user = _end_user((metadata or {}).get("user_id"), "metadata.user_id")
+    return ApiCall(ENDPOINTS["messages"], body, model, stream, True, cap, 1, user)
+
+
+_TYPED_API_PARSERS = {"responses": parse_responses, "messages": parse_messages}

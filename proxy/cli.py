@@ -10,7 +10,7 @@ import os
 import sys
 
 from . import policy, schema
-from .errors import ConfigError
+from .errors import ApiError, ConfigError, StoreUnavailable
 
 
 def _kind(path: str, data: object) -> str:
@@ -99,7 +99,7 @@ async def _with_ledger(config_path: str, work):
 def cmd_export(args: argparse.Namespace) -> int:
     """The settlement log, oldest first, one record a line (CSV: a header row first)."""
     from .errors import StoreUnavailable
-    from .settlements import write_csv, write_jsonl
+    from .settlement_log import write_csv, write_jsonl
 
     async def work(ledger):
         return await ledger.settlements(args.since, args.until, limit=2 ** 62)
@@ -134,6 +134,38 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Usage read straight from the store (works while the proxy is down)."""
+    import json
+
+    from . import usage
+    try:
+        query = usage.usage_query({"type": args.type, "id": args.id, "window": args.window})
+    except ApiError as exc:
+        print(f"error: --{exc.param}: {exc.message}", file=sys.stderr)
+        return 2
+
+    async def work(ledger):
+        return usage.document(await ledger.usage(**query))
+    try:
+        doc = asyncio.run(_with_ledger(args.config, work))
+    except (ConfigError, StoreUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc, indent=2) if args.json else usage.table(doc))
+    return 0
+
+
+def _usage_parser(sub) -> None:
+    p = sub.add_parser("usage", help="print budget usage, closest to a limit first (reads the store)")
+    p.add_argument("--config", default="config.yaml")
+    p.add_argument("--type", help="scope type: global, org, user, provider or model")
+    p.add_argument("--id", help="scope id")
+    p.add_argument("--window", help="minute, hour, day or month (default: every current window)")
+    p.add_argument("--json", action="store_true", help="print the same document as GET /admin/v1/usage")
+    p.set_defaults(func=cmd_usage)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="budget-proxy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="config.yaml")
     p.add_argument("--window", choices=("minute", "hour", "day", "month"), default="day")
     p.set_defaults(func=cmd_audit)
+    _usage_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -11,8 +11,9 @@ REDIS_HOST / REDIS_PORT / REDIS_DB / REDIS_PASSWORD).
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ from urllib.parse import quote
 
 import yaml
 
-from . import schema
+from . import pricing, schema
 from .errors import ConfigError
+from .policy import check_environment
+from .stores import url_problem
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ class Provider:
     connect_timeout: float
     read_timeout: float
     api_key: str | None = field(default=None, repr=False)   # read from api_key_env at load; never logged
+    kind: str = "openai"          # the API it speaks: openai | anthropic
+    anthropic_version: str = "2023-06-01"   # sent as `anthropic-version` to an anthropic provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +53,26 @@ class Model:
     input_per_million: float      # USD per million tokens == micro-USD per token
     output_per_million: float
     downgrade_to: tuple[str, ...]
+    # Prompt-cache prices; None: the provider kind's default (see pricing.DEFAULT_MULTIPLIERS).
+    cached_input_per_million: float | None = None
+    cache_write_per_million: float | None = None       # short retention (Anthropic 5 min)
+    cache_write_1h_per_million: float | None = None    # long retention (Anthropic 1 h, OpenAI 12 h)
+    kind: str = "openai"          # its provider's kind, which decides the defaults above
+    rates: pricing.Rates = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Fixed once, at load: requests only multiply integers.
+        object.__setattr__(self, "rates", pricing.rates(
+            self.kind, self.input_per_million, self.output_per_million, self.cached_input_per_million,
+            self.cache_write_per_million, self.cache_write_1h_per_million))
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
-        """Micro-dollars, rounded up: a dollar per million tokens is a micro-dollar per token."""
-        exact = prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million
-        return math.ceil(round(exact, 6))     # round first: 1000 * 2.5 must not become 2501
+        """Micro-dollars, rounded up, for uncached prompt and completion tokens (an estimate)."""
+        return pricing.cost(pricing.estimate(prompt_tokens, completion_tokens), self.rates)
+
+    def charge(self, usage: pricing.Usage) -> int:
+        """Micro-dollars, rounded up, for real usage (cache reads and writes at their own rates)."""
+        return pricing.cost(usage, self.rates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +84,19 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminKey:
+    name: str                     # safe to log
+    sha256: str                   # hex digest of the key; the key itself is never held
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     host: str
     port: int
     max_body_bytes: int
+    shutdown_grace_seconds: float  # how long open requests may run on after SIGTERM
+    allow_open_auth: bool         # no keys, yet listening beyond loopback: the operator said yes
     environment: str
     enforcement: str              # strict | advisory | disabled
     store_url: str
@@ -79,6 +107,7 @@ class Config:
     models: Mapping[str, Model]
     routes: Mapping[str, tuple[str, ...]]
     keys: Mapping[str, ApiKey]    # sha256 hex of the key -> who it is
+    admin_keys: tuple[AdminKey, ...] = ()   # open /admin/; never the proxy
 
     def candidates(self, name: str) -> tuple[str, ...]:
         """Models to try for a requested name, best first: a route's list, or the model and
@@ -91,13 +120,16 @@ class Config:
 
 # What a running proxy cannot take from a reloaded config.yaml: the socket it listens on, the store
 # it holds, and what decides the store's and the policy's lifetime.
-RESTART_FIELDS = ("host", "port", "max_body_bytes", "environment", "enforcement", "store_url",
-                  "namespace", "policy_path")
+RESTART_FIELDS = ("host", "port", "max_body_bytes", "shutdown_grace_seconds", "allow_open_auth",
+                  "environment", "enforcement", "store_url", "namespace", "policy_path")
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:
-    """The fields of `new` that differ from `old` and only take effect after a restart."""
-    return [f for f in RESTART_FIELDS if getattr(old, f) != getattr(new, f)]
+    """The fields of `new` that differ from `old` and only take effect after a restart.
+    Removing every key does too: it opens auth, which `serve` allows only after checking the
+    listen address (check_exposure), at start-up."""
+    later = [f for f in RESTART_FIELDS if getattr(old, f) != getattr(new, f)]
+    return later + ["keys"] if old.keys and not new.keys else later
 
 
 def expand(value: Any, env: Mapping[str, str], source: str, path: str = "") -> Any:
@@ -131,9 +163,7 @@ def parse(data: Any, source: str, env: Mapping[str, str] | None = None) -> Confi
     env = os.environ if env is None else env
     data = expand(data, env, source)
     schema.validate("config", data, source)
-    environment = env.get("APP_ENV") or data.get("environment", "dev")
-    if environment not in ("dev", "staging", "prod"):
-        raise ConfigError(f"APP_ENV: expected one of dev, staging, prod; got {environment!r}")
+    environment = check_environment(env.get("APP_ENV") or data.get("environment", "dev"))
     enforcement = env.get("BUDGET_ENFORCEMENT_MODE") or data.get("enforcement", "strict")
     if enforcement not in ("strict", "advisory", "disabled"):
         raise ConfigError(f"BUDGET_ENFORCEMENT_MODE: expected one of strict, advisory, disabled; "
@@ -144,6 +174,7 @@ def parse(data: Any, source: str, env: Mapping[str, str] | None = None) -> Confi
     models = {n: _checked_downgrades(m, models, source, prod) for n, m in models.items()}
     routes = {n: _checked_route(n, r, models, source, prod) for n, r in (data.get("routes") or {}).items()}
     keys = _keys(data.get("keys") or {}, source, prod)
+    admin_keys = _admin_keys(data.get("admin_keys") or {}, keys, source)
     listen = data.get("listen") or {}
     base = os.path.dirname(os.path.abspath(source))
     # BUDGET_POLICY_PATH is relative to where the proxy runs; `policy:` to the config file.
@@ -152,13 +183,34 @@ def parse(data: Any, source: str, env: Mapping[str, str] | None = None) -> Confi
     return Config(
         source=source, host=listen.get("host", "127.0.0.1"), port=listen.get("port", 8787),
         max_body_bytes=listen.get("max_body_bytes", 8 * 1024 * 1024),
+        shutdown_grace_seconds=float(listen.get("shutdown_grace_seconds", 30)),
+        allow_open_auth=bool(listen.get("allow_open_auth", False)),
         environment=environment, enforcement=enforcement,
-        store_url=_store_url(data.get("store", "memory://"), env),
+        store_url=_store_url(data.get("store", "memory://"), env, source),
         namespace=data.get("namespace", "bp"),
         policy_path=os.path.join(base, policy_path) if policy_path else None,
         policies_dir=os.path.join(base, "policies"),
         providers=MappingProxyType(providers), models=MappingProxyType(models),
-        routes=MappingProxyType(routes), keys=MappingProxyType(keys))
+        routes=MappingProxyType(routes), keys=MappingProxyType(keys), admin_keys=admin_keys)
+
+
+def check_exposure(cfg: Config, host: str) -> None:
+    """Refuse open auth (no keys) on an address other machines can reach, unless
+    `listen.allow_open_auth: true`: such a proxy spends the operator's upstream key for anyone."""
+    if cfg.keys or cfg.allow_open_auth or _loopback(host):
+        return
+    raise ConfigError(f"{cfg.source}: keys: no API keys are configured, so auth is open, and the proxy "
+                      f"would listen on {host!r}, which other machines can reach; configure `keys`, "
+                      f"listen on 127.0.0.1, or set listen.allow_open_auth: true to serve anyone")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:              # a host name other than localhost: it may resolve anywhere
+        return False
 
 
 def load(path: str, env: Mapping[str, str] | None = None) -> Config:
@@ -168,7 +220,12 @@ def load(path: str, env: Mapping[str, str] | None = None) -> Config:
 def _provider(name: str, raw: dict, env: Mapping[str, str]) -> Provider:
     key_env = raw.get("api_key_env")
     return Provider(name, raw["base_url"].rstrip("/"), key_env, float(raw.get("connect_timeout", 10)),
-                    float(raw.get("read_timeout", 600)), env.get(key_env) or None if key_env else None)
+                    float(raw.get("read_timeout", 600)), env.get(key_env) or None if key_env else None,
+                    raw.get("kind", "openai"), raw.get("anthropic_version", "2023-06-01"))
+
+
+def _price(raw: dict, key: str) -> float | None:
+    return None if raw.get(key) is None else float(raw[key])
 
 
 def _model(name: str, raw: dict, providers: Mapping[str, Provider], source: str) -> Model:
@@ -176,7 +233,9 @@ def _model(name: str, raw: dict, providers: Mapping[str, Provider], source: str)
         raise ConfigError(f"{source}: models.{name}.provider: expected one of "
                           f"{', '.join(sorted(providers))}; got {raw['provider']!r}")
     return Model(name, raw["provider"], raw.get("upstream", name), float(raw["input_per_million"]),
-                 float(raw["output_per_million"]), tuple(raw.get("downgrade_to", ())))
+                 float(raw["output_per_million"]), tuple(raw.get("downgrade_to", ())),
+                 _price(raw, "cached_input_per_million"), _price(raw, "cache_write_per_million"),
+                 _price(raw, "cache_write_1h_per_million"), providers[raw["provider"]].kind)
 
 
 def _unknown(where: str, names, models, source: str, prod: bool) -> tuple[str, ...]:
@@ -193,10 +252,21 @@ def _unknown(where: str, names, models, source: str, prod: bool) -> tuple[str, .
     return tuple(kept)
 
 
+def _same_kind(where: str, names, models, source: str) -> None:
+    """A request is forwarded as it came (no translation between APIs), so every candidate for
+    one name must speak the same API as the first."""
+    kinds = {models[n].kind for n in names}
+    if len(kinds) > 1:
+        first = models[names[0]]
+        odd = next(n for n in names if models[n].kind != first.kind)
+        raise ConfigError(f"{source}: {where}: {odd!r} speaks the {models[odd].kind} API; expected "
+                          f"every candidate to speak {first.kind}, like {first.name!r}")
+
+
 def _checked_downgrades(m: Model, models, source: str, prod: bool) -> Model:
     kept = _unknown(f"models.{m.name}.downgrade_to", m.downgrade_to, models, source, prod)
-    return m if kept == m.downgrade_to else Model(m.name, m.provider, m.upstream,
-                                                   m.input_per_million, m.output_per_million, kept)
+    _same_kind(f"models.{m.name}.downgrade_to", (m.name, *kept), models, source)
+    return m if kept == m.downgrade_to else dataclasses.replace(m, downgrade_to=kept)
 
 
 def _checked_route(name: str, route: list, models, source: str, prod: bool) -> tuple[str, ...]:
@@ -205,6 +275,7 @@ def _checked_route(name: str, route: list, models, source: str, prod: bool) -> t
     kept = _unknown(f"routes.{name}", route, models, source, prod)
     if not kept:
         raise ConfigError(f"{source}: routes.{name}: expected at least one registry model")
+    _same_kind(f"routes.{name}", kept, models, source)
     return kept
 
 
@@ -219,11 +290,33 @@ def _keys(raw: dict, source: str, prod: bool) -> dict[str, ApiKey]:
     return keys
 
 
-def _store_url(configured: str, env: Mapping[str, str]) -> str:
+def _admin_keys(raw: dict, keys: Mapping[str, ApiKey], source: str) -> tuple[AdminKey, ...]:
+    """A proxy key must never open /admin/, so the same hash in both lists is an error."""
+    out: list[AdminKey] = []
+    for name, k in raw.items():
+        digest = k["sha256"]
+        if digest in keys:
+            raise ConfigError(f"{source}: admin_keys.{name}.sha256: expected a key that is not also "
+                              f"a proxy key (it is keys.{keys[digest].name})")
+        if any(a.sha256 == digest for a in out):
+            raise ConfigError(f"{source}: admin_keys.{name}.sha256: the same key hash is listed twice")
+        out.append(AdminKey(str(name), digest))
+    return tuple(out)
+
+
+def _store_url(configured: str, env: Mapping[str, str], source: str) -> str:
+    """The store URL: REDIS_URL, else one built from REDIS_HOST & co., else the file's `store`;
+    checked here whichever it is, so a bad one stops start-up as a config error."""
     if env.get("REDIS_URL"):
-        return env["REDIS_URL"]
-    if env.get("REDIS_HOST"):
+        url, where = env["REDIS_URL"], "REDIS_URL"
+    elif env.get("REDIS_HOST"):
         password = env.get("REDIS_PASSWORD")
         auth = f":{quote(password, safe='')}@" if password else ""
-        return f"redis://{auth}{env['REDIS_HOST']}:{env.get('REDIS_PORT', '6379')}/{env.get('REDIS_DB', '0')}"
-    return configured
+        url = f"redis://{auth}{env['REDIS_HOST']}:{env.get('REDIS_PORT', '6379')}/{env.get('REDIS_DB', '0')}"
+        where = "REDIS_HOST, REDIS_PORT, REDIS_DB"
+    else:
+        url, where = configured, f"{source}: store"
+    problem = url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}, got {schema.shown(url)}")
+    return url

@@ -6,6 +6,12 @@ encoding is used; on a machine without internet that hangs or fails at start-up 
 verified against the official sha256 digests, and are put where tiktoken's own cache lookup
 finds them (``TIKTOKEN_CACHE_DIR``). While tiktoken loads, its remote reader is swapped for one
 that refuses URLs, so a cache miss can never turn into a network fetch.
+
+The cache directory is the user's ``TIKTOKEN_CACHE_DIR`` when set (the Docker image sets it to a
+directory filled at build time, so every start only reads it), else a per-user cache dir. Valid
+files there are used as they are, even read-only; only a missing or corrupt file is written, and
+only when that fails is a private temporary directory used. ``TIKTOKEN_CACHE_DIR`` is pointed at
+the directory actually used while tiktoken loads, and put back as it was afterwards.
 """
 
 from __future__ import annotations
@@ -46,7 +52,10 @@ class OfflineDataError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/budget-proxy/tiktoken``, or ``~/.cache/budget-proxy/tiktoken``."""
+    """``$TIKTOKEN_CACHE_DIR`` if set; else ``$XDG_CACHE_HOME/budget-proxy/tiktoken``, or
+    ``~/.cache/budget-proxy/tiktoken``."""
+    if os.environ.get("TIKTOKEN_CACHE_DIR"):
+        return Path(os.environ["TIKTOKEN_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "budget-proxy" / "tiktoken"
 
@@ -135,12 +144,26 @@ def _get_encoding_offline(name: str) -> tiktoken.Encoding:
         tiktoken.load.read_file = original
 
 
+@contextlib.contextmanager
+def _cache_env(directory: Path):
+    """TIKTOKEN_CACHE_DIR -> directory while tiktoken reads it; the user's value back after."""
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(directory)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+
+
 def _load_encoding(name: str, cache_dir: Path) -> tuple[tiktoken.Encoding | None, Path]:
     """Load one encoding offline; on any failure log a WARNING and return None."""
     try:
         used_dir = _ensure_cached(cache_dir, name)
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(used_dir)
-        return _get_encoding_offline(name), used_dir
+        with _cache_env(used_dir):
+            return _get_encoding_offline(name), used_dir
     except Exception as exc:
         log.warning(
             "tiktoken encoding %s unavailable offline (%s); token counts for its models "
@@ -157,8 +180,7 @@ def _load_encoding(name: str, cache_dir: Path) -> tuple[tiktoken.Encoding | None
 def load_all(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, tiktoken.Encoding | None]:
     """Every shipped encoding by name; None for one that cannot be had offline (logged).
 
-    ``cache_dir`` defaults to :func:`default_cache_dir`. Sets ``TIKTOKEN_CACHE_DIR`` for the
-    process. Never raises for missing data."""
+    ``cache_dir`` defaults to :func:`default_cache_dir`. Never raises for missing data."""
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out: dict[str, tiktoken.Encoding | None] = {}
     with _load_lock:

@@ -47,6 +47,23 @@ class ApiError(BudgetProxyError):
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code, **self.extra}}
 
+    def anthropic_body(self) -> dict:
+        """The same error in Anthropic's shape, for the Messages API surface: its SDK picks the
+        exception class by status (429 -> RateLimitError) and shows `error.message`; our code,
+        param and budget scope ride along in the error object."""
+        err = {"type": ANTHROPIC_TYPES.get(self.status, "api_error"), "message": self.message}
+        if self.code is not None:
+            err["code"] = self.code
+        if self.param is not None:
+            err["param"] = self.param
+        return {"type": "error", "error": {**err, **self.extra}}
+
+
+# Anthropic's error `type` for each status the proxy answers with (any other: api_error).
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                   429: "rate_limit_error"}
+
 
 class BadRequest(ApiError):
     status = 400

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from typing import NamedTuple, Sequence
@@ -22,18 +23,20 @@ from typing import NamedTuple, Sequence
 import aiohttp
 from aiohttp import web
 
-from . import auth, body, planner
+from . import auth, body, metrics, planner
 from .config import Config, Model
-from .errors import ApiError, NotFound, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
-from .ledger import Ledger, Refusal, Reservation
+from .endpoints import ENDPOINTS
+from .errors import ApiError, BadRequest, PayloadTooLarge, ServiceUnavailable, StoreUnavailable, UpstreamFailed
+from .ledger import Ledger, Refusal, RequestInfo, Reservation
+from .observer import Observer
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
-from .sse import UsageTap
 from .tasks import Tasks
-from .upstream import Upstreams, passed_headers
+from .upstream import Upstreams, passed_headers, redacted
 
 log = logging.getLogger(__name__)
 SSE = "text/event-stream"
+_BLANKS = re.compile(rb"[ \t\r\n]*")
 
 
 class Admitted(NamedTuple):
@@ -44,8 +47,9 @@ class Admitted(NamedTuple):
 
 class Gateway:
     def __init__(self, config: Config, ledger: Ledger | None, tokens, upstreams: Upstreams,
-                 tasks: Tasks) -> None:
+                 tasks: Tasks, observer: Observer | None = None) -> None:
         self.config = config
+        self.observer = observer or Observer()       # metrics, alerts, recent refusals
         self.ledger = ledger            # None when enforcement is disabled: the store is never contacted
         self.tokens = tokens
         self.upstreams = upstreams
@@ -65,18 +69,19 @@ class Gateway:
 
     async def handle(self, request: web.Request, kind: str) -> web.StreamResponse:
         config = self.config                # one config for the whole request, even across a reload
-        key = auth.authenticate(request.headers.get("Authorization"), config.keys)
+        endpoint = ENDPOINTS[kind]
+        key = auth.authenticate(auth.presented(request.headers, endpoint.api), config.keys)
         call = body.parse(await self._read(request), kind)
-        models = [config.models[name] for name in config.candidates(call.model)]
-        if not models:
-            raise NotFound(f"The model `{call.model}` does not exist or you do not have access to it.",
-                           param="model", code="model_not_found")
+        models = planner.models_for(config, call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
         prompt = await self.tokens.estimate(kind, call.body, models[0].upstream)
         admitted = await self._reserve(call, who, models, prompt)
         try:
             return await self._forward(request, call, admitted)
+        except asyncio.CancelledError:
+            admitted.flight.ensure_settled("client_gone")
+            raise
         finally:
             admitted.flight.ensure_settled()     # a no-op unless some path above forgot, or raised
 
@@ -89,6 +94,12 @@ class Gateway:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"Request body is over the {limit}-byte limit.") from None
+        except web.RequestPayloadError:     # in practice: gzip/deflate on a body that is not
+            encoding = request.headers.get("Content-Encoding")
+            if encoding:
+                raise BadRequest(f"The request body could not be read as its Content-Encoding "
+                                 f"({encoding}) says.", code="invalid_content_encoding") from None
+            raise BadRequest("The request body could not be read.", code="invalid_request_body") from None
 
     # --- plan and reserve -----------------------------------------------------------------
 
@@ -97,7 +108,7 @@ class Gateway:
         """Plan, then try the candidates in order until one is reserved; else the 429."""
         ledger = self.ledger
         if ledger is None:
-            return self._unreserved(models[0], call, prompt)
+            return self._unreserved(models[0], call, prompt, who)
         rid = f"{self._id_prefix}{next(self._ids):x}"
         refusal: Refusal | None = None
         try:
@@ -107,22 +118,25 @@ class Gateway:
                 plan = await self._plan(ledger, call, who, models, prompt, fresh)
                 refusal = plan.short
                 for c in plan.candidates:
-                    got = await ledger.reserve(rid, c.amounts, c.scopes)
+                    with metrics.Timer(metrics.STORE["reserve"]):
+                        got = await ledger.reserve(rid, c.amounts, c.scopes, _info(call, who, models, c.model))
                     if isinstance(got, Reservation):
                         self.balance_cache.put(c.scopes, got.balances, time.monotonic(), ledger.policy)
-                        return self._admitted(got, c, models, call, prompt)
+                        return self._admitted(got, c, models, call, prompt, who)
                     refusal = refusal or got
                 if not any(c.cap is not None for c in plan.candidates):
                     break
         except StoreUnavailable as exc:
             self.stats["store_unavailable"] += 1
+            self.observer.store_unavailable()
             if self.config.enforcement == "strict":
                 raise ServiceUnavailable("The budget store is unavailable; the request was not sent.",
                                          code="BUDGET_STORE_UNAVAILABLE", headers={"Retry-After": "1"}) from exc
             log.warning("budget store unavailable (%s); advisory mode forwards without a reservation", exc)
-            return self._unreserved(models[0], call, prompt)
+            return self._unreserved(models[0], call, prompt, who)
         self.stats["refused"] += 1
         assert refusal is not None
+        self.observer.refused(refusal, who.org, who.user, models[0].name)
         raise refusal_error(refusal)
 
     async def _plan(self, ledger: Ledger, call: body.ApiCall, who: auth.Caller, models: Sequence[Model],
@@ -144,30 +158,34 @@ class Gateway:
             if not plan.short and all(c.cap is None or c.cap >= policy.default_max_tokens
                                       for c in plan.candidates):
                 return plan
-        balances = await ledger.snapshot(scopes, limited_only=True)
+        with metrics.Timer(metrics.STORE["snapshot"]):
+            balances = await ledger.snapshot(scopes, limited_only=True)
         self.balance_cache.put(scopes, balances, now, policy)
         return planner.plan(call, who, models, prompt, policy, balances, ledger.now())
 
     def _admitted(self, res: Reservation, c: planner.Candidate, models: Sequence[Model],
-                  call: body.ApiCall, prompt: int) -> Admitted:
+                  call: body.ApiCall, prompt: int, who: auth.Caller) -> Admitted:
         if res.would_refuse is not None:
             self.stats["shadow_refused"] += 1
             r = res.would_refuse
             log.info("shadow: would refuse %s/%s %s %s", r.scope.type, r.scope.id, r.window, r.unit)
         if c.model != models[0].name:
             self.stats["downgraded"] += 1
+        self.observer.admitted(res, models[0].name, c.model)
         model = next(m for m in models if m.name == c.model)
         cap = c.cap if self.ledger.policy.send_cap_upstream else None
-        return Admitted(self._flight(res, model, call, prompt),
+        return Admitted(self._flight(res, model, call, prompt, who),
                         budget_headers(c.model, models[0].name, res.balances), cap)
 
-    def _unreserved(self, model: Model, call: body.ApiCall, prompt: int) -> Admitted:
+    def _unreserved(self, model: Model, call: body.ApiCall, prompt: int, who: auth.Caller) -> Admitted:
         """Forwarded without a reservation (enforcement disabled, or advisory with the store down)."""
-        return Admitted(self._flight(None, model, call, prompt), budget_headers(model.name, model.name, ()), None)
+        return Admitted(self._flight(None, model, call, prompt, who), budget_headers(model.name, model.name, ()),
+                        None)
 
-    def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int) -> Flight:
+    def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int,
+                who: auth.Caller) -> Flight:
         count = functools.partial(self.tokens.count, model=model.upstream)
-        return Flight(self.ledger, self.tasks, res, model, call.endpoint, prompt, count)
+        return Flight(self.ledger, self.tasks, res, model, call.endpoint, prompt, count, self.observer, who.org)
 
     # --- forward and stream ---------------------------------------------------------------
 
@@ -178,18 +196,20 @@ class Gateway:
         payload["model"] = model.upstream
         if admitted.cap is not None:
             payload[call.endpoint.cap_field] = admitted.cap
-        inject = call.stream and not call.client_wants_usage
+        inject = call.stream and call.endpoint.usage_opt_in and not call.client_wants_usage
         if inject:
             payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         if model.provider not in self.upstreams.routes:     # a config reload removed it meanwhile
-            flight.release_soon()
+            flight.release_soon("upstream_error")
             raise _upstream_error(model.provider, ConnectionRefusedError())
-        flight.sent = True
+        flight.mark_sent()
         try:
-            up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None)
+            with metrics.Timer(metrics.upstream(model.provider)):
+                up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None,
+                                               request.headers)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
-            flight.release_soon()                   # never reached the upstream: nothing to pay
+            flight.release_soon("upstream_error")   # never reached the upstream: nothing to pay
             raise _upstream_error(model.provider, exc) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             flight.charge_prompt_soon()
@@ -200,7 +220,7 @@ class Gateway:
             if up.status >= 400:
                 return await self._error_passthrough(up, headers, flight)
             if call.stream and up.content_type == SSE:
-                return await self._stream(request, up, headers, flight, inject)
+                return await self._stream(request, up, headers, flight, call.endpoint.tap(inject))
             return await self._whole(up, headers, flight)
         finally:
             up.release()
@@ -209,7 +229,7 @@ class Gateway:
         """Upstream refused before any output: release, and pass its status and body through.
         Except 401/403: those are about the proxy's own upstream key (OpenAI's message even
         quotes part of it), which the client can neither see nor fix: a 502 of our own."""
-        flight.release_soon()
+        flight.release_soon("upstream_error")
         self.stats["upstream_errors"] += 1
         provider = flight.model.provider
         try:
@@ -220,10 +240,7 @@ class Gateway:
             log.error("provider %s rejected the proxy's credentials (HTTP %d)", provider, up.status)
             raise UpstreamFailed(f"The upstream provider '{provider}' rejected the proxy's credentials; "
                                  f"tell the proxy's operator.", code="upstream_auth_failed")
-        key = self.upstreams.routes[provider].key
-        if key and key.encode() in data:
-            data = data.replace(key.encode(), b"[redacted]")
-        return web.Response(status=up.status, body=data, headers=headers)
+        return web.Response(status=up.status, body=redacted(self.upstreams.routes[provider], data), headers=headers)
 
     async def _whole(self, up: aiohttp.ClientResponse, headers, flight: Flight) -> web.Response:
         try:
@@ -231,12 +248,21 @@ class Gateway:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             flight.charge_prompt_soon()
             raise _upstream_error(flight.model.provider, exc) from None
+        if not _json_object(data):
+            # A 200 the SDK cannot parse (an HTML page from a wrong base URL, a proxy's text):
+            # the upstream got the prompt and may bill it, so it is charged, as any call that
+            # reached the upstream and got no usable answer.
+            flight.charge_prompt_soon()
+            self.stats["upstream_errors"] += 1
+            log.warning("provider %s answered HTTP %d with a body that is not a JSON object "
+                        "(%s, %d bytes)", flight.model.provider, up.status, up.content_type, len(data))
+            raise UpstreamFailed(f"The upstream provider '{flight.model.provider}' answered with a body "
+                                 f"that is not JSON.", code="upstream_bad_response")
         flight.settle_body(data)
         return web.Response(status=up.status, body=data, headers=headers)
 
     async def _stream(self, request: web.Request, up: aiohttp.ClientResponse, headers, flight: Flight,
-                      inject: bool) -> web.StreamResponse:
-        tap = UsageTap(drop_usage_chunk=inject)
+                      tap) -> web.StreamResponse:
         resp = web.StreamResponse(status=up.status, headers=headers)
         try:
             await resp.prepare(request)
@@ -247,7 +273,7 @@ class Gateway:
         except asyncio.CancelledError:
             up.close()                      # the client left: stop paying, drop the upstream now
             self.stats["client_disconnects"] += 1
-            flight.settle_stream(tap)
+            flight.settle_stream(tap, "client_gone")
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             # Either side broke: the client (a write failed) or the upstream (a read failed).
@@ -256,7 +282,7 @@ class Gateway:
             self.stats["client_disconnects" if client_gone else "upstream_cut"] += 1
             log.info("stream ended early (%s): %s", "client gone" if client_gone else "upstream cut",
                      type(exc).__name__)
-            flight.settle_stream(tap)
+            flight.settle_stream(tap, "client_gone" if client_gone else "cut")
             if not client_gone and request.transport is not None:
                 # Do not let aiohttp end the response cleanly: the client must see the cut too.
                 request.transport.abort()
@@ -272,6 +298,27 @@ async def _write(resp: web.StreamResponse, pieces) -> None:
         await resp.write(pieces[0])
     elif pieces:
         await resp.write(b"".join(pieces))
+
+
+def _json_object(data: bytes) -> bool:
+    """Does the body look like one JSON object? Its first and last non-blank bytes are checked,
+    not the whole: parsing a large embeddings answer on the loop before replying would stall it
+    (settlement parses it after the reply)."""
+    start = _BLANKS.match(data).end()
+    end = len(data)
+    while end > start and data[end - 1] in b" \t\r\n":
+        end -= 1
+    return data[start:start + 1] == b"{" and data[end - 1:end] == b"}"
+
+
+def _info(call: body.ApiCall, who: auth.Caller, models: Sequence[Model], model: str) -> RequestInfo:
+    """What the settlement log records of this request (kept with its reservation): the model
+    name the client sent (a route or a model), the model used, and the first candidate when it
+    was downgraded from it."""
+    asked = models[0]
+    used = next(m for m in models if m.name == model)
+    return RequestInfo(who.org, who.user, call.end_user, call.endpoint.kind, call.model, model, used.provider,
+                       call.stream, asked.name if model != asked.name else None)
 
 
 def _upstream_error(provider: str, exc: BaseException) -> ApiError:

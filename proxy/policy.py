@@ -29,6 +29,7 @@ SCOPE_TYPES = ("global", "org", "user", "provider", "model")
 ENVIRONMENTS = ("dev", "staging", "prod")
 UNLIMITED = -1
 MICRO = 1_000_000
+DEFAULT_THRESHOLDS = (0.8, 0.95, 1.0)
 
 
 def usd_to_micro(usd: float) -> int:
@@ -53,6 +54,21 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Webhook:
+    url: str = field(repr=False)            # often a secret (Slack, Teams): never logged
+    scopes: frozenset[str] | None = None    # scope types it is told about; None: all
+
+    def wants(self, scope_type: str) -> bool:
+        return self.scopes is None or scope_type in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class Alerts:
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS   # fractions of a limit, ascending
+    webhooks: tuple[Webhook, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     source: str
     timezone: tzinfo = timezone.utc
@@ -69,6 +85,7 @@ class Policy:
     min_completion_tokens: int = 16
     defaults: Mapping[str, Limits] = field(default_factory=dict)
     overrides: Mapping[tuple[str, str], Limits] = field(default_factory=dict)
+    alerts: Alerts = Alerts()
 
     def limits_for(self, scope_type: str, scope_id: str) -> Limits:
         found = self.overrides.get((scope_type, scope_id))
@@ -97,7 +114,23 @@ def parse(data: Any, source: str) -> Policy:
         min_completion_tokens=int(res.get("min_completion_tokens", 16)),
         defaults=MappingProxyType(defaults),
         overrides=MappingProxyType(overrides),
+        alerts=_alerts(data.get("alerts") or {}, source),
     )
+
+
+def _alerts(raw: Mapping[str, Any], source: str) -> Alerts:
+    """Webhook URLs may use ${VAR}, expanded now (at every reload); a URL is never shown in an
+    error, since it usually carries a secret token."""
+    from .config import expand
+    hooks = []
+    for i, hook in enumerate(raw.get("webhooks") or ()):
+        url = expand(hook["url"], os.environ, source, f"alerts.webhooks.{i}.url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{source}: alerts.webhooks.{i}.url: expected an http:// or https:// URL")
+        scopes = hook.get("scopes")
+        hooks.append(Webhook(url, frozenset(scopes) if scopes else None))
+    thresholds = tuple(sorted(set(raw.get("thresholds") or DEFAULT_THRESHOLDS)))
+    return Alerts(tuple(float(t) for t in thresholds), tuple(hooks))
 
 
 def _zone(name: str, source: str) -> tzinfo:
@@ -113,13 +146,19 @@ def load(path: str) -> Policy:
     return parse(schema.load_yaml(path), path)
 
 
+def check_environment(env: str) -> str:
+    """The one check of an environment name (APP_ENV, config.yaml's `environment`): each
+    environment has its own policy file."""
+    if env not in ENVIRONMENTS:
+        raise ConfigError(f"APP_ENV: expected one of {', '.join(ENVIRONMENTS)}; got {env!r}")
+    return env
+
+
 def select_path(env: str, policies_dir: str, override: str | None = None) -> str:
     """The policy file for `env`, before validation (see module docstring)."""
     if override:
         return override
-    if env not in ENVIRONMENTS:
-        raise ConfigError(f"APP_ENV: expected one of {', '.join(ENVIRONMENTS)}; got {env!r}")
-    return os.path.join(policies_dir, f"{env}.yaml")
+    return os.path.join(policies_dir, f"{check_environment(env)}.yaml")
 
 
 def load_for(env: str, policies_dir: str, override: str | None = None) -> Policy:

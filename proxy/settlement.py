@@ -20,11 +20,13 @@ import logging
 import math
 from typing import Any, Callable
 
-from . import retry
+from . import metrics, pricing, retry
 from .config import Model
 from .endpoints import Endpoint
 from .errors import StoreUnavailable
 from .ledger import Amounts, Ledger, Reservation
+from .observer import Observer
+from .settlement_log import Usage as LoggedUsage
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -32,16 +34,10 @@ log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4      # for output we could not count: English text averages about 4 characters a token
 
 
-def reported_usage(usage: Any) -> tuple[int, int] | None:
-    """(prompt, completion) tokens from an OpenAI `usage` object, or None if it is not one."""
-    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-        return usage["prompt_tokens"], int(usage.get("completion_tokens") or 0)
-    return None
-
-
 class Flight:
     def __init__(self, ledger: Ledger | None, tasks: Tasks, res: Reservation | None, model: Model,
-                 endpoint: Endpoint, prompt: int, count: Callable[[str], int]) -> None:
+                 endpoint: Endpoint, prompt: int, count: Callable[[str], int],
+                 observer: Observer | None = None, org: str = "") -> None:
         self.ledger = ledger
         self.tasks = tasks
         self.res = res              # None: enforcement disabled, or the store was down (advisory)
@@ -49,7 +45,10 @@ class Flight:
         self.endpoint = endpoint
         self.prompt = prompt        # estimated prompt tokens
         self.count = count          # output text -> tokens, with the model's encoding
-        self.sent = False           # the request may have reached the upstream
+        self.sent_at: float | None = None   # loop time the request went upstream (it may have reached it)
+        self.latency_ms: int | None = None   # upstream time, from sending to the end of the answer
+        self.observer = observer    # told of the commit (metrics, alerts); None in unit tests
+        self.org = org
         self._settled = res is None
         self._timer: asyncio.TimerHandle | None = None
         if res is not None:
@@ -74,53 +73,70 @@ class Flight:
 
     # --- claiming a settlement ----------------------------------------------------------------
 
+    @property
+    def sent(self) -> bool:
+        return self.sent_at is not None
+
+    def mark_sent(self) -> None:
+        self.sent_at = asyncio.get_running_loop().time()
+
     def _claim(self) -> bool:
         if self._settled:
             return False
         self._settled = True
         if self._timer is not None:
             self._timer.cancel()
+        if self.sent_at is not None:
+            self.latency_ms = round((asyncio.get_running_loop().time() - self.sent_at) * 1000)
         return True
 
-    def release_soon(self) -> None:
+    # Outcomes, as the settlement log records them: ok (answered), cut (the upstream stream broke
+    # off), client_gone (the client left first), upstream_error (the upstream failed or could not
+    # be reached, or the proxy failed after sending), released (never sent).
+
+    def release_soon(self, outcome: str = "released") -> None:
         """Nothing was used (the upstream was never reached, or refused before any output)."""
         if self._claim():
-            res = self.res
-            self.tasks.spawn(retry.until_stored(lambda: self.ledger.release(res), f"release of {res.id}"))
+            res, latency = self.res, self.latency_ms
+            self.tasks.spawn(retry.until_stored(
+                lambda: self._timed("release", self.ledger.release(res, outcome, latency)), f"release of {res.id}"))
 
-    def commit_soon(self, prompt_tokens: int, completion_tokens: int) -> None:
+    def commit_soon(self, usage: pricing.Usage, outcome: str = "ok") -> None:
         if self._claim():
-            self.tasks.spawn(self._commit(prompt_tokens, completion_tokens))
+            self.tasks.spawn(self._commit(usage, outcome))
 
-    def charge_estimate_soon(self, output_tokens: int) -> None:
-        """No usage from the upstream: the prompt estimate plus what we counted of the output."""
-        self.commit_soon(self.prompt, output_tokens)
-
-    def charge_prompt_soon(self) -> None:
+    def charge_prompt_soon(self, outcome: str = "upstream_error") -> None:
         """The upstream may have read (and will bill) the prompt, but answered nothing."""
-        self.charge_estimate_soon(0)
+        self.commit_soon(pricing.estimate(self.prompt, 0), outcome)
 
-    def ensure_settled(self) -> None:
+    def ensure_settled(self, outcome: str = "upstream_error") -> None:
         """Last resort when the handler ends: a request that may have reached the upstream is
         charged its prompt; one that cannot have is released."""
         if self.sent:
-            self.charge_prompt_soon()
+            self.charge_prompt_soon(outcome)
         else:
             self.release_soon()
 
     # --- from what the upstream answered -----------------------------------------------------
 
-    def settle_stream(self, tap) -> None:
-        reported = reported_usage(tap.usage)
-        if reported is not None:
-            self.commit_soon(*reported)
+    def settle_stream(self, tap, ended: str = "ok") -> None:
+        """From a stream tap: its usage if the upstream reported it; released if the upstream
+        failed before any output; else what is known of the input (the estimate, or the exact
+        input a stream reported at its start) plus an estimate of the output streamed.
+        `ended`: how the stream ended (ok, cut, client_gone), the log's outcome."""
+        read = self.endpoint.read_usage
+        usage = read(tap.usage)
+        if usage is not None:
+            self.commit_soon(usage, ended)
         elif tap.error is not None and not tap.output_chunks:
-            self.release_soon()              # an upstream error before any output
+            self.release_soon("upstream_error")      # an upstream error before any output
         else:
-            estimate = max(tap.output_chunks, math.ceil(tap.output_chars / CHARS_PER_TOKEN))
+            # Only typed-event taps may know part of the usage (Anthropic: the exact input).
+            known = read(getattr(tap, "partial", None)) or pricing.estimate(self.prompt, 0)
+            estimate = max(known.output, tap.output_chunks, math.ceil(tap.output_chars / CHARS_PER_TOKEN))
             log.info("stream %s ended without usage; charging an estimate of %d output tokens",
                      self.res.id if self.res else "-", estimate)
-            self.charge_estimate_soon(estimate)
+            self.commit_soon(known._replace(output=estimate), ended)
 
     def settle_body(self, data: bytes) -> None:
         """Settle from a whole response body; parsing it happens in the task, after the reply."""
@@ -132,24 +148,31 @@ class Flight:
             obj = json.loads(data)
         except (ValueError, RecursionError):
             obj = None
-        reported = reported_usage(obj.get("usage") if isinstance(obj, dict) else None)
-        if reported is not None:
-            await self._commit(*reported)
-        else:
-            await self._commit(self.prompt, self._count_output(obj))
+        usage = self.endpoint.read_usage(obj.get("usage") if isinstance(obj, dict) else None)
+        if usage is None:
+            usage = pricing.estimate(self.prompt, self._count_output(obj))
+        await self._commit(usage)
 
-    async def _commit(self, prompt_tokens: int, completion_tokens: int) -> None:
-        actual = Amounts(prompt_tokens + completion_tokens, self.model.cost(prompt_tokens, completion_tokens))
-        res = self.res
-        await retry.until_stored(lambda: self.ledger.commit(res, actual), f"commit of {res.id}")
+    async def _commit(self, usage: pricing.Usage, outcome: str = "ok") -> None:
+        """Tokens and the dollars of the model actually used, every token kind at its own rate."""
+        actual = Amounts(usage.total_tokens, self.model.charge(usage))
+        logged = LoggedUsage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning)
+        res, latency = self.res, self.latency_ms
+        stored = await retry.until_stored(
+            lambda: self._timed("commit", self.ledger.commit(res, actual, logged, outcome, latency)),
+            f"commit of {res.id}")
+        if not stored:
+            metrics.JOB_FAILURES.labels("settlement").inc()
+        elif self.observer is not None:
+            self.observer.committed(res, actual, self.org, self.model.name, usage.prompt_tokens,
+                                    usage.cached_tokens, usage.completion_tokens)
+
+    @staticmethod
+    async def _timed(operation: str, call):
+        with metrics.Timer(metrics.STORE[operation]):
+            return await call
 
     def _count_output(self, obj: Any) -> int:
         if not self.endpoint.output or not isinstance(obj, dict):
             return 0
-        texts = []
-        for choice in obj.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            msg = choice.get("message") if self.endpoint.kind == "chat" else None
-            texts.append(msg.get("content") if isinstance(msg, dict) else choice.get("text"))
-        return sum(self.count(t) for t in texts if isinstance(t, str))
+        return sum(self.count(t) for t in self.endpoint.output_texts(obj) if isinstance(t, str))

@@ -3,14 +3,20 @@
 The proxy forwards streamed chat/completions responses unbuffered and byte for byte, but it must
 learn what the request really cost. `UsageTap` parses the stream on the side (WHATWG SSE rules),
 records the usage, model and output volume, and - when the proxy itself added
-`stream_options.include_usage` - cuts out the usage-only chunk so the client sees exactly the
-stream it would have seen without the proxy.
+`stream_options.include_usage` - takes out what that added, so the client sees exactly the stream
+it would have seen without the proxy, whatever shape the upstream gives it:
 
-Bytes are never rewritten, only left out: the usage-only event, and - because asking for usage
-makes OpenAI add `"usage":null` to every other chunk - that member (`,"usage":null` before a `,`
-or `}`; the last one in the chunk, since OpenAI puts usage after choices). Inside a JSON string
-every quote is escaped, so that byte run can only be structure. The pieces handed back are the
-caller's own chunk or memoryview slices of it wherever possible.
+- a usage-only event is left out whole: usage and no output, i.e. `choices` empty (OpenAI) or
+  every choice empty - a delta whose fields are all null, no text, no finish_reason, no logprobs
+  (LiteLLM's `[{"index":0,"delta":{}}]`);
+- every other event that has a top-level `usage` member (`null`, as OpenAI adds to every chunk, or
+  an object, as servers that report usage in the last content chunk do) loses that member: its
+  bytes from the comma before it (or, when it is the first member, up to the first byte after the
+  comma that follows it) to the end of its value. Everything else is kept byte for byte.
+
+Bytes are never rewritten, only left out (proxy/jsonmember.py finds a member's bytes). An event
+whose JSON is split over several `data:` lines (no known server does that) keeps its member. The
+pieces handed back are the caller's own chunk or memoryview slices of it wherever possible.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+
+from . import jsonmember
 
 # A blank line ends an event: two line terminators in a row, each \r\n, \r or \n. The first
 # look-behind rejects the \n of a \r\n as a terminator start (even when a search starts between
@@ -28,9 +36,14 @@ _BOUNDARY = re.compile(rb"[\r\n](?<!\r\n)(?:(?<=\r)\n)?+[\r\n](?:(?<=\r)\n)?+")
 # dropped event never takes a neighbour's stray blank line with it).
 _BLANK_LINES = re.compile(rb"[\r\n]+")
 _LINE_SPLIT = re.compile(rb"\r\n?|\n")
+_LINE = re.compile(rb"[^\r\n]+")
 _BOM = b"\xef\xbb\xbf"
-# What include_usage adds to every ordinary chunk, compact (OpenAI) and spaced (json.dumps).
-_NULL_USAGE = (b',"usage":null', b', "usage": null')
+# The member include_usage adds; OpenAI's two places for it (last, or before the padding).
+_USAGE_KEY = b'"usage"'
+_OPENAI_TAIL = b',"usage":null}'
+_OPENAI_PADDED = b',"usage":null,"obfuscation":"'
+# What _dispatch tells the scanner to do with an event.
+KEEP, DROP, STRIP = 0, 1, 2
 _CR = 0x0D
 _LF = 0x0A
 
@@ -186,11 +199,12 @@ class UsageTap:
             if start < 0:
                 break
             content = bytes(data[pos:start])
-            if self._dispatch(content):
-                if self._drop:
-                    dropped.append((pos, stop))
-            elif self._drop:
-                cut = _null_usage(content)
+            bom = 3 if self._at_start and content.startswith(_BOM) else 0
+            action = self._dispatch(content)
+            if self._drop and action == DROP:
+                dropped.append((pos, stop))
+            elif self._drop and action == STRIP:
+                cut = _usage_member(content, bom)
                 if cut is not None:
                     dropped.append((pos + cut[0], pos + cut[1]))
             pos = stop
@@ -199,53 +213,95 @@ class UsageTap:
             self._cr_dropped = bool(dropped) and dropped[-1][1] == size
         return pos, dropped
 
-    def _dispatch(self, content: bytes) -> bool:
-        """Account for one event (its lines, blank line excluded); True if it is usage-only."""
+    def _dispatch(self, content: bytes) -> int:
+        """Account for one event (its lines, blank line excluded); say what include_usage added
+        to it: DROP a usage-only event, STRIP a usage member, KEEP anything else."""
         if self._at_start:
             self._at_start = False
             if content.startswith(_BOM):
                 content = content[3:]
         payload = _event_data(content)
         if payload is None:
-            return False
+            return KEEP
         if payload == b"[DONE]":
             self.done = True
-            return False
+            return KEEP
         obj = _decode(payload)
-        return obj is not None and self._account(obj)
+        return KEEP if obj is None else self._account(obj)
 
-    def _account(self, obj: dict[str, Any]) -> bool:
-        """Record what one decoded chunk tells us; True if it is the usage-only chunk."""
+    def _account(self, obj: dict[str, Any]) -> int:
+        """Record what one decoded chunk tells us; DROP, STRIP or KEEP (see _dispatch)."""
         if obj.get("error") is not None:
             self.error = obj
         if self.model is None:
             model = obj.get("model")
             if isinstance(model, str) and model:
                 self.model = model
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
+        if "usage" not in obj:
+            self._count(obj.get("choices"))
+            return KEEP
+        usage = obj["usage"]
+        if not isinstance(usage, dict):
+            self._count(obj.get("choices"))
+            return STRIP if usage is None else KEEP     # not what include_usage adds: leave it
+        self.usage = usage
         choices = obj.get("choices")
-        if not isinstance(choices, list):
-            return False
-        if not choices:
-            return isinstance(usage, dict)
-        chars = sum(map(_choice_output, choices))
-        if chars:
-            self.output_chunks += 1
-            self.output_chars += chars
+        if isinstance(choices, list) and all(map(_empty_choice, choices)):
+            return DROP
+        self._count(choices)
+        return STRIP
+
+    def _count(self, choices: Any) -> None:
+        if isinstance(choices, list) and choices:
+            chars = sum(map(_choice_output, choices))
+            if chars:
+                self.output_chunks += 1
+                self.output_chars += chars
+
+
+def _empty_choice(choice: Any) -> bool:
+    """A streamed choice that carries nothing: no output, no role, no finish, no logprobs."""
+    if not isinstance(choice, dict):
         return False
+    delta = choice.get("delta")
+    if delta is not None and not (isinstance(delta, dict) and all(v is None for v in delta.values())):
+        return False
+    return (choice.get("text") in (None, "") and choice.get("finish_reason") is None
+            and choice.get("logprobs") is None)
 
 
-def _null_usage(content: bytes) -> tuple[int, int] | None:
-    """Span of the `"usage":null` member that include_usage added to a chunk, if any."""
-    for member in _NULL_USAGE:
-        at = content.rfind(member)
-        if at >= 0:
-            end = at + len(member)
-            if content[end:end + 1] in (b",", b"}"):
-                return at, end
-    return None
+def _usage_member(content: bytes, begin: int) -> tuple[int, int] | None:
+    """Byte span to leave out of an event (from content[begin:]) for its top-level `usage`
+    member (see the module docstring), or None if it cannot be found exactly."""
+    # OpenAI's shapes (one `data:` line), without a token scan: the member right before the
+    # object's last `}`, or before a last plain-string "obfuscation" member, can only be top-level.
+    if content.startswith(b"data:", begin) and b"\n" not in content and b"\r" not in content:
+        if content.endswith(_OPENAI_TAIL):
+            return len(content) - len(_OPENAI_TAIL), len(content) - 1
+        at = content.rfind(_OPENAI_PADDED)
+        end = len(content) - 2             # where the pad's closing quote must be
+        if at >= 0 and content.endswith(b'"}') and content.find(b'"', at + len(_OPENAI_PADDED)) == end \
+                and content.find(b"\\", at) < 0:
+            return at, at + len(_OPENAI_TAIL) - 1
+    region = _data_value(content, begin)
+    if region is None:
+        return None
+    return jsonmember.span(content, _USAGE_KEY, *region)
+
+
+def _data_value(content: bytes, begin: int) -> tuple[int, int] | None:
+    """Span of the one non-empty `data` value of an event; None if its JSON spans several."""
+    if content.startswith(b"data: ", begin) and b"\n" not in content and b"\r" not in content:
+        return begin + 6, len(content)              # OpenAI's single `data: {...}` line
+    found = None
+    for line in _LINE.finditer(content, begin):
+        name, colon, value = line.group().partition(b":")
+        if name != b"data" or not value or value == b" ":
+            continue
+        if found is not None:
+            return None
+        found = (line.start() + 5 + (value[:1] == b" "), line.end())
+    return found
 
 
 def _boundary(data: bytes | bytearray, start: int, lf_only: bool) -> tuple[int, int]:

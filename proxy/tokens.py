@@ -27,7 +27,7 @@ from typing import Any
 
 import tiktoken
 
-from . import encodings
+from . import anthropic_tokens, encodings
 
 DEFAULT_ENCODING = "o200k_base"
 
@@ -73,7 +73,10 @@ TOKENS_PER_TOOL_CALL = 3
 #: letter), so below it a thread hop would cost about as much as it saves.
 INLINE_THRESHOLD_CHARS = 16_000
 
-_ESTIMATE_KINDS = ("chat", "completion", "embedding")
+_ESTIMATE_KINDS = ("chat", "completion", "embedding", "responses", "messages")
+# A base64 file in a Responses input (a PDF, say) is reserved at its decoded bytes / this: its
+# pages' text and images are both billed, and no count is possible without parsing it.
+FILE_BYTES_PER_TOKEN = 2
 
 def approximate_tokens(text: str) -> int:
     """Approximate token count used when an encoding is unavailable: ``ceil(utf8_bytes / 4)``.
@@ -192,8 +195,36 @@ class TokenCounter:
             return 0
         return self._input_tokens(self._encoding_for(model), body.get("input"))
 
+    def responses_input(self, body: dict, model: str) -> int:
+        """Input tokens of a ``POST /v1/responses`` body: ``instructions``, ``input`` (a string
+        or a list of items: messages with text, image and file parts, function calls and their
+        outputs), tool definitions and a ``text.format`` JSON schema. An item of a type not
+        known here is counted as its compact JSON, which errs high."""
+        if not isinstance(body, dict):
+            return 0
+        enc = self._encoding_for(model)
+        total = REPLY_PRIMING_TOKENS
+        for text in (body.get("instructions"), body.get("input")):
+            if isinstance(text, str):
+                total += TOKENS_PER_MESSAGE + self._count_with(enc, text)
+        items = body.get("input")
+        for item in items if isinstance(items, list) else ():
+            total += self._item_tokens(enc, item)
+        total += self._tool_definition_tokens(enc, body.get("tools"))
+        text_opts = body.get("text")
+        fmt = text_opts.get("format") if isinstance(text_opts, dict) else None
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            total += self._count_with(enc, _compact_json(fmt.get("schema")) or "")
+        return total
+
+    def messages_prompt(self, body: dict, model: str) -> int:
+        """Estimated input tokens of an Anthropic ``POST /v1/messages`` body (see
+        :mod:`proxy.anthropic_tokens`: cl100k_base x 1.4, plus framing; an approximation)."""
+        enc = self._encodings.get("cl100k_base")
+        return anthropic_tokens.messages_prompt(body, functools.partial(self._count_with, enc))
+
     async def estimate(self, kind: str, body: dict, model: str) -> int:
-        """Prompt tokens of a request body; ``kind`` is "chat", "completion" or "embedding".
+        """Prompt tokens of a request body; ``kind`` is an endpoint kind (see _ESTIMATE_KINDS).
 
         Bodies above :data:`INLINE_THRESHOLD_CHARS` are counted in a worker thread so a huge
         prompt does not stall the event loop (tiktoken releases the GIL while encoding).
@@ -212,6 +243,10 @@ class TokenCounter:
             return self.completion_prompt
         if kind == "embedding":
             return self.embedding_input
+        if kind == "responses":
+            return self.responses_input
+        if kind == "messages":
+            return self.messages_prompt
         raise ValueError(f"unknown estimate kind {kind!r}; expected one of {_ESTIMATE_KINDS}")
 
     def _encoding_for(self, model: str) -> tiktoken.Encoding | None:
@@ -251,6 +286,40 @@ class TokenCounter:
         # Text-like parts ("text", "refusal"); audio/file parts carry no countable text.
         text = part.get("refusal" if kind == "refusal" else "text")
         return self._count_with(enc, text) if isinstance(text, str) else 0
+
+    def _item_tokens(self, enc: tiktoken.Encoding | None, item: Any) -> int:
+        """One Responses input item."""
+        if not isinstance(item, dict):
+            return 0
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item.get("content")
+            if isinstance(content, str):
+                return TOKENS_PER_MESSAGE + self._count_with(enc, content)
+            parts = content if isinstance(content, list) else ()
+            return TOKENS_PER_MESSAGE + sum(self._response_part_tokens(enc, p) for p in parts)
+        if kind == "function_call":
+            return TOKENS_PER_TOOL_CALL + self._function_tokens(enc, item)
+        if kind == "function_call_output":
+            output = item.get("output")
+            if isinstance(output, list):
+                return TOKENS_PER_MESSAGE + sum(self._response_part_tokens(enc, p) for p in output)
+            return TOKENS_PER_MESSAGE + (self._count_with(enc, output) if isinstance(output, str) else 0)
+        return self._count_with(enc, _compact_json(item) or "")
+
+    def _response_part_tokens(self, enc: tiktoken.Encoding | None, part: Any) -> int:
+        if not isinstance(part, dict):
+            return 0
+        kind = part.get("type")
+        if kind == "input_image":
+            return IMAGE_TOKENS_LOW if part.get("detail") == "low" else IMAGE_TOKENS_DEFAULT
+        if kind == "input_file":
+            data = part.get("file_data")
+            return len(data) * 3 // 4 // FILE_BYTES_PER_TOKEN if isinstance(data, str) else 0
+        text = part.get("refusal" if kind == "refusal" else "text")
+        if isinstance(text, str):
+            return self._count_with(enc, text)
+        return self._count_with(enc, _compact_json(part) or "")
 
     def _tool_call_tokens(self, enc: tiktoken.Encoding | None, call: Any) -> int:
         if not isinstance(call, dict) or not isinstance(call.get("function"), dict):

@@ -21,32 +21,46 @@ from .endpoints import ENDPOINTS, Endpoint
 
 log = logging.getLogger(__name__)
 
-# Response headers a client of OpenAI relies on; everything else (hop-by-hop, length, server
-# identity, cookies) is the proxy's own business.
+# Response headers a client of OpenAI or Anthropic relies on; everything else (hop-by-hop,
+# length, server identity, cookies) is the proxy's own business.
 _PASS = frozenset({"content-type", "content-encoding", "x-request-id", "openai-processing-ms",
-                   "openai-version", "retry-after", "retry-after-ms", "x-should-retry"})
+                   "openai-version", "retry-after", "retry-after-ms", "x-should-retry", "request-id"})
+_PASS_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+# A provider's base_url is what its own SDK takes as base_url: OpenAI's includes the version
+# (https://api.openai.com/v1), Anthropic's is the API root (https://api.anthropic.com).
+_API_PREFIX = {"openai": "", "anthropic": "/v1"}
+# Request headers a client may send on to the upstream: Anthropic's opt-in to beta features
+# (e.g. extended cache TTLs); the proxy sets everything else itself.
+FORWARDED = ("anthropic-beta",)
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    urls: Mapping[str, str]            # kind -> full URL
+    urls: Mapping[str, str]            # endpoint kind -> full URL, for the endpoints this API serves
+    root: str                          # the API's URL prefix, for pass-through paths below /v1
     headers: Mapping[str, str]
     timeout: aiohttp.ClientTimeout
     key: str | None = field(default=None, repr=False)    # to redact it from relayed errors
 
 
-def _route(p: Provider) -> Route:
-    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+def _auth(p: Provider) -> dict[str, str]:
+    """The provider's own credentials: OpenAI's bearer, or Anthropic's x-api-key and version."""
     key = p.api_key
     if p.api_key_env and not key:
         log.warning("provider %s: environment variable %s is not set; calling it without a key",
                     p.name, p.api_key_env)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    return Route(MappingProxyType({kind: p.base_url + e.path for kind, e in ENDPOINTS.items()}),
-                 MappingProxyType(headers),
+    if p.kind == "anthropic":
+        return {"anthropic-version": p.anthropic_version, **({"x-api-key": key} if key else {})}
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _route(p: Provider) -> Route:
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **_auth(p)}
+    root = p.base_url + _API_PREFIX[p.kind]
+    urls = {kind: root + e.path for kind, e in ENDPOINTS.items() if e.api == p.kind}
+    return Route(MappingProxyType(urls), root, MappingProxyType(headers),
                  aiohttp.ClientTimeout(total=None, sock_connect=p.connect_timeout, sock_read=p.read_timeout),
-                 key)
+                 p.api_key)
 
 
 class Upstreams:
@@ -68,17 +82,39 @@ class Upstreams:
         if self.session is not None:
             await self.session.close()
 
-    def post(self, provider: str, endpoint: Endpoint, payload: bytes, accept: str | None):
+    def post(self, provider: str, endpoint: Endpoint, payload: bytes, accept: str | None,
+             client_headers: Mapping[str, str] | None = None):
         route = self.routes[provider]
-        headers = route.headers if accept is None else {**route.headers, "Accept": accept}
+        headers = _headers(route, accept, client_headers)
         assert self.session is not None
         return self.session.post(route.urls[endpoint.kind], data=payload, headers=headers, timeout=route.timeout)
+
+    def request(self, method: str, provider: str, path: str, payload: bytes | None,
+                client_headers: Mapping[str, str] | None = None):
+        """A pass-through call to `path` below the provider's API root (e.g. /responses/ID)."""
+        route = self.routes[provider]
+        assert self.session is not None
+        return self.session.request(method, route.root + path, data=payload,
+                                    headers=_headers(route, None, client_headers), timeout=route.timeout)
+
+
+def _headers(route: Route, accept: str | None, client: Mapping[str, str] | None) -> Mapping[str, str]:
+    extra = {name: client[name] for name in FORWARDED if name in client} if client else {}
+    if accept is not None:
+        extra["Accept"] = accept
+    return {**route.headers, **extra} if extra else route.headers
+
+
+def redacted(route: Route, data: bytes) -> bytes:
+    """An upstream's error body with the proxy's own key cut out (OpenAI quotes part of a key)."""
+    key = route.key
+    return data.replace(key.encode(), b"[redacted]") if key and key.encode() in data else data
 
 
 def passed_headers(resp: aiohttp.ClientResponse) -> CIMultiDict:
     out: CIMultiDict = CIMultiDict()
     for name, value in resp.headers.items():
         low = name.lower()
-        if low in _PASS or low.startswith("x-ratelimit-"):
+        if low in _PASS or low.startswith(_PASS_PREFIXES):
             out.add(name, value)
     return out

@@ -15,6 +15,7 @@ import os
 from collections import Counter
 from typing import Any, Callable
 
+from . import metrics
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,11 @@ async def watch(what: str, path: str, load: Callable[[str], Any], apply: Callabl
             apply(fresh)
         except ConfigError as exc:
             failures[what] += 1
+            metrics.JOB_FAILURES.labels(f"{what}_reload").inc()
             log.error("%s change rejected, keeping the running %s: %s", what, what, exc)
         except Exception:  # noqa: BLE001 - a watcher must outlive any one bad file
             failures[what] += 1
+            metrics.JOB_FAILURES.labels(f"{what}_reload").inc()
             log.exception("%s reload failed, keeping the running %s", what, what)
         else:
             log.info("%s reloaded from %s", what, path)

@@ -8,6 +8,7 @@ import io
 import json
 
 import aiohttp
+import anthropic
 import openai
 import yaml
 from aiohttp.test_utils import TestServer
@@ -15,6 +16,7 @@ from aiohttp.test_utils import TestServer
 from proxy import config as config_mod
 from proxy.app import GATEWAY, build_app
 from proxy.ledger import Scope
+from proxy.policy import load as load_policy
 from proxy.policy import parse as parse_policy
 
 from .fake_upstream import UPSTREAM_KEY, FakeOpenAI
@@ -27,14 +29,33 @@ PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "text-embedding-3-s
           "gpt-3.5-turbo-instruct": (1.5, 2.0)}
 
 
+# Models for the Responses and Messages surfaces, with every cache price (USD per million tokens).
+TYPED_API_MODELS = {
+    "gpt-4.1": {"provider": "openai", "input_per_million": 2.0, "cached_input_per_million": 0.5,
+                "cache_write_per_million": 2.5, "cache_write_1h_per_million": 3.0, "output_per_million": 8.0,
+                "upstream": "gpt-4.1-2025-04-14"},
+    "claude-sonnet-4-6": {"provider": "anthropic", "input_per_million": 3.0, "cached_input_per_million": 0.3,
+                          "cache_write_per_million": 3.75, "cache_write_1h_per_million": 6.0,
+                          "output_per_million": 15.0, "upstream": "claude-sonnet-4-6-20260217",
+                          "downgrade_to": ["claude-haiku-4-5"]},
+    "claude-haiku-4-5": {"provider": "anthropic", "input_per_million": 1.0, "output_per_million": 5.0},
+}
+
+
 def config_data(upstream_url: str, store: str, enforcement: str = "strict", keys: bool = True) -> dict:
     models = {name: {"provider": "openai", "input_per_million": i, "output_per_million": o}
               for name, (i, o) in PRICES.items()}
     models["gpt-4o"]["downgrade_to"] = ["gpt-4o-mini"]
+    models["gpt-4o"]["cached_input_per_million"] = 1.25
     models["gpt-4o-mini"]["upstream"] = "gpt-4o-mini-2024-07-18"
+    models.update(TYPED_API_MODELS)
     data = {"environment": "dev", "enforcement": enforcement, "store": store,
             "providers": {"openai": {"base_url": upstream_url, "api_key_env": "BP_TEST_UPSTREAM_KEY",
-                                     "connect_timeout": 2, "read_timeout": 10}},
+                                     "connect_timeout": 2, "read_timeout": 10},
+                          # Anthropic's base URL is the API root (its SDK adds /v1): the fake serves both
+                          "anthropic": {"base_url": upstream_url.removesuffix("/v1"), "kind": "anthropic",
+                                        "api_key_env": "BP_TEST_UPSTREAM_KEY", "connect_timeout": 2,
+                                        "read_timeout": 10}},
             "models": models, "routes": {"smart": ["gpt-4o", "gpt-4o-mini"]}}
     if keys:
         data["keys"] = {
@@ -64,6 +85,14 @@ class Harness:
         kw.setdefault("max_retries", 0)
         kw.setdefault("timeout", 30)          # a stuck proxy fails the test instead of hanging it
         c = openai.AsyncOpenAI(base_url=self.url, api_key=key, **kw)
+        self._clients.append(c)
+        return c
+
+    def anthropic(self, key: str = CLIENT_KEY, **kw) -> anthropic.AsyncAnthropic:
+        """The official anthropic SDK pointed at the proxy, with a proxy key (sent as x-api-key)."""
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 30)
+        c = anthropic.AsyncAnthropic(base_url=str(self.proxy.make_url("")), api_key=key, **kw)
         self._clients.append(c)
         return c
 
@@ -129,14 +158,17 @@ async def post(h: Harness, path: str, body, key: str | None = CLIENT_KEY, raw: b
             return r.status, dict(r.headers), await r.read()
 
 
-async def start(store_url: str, policy: dict, tokens, *, enforcement: str = "strict", keys: bool = True,
-                fake: FakeOpenAI | None = None, env=None, clock=None, config_file: str | None = None) -> Harness:
-    """A fake upstream and a proxy in front of it. With `config_file`, the config is written
-    there as YAML and loaded from it (for tests that edit it while the proxy runs)."""
+async def start(store_url: str, policy: dict | str, tokens, *, enforcement: str = "strict", keys: bool = True,
+                fake: FakeOpenAI | None = None, env=None, clock=None, config_file: str | None = None,
+                config: dict | None = None) -> Harness:
+    """A fake upstream and a proxy in front of it. `policy`: the policy's YAML data, or the path
+    of a policy file (watched while running). With `config_file`, the config is written there as
+    YAML and loaded from it (for tests that edit it while the proxy runs). `config` adds or
+    replaces top-level config.yaml keys (e.g. admin_keys)."""
     fake = fake or FakeOpenAI()
     upstream = TestServer(fake.app())
     await upstream.start_server()
-    data = config_data(str(upstream.make_url("/v1")), store_url, enforcement, keys)
+    data = {**config_data(str(upstream.make_url("/v1")), store_url, enforcement, keys), **(config or {})}
     env = {"BP_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}
     if config_file:
         with open(config_file, "w") as fh:
@@ -144,7 +176,8 @@ async def start(store_url: str, policy: dict, tokens, *, enforcement: str = "str
         cfg = config_mod.load(config_file, env)
     else:
         cfg = config_mod.parse(data, "test-config.yaml", env=env)
-    pol = parse_policy({"version": 1, **policy}, "test-policy.yaml")
+    pol = load_policy(policy) if isinstance(policy, str) else parse_policy({"version": 1, **policy},
+                                                                         "test-policy.yaml")
     proxy = TestServer(build_app(cfg, pol, tokens=tokens, clock=clock))
     await proxy.start_server()
     return Harness(fake, upstream, proxy, tokens)

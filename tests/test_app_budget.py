@@ -195,30 +195,63 @@ def test_hash_key_matches_config_lookup():
         harness.config_data("http://x/v1", "memory://"))
 
 
-async def test_policy_edits_apply_while_running_and_bad_edits_are_ignored(tmp_path, monkeypatch, tokens, start_proxy):
+async def test_policy_edits_apply_while_running_and_bad_edits_never_stop_the_watcher(
+        tmp_path, monkeypatch, start_proxy):
     from proxy import app as app_mod
     from proxy import policy as policy_mod
     from proxy import watch
     monkeypatch.setattr(watch, "POLL_SECONDS", 0.02)
     path = tmp_path / "dev.yaml"
     path.write_text("version: 1\ndefaults: {user: {day: {tokens: 5}}}\n")
-    h = await start_proxy("memory://", {})
-    h.gateway.ledger.policy = policy_mod.load(str(path))
-    # restart the watcher on the file-backed policy
-    watcher = asyncio.create_task(app_mod._watch_policy(h.gateway.ledger, asyncio.Event()))
+    h = await start_proxy("memory://", str(path))
+    day = policy_mod.WINDOWS.index("day")
+    before = app_mod._stats(h.gateway)["job_failures"]       # reload failures count process-wide
+
+    async def edited(text: str, failures: int, tokens: int) -> None:
+        path.write_bytes(text.encode("latin-1"))       # \xe9 below is one byte: not UTF-8
+        for _ in range(500):
+            if app_mod._stats(h.gateway)["job_failures"] - before == failures and \
+                    h.gateway.ledger.policy.limits_for("user", "app").table[day][0] == tokens:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"watcher: {h.gateway.stats}, {h.gateway.ledger.policy}")
+
     status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
     assert status == 429
-    path.write_text("version: 1\ndefaults: {user: {day: {tokens: 100000}}}\n")
-    for _ in range(200):
-        if h.gateway.ledger.policy.limits_for("user", "app").table[2][0] == 100000:
-            break
-        await asyncio.sleep(0.01)
+    await edited("version: 1\ndefaults: {user: {day: {tokens: 100000}}}\n", 0, 100000)
     status, _, _ = await post(h, "/chat/completions", {"model": "gpt-4o", "messages": MSGS})
     assert status == 200
-    path.write_text("version: 1\ndefaults: {user: {day: {tokens: -1}}}\n")      # invalid
-    await asyncio.sleep(0.2)
-    assert h.gateway.ledger.policy.limits_for("user", "app").table[2][0] == 100000
-    watcher.cancel()
+    for n, bad in enumerate(["version: 1\ndefaults: {user: {day: {tokens: -1}}}\n",
+                             "version: 1\ndefaults: {user: {day: {usd: .inf}}}\n",
+                             "version: 1\ndefaults: {user: {day: {usd: 1e400}}}\n",
+                             "version: 1\ndefaults: {user: {day: {usd: .nan, usd: 1}}}\n",
+                             "version: 1\n# \xe9t\xe9\n"], start=1):
+        await edited(bad, n, 100000)                   # rejected, counted, running policy kept
+    real_parse = policy_mod.parse
+    monkeypatch.setattr(policy_mod, "parse", lambda data, source: 1 / 0)     # a bug, not a bad file
+    await edited("version: 1\ndefaults: {user: {day: {tokens: 7}}}\n", 6, 100000)
+    monkeypatch.setattr(policy_mod, "parse", real_parse)
+    await edited("version: 1\ndefaults: {user: {day: {tokens: 77}}}\n", 6, 77)    # still watching
+    async with aiohttp.ClientSession() as s:
+        async with s.get(str(h.proxy.make_url("/healthz"))) as r:
+            assert (await r.json())["stats"]["job_failures"] - before == 6
+
+
+async def test_the_sweeper_survives_failing_rounds(monkeypatch, start_proxy):
+    from proxy import app as app_mod
+    monkeypatch.setattr(app_mod, "SWEEP_SECONDS", 0.01)
+    h = await start_proxy("memory://", {})
+    rounds = []
+
+    async def broken() -> int:
+        rounds.append(1)
+        raise RuntimeError("a bug") if len(rounds) % 2 else OSError("disk")
+    monkeypatch.setattr(h.gateway.ledger, "sweep", broken)
+    for _ in range(500):
+        if len(rounds) >= 4:
+            break
+        await asyncio.sleep(0.01)
+    assert len(rounds) >= 4 and h.gateway.stats["job_failures"] >= 3
 
 
 async def test_racing_requests_never_overspend_and_fall_back_to_cheaper(store_url, start_proxy):
@@ -272,8 +305,8 @@ async def test_redis_frozen_mid_call_is_a_503_that_leaves_nothing_reserved(redis
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
     assert status == 503 and json.loads(body)["error"]["code"] == "BUDGET_STORE_UNAVAILABLE"
-    if h.gateway.ledger.pending:
-        await asyncio.wait(list(h.gateway.ledger.pending), timeout=20)
+    if len(h.gateway.ledger.tasks):
+        await asyncio.wait(h.gateway.ledger.tasks.pending(), timeout=20)
     await asyncio.sleep(0.2)
     assert h.fake.seen == []
     assert await h.reserved_anywhere() == []

@@ -64,3 +64,65 @@ def test_completion_and_embedding_inputs():
     with pytest.raises(BadRequest) as exc:
         parse(b'{"model": "m", "input": "a", "stream": true}', "embedding")
     assert exc.value.param == "stream"
+
+
+# --- Responses and Messages ---------------------------------------------------------------
+
+RESP = {"model": "gpt-4.1", "input": "hi"}
+MSG = {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def bad(kind: str, body: dict) -> BadRequest:
+    with pytest.raises(BadRequest) as exc:
+        parse(json.dumps(body).encode(), kind)
+    return exc.value
+
+
+def test_a_responses_call_exposes_what_the_proxy_uses():
+    call = parse(json.dumps({**RESP, "stream": True, "max_output_tokens": 64, "user": "bob",
+                             "background": False, "previous_response_id": None}).encode(), "responses")
+    assert (call.endpoint.kind, call.model, call.stream, call.max_output, call.choices, call.end_user) == \
+        ("responses", "gpt-4.1", True, 64, 1, "bob")
+    assert call.client_wants_usage                  # nothing is ever injected into a Responses stream
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
+    assert parse(json.dumps({**RESP, "input": items}).encode(), "responses").max_output is None
+
+
+@pytest.mark.parametrize("field, value", [("background", True), ("previous_response_id", "resp_1"),
+                                          ("conversation", "conv_1"), ("prompt", {"id": "pmpt_1"})])
+def test_responses_with_input_the_proxy_cannot_see_are_refused_naming_the_field(field, value):
+    err = bad("responses", {**RESP, field: value})
+    assert (err.status, err.param, err.code) == (400, field, "unsupported_parameter")
+    assert "not supported by this budget proxy" in err.message
+
+
+@pytest.mark.parametrize("over, param", [
+    ({"input": None}, "input"), ({"input": 5}, "input"), ({"input": ["x"]}, "input[0]"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+    ({"max_output_tokens": 15}, "max_output_tokens"), ({"max_output_tokens": "9"}, "max_output_tokens"),
+    ({"instructions": ["x"]}, "instructions"), ({"tools": {}}, "tools"), ({"user": "\x00"}, "user"),
+    ({"model": None}, "model"), ({"stream": "yes"}, "stream")])
+def test_bad_responses_fields_name_their_param(over, param):
+    assert bad("responses", {**RESP, **over}).param == param
+
+
+def test_a_messages_call_exposes_what_the_proxy_uses():
+    call = parse(json.dumps({**MSG, "stream": True, "system": [{"type": "text", "text": "Be brief."}],
+                             "metadata": {"user_id": "u-42"}}).encode(), "messages")
+    assert (call.endpoint.kind, call.model, call.stream, call.max_output, call.choices, call.end_user) == \
+        ("messages", "claude-haiku-4-5", True, 100, 1, "u-42")
+
+
+def test_messages_require_max_tokens_as_anthropic_does():
+    err = bad("messages", {k: v for k, v in MSG.items() if k != "max_tokens"})
+    assert (err.message, err.param, err.code) == ("max_tokens: Field required", "max_tokens",
+                                                  "missing_required_parameter")
+
+
+@pytest.mark.parametrize("over, param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0"), ({"system": 5}, "system"),
+    ({"tools": "x"}, "tools"), ({"metadata": []}, "metadata"), ({"metadata": {"user_id": "x" * 300}},
+                                                                 "metadata.user_id")])
+def test_bad_messages_fields_name_their_param(over, param):
+    assert bad("messages", {**MSG, **over}).param == param

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 
@@ -18,22 +17,9 @@ from aiohttp.test_utils import TestServer
 from proxy.cli import main
 
 from .fake_upstream import UPSTREAM_KEY, FakeOpenAI
+from .rawhttp import ROOT
+from .rawhttp import wait_for_port as _wait_for_port
 from .redis_server import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-async def _wait_for_port(port: int, proc, seconds: float = 30) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if proc.returncode is not None:
-            raise AssertionError(f"proxy exited with {proc.returncode}: {(await proc.stderr.read()).decode()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise AssertionError("proxy did not start listening")
-
 
 async def test_serve_with_the_shipped_config_proxies_a_real_sdk_call():
     fake = FakeOpenAI()
@@ -80,7 +66,7 @@ def test_hash_key_prints_the_sha256(capsys):
 
 def _redis_config(tmp_path, redis_url: str) -> str:
     from .harness import config_data
-    from .test_settlements import MIXED_POLICY
+    from .ledgers import MIXED_POLICY
     (tmp_path / "policy.yaml").write_text(json.dumps({"version": 1, **MIXED_POLICY}))
     data = {**config_data("http://127.0.0.1:9/v1", redis_url), "policy": "policy.yaml"}
     path = tmp_path / "config.yaml"
@@ -92,19 +78,19 @@ async def _workload(redis_url: str) -> list:
     from proxy.ledger import Ledger
     from proxy.policy import parse
     from proxy.stores import open_store
-    from .test_ledger import Clock
-    from .test_settlements import MIXED_POLICY, _mixed_workload
+    from .ledgers import Clock
+    from .ledgers import MIXED_POLICY, mixed_workload
     store = open_store(redis_url)
     clock = Clock(time.time())
     ledger = Ledger(store, parse({"version": 1, **MIXED_POLICY}, "p"), clock=clock)
-    await _mixed_workload(ledger, clock)
+    await mixed_workload(ledger, clock)
     records = await ledger.settlements(limit=1000)
     await store.close()
     return records
 
 
 async def test_export_round_trips_the_log_as_json_lines_and_csv(tmp_path, redis_url, capsys):
-    from proxy.settlements import EXPORT_FIELDS
+    from proxy.settlement_log import EXPORT_FIELDS
     records = await _workload(redis_url)
     expected = [r.export() for r in reversed(records)]                     # oldest first
     config = _redis_config(tmp_path, redis_url)
@@ -152,3 +138,21 @@ def test_export_refuses_the_memory_store(tmp_path, capsys):
     path.write_text(json.dumps(config_data("http://127.0.0.1:9/v1", "memory://")))
     assert main(["export", "--config", str(path)]) == 2
     assert f"{path}: store: expected a shared store" in capsys.readouterr().err
+
+
+def test_usage_table_sorts_by_closeness_and_draws_bars():
+    from proxy import usage
+
+    def e(sid, used, reserved, limit):
+        return {"scope": {"type": "org", "id": sid}, "window": "day", "start": "", "end": "",
+                "used": {"tokens": used, "usd": 0.5}, "reserved": {"tokens": reserved, "usd": 0.0},
+                "limit": {"tokens": limit, "usd": None}, "remaining": {"tokens": None, "usd": None}}
+
+    doc = {"data": [e("a", 500, 0, 1000), e("b", 900, 100, 1000), e("c", 10, 0, None)]}
+    doc["data"].sort(key=lambda x: -usage.closeness(x))
+    lines = usage.table(doc).splitlines()
+    assert lines[0].split()[:2] == ["SCOPE", "WINDOW"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["org:b", "org:a", "org:c"]
+    assert lines[1].endswith("[##################++]") and "100%" in lines[1]
+    assert lines[2].endswith("[##########..........]") and "50%" in lines[2]
+    assert "[" not in lines[3] and "10" in lines[3]

@@ -10,7 +10,7 @@ import pytest
 from proxy.ledger import Amounts, Ledger, Reservation
 from proxy.stores import open_store
 
-from .test_ledger import SCOPES, Clock, make_policy, tomorrow_at
+from .ledgers import SCOPES, Clock, make_policy, tomorrow_at
 
 LIMIT, AMOUNT, PROCESSES, TASKS = 500, 3, 4, 150
 

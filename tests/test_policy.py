@@ -17,6 +17,11 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "policies")
 POLICIES = os.path.join(ROOT, "policies")
 
 BAD = {
+    "alerts_threshold_zero.yaml": "alerts.thresholds.0: expected a number > 0, got 0",
+    "alerts_unknown_scope.yaml": "alerts.webhooks.0.scopes.1: expected one of global, org, user, provider, "
+                                 "model; got 'team'",
+    "alerts_bad_url.yaml": "alerts.webhooks.0.url: expected an http:// or https:// URL",     # never echoed
+    "alerts_unset_variable.yaml": "alerts.webhooks.0.url: environment variable BP_UNSET_ALERT_URL is not set",
     "unknown_top_key.yaml": "(top level): unknown key 'ratelimit'",
     "unknown_scope_type.yaml": "defaults: unknown key 'team'",
     "unknown_window.yaml": "defaults.org: unknown key 'dya'",
@@ -30,6 +35,13 @@ BAD = {
     "threshold_above_one.yaml": "router.downgrade_below: expected a number <= 1, got 1.5",
     "bad_timezone.yaml": "timezone: expected an IANA time zone name, got 'Mars/Olympus'",
     "bad_yaml.yaml": "line 3, column 1: expected ',' or '}', but got '<stream end>'",
+    "infinite_usd.yaml": "defaults.org.day.usd: expected a finite number, got .inf",
+    "nan_usd.yaml": "defaults.org.day.usd: expected a finite number, got .nan",
+    "overflowing_usd.yaml": "defaults.user.month.usd: expected a finite number, got .inf",    # 1e400
+    "usd_too_large.yaml": "defaults.org.day.usd: expected a number <= 1000000000, got 1000000000000.0",
+    "duplicate_key.yaml": "line 7, column 7: duplicate key 'usd' (first given on line 5)",
+    "duplicate_key_one_line.yaml": "line 3, column 23: duplicate key 'usd' (first given on line 3)",
+    "not_utf8.yaml": "line 2: not valid UTF-8 (byte 0xe9); save the file as UTF-8",
 }
 
 
@@ -96,6 +108,31 @@ def test_explicit_policy_path_wins(tmp_path):
     assert got.lease_seconds == 42
 
 
+def test_yaml_1_2_exponents_are_numbers_and_merge_keys_may_override(tmp_path):
+    _write(tmp_path, "p.yaml", "version: 1\nbase: &b {usd: 1e3, tokens: 5}\n")
+    _write(tmp_path, "q.yaml", "version: 1\ndefaults:\n  org:\n    day: {<<: {usd: 1, tokens: 2}, usd: 2e1}\n")
+    got = policy.load(str(tmp_path / "q.yaml"))
+    assert got.limits_for("org", "x").table[policy.WINDOWS.index("day")] == (2, 20_000_000)
+
+
+def test_the_schema_names_the_same_environments_as_the_code():
+    from proxy import schema
+    enum = schema.validator("config").schema["properties"]["environment"]["enum"]
+    assert tuple(enum) == policy.ENVIRONMENTS
+
+
 def test_unknown_environment_is_an_error():
     with pytest.raises(ConfigError, match="APP_ENV: expected one of dev, staging, prod; got 'qa'"):
         policy.load_for("qa", POLICIES)
+
+
+def test_alerts_parse_with_defaults_and_expand_the_webhook_url(monkeypatch):
+    assert policy.parse({"version": 1}, "p.yaml").alerts.thresholds == (0.8, 0.95, 1.0)
+    monkeypatch.setenv("BP_ALERT_URL", "https://hooks.example.com/T1/s3cret")
+    pol = policy.parse({"version": 1, "alerts": {"thresholds": [0.95, 0.5], "webhooks": [
+        {"url": "${BP_ALERT_URL}", "scopes": ["org"]}, {"url": "http://127.0.0.1:9/any"}]}}, "p.yaml")
+    assert pol.alerts.thresholds == (0.5, 0.95)
+    org_only, every = pol.alerts.webhooks
+    assert org_only.url == "https://hooks.example.com/T1/s3cret"
+    assert org_only.wants("org") and not org_only.wants("user") and every.wants("user")
+    assert "s3cret" not in repr(pol)                       # a webhook URL is a secret: never in logs

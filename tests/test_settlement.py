@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from proxy.config import Model
+from proxy.pricing import Usage
 from proxy.endpoints import ENDPOINTS
 from proxy.ledger import Amounts, Ledger, Scope
 from proxy.policy import parse
@@ -15,7 +16,8 @@ from proxy.settlement import Flight
 from proxy.stores.memory import MemoryStore
 from proxy.tasks import Tasks
 
-MODEL = Model("gpt-4o", "openai", "gpt-4o", 2.5, 10.0, ())
+MODEL = Model("gpt-4o", "openai", "gpt-4o", 2.5, 10.0, (), cached_input_per_million=1.25)
+CLAUDE = Model("claude-sonnet-4-5", "anthropic", "claude-sonnet-4-5", 3.0, 15.0, (), kind="anthropic")
 SCOPES = (Scope("global", "*"), Scope("org", "acme"))
 PROMPT = 100
 
@@ -32,18 +34,52 @@ async def admitted(ledger: Ledger, tasks: Tasks, reserve: int = 1000, endpoint: 
     return Flight(ledger, tasks, res, MODEL, ENDPOINTS[endpoint], PROMPT, lambda text: len(text.split()))
 
 
-async def org_day(ledger: Ledger, tasks: Tasks) -> tuple[int, int]:
+async def org_day(ledger: Ledger, tasks: Tasks, unit: str = "tokens") -> tuple[int, int]:
     await asyncio.wait(tasks.pending(), timeout=5) if len(tasks) else None
     b = next(b for b in await ledger.snapshot(SCOPES)
-             if b.scope.type == "org" and b.window == "day" and b.unit == "tokens")
+             if b.scope.type == "org" and b.window == "day" and b.unit == unit)
     return b.used, b.reserved
+
+
+async def test_a_commit_prices_every_token_kind_at_its_rate(ledger):
+    tasks = Tasks()
+    f = await admitted(ledger, tasks)
+    f.settle_body(b'{"choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 10, '
+                  b'"prompt_tokens_details": {"cached_tokens": 600}}}')
+    assert await org_day(ledger, tasks) == (1010, 0)
+    assert await org_day(ledger, tasks, "usd") == (400 * 2.5 + 600 * 1.25 + 10 * 10, 0)   # 1850 micro-USD
+    logged = (await ledger.settlements())[0]          # the log has the breakdown, reasoning apart
+    assert (logged.prompt_tokens, logged.cached_tokens, logged.completion_tokens, logged.reasoning_tokens,
+            logged.usd_micro) == (1000, 600, 10, 0, 1850)
+
+
+async def test_a_cut_anthropic_stream_is_charged_its_exact_input_and_an_output_estimate(ledger):
+    tasks = Tasks()
+    res = await ledger.reserve("r1", Amounts(5000, 100_000), SCOPES)
+    f = Flight(ledger, tasks, res, CLAUDE, ENDPOINTS["messages"], PROMPT, len)
+    start = {"input_tokens": 30, "cache_read_input_tokens": 2000, "cache_creation_input_tokens": 0,
+             "output_tokens": 1}
+    f.settle_stream(SimpleNamespace(usage=None, partial=start, error=None, output_chunks=3, output_chars=40))
+    assert await org_day(ledger, tasks) == (2030 + 10, 0)               # not the estimated prompt (100)
+    logged = (await ledger.settlements())[0]
+    assert (logged.prompt_tokens, logged.cached_tokens, logged.completion_tokens) == (2030, 2000, 10)
+    assert await org_day(ledger, tasks, "usd") == (30 * 3 + 2000 * 0.3 + 10 * 15, 0)   # reads at 0.1x
+
+
+async def test_a_responses_body_without_usage_is_charged_its_counted_output(ledger):
+    tasks = Tasks()
+    res = await ledger.reserve("r1", Amounts(1000, 10_000), SCOPES)
+    f = Flight(ledger, tasks, res, MODEL, ENDPOINTS["responses"], PROMPT, lambda t: len(t.split()))
+    f.settle_body(b'{"output": [{"type": "message", "content": [{"type": "output_text", "text": "one two"}]},'
+                  b' {"type": "function_call", "name": "f", "arguments": "three"}], "usage": null}')
+    assert await org_day(ledger, tasks) == (PROMPT + 3, 0)
 
 
 async def test_a_flight_settles_once_whatever_is_asked_after(ledger):
     tasks = Tasks()
     f = await admitted(ledger, tasks)
-    f.commit_soon(100, 20)
-    f.commit_soon(100, 500)          # a second path: ignored
+    f.commit_soon(Usage(input=100, output=20))
+    f.commit_soon(Usage(input=100, output=500))          # a second path: ignored
     f.release_soon()
     f.ensure_settled()
     assert await org_day(ledger, tasks) == (120, 0)
@@ -56,7 +92,7 @@ async def test_last_resort_charges_the_prompt_once_sent_and_releases_before(ledg
     assert await org_day(ledger, tasks) == (0, 0)
     res = await ledger.reserve("r2", Amounts(1000, 1), SCOPES)
     g = Flight(ledger, tasks, res, MODEL, ENDPOINTS["chat"], PROMPT, len)
-    g.sent = True
+    g.mark_sent()
     g.ensure_settled()
     assert await org_day(ledger, tasks) == (PROMPT, 0)
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -222,8 +223,8 @@ def test_usage_is_the_last_object_seen_and_null_is_ignored() -> None:
     early = {"prompt_tokens": 19, "completion_tokens": 1, "total_tokens": 20}
     tap = UsageTap(drop_usage_chunk=True)
     stream = data(chunk({"content": "a"}, usage=early)) + data(chunk({"content": "b"}, usage=None))
-    # usage on a chunk with choices is not usage-only; only the null member goes
-    assert flat(tap.feed(stream)) == stream.replace(b',"usage":null}', b"}")
+    # usage on a chunk with output is not usage-only: the chunk stays, its usage member goes
+    assert flat(tap.feed(stream)) == data(chunk({"content": "a"})) + data(chunk({"content": "b"}))
     assert tap.usage == early
     tap.feed(USAGE_EVENT)
     assert tap.usage == USAGE
@@ -423,8 +424,96 @@ def test_null_usage_member_before_other_members_is_removed_too() -> None:
 def test_null_usage_member_is_removed_only_when_the_proxy_asked_for_usage() -> None:
     compact = data(chunk({"content": "a"}, usage=None))
     spaced = b'data: {"choices": [{"delta": {"content": "b"}}], "usage": null}\n\n'
-    middle = b'data: {"usage":null,"choices":[{"delta":{"content":"c"}}]}\n\n'
-    stream = compact + spaced + middle
+    first = b'data: {"usage":null,"choices":[{"delta":{"content":"c"}}]}\n\n'
+    first_spaced = b'data: { "usage" : null ,  "choices": [{"delta": {"content": "d"}}]}\n\n'
+    stream = compact + spaced + first + first_spaced
     assert flat(UsageTap(drop_usage_chunk=False).feed(stream)) == stream
     assert run(UsageTap(drop_usage_chunk=True), [stream]) == (
-        compact.replace(b',"usage":null}', b"}") + spaced.replace(b', "usage": null}', b"}") + middle)
+        compact.replace(b',"usage":null}', b"}") + spaced.replace(b', "usage": null}', b"}")
+        + b'data: {"choices":[{"delta":{"content":"c"}}]}\n\n'
+        + b'data: { "choices": [{"delta": {"content": "d"}}]}\n\n')
+
+
+# Shapes of upstreams other than OpenAI (each: what the proxy gets having asked for usage, and
+# what the same upstream sends without include_usage: what the client must receive).
+LITELLM_USAGE = (b'data: {"id":"c1","created":1,"model":"m","object":"chat.completion.chunk",'
+                 b'"choices":[{"index":0,"delta":{}}],"usage":' + json.dumps(USAGE).encode() + b"}\n\n",
+                 b"")
+USAGE_IN_LAST = (b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}],'
+                 b'"usage":' + json.dumps(USAGE).encode() + b',"obfuscation":"x"}\n\n',
+                 b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}],'
+                 b'"obfuscation":"x"}\n\n')
+NULL_FIRST = (b'data: {"usage":null,"id":"c1","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n',
+              b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n')
+USAGE_FIRST_SPACED = (b'data: {"usage": ' + json.dumps(USAGE).encode() + b', "choices": [{"index": 0, '
+                      b'"delta": {}, "finish_reason": "length"}]}\n\n',
+                      b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\n')
+SHAPES = {"litellm-usage-chunk": LITELLM_USAGE, "usage-in-last-chunk": USAGE_IN_LAST,
+          "null-usage-first": NULL_FIRST, "usage-first-spaced": USAGE_FIRST_SPACED}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_other_upstream_shapes_reach_the_client_as_a_direct_call_would(name: str) -> None:
+    sent, direct = SHAPES[name]
+    stream = data(chunk({"content": "Hi"}, usage=None)) + sent + DONE
+    expected = data(chunk({"content": "Hi"})) + direct + DONE
+    for cut in range(len(stream) + 1):
+        tap = UsageTap(drop_usage_chunk=True)
+        assert run(tap, [stream[:cut], stream[cut:]]) == expected, cut
+        assert tap.usage == (USAGE if b"usage\":{" in sent or b"usage\": {" in sent else None)
+    tap = UsageTap(drop_usage_chunk=False)
+    assert run(tap, [stream]) == stream                  # the client asked for usage: untouched
+
+
+def test_a_choice_with_output_or_a_role_is_never_dropped_with_its_usage() -> None:
+    role = data(chunk({"role": "assistant", "content": None}, usage=USAGE))
+    done = data(chunk({}, "stop", usage=USAGE))
+    tap = UsageTap(drop_usage_chunk=True)
+    assert run(tap, [role + done]) == data(chunk({"role": "assistant", "content": None})) + data(chunk({}, "stop"))
+
+
+def test_usage_keys_that_are_not_the_top_level_member_are_kept() -> None:
+    nested = (b'data: {"choices":[{"index":0,"delta":{"content":"\\"usage\\":null,"},"usage":null}],'
+              b'"x":{"usage":null},"usage":null}\n\n')
+    assert run(UsageTap(drop_usage_chunk=True), [nested]) == nested.replace(b',"usage":null}\n', b"}\n")
+    only = b'data: {"usage":null}\n\n'
+    assert run(UsageTap(drop_usage_chunk=True), [only]) == b"data: {}\n\n"
+
+
+# Lines for the randomized check: (as sent with include_usage, as the client must get it).
+RANDOM_SHAPES = [(LITELLM_USAGE[0].rstrip(b"\n"), None),
+                 (USAGE_IN_LAST[0].rstrip(b"\n"), USAGE_IN_LAST[1].rstrip(b"\n")),
+                 (NULL_FIRST[0].rstrip(b"\n"), NULL_FIRST[1].rstrip(b"\n"))]
+
+
+def test_other_shapes_match_a_reference_on_random_streams() -> None:
+    rng = random.Random(11)
+    parts = [b"\r", b"\n", b"\r\n", b"data: [DONE]", b": c", b"id: 1", b"data"] + [s for s, _ in RANDOM_SHAPES]
+    # Events are recognised by their JSON (data lines join with \n, which JSON reads as a blank).
+    shape_of = {json.dumps(json.loads(s[6:]), sort_keys=True): (s, d) for s, d in RANDOM_SHAPES}
+    for _ in range(1000):
+        stream = b"".join(rng.choice(parts) for _ in range(rng.randint(1, 12)))
+        cuts = sorted(rng.sample(range(len(stream) + 1), rng.randint(0, min(4, len(stream)))))
+        reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+        events, tail = reference_events(stream)
+        expected, pos = b"", 0
+        for start, end, payload in events:
+            try:
+                sent, direct = shape_of[json.dumps(json.loads(payload or b""), sort_keys=True)]
+            except (ValueError, KeyError):
+                continue
+            expected += stream[pos:start]
+            if direct is not None:                   # strip the member: the same event, one line changed
+                lines = re.split(rb"(\r\n|\r|\n)", stream[start:end])
+                expected += b"".join(direct if line == sent else line for line in lines)
+            pos = end
+        tap = UsageTap(drop_usage_chunk=True)
+        out = flat([piece for read in reads for piece in tap.feed(read)])
+        assert out == expected + stream[pos:tail], (stream, reads)
+        assert flat(tap.close()) == stream[tail:], (stream, reads)
+
+
+def test_only_the_data_line_loses_the_member() -> None:
+    # A field line that merely ends like OpenAI's usage member is not the event's JSON.
+    event = b'data: {"usage":null,"a":1}\nid: x,"usage":null}\n\n'
+    assert run(UsageTap(drop_usage_chunk=True), [event]) == b'data: {"a":1}\nid: x,"usage":null}\n\n'

@@ -37,7 +37,7 @@ def _sha256(path: Path) -> str:
 
 @pytest.fixture(autouse=True)
 def _restore_cache_env(monkeypatch):
-    # load() sets TIKTOKEN_CACHE_DIR for the process; put it back after each test.
+    # Tests start without a user-set TIKTOKEN_CACHE_DIR (and get the caller's back after).
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
 
 
@@ -125,7 +125,31 @@ def test_empty_cache_dir_is_populated_with_verified_files(no_network, tmp_path):
     for name in ENCODINGS:
         assert _sha256(_cache_file(cache_dir, name)) == encodings.ENCODING_SHA256[name]
     assert not [p for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
-    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(cache_dir)
+    assert "TIKTOKEN_CACHE_DIR" not in os.environ           # set only while tiktoken loaded
+
+
+def test_a_user_set_cache_dir_is_used_and_left_as_set(no_network, fresh_registry, tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(mine))
+    assert TokenCounter.load().approximate is False
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(mine)
+    for name in ENCODINGS:
+        assert _sha256(_cache_file(mine, name)) == encodings.ENCODING_SHA256[name]
+
+
+def test_a_cache_filled_at_build_time_is_only_read_at_start(no_network, fresh_registry, tmp_path, monkeypatch):
+    # The image: its build fills TIKTOKEN_CACHE_DIR; each start (as another user) must read it,
+    # never write, extract bundled data again, or make a temporary directory.
+    built = tmp_path / "image-cache"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(built))
+    TokenCounter.load()
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    monkeypatch.setattr(encodings, "_bundled_data", lambda name: pytest.fail("bundled data extracted again"))
+    monkeypatch.setattr(encodings, "_atomic_write", lambda *a: pytest.fail("cache written at start"))
+    monkeypatch.setattr("tempfile.mkdtemp", lambda *a, **k: pytest.fail("temporary cache dir made"))
+    counter = TokenCounter.load()
+    assert counter.approximate is False and counter.count(JAPANESE, "gpt-4o") == 6
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(built)
 
 
 def test_corrupted_cache_file_is_rewritten_not_fetched(no_network, fresh_registry, tmp_path):
@@ -162,8 +186,7 @@ def test_unwritable_cache_dir_falls_back_to_private_tempdir(
     counter = TokenCounter.load(cache_dir=tmp_path / "a-file" / "cache")
 
     assert counter.approximate is False
-    used = Path(os.environ["TIKTOKEN_CACHE_DIR"])
-    assert used.parent == temp_root
+    [used] = temp_root.iterdir()
     for name in ENCODINGS:
         assert _sha256(_cache_file(used, name)) == encodings.ENCODING_SHA256[name]
 
@@ -459,3 +482,52 @@ async def test_event_loop_keeps_running_while_a_huge_prompt_is_counted(counter, 
     # Counted inline, the await would complete without ever yielding: zero ticks.
     assert ticks_during_count > 0
     assert result == len(o200k.encode_ordinary(prompt))
+
+
+# --- Responses API --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tokens_counter(loaded):
+    return loaded[0]
+
+
+def test_responses_input_string_with_instructions(tokens_counter):
+    n = lambda t: tokens_counter.count(t, "gpt-4.1")
+    body = {"model": "gpt-4.1", "instructions": "Answer in French.", "input": "Where is the library?"}
+    assert tokens_counter.responses_input(body, "gpt-4.1") == \
+        tokens.REPLY_PRIMING_TOKENS + 2 * tokens.TOKENS_PER_MESSAGE + n("Answer in French.") + n("Where is the library?")
+
+
+def test_responses_input_items_parts_tools_and_schema(tokens_counter):
+    n = lambda t: tokens_counter.count(t, "gpt-4o")
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    body = {"input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                     {"type": "input_image", "image_url": "https://x/y.png", "detail": "low"},
+                                     {"type": "input_image", "image_url": "https://x/z.png"},
+                                     {"type": "input_file", "file_data": "A" * 400}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "A cat."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "18C, sunny"},
+        {"type": "reasoning", "id": "rs_1", "summary": []}],
+        "tools": [tool], "text": {"format": {"type": "json_schema", "name": "w", "schema": schema}}}
+    expected = (tokens.REPLY_PRIMING_TOKENS
+                + tokens.TOKENS_PER_MESSAGE + n("What is this?") + tokens.IMAGE_TOKENS_LOW
+                + tokens.IMAGE_TOKENS_DEFAULT + 300 // tokens.FILE_BYTES_PER_TOKEN
+                + tokens.TOKENS_PER_MESSAGE + n("A cat.")
+                + tokens.TOKENS_PER_TOOL_CALL + n("get_weather") + n('{"city":"Paris"}')
+                + tokens.TOKENS_PER_MESSAGE + n("18C, sunny")
+                + n('{"type":"reasoning","id":"rs_1","summary":[]}')          # unknown: its JSON
+                + tokens.TOOLS_BLOCK_TOKENS + tokens.TOKENS_PER_TOOL
+                + n('{"type":"function","name":"get_weather","parameters":{"type":"object"}}')
+                + n('{"type":"object","properties":{"city":{"type":"string"}}}'))
+    assert tokens_counter.responses_input(body, "gpt-4o") == expected
+
+
+async def test_responses_and_messages_are_estimate_kinds(tokens_counter):
+    body = {"input": "hi", "messages": [{"role": "user", "content": "hi"}]}
+    assert await tokens_counter.estimate("responses", body, "gpt-4o") == tokens_counter.responses_input(body, "gpt-4o")
+    assert await tokens_counter.estimate("messages", body, "claude-haiku-4-5") == tokens_counter.messages_prompt(body, "x")
+    assert tokens_counter.responses_input({"input": 5, "tools": "x"}, "gpt-4o") == tokens.REPLY_PRIMING_TOKENS

@@ -69,7 +69,7 @@ class Expired(NamedTuple):
 
 
 class Note(NamedTuple):
-    """What a settlement's log record says beyond the amounts (see proxy/settlements.py)."""
+    """What a settlement's log record says beyond the amounts (see proxy/settlement_log.py)."""
     outcome: str             # ok | cut | client_gone | upstream_error | released (expired and
     #                          corrected are the store's own)
     usage: str = ""          # "<prompt> <cached> <completion> <reasoning>" tokens, or "" unknown

@@ -14,13 +14,12 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ..errors import ConfigError
-
 SCHEME = "redis+cluster://"
 
 
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
-    """(start-up nodes, username, password) of `redis+cluster://[user:password@]h:p[,h:p…][/0]`."""
+    """(start-up nodes, username, password) of `redis+cluster://[user:password@]h:p[,h:p…][/0]`;
+    ValueError naming what is wrong (see proxy.stores.url_problem)."""
     rest = url[len(SCHEME):].split("/", 1)[0]
     user = password = None
     if "@" in rest:
@@ -31,7 +30,7 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str 
     for part in rest.split(","):
         host, _, port = part.strip().rpartition(":")
         if not host or not port.isdigit():
-            raise ConfigError(f"store: expected {SCHEME}host:port[,host:port…], got {part.strip()!r} in the node list")
+            raise ValueError(f"expected {SCHEME}host:port[,host:port…] ({part.strip()!r} is not host:port)")
         nodes.append((host.strip("[]"), int(port)))
     return nodes, user, password
 

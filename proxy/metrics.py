@@ -1,0 +1,197 @@
+"""Prometheus metrics, every name prefixed `budget_proxy_`.
+
+Counters and histograms live in prometheus_client's default registry. When several worker
+processes serve one port, each process counts into its own files under PROMETHEUS_MULTIPROC_DIR
+and a scrape (answered by any worker) sums them all: prometheus_client picks that mode when the
+variable is set *before this module is imported*, so `serve --workers N` sets it to a fresh
+temporary directory before it builds the app. Without it, one process, the default registry.
+
+The remaining-budget ratios are not kept in process: each scrape reads them from the store (one
+snapshot round trip), so every worker answers the same numbers. Cardinality stays bounded: they
+cover the global scope, the orgs named in config.yaml and the policy, the configured providers and
+models (never users or end users), and at most MAX_RATIO_SERIES series, closest to the limit first.
+Other labels are config-bounded too (org, model, provider, endpoint) or fixed sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Iterable
+
+from aiohttp import web
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram,
+                               disable_created_metrics, generate_latest)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# `*_created` series double every counter's series for a timestamp nobody graphs.
+disable_created_metrics()
+
+MAX_RATIO_SERIES = 500
+RATIO_SCOPE_TYPES = ("global", "org", "provider", "model")
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter("budget_proxy_requests", "HTTP requests answered, by endpoint and status code.",
+                   ["endpoint", "status"])
+RESERVATIONS = Counter("budget_proxy_reservations", "Budget reservation decisions, by outcome: admitted, "
+                       "refused, forced (shadow mode, over a limit), store_unavailable.", ["outcome"])
+SPEND_USD = Counter("budget_proxy_spend_usd", "US dollars committed, by org and model used.", ["org", "model"])
+SPEND_TOKENS = Counter("budget_proxy_spend_tokens", "Tokens committed, by org, model used and kind "
+                       "(prompt, cached, completion).", ["org", "model", "kind"])
+DOWNGRADES = Counter("budget_proxy_downgrades", "Requests routed to a cheaper model than the first "
+                     "candidate, by from and to model.", ["from", "to"])
+OVERRUNS = Counter("budget_proxy_overruns", "Commits above their reservation, by severity: warning "
+                   "(over), critical (over 5x).", ["severity"])
+STORE_SECONDS = Histogram("budget_proxy_store_seconds", "Latency of budget store calls, by operation.",
+                          ["operation"], buckets=_LATENCY_BUCKETS)
+UPSTREAM_SECONDS = Histogram("budget_proxy_upstream_seconds", "Time from sending a request upstream to "
+                             "its response headers, by provider.", ["provider"], buckets=_LATENCY_BUCKETS)
+JOB_FAILURES = Counter("budget_proxy_background_failures", "Failures of background jobs, by job "
+                       "(sweep, policy_reload, settlement, alert_delivery, alert_check).", ["job"])
+ALERTS = Counter("budget_proxy_alerts", "Alert deliveries, by outcome: delivered, failed (after "
+                 "every retry), dropped (queue full).", ["outcome"])
+
+
+def registry() -> CollectorRegistry:
+    """What a scrape reads: every worker's files in multiprocess mode, else this process."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return REGISTRY
+    reg = CollectorRegistry()
+    MultiProcessCollector(reg, path=path)
+    return reg
+
+
+class _Fixed:
+    """A collector of metric families computed before the scrape (from the store)."""
+
+    def __init__(self, families: Iterable) -> None:
+        self._families = list(families)
+
+    def collect(self):
+        return self._families
+
+
+def remaining_ratios(balances) -> GaugeMetricFamily:
+    """remaining / limit per limited (scope, window, unit), closest to the limit first, capped."""
+    fam = GaugeMetricFamily("budget_proxy_budget_remaining_ratio",
+                            "Share of a limit still available (0 = exhausted), for the global scope, "
+                            "configured orgs, providers and models.",
+                            labels=["scope_type", "scope_id", "window", "unit"])
+    rows = sorted((b for b in balances if b.limit), key=lambda b: b.remaining / b.limit)
+    for b in rows[:MAX_RATIO_SERIES]:
+        fam.add_metric([b.scope.type, b.scope.id, b.window, b.unit], b.remaining / b.limit)
+    return fam
+
+
+def render(balances=()) -> bytes:
+    """The exposition text: the process (or multiprocess) metrics plus the store's ratios."""
+    reg = registry()
+    body = generate_latest(reg)
+    if balances:
+        extra = CollectorRegistry()
+        extra.register(_Fixed([remaining_ratios(balances)]))
+        body += generate_latest(extra)
+    return body
+
+
+def response(body: bytes) -> web.Response:
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+def endpoint_label(request: web.Request) -> str:
+    """The route's path, so unknown URLs cannot mint label values."""
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler) -> web.StreamResponse:
+    """Outside the error middleware, so every answer (errors included) is counted once."""
+    try:
+        resp = await handler(request)
+    except web.HTTPException as exc:          # redirects and the like pass through the error layer
+        requests(endpoint_label(request), str(exc.status)).inc()
+        raise
+    except asyncio.CancelledError:            # the client went away: nginx's "client closed request"
+        requests(endpoint_label(request), "499").inc()
+        raise
+    requests(endpoint_label(request), str(resp.status)).inc()
+    return resp
+
+
+class Timer:
+    """`with Timer(STORE["reserve"]):` observes the block's wall time into a histogram child."""
+
+    __slots__ = ("_hist", "_t0")
+
+    def __init__(self, child) -> None:
+        self._hist = child
+
+    def __enter__(self) -> "Timer":
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hist.observe(time.perf_counter() - self._t0)
+
+
+class Children:
+    """A metric's labelled children, memoised: `.labels()` validates and takes a lock (about
+    1 µs), and the hooks run several times per request. Bounded like the labels themselves."""
+
+    __slots__ = ("_metric", "_made")
+
+    def __init__(self, metric) -> None:
+        self._metric = metric
+        self._made: dict[tuple[str, ...], object] = {}
+
+    def __call__(self, *labels: str):
+        child = self._made.get(labels)
+        if child is None:
+            child = self._made[labels] = self._metric.labels(*labels)
+        return child
+
+
+STORE = {op: STORE_SECONDS.labels(op) for op in ("reserve", "commit", "release", "snapshot")}
+requests = Children(REQUESTS)
+reservations = Children(RESERVATIONS)
+spend_usd = Children(SPEND_USD)
+spend_tokens = Children(SPEND_TOKENS)
+downgrades = Children(DOWNGRADES)
+overruns = Children(OVERRUNS)
+upstream = Children(UPSTREAM_SECONDS)
+
+
+def ratio_scopes(config, policy) -> list:
+    """The scopes whose remaining ratios are exported: global, every org named in config.yaml's
+    keys or the policy's overrides (`default` too when auth is open), every provider and model."""
+    from .auth import OPEN_ORG
+    from .ledger import Scope
+    orgs = {k.org for k in config.keys.values()} | {i for t, i in policy.overrides if t == "org"}
+    if not config.keys:
+        orgs.add(OPEN_ORG)
+    return [Scope("global", "*"), *(Scope("org", o) for o in sorted(orgs)),
+            *(Scope("provider", p) for p in config.providers), *(Scope("model", m) for m in config.models)]
+
+
+async def scrape(config, ledger) -> web.Response:
+    """GET /metrics. If the store is down the ratios are left out (the rest still answers)."""
+    balances = []
+    if ledger is not None:
+        try:
+            with Timer(STORE["snapshot"]):
+                balances = await ledger.snapshot(ratio_scopes(config, ledger.policy), limited_only=True)
+        except StoreUnavailable as exc:
+            log.warning("metrics: remaining ratios left out, the store is unavailable: %s", exc)
+    # Multiprocess mode reads every worker's files: off the event loop.
+    return response(await asyncio.to_thread(render, balances))

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy import jsonmember
+
+KEY = b'"usage"'
+
+
+def cut(text: bytes) -> bytes | None:
+    found = jsonmember.span(text, KEY, 0, len(text))
+    return None if found is None else text[:found[0]] + text[found[1]:]
+
+
+@pytest.mark.parametrize("text, left", [
+    (b'{"a":1,"usage":null}', b'{"a":1}'),
+    (b'{"a":1,"usage":{"x":[1,{"y":"}"}]},"b":2}', b'{"a":1,"b":2}'),
+    (b'{"usage":null,"a":1}', b'{"a":1}'),
+    (b'{ "usage" : null ,  "a": 1}', b'{ "a": 1}'),
+    (b'{"a": 1, "usage": {"t": 2} }', b'{"a": 1 }'),
+    (b'{"usage":null}', b'{}'),
+    (b'{"a":{"usage":null},"usage":null}', b'{"a":{"usage":null}}'),       # the nested one stays
+    (b'{"a":"\\"usage\\":null,","usage":null}', b'{"a":"\\"usage\\":null,"}'),
+])
+def test_the_top_level_member_is_cut_with_one_comma(text, left):
+    assert cut(text) == left
+    assert json.loads(left) == {k: v for k, v in json.loads(text).items() if k != "usage"}
+
+
+@pytest.mark.parametrize("text", [
+    b'{"a":{"usage":null}}',                    # nested only
+    b'{"a":"usage"}',                           # a value, not a key
+    b'{"x\\"usage":1}',                         # inside a key, after an escaped quote
+    b'{"a":["usage", 1]}',
+    b'{"a":1}',
+])
+def test_no_top_level_member_no_span(text):
+    assert cut(text) is None

@@ -1,0 +1,166 @@
+"""GET /metrics: Prometheus text from prometheus_client, bounded labels, correct across workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import metrics, pricing
+from proxy.app import OBSERVER
+from proxy.ledger import Scope
+
+from . import harness
+
+MSGS = [{"role": "user", "content": "Say hello."}]
+
+
+def samples(text: str) -> dict[tuple, float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def scrape(h) -> dict[tuple, float]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(h.proxy.make_url("/metrics")) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain; version=")
+            return samples(await r.text())
+
+
+def requests_total(got, endpoint: str, status: str) -> float:
+    return got.get(("budget_proxy_requests_total", (("endpoint", endpoint), ("status", status))), 0.0)
+
+
+async def test_requests_are_counted_by_route_and_status_and_ratios_come_from_the_store(store_url, tokens):
+    policy = {"defaults": {"org": {"day": {"tokens": 10_000}}, "user": {"day": {"tokens": 5_000}},
+                           "global": {"month": {"usd": 50}}}}
+    h = await harness.start(store_url, policy, tokens)
+    try:
+        before = await scrape(h)
+        await h.client().chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=20)
+        async with aiohttp.ClientSession() as s:
+            for path in ("/v1/nope/1", "/v1/nope/2"):
+                async with s.get(h.proxy.make_url(path)) as r:
+                    assert r.status == 404
+        await h.settled()
+        after = await scrape(h)
+        assert requests_total(after, "/v1/chat/completions", "200") - \
+            requests_total(before, "/v1/chat/completions", "200") == 1
+        # Unknown URLs count under their route's pattern: they cannot mint label values.
+        assert requests_total(after, "/v1/{tail}", "404") - requests_total(before, "/v1/{tail}", "404") == 2
+        assert not any("/v1/nope" in str(labels) for _, labels in after)
+
+        acme = {(b.window, b.unit): b for b in await h.gateway.ledger.snapshot([Scope("org", "acme")])}
+        day = acme[("day", "tokens")]
+        assert day.used > 0
+        ratio = after[("budget_proxy_budget_remaining_ratio",
+                       (("scope_id", "acme"), ("scope_type", "org"), ("unit", "tokens"), ("window", "day")))]
+        assert ratio == day.remaining / day.limit
+        assert ("budget_proxy_budget_remaining_ratio",
+                (("scope_id", "*"), ("scope_type", "global"), ("unit", "usd"), ("window", "month"))) in after
+        # Users are limited too, but never exported: unbounded cardinality.
+        assert not any(name == "budget_proxy_budget_remaining_ratio" and ("scope_type", "user") in labels
+                       for name, labels in after)
+    finally:
+        await harness.stop(h)
+
+
+def test_every_metric_is_prefixed_and_documented_in_the_readme():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    names = [fam.name for fam in text_string_to_metric_families(metrics.render().decode())]
+    names.append("budget_proxy_budget_remaining_ratio")
+    for name in names:
+        if not name.startswith("budget_proxy_"):
+            continue                                      # python_/process_ collectors of the default registry
+        assert f"`{name}" in readme, f"{name} is not documented in README.md"
+    assert {n for n in names if n.startswith("budget_proxy_")} >= {
+        "budget_proxy_requests", "budget_proxy_reservations", "budget_proxy_spend_usd", "budget_proxy_spend_tokens",
+        "budget_proxy_downgrades", "budget_proxy_overruns", "budget_proxy_store_seconds",
+        "budget_proxy_upstream_seconds", "budget_proxy_background_failures", "budget_proxy_alerts"}
+
+
+WORKER = """
+import sys
+from proxy import metrics, pricing
+from proxy.app import OBSERVER
+metrics.REQUESTS.labels("/v1/chat/completions", "200").inc(int(sys.argv[1]))
+metrics.SPEND_USD.labels("acme", "gpt-4o").inc(float(sys.argv[1]) / 100)
+"""
+
+
+def test_several_worker_processes_are_summed_in_multiprocess_mode(tmp_path, monkeypatch):
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for n in ("3", "4"):
+        subprocess.run([sys.executable, "-c", WORKER, n], env=env, check=True, timeout=60)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    got = samples(metrics.render().decode())
+    assert got[("budget_proxy_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))] == 7
+    assert abs(got[("budget_proxy_spend_usd_total", (("model", "gpt-4o"), ("org", "acme")))] - 0.07) < 1e-9
+
+
+def value(got, name: str, **labels) -> float:
+    return got.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def delta(before, after, name: str, **labels) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+async def test_spend_reservations_latencies_downgrades_and_refusals_are_counted(store_url, tokens):
+    policy = {"defaults": {"user": {"day": {"tokens": 100_000}}},
+              "overrides": {"model": {"gpt-4o": {"day": {"tokens": 5}}},        # smart -> gpt-4o-mini
+                            "user": {"acme/capped": {"day": {"tokens": 1}}}}}
+    h = await harness.start(store_url, policy, tokens)
+    h.fake.cached_prompt = 4
+    try:
+        before = await scrape(h)
+        client = h.client()
+        await client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, max_tokens=20)
+        raw = await client.chat.completions.with_raw_response.create(model="smart", messages=MSGS, max_tokens=20)
+        assert raw.headers["x-budget-downgraded-from"] == "gpt-4o"
+        try:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, max_tokens=20, user="capped")
+        except Exception as exc:                                    # noqa: BLE001 - asserted below
+            assert getattr(exc, "status_code", None) == 429
+        else:
+            raise AssertionError("the capped user was not refused")
+        await h.settled()
+        after = await scrape(h)
+
+        prompt = sum(u["prompt_tokens"] for u in h.fake.reported)
+        completion = sum(u["completion_tokens"] for u in h.fake.reported)
+        mini = "gpt-4o-mini"
+        assert delta(before, after, "budget_proxy_spend_tokens_total", org="acme", model=mini, kind="prompt") == prompt
+        assert delta(before, after, "budget_proxy_spend_tokens_total", org="acme", model=mini,
+                     kind="completion") == completion
+        usd = delta(before, after, "budget_proxy_spend_usd_total", org="acme", model=mini)
+        cfg_mini = h.gateway.config.models[mini]
+        assert abs(usd - sum(cfg_mini.charge(pricing.from_openai(u)) for u in h.fake.reported) / 1e6) < 1e-9
+        assert delta(before, after, "budget_proxy_spend_tokens_total", org="acme", model=mini, kind="cached") == \
+            sum(u["prompt_tokens_details"]["cached_tokens"] for u in h.fake.reported) > 0
+        assert delta(before, after, "budget_proxy_reservations_total", outcome="admitted") == 2
+        assert delta(before, after, "budget_proxy_reservations_total", outcome="refused") == 1
+        assert delta(before, after, "budget_proxy_downgrades_total", **{"from": "gpt-4o", "to": mini}) == 1
+        assert delta(before, after, "budget_proxy_store_seconds_count", operation="reserve") >= 3
+        assert delta(before, after, "budget_proxy_store_seconds_count", operation="commit") == 2
+        assert delta(before, after, "budget_proxy_upstream_seconds_count", provider="openai") == 2
+        seen = h.proxy.app[OBSERVER].refusals[-1]
+        assert (seen.user, seen.refusal.scope) == ("acme/capped", Scope("user", "acme/capped"))
+    finally:
+        await harness.stop(h)
+
+
+def test_the_cli_does_not_import_prometheus_client_before_serve_can_choose_its_mode():
+    # prometheus_client picks multiprocess mode when the first metric is made, from the
+    # environment: `serve --workers N` must be able to set PROMETHEUS_MULTIPROC_DIR first.
+    code = "import sys, proxy.cli; assert 'prometheus_client' not in sys.modules, 'imported too early'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,0 +1,44 @@
+"""Per-provider routes: URLs, credentials and the headers passed each way, by provider kind."""
+
+from __future__ import annotations
+
+from proxy import config
+from proxy.upstream import Route, _headers, _route, redacted
+
+ENV = {"OAI": "sk-openai", "ANT": "sk-ant-secret"}
+CFG = config.parse({
+    "providers": {"oai": {"base_url": "https://api.openai.com/v1/", "api_key_env": "OAI"},
+                  "ant": {"base_url": "https://api.anthropic.com", "api_key_env": "ANT", "kind": "anthropic",
+                          "anthropic_version": "2024-01-01"}},
+    "models": {"m": {"provider": "oai", "input_per_million": 1, "output_per_million": 1}}}, "c.yaml", env=ENV)
+
+
+def test_an_openai_provider_serves_the_openai_endpoints_below_its_base_url():
+    r = _route(CFG.providers["oai"])
+    assert dict(r.urls) == {"chat": "https://api.openai.com/v1/chat/completions",
+                            "completion": "https://api.openai.com/v1/completions",
+                            "embedding": "https://api.openai.com/v1/embeddings",
+                            "responses": "https://api.openai.com/v1/responses"}
+    assert r.root == "https://api.openai.com/v1" and r.headers["Authorization"] == "Bearer sk-openai"
+
+
+def test_an_anthropic_provider_gets_its_key_as_x_api_key_and_its_version():
+    r = _route(CFG.providers["ant"])
+    assert dict(r.urls) == {"messages": "https://api.anthropic.com/v1/messages"}
+    assert r.root == "https://api.anthropic.com/v1"
+    assert (r.headers["x-api-key"], r.headers["anthropic-version"]) == ("sk-ant-secret", "2024-01-01")
+    assert "Authorization" not in r.headers
+
+
+def test_only_anthropic_beta_is_forwarded_from_the_client():
+    r = _route(CFG.providers["ant"])
+    client = {"anthropic-beta": "x", "x-api-key": "proxy-key", "Authorization": "Bearer proxy-key"}
+    sent = _headers(r, "text/event-stream", client)
+    assert sent["anthropic-beta"] == "x" and sent["Accept"] == "text/event-stream"
+    assert sent["x-api-key"] == "sk-ant-secret" and "Authorization" not in sent
+    assert _headers(r, None, {}) is r.headers           # nothing to add: no copy per request
+
+
+def test_the_proxy_key_is_redacted_from_relayed_errors():
+    r = Route({}, "", {}, None, key="sk-ant-secret")
+    assert redacted(r, b'{"message": "bad key sk-ant-secret"}') == b'{"message": "bad key [redacted]"}'
