@@ -177,3 +177,44 @@ async def test_the_sweep_gives_back_what_an_idle_allowance_holds_unused(cluster_
     await ledger.sweep()
     assert await lent() == 10_000 - 6                          # acme's 6 unused went back too
     await store.close()
+
+
+LIMIT, AMOUNT = 500, 3
+
+
+async def _race_orgs(url: str, worker: int, now: float) -> int:
+    store = open_store(url)
+    ledger = ledger_for(store, Clock(now), defaults={"global": {"hour": {"tokens": LIMIT}}})
+    results = await asyncio.gather(*(ledger.reserve(f"p{worker}-{i}", Amounts(AMOUNT, 1), scopes(ORGS[i % 8]))
+                                     for i in range(100)))
+    await store.close()                               # gives back what its allowances hold unused
+    return sum(isinstance(r, Reservation) for r in results)
+
+
+def _org_worker(url: str, worker: int, now: float, start, out) -> None:
+    start.wait()
+    out.put(asyncio.run(_race_orgs(url, worker, now)))
+
+
+async def test_processes_racing_over_many_orgs_never_exceed_a_global_limit(cluster_url):
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    now = tomorrow_at(12)
+    procs = [ctx.Process(target=_org_worker, args=(cluster_url, w, now, start, out)) for w in range(4)]
+    for p in procs:
+        p.start()
+    await asyncio.sleep(1.0)
+    start.set()
+    admitted = sum(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    store = open_store(cluster_url)
+    ledger = ledger_for(store, Clock(now), defaults={"global": {"hour": {"tokens": LIMIT}}})
+    assert 4 * 100 * AMOUNT > LIMIT                                     # the race is real
+    held = next(u for u in await ledger.usage("hour", "global")).reserved.tokens
+    assert held == admitted * AMOUNT <= LIMIT                            # exact across processes
+    # Every process gave its allowances back at close: what is left is admitted here, exactly.
+    late = [await ledger.reserve(f"late-{i}", Amounts(AMOUNT, 1), scopes(ORGS[i % 8])) for i in range(LIMIT)]
+    assert admitted + sum(isinstance(r, Reservation) for r in late) == LIMIT // AMOUNT
+    await store.close()
