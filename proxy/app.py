@@ -1,6 +1,6 @@
 """The aiohttp application: routes, the one place errors become responses, and lifetimes.
 
-Resources with a lifetime (the upstream sessions, the store, the task tracker, the ledger, the
+Resources with a lifetime (the task tracker, the upstream sessions, the store, the ledger, the
 observer, the gateway, the background jobs) are each opened and closed in their own
 `cleanup_ctx`, in that order, under their own AppKey.
 """
@@ -118,19 +118,21 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         yield
         await app[UPSTREAMS].close()
 
-    async def store(app: web.Application) -> AsyncIterator[None]:
-        """The budget store; closed last but one, after every settlement that needs it ran."""
-        app[STORE] = None if cfg.enforcement == "disabled" else open_store(cfg.store_url, cfg.namespace)
-        yield
-        if app[STORE] is not None:
-            await app[STORE].close()
-
     async def tasks(app: web.Application) -> AsyncIterator[None]:
         """The one owner of background work: settlements, lost-reserve undos, lease extensions,
-        alert deliveries. Drained (bounded) before the store closes."""
+        batched store calls, alert deliveries. Drained (bounded) before the store closes."""
         app[TASKS] = Tasks()
         yield
-        await app[TASKS].drain(SHUTDOWN_GRACE_SECONDS)
+        await app[TASKS].drain(SHUTDOWN_GRACE_SECONDS)      # a no-op after the store's drain
+
+    async def store(app: web.Application) -> AsyncIterator[None]:
+        """The budget store; before it closes, the work that may still need it is drained."""
+        app[STORE] = None if cfg.enforcement == "disabled" else \
+            open_store(cfg.store_url, cfg.namespace, tasks=app[TASKS], log_length=cfg.log_records)
+        yield
+        if app[STORE] is not None:
+            await app[TASKS].drain(SHUTDOWN_GRACE_SECONDS)
+            await app[STORE].close()
 
     async def ledger(app: web.Application) -> AsyncIterator[None]:
         """None when enforcement is disabled: the store is never contacted."""
@@ -205,7 +207,7 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     app.router.add_route("*", "/v1/{tail:.*}", not_found)
     # Admin keys follow config reloads; in prod the admin endpoints answer 404 while none is set.
     admin_routes.add(app, AdminGate(lambda: app[GATEWAY].config.admin_keys, cfg.environment), LEDGER, OBSERVER)
-    app.cleanup_ctx.extend([upstreams, store, tasks, ledger, observer, gateway, _background])
+    app.cleanup_ctx.extend([tasks, upstreams, store, ledger, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
     return app
 

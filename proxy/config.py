@@ -24,6 +24,7 @@ import yaml
 
 from . import pricing, schema
 from .errors import ConfigError
+from .stores.base import LOG_LENGTH
 from .loopback import loopback_host
 from .policy import check_environment
 from .stores import url_problem
@@ -101,6 +102,7 @@ class Config:
     enforcement: str              # strict | advisory | disabled
     store_url: str
     namespace: str
+    log_records: int              # settlement log records the store keeps (settlement_log.max_records)
     policy_path: str | None       # None: <policies_dir>/<environment>.yaml
     policies_dir: str
     providers: Mapping[str, Provider]
@@ -121,7 +123,7 @@ class Config:
 # What a running proxy cannot take from a reloaded config.yaml: the socket it listens on, the store
 # it holds, and what decides the store's and the policy's lifetime.
 RESTART_FIELDS = ("host", "port", "max_body_bytes", "shutdown_grace_seconds", "allow_open_auth",
-                  "environment", "enforcement", "store_url", "namespace", "policy_path")
+                  "environment", "enforcement", "store_url", "namespace", "policy_path", "log_records")
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:
@@ -188,6 +190,7 @@ def parse(data: Any, source: str, env: Mapping[str, str] | None = None) -> Confi
         environment=environment, enforcement=enforcement,
         store_url=_store_url(data.get("store", "memory://"), env, source),
         namespace=data.get("namespace", "bp"),
+        log_records=(data.get("settlement_log") or {}).get("max_records", LOG_LENGTH),
         policy_path=os.path.join(base, policy_path) if policy_path else None,
         policies_dir=os.path.join(base, "policies"),
         providers=MappingProxyType(providers), models=MappingProxyType(models),

@@ -82,7 +82,7 @@ class Slot(NamedTuple):
     window: Window
 
 
-class Plan(NamedTuple):
+class Layout(NamedTuple):
     """The counters of a set of scopes in the current windows (`counters` as the store takes them)."""
     counters: tuple[Counter, ...]
     slots: tuple[Slot, ...]
@@ -127,13 +127,17 @@ class Ledger:
         self._ns = namespace
         self._clock = clock
         self._windows_cache: tuple[int, object, tuple[Window, ...]] = (-1, None, ())
-        self._plans: dict[tuple[Scope, ...], Plan] = {}   # for the current windows and policy
-        self._plans_for: tuple = (None, None)
+        self._layouts: dict[tuple[Scope, ...], Layout] = {}   # for the current windows and policy
+        self._layouts_for: tuple = (None, None)
         self.tasks = tasks or Tasks()   # runs undos of lost reserves; the app's, drained at shutdown
 
     def now(self) -> float:
         """The ledger's clock (epoch seconds): windows and lease deadlines are read from it."""
         return self._clock()
+
+    def counters(self, scopes: Sequence[Scope]) -> tuple[Counter, ...]:
+        """The store counters `scopes` are charged to now (what a reservation of them would hold)."""
+        return self._layout(scopes, self._clock(), self.policy).counters
 
     def _windows(self, now: float, policy: Policy) -> tuple[Window, ...]:
         second, tz, wins = self._windows_cache
@@ -142,19 +146,19 @@ class Ledger:
             self._windows_cache = (int(now), policy.timezone, wins)
         return wins
 
-    def _plan(self, scopes: Sequence[Scope], now: float, policy: Policy) -> Plan:
+    def _layout(self, scopes: Sequence[Scope], now: float, policy: Policy) -> Layout:
         """The counters of `scopes` now, cached until the windows or the policy change."""
         wins = self._windows(now, policy)
-        if self._plans_for[0] is not wins or self._plans_for[1] is not policy or len(self._plans) > 4096:
-            self._plans = {}
-            self._plans_for = (wins, policy)
+        if self._layouts_for[0] is not wins or self._layouts_for[1] is not policy or len(self._layouts) > 4096:
+            self._layouts = {}
+            self._layouts_for = (wins, policy)
         key = tuple(scopes)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._build_plan(key, wins, policy)
-        return plan
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = self._build_layout(key, wins, policy)
+        return layout
 
-    def _build_plan(self, scopes: tuple[Scope, ...], wins: tuple[Window, ...], policy: Policy) -> Plan:
+    def _build_layout(self, scopes: tuple[Scope, ...], wins: tuple[Window, ...], policy: Policy) -> Layout:
         """Window by window (the store reads and writes each window once), scope by scope."""
         lease_margin = 2 * policy.lease_seconds
         tables = [policy.limits_for(scope.type, scope.id).table for scope in scopes]
@@ -167,7 +171,7 @@ class Ledger:
                 if i < _ALWAYS_TRACKED and tl == UNLIMITED and dl == UNLIMITED:
                     continue
                 slots.append(Slot(Counter(key, scope_field(scope.type, scope.id), tl, dl, expire_ms), scope, w))
-        return Plan(tuple(s.counter for s in slots), tuple(slots))
+        return Layout(tuple(s.counter for s in slots), tuple(slots))
 
     async def reserve(self, rid: str, amounts: Amounts, scopes: Sequence[Scope],
                       info: RequestInfo | None = None) -> Reservation | Refusal:
@@ -177,8 +181,8 @@ class Ledger:
             raise ValueError(f"amounts out of range: {amounts}")
         policy = self.policy
         now = self._clock()
-        plan = self._plan(scopes, now, policy)
-        counters = plan.counters
+        layout = self._layout(scopes, now, policy)
+        counters = layout.counters
         deadline = int((now + policy.lease_seconds) * 1000)
         try:
             out = await self.store.reserve(rid, counters, amounts.tokens, amounts.usd, deadline, policy.shadow,
@@ -189,15 +193,15 @@ class Ledger:
             self.tasks.spawn(self._undo(rid, counters))
             raise
         if out.status is Status.REFUSED:
-            return self._refusal(out, plan, amounts, now)
-        refusal = self._refusal(out, plan, amounts, now) if out.status is Status.FORCED else None
-        return Reservation(rid, amounts, counters, deadline, refusal, self._after(out.seen, plan, amounts))
+            return self._refusal(out, layout, amounts, now)
+        refusal = self._refusal(out, layout, amounts, now) if out.status is Status.FORCED else None
+        return Reservation(rid, amounts, counters, deadline, refusal, self._balances_after(out.seen, layout, amounts))
 
     @staticmethod
-    def _after(seen: Sequence[Seen], plan: Plan, amounts: Amounts) -> tuple[Balance, ...]:
+    def _balances_after(seen: Sequence[Seen], layout: Layout, amounts: Amounts) -> tuple[Balance, ...]:
         out = []
         for i, (t, tr, d, dr) in seen:
-            c, scope, w = plan.slots[i]
+            c, scope, w = layout.slots[i]
             if c.token_limit >= 0:
                 tr += amounts.tokens
                 out.append(Balance(scope, w.name, "tokens", c.token_limit, t, tr,
@@ -208,9 +212,9 @@ class Ledger:
         return tuple(out)
 
     @staticmethod
-    def _refusal(out: ReserveOutcome, plan: Plan, amounts: Amounts, now: float) -> Refusal:
+    def _refusal(out: ReserveOutcome, layout: Layout, amounts: Amounts, now: float) -> Refusal:
         assert out.over is not None
-        c, scope, w = plan.slots[out.over.index]
+        c, scope, w = layout.slots[out.over.index]
         t, tr, d, dr = out.over.totals
         if c.token_limit >= 0 and t + tr + amounts.tokens > c.token_limit:
             return Refusal(scope, w.name, "tokens", c.token_limit, t, tr, amounts.tokens, w.end - now)
@@ -259,7 +263,7 @@ class Ledger:
         """Limit, used, reserved and remaining per scope, window and unit (every tracked counter:
         day and month always, minute and hour where limited; only limited ones if asked)."""
         policy = self.policy
-        slots = self._plan(scopes, self._clock(), policy).slots
+        slots = self._layout(scopes, self._clock(), policy).slots
         if limited_only:
             slots = tuple(s for s in slots if s.counter.token_limit >= 0 or s.counter.usd_limit >= 0)
         rows = await self.store.snapshot([s.counter for s in slots]) if slots else []

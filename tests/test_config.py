@@ -27,6 +27,7 @@ BAD = {
     "missing_price.yaml": "models.gpt-4o: missing required key 'input_per_million'",
     "negative_price.yaml": "models.gpt-4o.input_per_million: expected a number >= 0, got -1",
     "port_out_of_range.yaml": "listen.port: expected a number <= 65535, got 99999",
+    "tiny_settlement_log.yaml": "settlement_log.max_records: expected a number >= 1000, got 10",
     "prod_route_unknown_model.yaml": "routes.smart: 'gpt-5-ultra' is not a model in the registry",
     "prod_without_keys.yaml": "keys: expected at least one key in prod (auth cannot be open)",
     "unknown_provider.yaml": "models.gpt-4o.provider: expected one of openai; got 'azure'",

@@ -49,7 +49,7 @@ async def test_each_settlement_appends_one_record_with_the_pinned_fields(store):
 
 async def test_a_commit_of_a_lost_record_is_logged_with_what_is_known(store):
     ledger = ledger_for(store)
-    res = Reservation("lost", Amounts(10, 10), ledger._plan(SCOPES, ledger._clock(), ledger.policy).counters, 0)
+    res = Reservation("lost", Amounts(10, 10), ledger.counters(SCOPES), 0)
     assert await ledger.commit(res, Amounts(7, 70), Usage(5, 0, 2, 0))
     (r,) = await ledger.settlements()
     assert (r.id, r.org, r.prompt_tokens, r.usd_micro, r.outcome) == ("lost", None, 5, 70, "ok")
@@ -170,3 +170,19 @@ def test_export_writes_json_lines_and_csv_with_the_pinned_columns():
     assert rows[0] == list(EXPORT_FIELDS)
     assert rows[1] == ["r1", "2027-01-15T08:00:00.123Z", "acme", "alice", "end:user 1", "chat", "smart",
                        "gpt-4o-mini", "openai", "true", "50", "20", "10", "4", "700", "ok", "gpt-4o", "321"]
+
+
+async def test_the_log_keeps_the_configured_number_of_records(store_url):
+    from proxy.stores import open_store
+    from .ledgers import ledger_for
+    store = open_store(store_url, log_length=1000)
+    try:
+        ledger = ledger_for(store)
+        for i in range(1300):
+            res = await ledger.reserve(f"k{i}", Amounts(1, 1), SCOPES, INFO)
+            await ledger.release(res)
+        kept = await ledger.settlements(limit=5000)
+        # memory: exactly the newest 1000; Redis trims a stream approximately (MAXLEN ~), never below
+        assert 1000 <= len(kept) < 1300 and kept[0].id == "k1299"
+    finally:
+        await store.close()

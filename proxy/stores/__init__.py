@@ -8,7 +8,7 @@ one process), `redis://` (many processes and machines share one Redis) and `redi
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Counter, Expired, ReserveOutcome, Seen, Status, Store, Totals
+from .base import LOG_LENGTH, Counter, Expired, ReserveOutcome, Seen, Status, Store, Totals
 
 __all__ = ["Counter", "Expired", "ReserveOutcome", "Seen", "Status", "Store", "Totals", "URL_EXPECTED",
            "open_store", "url_problem"]
@@ -42,17 +42,18 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def open_store(url: str, namespace: str = "bp") -> Store:
+def open_store(url: str, namespace: str = "bp", **options) -> Store:
     """A store for `url` (checked by `url_problem` first): `memory://`, `redis://…` /
-    `rediss://…` / `unix://…`, or `redis+cluster://host:port[,host:port…]`."""
+    `rediss://…` / `unix://…`, or `redis+cluster://host:port[,host:port…]`. `options` go to the
+    Redis stores: `tasks` (the app's task tracker), `log_length` (settlement log records kept)."""
     problem = url_problem(url)
     if problem is not None:
         raise ConfigError(f"store: {problem}, got {url.split('://')[0]!r}://…")
     if url.startswith("memory://"):
         from .memory import MemoryStore
-        return MemoryStore()
+        return MemoryStore(log_length=options.get("log_length", LOG_LENGTH))
     if url.startswith(CLUSTER_SCHEME):
         from .cluster import ClusterStore
-        return ClusterStore(url, namespace=namespace)
+        return ClusterStore(url, namespace=namespace, **options)
     from .redis import RedisStore
-    return RedisStore(url, namespace=namespace)
+    return RedisStore(url, namespace=namespace, **options)

@@ -36,7 +36,7 @@ SWEEP_TENANTS = 200       # orgs whose lease index one sweep call visits (see ex
 IDLE_SECONDS = 5.0        # an allowance not drawn on by this process for this long goes back
 
 
-class _TenantPlan(NamedTuple):
+class _TenantLayout(NamedTuple):
     tenant: str                         # escaped org id ("" for counters without an org)
     counters: tuple[Counter, ...]       # in the tenant's slot; allowance limits encoded
     allowances: frozenset[int]          # positions of the counters spent from an allowance
@@ -48,7 +48,7 @@ def _encode(limit: int) -> int:
     return -limit - 2 if limit >= 0 else -1
 
 
-def tenant_plan(ns: str, counters: Sequence[Counter]) -> _TenantPlan:
+def tenant_layout(ns: str, counters: Sequence[Counter]) -> _TenantLayout:
     """Where `counters` live for the org among them, and which spend from allowances."""
     tenant = next((c.scope[4:] for c in counters if c.scope.startswith("org:")), "")
     out, allowances = [], set()
@@ -58,7 +58,7 @@ def tenant_plan(ns: str, counters: Sequence[Counter]) -> _TenantPlan:
             allowances.add(i)
             c = Counter(key, c.scope, _encode(c.token_limit), _encode(c.usd_limit), c.expire_at)
         out.append(c if key == c.window else c._replace(window=key))
-    return _TenantPlan(tenant, tuple(out), frozenset(allowances), tuple(counters))
+    return _TenantLayout(tenant, tuple(out), frozenset(allowances), tuple(counters))
 
 
 class _Held(NamedTuple):
@@ -77,7 +77,7 @@ class ClusterStore(RedisStore):
         self._draw = self._r.register_script(_script("lend"))
         self._allowance = self._r.register_script(_script("allowance"))
         self._tenants: set[str] = set()                  # registered in tenants_key already
-        self._plans: dict[tuple[Counter, ...], _TenantPlan] = {}
+        self._layouts: dict[tuple[Counter, ...], _TenantLayout] = {}
         self._lent: dict[tuple[str, str], tuple[int, int]] = {}   # (lender, scope) -> lent, last seen
         self._held: dict[_Held, float] = {}              # -> monotonic time of this process's last draw
         self._reclaimed_at = float("-inf")
@@ -91,14 +91,14 @@ class ClusterStore(RedisStore):
     def _caller(self):
         return Direct(self._r, self._max_connections)
 
-    def _tenant_plan(self, counters: Sequence[Counter]) -> _TenantPlan:
+    def _tenant_layout(self, counters: Sequence[Counter]) -> _TenantLayout:
         key = counters if isinstance(counters, tuple) else tuple(counters)
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) > 4096:
-                self._plans.clear()
-            plan = self._plans[key] = tenant_plan(self._ns, key)
-        return plan
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) > 4096:
+                self._layouts.clear()
+            layout = self._layouts[key] = tenant_layout(self._ns, key)
+        return layout
 
     async def _register(self, tenant: str) -> None:
         """Name the tenant in the deployment's tenant set before its first reservation, so the
@@ -110,31 +110,31 @@ class ClusterStore(RedisStore):
 
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                       deadline_ms: int, force: bool, info: str = "") -> ReserveOutcome:
-        plan = self._tenant_plan(counters)
-        await self._register(plan.tenant)
-        self._tenant_of[rid] = plan.tenant
+        layout = self._tenant_layout(counters)
+        await self._register(layout.tenant)
+        self._tenant_of[rid] = layout.tenant
         # A refusal on an allowance draws for it, then tries again; a refusal the lender
         # confirms (or one on the org's own counters) decides. Each draw lends at least one
         # unit more, so this ends; the cap only matters when other processes of the same org
         # spend every fresh chunk before this one can (then a refusal may come early, never
         # late). In shadow mode the forced write comes last, after the draws, so the allowances
         # still follow the spend.
-        for _ in range(len(plan.allowances) + MAX_EXTRA_DRAWS):
-            out = await self._reserve_in(plan, rid, tokens, usd, deadline_ms, False, info)
-            if out.status is not Status.REFUSED or out.over.index not in plan.allowances:
+        for _ in range(len(layout.allowances) + MAX_EXTRA_DRAWS):
+            out = await self._reserve_in(layout, rid, tokens, usd, deadline_ms, False, info)
+            if out.status is not Status.REFUSED or out.over.index not in layout.allowances:
                 break
-            if not await self._draw_for(plan, out.over, tokens, usd) and not await self._reclaim():
+            if not await self._draw_for(layout, out.over, tokens, usd) and not await self._reclaim():
                 break
         if out.status is Status.REFUSED and force:
-            out = await self._reserve_in(plan, rid, tokens, usd, deadline_ms, True, info)
+            out = await self._reserve_in(layout, rid, tokens, usd, deadline_ms, True, info)
         if out.status not in (Status.ADMITTED, Status.FORCED):
             self._tenant_of.pop(rid, None)
-        return self._as_lent(plan, out)
+        return self._as_lent(layout, out)
 
-    async def _reserve_in(self, plan: _TenantPlan, rid: str, tokens: int, usd: int, deadline_ms: int,
+    async def _reserve_in(self, layout: _TenantLayout, rid: str, tokens: int, usd: int, deadline_ms: int,
                           force: bool, info: str) -> ReserveOutcome:
-        tag = tenant_tag(self._ns, plan.tenant)
-        wire = self._wired(plan.counters)
+        tag = tenant_tag(self._ns, layout.tenant)
+        wire = self._wired(layout.counters)
         keys = [record_key(tag, rid), leases_key(tag), *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
                 "1" if force else "0", info, wire.record, *wire.reserve]
@@ -142,16 +142,16 @@ class ClusterStore(RedisStore):
         seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
         return ReserveOutcome(Status(st), Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None, seen)
 
-    async def _draw_for(self, plan: _TenantPlan, over: Seen, tokens: int, usd: int) -> bool:
+    async def _draw_for(self, layout: _TenantLayout, over: Seen, tokens: int, usd: int) -> bool:
         """Borrow the shortfall of allowance `over` (plus an extra, see lend.lua) from its
         lender, then credit it to the allowance. False: the lender has not that much free."""
-        given, mine = plan.limits[over.index], plan.counters[over.index]
+        given, mine = layout.limits[over.index], layout.counters[over.index]
         t, tr, d, dr = over.totals                       # relative to the allowance (reserve.lua)
         need_t = max(0, t + tr + tokens) if given.token_limit >= 0 else 0
         need_d = max(0, d + dr + usd) if given.usd_limit >= 0 else 0
         lender = lend_key(self._ns, window_label(given.window))
         ok, drawn_t, drawn_d, lent_t, lent_d = await self._calls.call(self._draw, [lender], [
-            "draw", given.scope, plan.tenant, given.token_limit, given.usd_limit, need_t, need_d,
+            "draw", given.scope, layout.tenant, given.token_limit, given.usd_limit, need_t, need_d,
             CHUNK_REQUESTS * tokens, CHUNK_REQUESTS * usd, FRACTION, given.expire_at])
         self._lent[lender, given.scope] = (lent_t, lent_d)
         if not ok and not (drawn_t or drawn_d):
@@ -162,7 +162,7 @@ class ClusterStore(RedisStore):
         grew = await self._calls.call(self._allowance, [mine.window],
                                       ["credit", given.scope, drawn_t, drawn_d, given.expire_at])
         if ok or grew:
-            self._held[_Held(plan.tenant, mine.window, lender, given.scope, given.expire_at)] = time.monotonic()
+            self._held[_Held(layout.tenant, mine.window, lender, given.scope, given.expire_at)] = time.monotonic()
         return bool(ok or grew)
 
     async def _reclaim(self) -> bool:
@@ -176,17 +176,17 @@ class ClusterStore(RedisStore):
         self._reclaimed_at = now
         return await self.give_back(0) > 0
 
-    def _as_lent(self, plan: _TenantPlan, out: ReserveOutcome) -> ReserveOutcome:
+    def _as_lent(self, layout: _TenantLayout, out: ReserveOutcome) -> ReserveOutcome:
         """Allowance counters reported as the deployment-wide scope this tenant sees: its limit
         minus (what is lent elsewhere + its own spend) remaining, from the last lent total this
         process learned (admission itself never depends on it)."""
-        if not plan.allowances:
+        if not layout.allowances:
             return out
 
         def lent(s: Seen) -> Seen:
-            if s.index not in plan.allowances:
+            if s.index not in layout.allowances:
                 return s
-            c = plan.limits[s.index]
+            c = layout.limits[s.index]
             lt, ld = self._lent.get((lend_key(self._ns, window_label(c.window)), c.scope), (0, 0))
             t, tr, d, dr = s.totals
             return Seen(s.index, Totals(max(0, t + lt), tr, max(0, d + ld), dr))
@@ -236,10 +236,10 @@ class ClusterStore(RedisStore):
 
     async def _settle_in(self, rid: str, counters: Sequence[Counter], mode: str, tokens: int, usd: int,
                          note: Note, now_ms: int = 0, charge: str = "0", keep_until: int = 0) -> bool:
-        plan = self._tenant_plan(counters)
-        await self._register(plan.tenant)          # a settle of a lost record may be its first write
-        tag = tenant_tag(self._ns, plan.tenant)
-        wire = self._wired(plan.counters)
+        layout = self._tenant_layout(counters)
+        await self._register(layout.tenant)          # a settle of a lost record may be its first write
+        tag = tenant_tag(self._ns, layout.tenant)
+        wire = self._wired(layout.counters)
         keys = [record_key(tag, rid), leases_key(tag), log_key(tag), *wire.keys]
         args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
                 note.outcome, note.usage, note.latency_ms, self._log_length, wire.record, *wire.settle]
@@ -295,25 +295,25 @@ class ClusterStore(RedisStore):
         total read now, one HGET each on the lender's shard). Counters naming no org (an
         operator's look at the global scope, say) are summed over every org: one HMGET per org."""
         await self._calls.ready()
-        plan = self._tenant_plan(counters)
-        if not plan.tenant:
-            return await self._summed(plan.limits)
-        rows = await super().snapshot(plan.counters)
-        if not plan.allowances:
+        layout = self._tenant_layout(counters)
+        if not layout.tenant:
+            return await self._summed(layout.limits)
+        rows = await super().snapshot(layout.counters)
+        if not layout.allowances:
             return rows
-        order = sorted(plan.allowances)
+        order = sorted(layout.allowances)
         pipe = self._r.pipeline(transaction=False)
         for i in order:
-            pipe.hget(lend_key(self._ns, window_label(plan.limits[i].window)), plan.limits[i].scope)
+            pipe.hget(lend_key(self._ns, window_label(layout.limits[i].window)), layout.limits[i].scope)
         for i, raw in zip(order, await pipe.execute()):
-            self._lent[lend_key(self._ns, window_label(plan.limits[i].window)), plan.limits[i].scope] = fmt.totals(raw)[:2]
-        held = await super().snapshot([Counter(plan.counters[i].window, "~" + plan.counters[i].scope, -1, -1, 0)
+            self._lent[lend_key(self._ns, window_label(layout.limits[i].window)), layout.limits[i].scope] = fmt.totals(raw)[:2]
+        held = await super().snapshot([Counter(layout.counters[i].window, "~" + layout.counters[i].scope, -1, -1, 0)
                                        for i in order])
         out = list(rows)
         for i, (gt, rt, gd, rd) in zip(order, held):
             t, tr, d, dr = rows[i]
             mine = Seen(i, Totals(t - (gt - rt), tr, d - (gd - rd), dr))
-            out[i] = self._as_lent(plan, ReserveOutcome(Status.ADMITTED, None, (mine,))).seen[0].totals
+            out[i] = self._as_lent(layout, ReserveOutcome(Status.ADMITTED, None, (mine,))).seen[0].totals
         return out
 
     async def _summed(self, counters: Sequence[Counter]) -> list[Totals]:

@@ -46,8 +46,6 @@ class Direct:
     (MaxConnectionsError) when a node's pool is exhausted, where the single-node store's blocking
     pool waits; a burst of requests must wait its turn, not fail."""
 
-    tasks: set = frozenset()
-
     def __init__(self, client: RedisCluster, limit: int) -> None:
         self._r = client
         self._slots = asyncio.Semaphore(limit)

@@ -23,6 +23,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ..errors import StoreUnavailable
+from ..tasks import Tasks
 from ..keys import claim_key, leases_key, log_key, record_key
 from . import wire as fmt
 from .base import (LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
@@ -46,11 +47,11 @@ class _Coalescer:
 
     MAX_IN_FLIGHT = 4
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, tasks: Tasks) -> None:
         self._r = client
         self._in_flight = 0
         self._queue: list[tuple[AsyncScript, list, list, asyncio.Future]] = []
-        self.tasks: set[asyncio.Task] = set()
+        self._tasks = tasks             # the flushes run there: the app drains them before closing us
 
     async def call(self, script: AsyncScript, keys: list, args: list):
         if self._in_flight < self.MAX_IN_FLIGHT:
@@ -68,9 +69,7 @@ class _Coalescer:
         if self._queue and self._in_flight < self.MAX_IN_FLIGHT:
             batch, self._queue = self._queue, []
             self._in_flight += 1
-            task = asyncio.ensure_future(self._flush(batch))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._tasks.spawn(self._flush(batch))
 
     async def _flush(self, batch) -> None:
         try:
@@ -117,7 +116,10 @@ def _wrap_errors(cls):
 @_wrap_errors
 class RedisStore(Store):
     def __init__(self, url: str, namespace: str = "bp", *, timeout: float = 1.0,
-                 max_connections: int = 64, log_length: int = LOG_LENGTH) -> None:
+                 max_connections: int = 64, log_length: int = LOG_LENGTH, tasks: Tasks | None = None) -> None:
+        # Background work (batched script calls) runs on the app's task tracker when given one;
+        # a store used alone (the CLI, tests) keeps its own and drains it at close.
+        self._tasks, self._own_tasks = (tasks, False) if tasks is not None else (Tasks(), True)
         self._ns = namespace
         self._leases = leases_key(namespace)
         self._log = log_key(namespace)
@@ -144,7 +146,7 @@ class RedisStore(Store):
         )
 
     def _caller(self):
-        return _Coalescer(self._r)
+        return _Coalescer(self._r, self._tasks)
 
     def _wired(self, counters: Sequence[Counter]) -> fmt.Wire:
         """The wire form of `counters`, cached: the ledger passes the same tuple for every
@@ -237,8 +239,8 @@ class RedisStore(Store):
         return bool(await self._r.set(claim_key(self._ns, name), b"1", nx=True, pxat=expire_at_ms))
 
     async def close(self) -> None:
-        if self._calls.tasks:
-            await asyncio.wait(list(self._calls.tasks), timeout=5)
+        if self._own_tasks:
+            await self._tasks.drain(5)
         try:
             await self._r.aclose(close_connection_pool=True)
         except (RedisError, OSError):

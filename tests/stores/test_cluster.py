@@ -127,7 +127,7 @@ async def test_a_chunk_lent_but_never_credited_only_underspends_and_comes_back(c
     limit, amount = 100, 10
     store = open_store(cluster_url)
     ledger = ledger_for(store, defaults={"global": {"day": {"tokens": limit}}})
-    counters = ledger._plan(scopes("acme"), ledger._clock(), ledger.policy).counters
+    counters = ledger.counters(scopes("acme"))
     g = next(c for c in counters if c.scope == "global:*" and c.token_limit >= 0)
     lender = lend_key("bp", g.window.rpartition(":w:")[2])
     ok, drawn, *_ = await store._calls.call(store._draw, [lender], [
