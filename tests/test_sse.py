@@ -389,15 +389,20 @@ def is_usage_only(payload: bytes | None) -> bool:
     return isinstance(obj, dict) and obj.get("choices") == [] and obj.get("usage") == USAGE
 
 
+def random_stream(rng: random.Random, parts: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """A stream of 1-12 random parts, and the same bytes cut into up to five reads at random."""
+    stream = b"".join(rng.choice(parts) for _ in range(rng.randint(1, 12)))
+    cuts = sorted(rng.sample(range(len(stream) + 1), rng.randint(0, min(4, len(stream)))))
+    return stream, [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+
+
 def test_matches_a_reference_parser_on_random_streams() -> None:
     rng = random.Random(7)
     usage_line = b"data: " + json.dumps(chunk(usage=USAGE)).encode()
     parts = [b"\r", b"\n", b"\r\n", b"data: [DONE]", usage_line, b"data:[DO", b"data: NE]",
              b": c", b"id: 1", b"data"]
     for _ in range(1500):
-        stream = b"".join(rng.choice(parts) for _ in range(rng.randint(1, 12)))
-        cuts = sorted(rng.sample(range(len(stream) + 1), rng.randint(0, min(4, len(stream)))))
-        reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+        stream, reads = random_stream(rng, parts)
         events, tail = reference_events(stream)
         expected, pos = b"", 0
         for start, end, payload in events:
@@ -492,9 +497,7 @@ def test_other_shapes_match_a_reference_on_random_streams() -> None:
     # Events are recognised by their JSON (data lines join with \n, which JSON reads as a blank).
     shape_of = {json.dumps(json.loads(s[6:]), sort_keys=True): (s, d) for s, d in RANDOM_SHAPES}
     for _ in range(1000):
-        stream = b"".join(rng.choice(parts) for _ in range(rng.randint(1, 12)))
-        cuts = sorted(rng.sample(range(len(stream) + 1), rng.randint(0, min(4, len(stream)))))
-        reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+        stream, reads = random_stream(rng, parts)
         events, tail = reference_events(stream)
         expected, pos = b"", 0
         for start, end, payload in events:
