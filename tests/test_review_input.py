@@ -86,3 +86,15 @@ async def test_a_body_that_fails_to_decode_closes_the_connection_cleanly_without
     finally:
         await run.cleanup()
     assert "Unhandled exception" not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_pass_through_query_string_reaches_the_upstream_as_the_client_encoded_it(start_proxy):
+    h = await start_proxy("memory://")
+    r = await h.client().responses.create(model="gpt-4o", input="hi", max_output_tokens=20)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(h.proxy.make_url(f"/v1/responses/{r.id}/input_items").with_query(
+                {"after": "msg_a&limit=100#x", "limit": "2"}),
+                headers={"Authorization": f"Bearer {harness.CLIENT_KEY}"}) as resp:
+            assert resp.status == 200
+    seen = h.fake.seen[-1].path
+    assert seen == f"/v1/responses/{r.id}/input_items?after=msg_a%26limit%3D100%23x&limit=2", seen
