@@ -24,6 +24,7 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import measure  # noqa: E402
 import proxy_bench as pb  # noqa: E402
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -92,28 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     proxy_core, load_core = (0, 1) if cores >= 2 and shutil.which("taskset") else (None, None)
     if load_core is not None:
         os.sched_setaffinity(0, {load_core})
-    ns = argparse.Namespace(proxy_core=proxy_core, load_core=load_core)
+    ns = argparse.Namespace(proxy_core=proxy_core, load_core=load_core, all_cores=None)
     out = args.out or tempfile.mkdtemp(prefix="bp-profile-")
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bp-bench-")
     children = pb.Children()
-    body = pb.STREAM_BODY if args.stream else pb.PLAIN_BODY
+    body = measure.STREAM_BODY if args.stream else measure.PLAIN_BODY
     try:
         up_port = pb.free_port()
         up_log = os.path.join(tmp, "upstream.log")
         up = children.start("upstream", pb.pinned(load_core, [sys.executable, pb.UPSTREAM, "--port", str(up_port)]),
                             log_path=up_log)
         pb.wait_port(up_port, up, "fast upstream", up_log)
-        if args.store == "redis":
-            server = pb.RedisServer()
-            children.redis.append(server)
-            server.start()
-            if load_core is not None and server.proc is not None:
-                os.sched_setaffinity(server.proc.pid, {load_core})
-            store = server.url
-        else:
-            store = "memory://"
-        port, proc, log_path = pb.start_proxy(children, tmp, args.store, store, up_port, ns)
+        redis = pb.Redis(children, load_core) if args.store == "redis" else None
+        target = pb.Target(args.store, args.store, "proxy", args.store, loop="auto")
+        port, proc, log_path = pb.start(target, children, tmp, up_port, redis, ns)
         print(f"warm-up 3 s ({args.store} store, {'streaming' if args.stream else 'non-streaming'})", flush=True)
         pb.run_wrk(wrk, load_core, port, 3, args.connections, children, body)
         raw = os.path.join(out, f"proxy-{args.store}{'-stream' if args.stream else ''}.raw.txt")

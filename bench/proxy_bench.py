@@ -1,75 +1,75 @@
-"""End-to-end benchmark of budget-proxy against a fast fake upstream.
+"""End-to-end benchmark of budget-proxy against a fast fake upstream, every configuration side by side.
 
-    python bench/proxy_bench.py [--seconds 10] [--quick] [--connections 32] [--ttfb-requests 1000]
+    python bench/proxy_bench.py [--quick] [--rounds 3] [--workers N] [--only NAME,…] [--tree NAME=PATH …]
 
-One run measures four targets side by side:
+Targets of one run (all of them each round, --rounds rounds, the order rotated every round):
 
-  direct        wrk -> bench/fast_upstream.py
-  pass-through  wrk -> bench/passthrough.py (bare aiohttp: read body, POST it on, answer) -> fast upstream
-  proxy memory  wrk -> budget-proxy (store memory://) -> fast upstream
-  proxy Redis   wrk -> budget-proxy (store redis://, its own redis-server) -> fast upstream
+  direct               wrk -> bench/fast_upstream.py
+  passthrough          wrk -> bench/passthrough.py (bare aiohttp: read, POST on, answer) -> upstream
+  memory               wrk -> budget-proxy, memory store, 1 worker -> upstream
+  redis                wrk -> budget-proxy, Redis store (its own redis-server), 1 worker -> upstream
+  redis-xN             the same with `serve --workers N` (--workers, default: the machine's cores)
+  *-asyncio            passthrough, memory and redis again on asyncio's own event loop
 
-and for each: requests/s at saturation (wrk -t1 -c<connections>), latency p50/p99 at one
-connection (wrk -t1 -c1), and the time to the first `data:` byte of a streamed answer
-(sequential requests over one keep-alive connection). The policy's limits are huge, so every
-proxied request takes the whole budget path (snapshot + reserve + commit) and none is refused.
-The bare aiohttp pass-through (no auth, no budget, no JSON parsing) is the floor any aiohttp-based
-proxy pays on the machine; the report also gives the proxy's throughput and added latency
-relative to it (information only: the targets compare to direct).
+The plain targets run on uvloop when it is installed (the proxy's default then), the -asyncio
+ones on asyncio's loop; without uvloop there are no -asyncio targets and everything is asyncio.
+`--tree NAME=PATH` adds memory@NAME and redis@NAME: the proxy started from another checkout (its
+own code, its own defaults), to compare commits in one run (bench/results/issue9-regression.md).
 
-Placement (2 cores): the proxy (and, in its turn, the pass-through) runs alone on core 0
-(`taskset -c 0`); the fake upstream, wrk, the TTFB client (this process) and redis-server share
-core 1. Redis is kept off the proxy's core, as it would be on another host in production.
+Each target: requests/s at saturation (wrk -t1 -c<connections>), latency p50/p99 at one connection
+(wrk -t1 -c1), time to the first `data:` byte of a streamed answer (sequential requests on one
+connection), the proxy's CPU (process and workers) per request, and on Redis, over the saturation
+run, per proxied request: commands (INFO commandstats calls, those run inside scripts included),
+command µs (the sum of usec over all commandstats entries, as issue 10 counts it: a script's own
+usec already includes the commands it runs, which count again under their own names), EVALSHA
+calls and µs each, and the redis-server's CPU µs (INFO cpu: the whole server, network included).
+The policy limits global, org and user scopes with limits never reached: every proxied request is
+reserved and committed, none refused.
 
-It prints a markdown table to paste into the README and pass/fail against the targets:
-with Redis, added latency p50 <= 1 ms and p99 <= 2 ms at one connection; proxy throughput
->= 25 % of direct. Exit status: 0 when the run worked (targets may fail), 1 when it did not.
+Placement (2 cores): a 1-worker proxy and the pass-through run alone on core 0 (`taskset`); the
+upstream, wrk, redis-server and the TTFB client (this process) on core 1. An N-worker proxy runs
+on every core: on 2 cores its second worker shares core 1 with the load generator, so its scaling
+figure understates what N cores of its own would give.
+
+Every cell of the report is the median over rounds [min–max]. Ratios are taken inside a round
+(each proxy against the same round's pass-through on the same event loop; N workers against the
+same round's one worker), then their median. Targets checked (issue 10): one worker with Redis
+>= 60 % of the pass-through, memory >= 75 %; N workers >= 1.7x one worker; added latency with Redis
+at one connection <= 1 ms p50 over the pass-through; <= 40 µs of Redis command time and <= 25
+commands per request. Exit status: 0 when the run worked (targets may fail), 1 when it did not.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
-import math
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH_DIR)
-sys.path.insert(0, REPO)
+from bench_report import report
+from measure import (BENCH_DIR, PLAIN_BODY, REPO, BenchError, Children, RedisServer, WrkResult, _cpu_model,
+                     _git, _log_tail, _on_sigterm, _version, busy_fraction, core_times, ensure_wrk, free_port,
+                     http_json, pinned, redis_calls, redis_command, redis_cpu_seconds, run_wrk, tree_cpu_seconds,
+                     wait_idle, wait_port)
+from ttfb import TtfbResult, run_ttfb
 
-from tests.redis_server import RedisServer, free_port  # noqa: E402
-
-LUA = os.path.join(BENCH_DIR, "wrk_post.lua")
 UPSTREAM = os.path.join(BENCH_DIR, "fast_upstream.py")
 PASSTHROUGH = os.path.join(BENCH_DIR, "passthrough.py")
-BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello in one word."}],
-        "max_tokens": 16}
-PLAIN_BODY = json.dumps(BODY, separators=(",", ":"))
-STREAM_BODY = json.dumps({**BODY, "stream": True}, separators=(",", ":"))
-BEARER = "bench"
 
-TARGET_ADDED_P50_MS = 1.0
-TARGET_ADDED_P99_MS = 2.0
-TARGET_THROUGHPUT_RATIO = 0.25
 
 # Variables the proxy reads that would override the generated config.
 _OVERRIDES = ("APP_ENV", "BUDGET_ENFORCEMENT_MODE", "BUDGET_POLICY_PATH", "REDIS_URL", "REDIS_HOST",
-              "REDIS_PORT", "REDIS_DB", "REDIS_PASSWORD", "BUDGET_PROXY_HOST", "BUDGET_PROXY_PORT")
+              "REDIS_PORT", "REDIS_DB", "REDIS_PASSWORD", "BUDGET_PROXY_HOST", "BUDGET_PROXY_PORT",
+              "PYTHONPATH")
 
 POLICY_YAML = """\
 # Generated by bench/proxy_bench.py: limits so large that nothing is ever refused, but present
@@ -106,440 +106,52 @@ keys: {{}}
 """
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-# --- child processes -------------------------------------------------------------------------
-
-class Children:
-    """Every process the bench starts; all are ended on exit, errors and Ctrl-C included."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.redis: list[RedisServer] = []
-
-    def start(self, name: str, argv: list[str], *, env=None, log_path: str | None = None) -> subprocess.Popen:
-        out = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=env, cwd=REPO, start_new_session=True)
-        finally:
-            if log_path:
-                out.close()
-        self.procs.append((name, proc))
-        return proc
-
-    def stop(self, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=5)
-        self.procs = [(n, p) for n, p in self.procs if p is not proc]
-
-    def stop_all(self) -> None:
-        for _, proc in reversed(list(self.procs)):
-            with contextlib.suppress(Exception):
-                self.stop(proc, timeout=5)
-        for r in self.redis:
-            with contextlib.suppress(Exception):
-                if r.proc is not None and r.proc.poll() is None:
-                    r.proc.terminate()
-                    try:
-                        r.proc.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        r.proc.kill()
-                        r.proc.wait(timeout=5)
-                r.proc = None
-            with contextlib.suppress(Exception):
-                shutil.rmtree(r.dir, ignore_errors=True)
-        self.redis.clear()
-
-
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def pinned(core: int | None, argv: list[str]) -> list[str]:
-    return argv if core is None else ["taskset", "-c", str(core), *argv]
-
-
-def wait_port(port: int, proc: subprocess.Popen, what: str, log_path: str | None, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"{what} exited with status {proc.returncode} before listening"
-                             + _log_tail(log_path))
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise BenchError(f"{what} did not listen on port {port} within {timeout:.0f} s" + _log_tail(log_path))
-
-
-def _log_tail(path: str | None, lines: int = 30) -> str:
-    if not path or not os.path.exists(path):
-        return ""
-    with open(path, "rb") as f:
-        text = f.read().decode(errors="replace").splitlines()[-lines:]
-    return "\n--- " + path + " (tail) ---\n" + "\n".join(text)
-
-
-# --- tools -----------------------------------------------------------------------------------
-
-def ensure_wrk() -> str:
-    path = shutil.which("wrk")
-    if path:
-        return path
-    print("wrk is not installed; install it with:  apt-get install -y wrk", flush=True)
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        print("trying: apt-get update && apt-get install -y wrk", flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env, check=False, timeout=300)
-        path = shutil.which("wrk")
-    if not path:
-        raise BenchError("wrk is required: apt-get install -y wrk")
-    return path
-
-
-def _version(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    text = (out.stdout or out.stderr).strip().splitlines()
-    return text[0] if text else "?"
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
-# --- CPU accounting --------------------------------------------------------------------------
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def core_times() -> dict[int, tuple[int, int]]:
-    """Per core: (busy ticks, total ticks) since boot, from /proc/stat."""
-    out = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            m = re.match(r"cpu(\d+) (.*)", line)
-            if m:
-                v = [int(x) for x in m.group(2).split()]
-                idle = v[3] + (v[4] if len(v) > 4 else 0)
-                out[int(m.group(1))] = (sum(v[:8]) - idle, sum(v[:8]))
-    return out
-
-
-def busy_fraction(before: dict, after: dict, core: int) -> float:
-    b0, t0 = before.get(core, (0, 0))
-    b1, t1 = after.get(core, (0, 0))
-    return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all its threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def wait_idle(cores: list[int], limit: float, max_wait: float) -> list[float]:
-    """Wait (at most max_wait s) until every core in `cores` is under `limit` busy over 1 s; the last sample."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        a = core_times()
-        time.sleep(1.0)
-        b = core_times()
-        fr = [busy_fraction(a, b, c) for c in cores]
-        if all(x < limit for x in fr) or time.monotonic() >= deadline:
-            return fr
-        print("waiting for a quiet machine: core busy " +
-              ", ".join(f"{c}: {100 * x:.0f} %" for c, x in zip(cores, fr)), flush=True)
-
-
-# --- measurements ----------------------------------------------------------------------------
-
-@dataclass
-class WrkResult:
-    rps: float
-    requests: int
-    errors: dict
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    max_ms: float
-
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
-
-
-def run_wrk(wrk: str, core: int | None, port: int, seconds: float, connections: int,
-            children: Children, body: str = PLAIN_BODY) -> WrkResult:
-    argv = pinned(core, [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-                         "--timeout", "5s", "-s", LUA, f"http://127.0.0.1:{port}/v1/chat/completions"])
-    env = {**os.environ, "BENCH_BODY": body, "BENCH_BEARER": BEARER}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                            start_new_session=True)
-    children.procs.append(("wrk", proc))
-    try:
-        out, _ = proc.communicate(timeout=seconds + 60)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"wrk did not finish within {seconds + 60:.0f} s") from None
-    finally:
-        children.stop(proc)
-    text = out.decode(errors="replace")
-    line = next((ln for ln in text.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if proc.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed (status {proc.returncode}):\n{text}")
-    data = json.loads(line[len("BENCH_JSON "):])
-    lat = data["latency_us"]
-    return WrkResult(rps=data["requests"] / (data["duration_us"] / 1e6), requests=data["requests"],
-                     errors=data["errors"], p50_ms=lat["p50"] / 1000, p90_ms=lat["p90"] / 1000,
-                     p99_ms=lat["p99"] / 1000, max_ms=lat["max"] / 1000)
-
-
-def _percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-@dataclass
-class TtfbResult:
-    p50_ms: float
-    p99_ms: float
-    mean_ms: float
-    n: int
-    events: int                 # data events seen in the last answer
-    saw_usage_chunk: bool       # any answer carried a usage-only chunk (the client did not ask for one)
-
-
-class _Conn:
-    """A blocking keep-alive HTTP/1.1 client connection, just enough for chunked SSE answers."""
-
-    def __init__(self, port: int, timeout: float) -> None:
-        self.port = port
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
-        self.buf = b""
-
-    def connect(self) -> None:
-        self.close()
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = s
-        self.buf = b""
-
-    def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.sock = None
-
-    def _recv(self) -> bytes:
-        assert self.sock is not None
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("connection closed by peer")
-        return data
-
-    def exchange(self, request: bytes, deadline: float) -> tuple[float, bytes]:
-        """Send one request; (seconds until the first b'data:' of the body, the whole body)."""
-        if self.sock is None:
-            self.connect()
-        assert self.sock is not None
-        t0 = time.perf_counter()
-        self.sock.sendall(request)
-        first: float | None = None
-        # head
-        while b"\r\n\r\n" not in self.buf:
-            if time.monotonic() > deadline:
-                raise BenchError("TTFB client: timed out reading a response head")
-            self.buf += self._recv()
-        head, _, rest = self.buf.partition(b"\r\n\r\n")
-        self.buf = rest
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ")[1])
-        headers = {}
-        for ln in lines[1:]:
-            k, _, v = ln.partition(b":")
-            headers[k.strip().lower()] = v.strip().lower()
-        body = bytearray()
-
-        def note() -> None:
-            nonlocal first
-            if first is None and b"data:" in body:
-                first = time.perf_counter() - t0
-
-        if headers.get(b"transfer-encoding", b"").endswith(b"chunked"):
-            while True:
-                while b"\r\n" not in self.buf:
-                    if time.monotonic() > deadline:
-                        raise BenchError("TTFB client: timed out reading a chunk size")
-                    self.buf += self._recv()
-                size_line, _, self.buf = self.buf.partition(b"\r\n")
-                size = int(size_line.split(b";")[0], 16)
-                if size == 0:
-                    while not self.buf.startswith(b"\r\n") and b"\r\n\r\n" not in self.buf:
-                        if time.monotonic() > deadline:
-                            raise BenchError("TTFB client: timed out reading trailers")
-                        self.buf += self._recv()
-                    self.buf = self.buf[2:] if self.buf.startswith(b"\r\n") else \
-                        self.buf.partition(b"\r\n\r\n")[2]
-                    break
-                while len(self.buf) < size + 2:
-                    # the part of a chunk already here may hold the first data: bytes
-                    if first is None and b"data:" in body + self.buf[:size]:
-                        first = time.perf_counter() - t0
-                    if time.monotonic() > deadline:
-                        raise BenchError("TTFB client: timed out reading a chunk")
-                    self.buf += self._recv()
-                body += self.buf[:size]
-                self.buf = self.buf[size + 2:]
-                note()
-        elif b"content-length" in headers:
-            n = int(headers[b"content-length"])
-            while len(self.buf) < n:
-                if time.monotonic() > deadline:
-                    raise BenchError("TTFB client: timed out reading a body")
-                body += self.buf
-                self.buf = b""
-                note()
-                self.buf += self._recv()
-            body += self.buf[:n]
-            self.buf = self.buf[n:]
-            note()
-        else:                                       # read to close
-            body += self.buf
-            self.buf = b""
-            with contextlib.suppress(ConnectionError):
-                while time.monotonic() < deadline:
-                    note()
-                    body += self._recv()
-            note()
-            self.close()
-        if headers.get(b"connection") == b"close":
-            self.close()
-        if status != 200:
-            raise BenchError(f"TTFB client: status {status}: {bytes(body)[:300]!r}")
-        if first is None:
-            raise BenchError(f"TTFB client: no data: event in the answer: {bytes(body)[:300]!r}")
-        return first, bytes(body)
-
-
-def run_ttfb(port: int, n: int, warmup: int, time_limit: float) -> TtfbResult:
-    body = STREAM_BODY.encode()
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-               f"Authorization: Bearer {BEARER}\r\nContent-Type: application/json\r\n"
-               f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    conn = _Conn(port, timeout=10.0)
-    deadline = time.monotonic() + time_limit
-    samples: list[float] = []
-    last = b""
-    usage_chunk = False
-    try:
-        for i in range(warmup + n):
-            if time.monotonic() > deadline:
-                raise BenchError(f"TTFB run exceeded {time_limit:.0f} s after {len(samples)} requests")
-            t, last = conn.exchange(request, deadline)
-            usage_chunk = usage_chunk or b'"choices":[]' in last or b'"choices": []' in last
-            if i >= warmup:
-                samples.append(t * 1000)
-    finally:
-        conn.close()
-    if not last.rstrip().endswith(b"data: [DONE]"):
-        raise BenchError(f"TTFB client: stream did not end with data: [DONE]: {last[-200:]!r}")
-    s = sorted(samples)
-    return TtfbResult(_percentile(s, 50), _percentile(s, 99), sum(s) / len(s), len(s),
-                      last.count(b"data:"), usage_chunk)
-
-
-def _json_or_text(data: bytes) -> dict:
-    try:
-        obj = json.loads(data or b"{}")
-    except ValueError:
-        return {"text": data[:300].decode(errors="replace")}
-    return obj if isinstance(obj, dict) else {"value": obj}
-
-
-def http_json(port: int, method: str, path: str, body: str | None = None) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                 data=body.encode() if body is not None else None,
-                                 headers={"Authorization": f"Bearer {BEARER}",
-                                          "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, dict(r.headers), _json_or_text(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), _json_or_text(exc.read())
-    except (urllib.error.URLError, OSError) as exc:
-        raise BenchError(f"request to 127.0.0.1:{port}{path} failed: {exc}") from None
-
-
-def redis_info(port: int, section: str) -> dict[str, str]:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(f"INFO {section}\r\n".encode())
-        data = b""
-        while b"\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, rest = data.partition(b"\r\n")
-        if not head.startswith(b"$"):
-            raise BenchError(f"unexpected redis reply {head!r}")
-        n = int(head[1:])
-        while len(rest) < n:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-    out = {}
-    for ln in rest[:n].decode().splitlines():
-        if ":" in ln and not ln.startswith("#"):
-            k, _, v = ln.partition(":")
-            out[k] = v
-    return out
-
-
-def redis_command(port: int, *args: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall((" ".join(args) + "\r\n").encode())
-        return s.recv(4096)
-
-
-def redis_calls(port: int) -> dict[str, tuple[int, int]]:
-    """Per command: (calls, microseconds inside Redis), commands run by scripts included."""
-    out = {}
-    for k, v in redis_info(port, "commandstats").items():
-        fields = dict(kv.split("=", 1) for kv in v.split(","))
-        out[k.removeprefix("cmdstat_")] = (int(fields["calls"]), int(fields["usec"]))
+# --- targets ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    title: str
+    kind: str                   # direct | passthrough | proxy
+    store: str = ""             # memory | redis
+    workers: int = 1
+    loop: str = "asyncio"       # asyncio | uvloop
+    tree: str = REPO            # the checkout whose proxy runs
+    floor: str = ""             # the pass-through it is compared with (same loop)
+
+
+def has_uvloop() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def plan(args) -> list[Target]:
+    fast = "uvloop" if has_uvloop() else "asyncio"
+    n = args.workers
+    out = [Target("direct", "direct (no proxy)", "direct"),
+           Target("passthrough", f"bare aiohttp pass-through ({fast})", "passthrough", loop=fast),
+           Target("memory", f"proxy, memory, 1 worker ({fast})", "proxy", "memory", loop=fast, floor="passthrough"),
+           Target("redis", f"proxy, Redis, 1 worker ({fast})", "proxy", "redis", loop=fast, floor="passthrough"),
+           Target(f"redis-x{n}", f"proxy, Redis, {n} workers ({fast})", "proxy", "redis", workers=n, loop=fast,
+                  floor="passthrough")]
+    if fast == "uvloop":
+        out += [Target("passthrough-asyncio", "bare aiohttp pass-through (asyncio)", "passthrough"),
+                Target("memory-asyncio", "proxy, memory, 1 worker (asyncio)", "proxy", "memory",
+                       floor="passthrough-asyncio"),
+                Target("redis-asyncio", "proxy, Redis, 1 worker (asyncio)", "proxy", "redis",
+                       floor="passthrough-asyncio")]
+    floor = "passthrough-asyncio" if fast == "uvloop" else "passthrough"
+    for name, path in args.tree:
+        for store in ("memory", "redis"):
+            out.append(Target(f"{store}@{name}", f"proxy, {store}, tree {name}", "proxy", store,
+                              tree=os.path.abspath(path), floor=floor))
+    if args.only:
+        keep = set(args.only)
+        keep |= {t.floor for t in out if t.name in keep and t.floor}
+        keep |= {"direct"}
+        if any(t.workers > 1 for t in out if t.name in keep):
+            keep.add("redis")
+        out = [t for t in out if t.name in keep]
     return out
 
 
@@ -549,108 +161,125 @@ def redis_calls(port: int) -> dict[str, tuple[int, int]]:
 class TargetResult:
     name: str
     sat: WrkResult | None = None
-    cpu_us_per_req: float | None = None     # the proxy's own CPU per request at saturation
-    cpu_busy: float | None = None           # the proxy's CPU use at saturation, fraction of a core
-    foreign: float = 0.0                    # other processes' share of the proxy core during the runs
+    cpu_us_per_req: float | None = None     # the proxy's CPU (all its processes) per request at saturation
+    cpu_busy: float | None = None           # the proxy's CPU use at saturation, in cores
     one: WrkResult | None = None
     ttfb: TtfbResult | None = None
+    redis: dict[str, float] = field(default_factory=dict)     # per proxied request, saturation run
     notes: list[str] = field(default_factory=list)
 
 
-def _interference(core: int | None, pid: int | None, c0, c1, p0: float, p1: float, w0: float, w1: float) -> float:
-    """The share of the proxy's core that other processes used over an interval (0 without a proxy)."""
-    if core is None or not pid or w1 <= w0:
-        return 0.0
-    return max(0.0, busy_fraction(c0, c1, core) - (p1 - p0) / (w1 - w0))
+Rounds = list[dict[str, TargetResult]]
 
 
-def measure(name: str, port: int, args, wrk: str, children: Children, pid: int | None = None) -> TargetResult:
-    res = TargetResult(name)
-    core = args.proxy_core
+class Redis:
+    """The bench's redis-server and per-request figures from its INFO over one interval."""
+
+    def __init__(self, children: Children, core: int | None) -> None:
+        self.server = RedisServer()
+        children.redis.append(self.server)
+        self.server.start()
+        if core is not None and self.server.proc is not None:
+            os.sched_setaffinity(self.server.proc.pid, {core})
+        self.port = self.server.port
+
+    def mark(self) -> tuple[dict, float]:
+        return redis_calls(self.port), redis_cpu_seconds(self.port)
+
+    def per_request(self, a, b, requests: int) -> dict[str, float]:
+        n = max(requests, 1)
+        skip = ("info", "config|resetstat", "flushall")
+        calls = {k: b[0][k][0] - a[0].get(k, (0, 0))[0] for k in b[0] if k not in skip}
+        usec = {k: b[0][k][1] - a[0].get(k, (0, 0))[1] for k in b[0] if k not in skip}
+        evalsha = calls.get("evalsha", 0)
+        out = {"commands": sum(calls.values()) / n, "command_us": sum(usec.values()) / n,
+               "evalsha": evalsha / n, "evalsha_us": usec.get("evalsha", 0) / max(evalsha, 1),
+               "cpu_us": (b[1] - a[1]) * 1e6 / n}
+        out["breakdown"] = ", ".join(f"{k} {v / n:.1f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])
+                                     if v / n >= 0.05)
+        return out
+
+
+def measure(t: Target, port: int, args, wrk: str, children: Children, pid: int | None,
+            redis: Redis | None) -> TargetResult:
+    res = TargetResult(t.name)
+    core = args.proxy_core if t.workers == 1 else None
 
     def mark():
-        return core_times(), proc_cpu_seconds(pid) if pid else 0.0, time.monotonic()
+        return core_times(), tree_cpu_seconds(pid) if pid else 0.0, time.monotonic()
 
     def check(what: str, a, b) -> None:
-        foreign = _interference(core, pid, a[0], b[0], a[1], b[1], a[2], b[2])
-        res.foreign = max(res.foreign, foreign)
+        if core is None or not pid or b[2] <= a[2]:
+            return
+        foreign = max(0.0, busy_fraction(a[0], b[0], core) - (b[1] - a[1]) / (b[2] - a[2]))
         if foreign > 0.05:
-            res.notes.append(f"{name}: other processes used {100 * foreign:.0f} % of core {core} during the "
-                             f"{what} run: its numbers are disturbed")
+            res.notes.append(f"{t.name}: other processes used {100 * foreign:.0f} % of core {core} during the "
+                             f"{what} run")
 
-    print(f"[{name}] warm-up {args.warmup:.0f} s at -c{args.connections}", flush=True)
     run_wrk(wrk, args.load_core, port, args.warmup, args.connections, children)
-    print(f"[{name}] saturation: wrk -t1 -c{args.connections} -d{args.seconds:.0f}s", flush=True)
-    a = mark()
+    a, ra = mark(), redis.mark() if redis else None
     res.sat = run_wrk(wrk, args.load_core, port, args.seconds, args.connections, children)
-    b = mark()
+    b, rb = mark(), redis.mark() if redis else None
     if pid:
         res.cpu_us_per_req = (b[1] - a[1]) / max(res.sat.requests, 1) * 1e6
         res.cpu_busy = (b[1] - a[1]) / (b[2] - a[2])
+    if redis:
+        res.redis = redis.per_request(ra, rb, res.sat.requests)
     check("saturation", a, b)
-    cpu = (f", proxy CPU {100 * res.cpu_busy:.0f} % of a core, {res.cpu_us_per_req:.0f} us/request"
-           if res.cpu_busy is not None else "")
-    print(f"[{name}]   {res.sat.rps:,.0f} req/s, {res.sat.requests} requests, errors {res.sat.errors}{cpu}",
-          flush=True)
-    print(f"[{name}] one connection: wrk -t1 -c1 -d{args.seconds:.0f}s --latency", flush=True)
     a = mark()
     res.one = run_wrk(wrk, args.load_core, port, args.seconds, 1, children)
     check("one-connection", a, mark())
-    print(f"[{name}]   p50 {res.one.p50_ms:.3f} ms, p99 {res.one.p99_ms:.3f} ms, errors {res.one.errors}",
-          flush=True)
-    print(f"[{name}] streaming TTFB: {args.ttfb_requests} sequential requests on one connection", flush=True)
     a = mark()
     res.ttfb = run_ttfb(port, args.ttfb_requests, warmup=max(10, args.ttfb_requests // 20),
                         time_limit=max(60.0, args.ttfb_requests * 0.2))
     check("TTFB", a, mark())
-    print(f"[{name}]   TTFB p50 {res.ttfb.p50_ms:.3f} ms, p99 {res.ttfb.p99_ms:.3f} ms "
-          f"({res.ttfb.events} data events per answer)", flush=True)
+    cpu = f", CPU {res.cpu_us_per_req:.0f} µs/req" if res.cpu_us_per_req is not None else ""
+    rds = (f", Redis {res.redis['commands']:.1f} cmds {res.redis['command_us']:.0f} µs/req"
+           if res.redis else "")
+    print(f"[{t.name}] {res.sat.rps:,.0f} req/s{cpu}{rds}; -c1 p50 {res.one.p50_ms:.3f} ms p99 "
+          f"{res.one.p99_ms:.3f} ms; TTFB p50 {res.ttfb.p50_ms:.3f} ms", flush=True)
     for r, what in ((res.sat, "saturation"), (res.one, "one connection")):
         if r.error_count:
-            res.notes.append(f"{name}: wrk reported errors in the {what} run: {r.errors}")
-    if res.ttfb.saw_usage_chunk and name != "direct":
-        res.notes.append(f"{name}: the client saw a usage-only chunk it did not ask for")
+            res.notes.append(f"{t.name}: wrk reported errors in the {what} run: {r.errors}")
     return res
 
 
-def start_proxy(children: Children, tmp: str, label: str, store: str, upstream_port: int, args) -> tuple[int, subprocess.Popen, str]:
+def write_config(tmp: str, t: Target, store: str, upstream_port: int) -> str:
     policy_path = os.path.join(tmp, "bench-policy.yaml")
     if not os.path.exists(policy_path):
         with open(policy_path, "w") as f:
             f.write(POLICY_YAML)
-    cfg_path = os.path.join(tmp, f"config-{label}.yaml")
+    cfg_path = os.path.join(tmp, f"config-{t.name}.yaml".replace("@", "-"))
     with open(cfg_path, "w") as f:
         f.write(CONFIG_YAML.format(store=store, policy=policy_path, upstream_port=upstream_port))
+    return cfg_path
+
+
+def start(t: Target, children: Children, tmp: str, upstream_port: int, redis: Redis | None,
+          args) -> tuple[int, subprocess.Popen, str]:
     port = free_port()
+    log_path = os.path.join(tmp, f"{t.name}.log".replace("@", "-"))
     env = {k: v for k, v in os.environ.items() if k not in _OVERRIDES}
-    env["LOG_LEVEL"] = "WARNING"
-    env["PYTHONUNBUFFERED"] = "1"
-    log_path = os.path.join(tmp, f"proxy-{label}.log")
-    argv = pinned(args.proxy_core, [sys.executable, "-m", "proxy.cli", "serve", "--config", cfg_path,
-                                    "--port", str(port)])
-    proc = children.start(f"proxy-{label}", argv, env=env, log_path=log_path)
-    wait_port(port, proc, f"proxy ({label})", log_path)
-    # One real request: the route works and goes through the budget path.
+    env.update(LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1", PYTHONPATH=t.tree)
+    if t.kind == "passthrough":
+        argv = [sys.executable, PASSTHROUGH, "--port", str(port), "--upstream",
+                f"http://127.0.0.1:{upstream_port}", "--loop", t.loop]
+    else:
+        store = redis.server.url if t.store == "redis" else "memory://"
+        argv = [sys.executable, "-m", "proxy.cli", "serve", "--config", write_config(tmp, t, store, upstream_port),
+                "--port", str(port)]
+        if t.workers > 1:
+            argv += ["--workers", str(t.workers)]
+        if t.tree == REPO:
+            argv += ["--loop", t.loop]
+    cores = args.proxy_core if t.workers == 1 else args.all_cores
+    proc = children.start(t.name, pinned(cores, argv), env=env, log_path=log_path, cwd=t.tree)
+    wait_port(port, proc, t.name, log_path)
     status, headers, body = http_json(port, "POST", "/v1/chat/completions", PLAIN_BODY)
     if status != 200:
-        raise BenchError(f"proxy ({label}) answered {status}: {body}" + _log_tail(log_path))
-    if not any(h.lower().startswith("x-budget-remaining") for h in headers):
-        raise BenchError(f"proxy ({label}) answered without x-budget-remaining-* headers: no budget "
-                         f"snapshot was taken; headers {sorted(headers)}")
-    return port, proc, log_path
-
-
-def start_passthrough(children: Children, tmp: str, upstream_port: int, args) -> tuple[int, subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log_path = os.path.join(tmp, "passthrough.log")
-    argv = pinned(args.proxy_core, [sys.executable, PASSTHROUGH, "--port", str(port),
-                                    "--upstream", f"http://127.0.0.1:{upstream_port}"])
-    proc = children.start("passthrough", argv, env=env, log_path=log_path)
-    wait_port(port, proc, "pass-through", log_path)
-    status, _, body = http_json(port, "POST", "/v1/chat/completions", PLAIN_BODY)
-    if status != 200 or "usage" not in body:
-        raise BenchError(f"pass-through answered {status}: {body}" + _log_tail(log_path))
+        raise BenchError(f"{t.name} answered {status}: {body}" + _log_tail(log_path))
+    if t.kind == "proxy" and not any(h.lower().startswith("x-budget-remaining") for h in headers):
+        raise BenchError(f"{t.name} answered without x-budget-remaining-* headers: no budget was taken")
     return port, proc, log_path
 
 
@@ -659,122 +288,24 @@ def _error_lines(log_path: str) -> list[str]:
         return [ln for ln in f.read().splitlines() if " ERROR " in ln or " CRITICAL " in ln or "Traceback" in ln]
 
 
-def proxy_requests(port: int) -> int:
-    status, _, body = http_json(port, "GET", "/healthz")
-    return int(body.get("stats", {}).get("requests", 0)) if status == 200 else -1
+def run_target(t: Target, args, wrk: str, children: Children, tmp: str, up_port: int,
+               redis: Redis | None) -> TargetResult:
+    if t.kind == "direct":
+        return measure(t, up_port, args, wrk, children, None, None)
+    if t.store == "redis":
+        redis_command(redis.port, "FLUSHALL")
+    port, proc, log_path = start(t, children, tmp, up_port, redis, args)
+    res = measure(t, port, args, wrk, children, proc.pid, redis if t.store == "redis" else None)
+    if proc.poll() is not None:
+        raise BenchError(f"{t.name} died during the run" + _log_tail(log_path))
+    children.stop(proc, timeout=30)
+    errors = _error_lines(log_path)
+    if errors:
+        res.notes.append(f"{t.name} logged {len(errors)} error line(s), first: {errors[0][:200]}")
+    return res
 
 
-# --- report ----------------------------------------------------------------------------------
-
-def _ms(x: float) -> str:
-    return f"{x:.3f}"
-
-
-def _signed(x: float) -> str:
-    return f"{x:+.3f}"
-
-
-def report(results: dict[str, TargetResult], args, meta: dict, command: str) -> tuple[str, list[tuple[str, bool, str]]]:
-    d = results["direct"]
-    pt = results.get("passthrough")
-    cols = [k for k in ("direct", "passthrough", "memory", "redis") if k in results]
-    title = {"direct": "direct (no proxy)", "passthrough": "bare aiohttp pass-through",
-             "memory": "proxy, memory store", "redis": "proxy, Redis store"}
-    proxies = [k for k in ("memory", "redis") if k in results]
-    rows: list[tuple[str, list[str]]] = []
-
-    def row(label: str, f) -> None:
-        rows.append((label, [f(k, results[k]) for k in cols]))
-
-    row(f"requests/s, wrk -t1 -c{args.connections}", lambda k, r: f"{r.sat.rps:,.0f}")
-    row("throughput vs direct", lambda k, r: "100 %" if k == "direct" else f"{100 * r.sat.rps / d.sat.rps:.1f} %")
-    if pt is not None:
-        row("throughput vs pass-through", lambda k, r: "–" if k == "direct" else
-            "100 %" if k == "passthrough" else f"{100 * r.sat.rps / pt.sat.rps:.1f} %")
-    row("proxy CPU per request (µs)", lambda k, r: "–" if r.cpu_us_per_req is None else f"{r.cpu_us_per_req:.0f}")
-    row("proxy CPU use at saturation", lambda k, r: "–" if r.cpu_busy is None else f"{100 * r.cpu_busy:.0f} %")
-    row("latency p50 at -c1 (ms)", lambda k, r: _ms(r.one.p50_ms))
-    row("latency p99 at -c1 (ms)", lambda k, r: _ms(r.one.p99_ms))
-    row("added latency p50 (ms)", lambda k, r: "–" if k == "direct" else _signed(r.one.p50_ms - d.one.p50_ms))
-    row("added latency p99 (ms)", lambda k, r: "–" if k == "direct" else _signed(r.one.p99_ms - d.one.p99_ms))
-    if pt is not None:
-        row("added latency p50 over pass-through (ms)", lambda k, r: "–" if k in ("direct", "passthrough")
-            else _signed(r.one.p50_ms - pt.one.p50_ms))
-        row("added latency p99 over pass-through (ms)", lambda k, r: "–" if k in ("direct", "passthrough")
-            else _signed(r.one.p99_ms - pt.one.p99_ms))
-    row("stream TTFB p50 (ms)", lambda k, r: _ms(r.ttfb.p50_ms))
-    row("stream TTFB p99 (ms)", lambda k, r: _ms(r.ttfb.p99_ms))
-    row("added TTFB p50 (ms)", lambda k, r: "–" if k == "direct" else _signed(r.ttfb.p50_ms - d.ttfb.p50_ms))
-    row("added TTFB p99 (ms)", lambda k, r: "–" if k == "direct" else _signed(r.ttfb.p99_ms - d.ttfb.p99_ms))
-    if pt is not None:
-        row("added TTFB p50 over pass-through (ms)", lambda k, r: "–" if k in ("direct", "passthrough")
-            else _signed(r.ttfb.p50_ms - pt.ttfb.p50_ms))
-        row("added TTFB p99 over pass-through (ms)", lambda k, r: "–" if k in ("direct", "passthrough")
-            else _signed(r.ttfb.p99_ms - pt.ttfb.p99_ms))
-
-    lines = ["| | " + " | ".join(title[k] for k in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for label, vals in rows:
-        lines.append(f"| {label} | " + " | ".join(vals) + " |")
-    table = "\n".join(lines)
-
-    checks: list[tuple[str, bool, str]] = []
-    if "redis" in results:
-        r = results["redis"]
-        a50, a99 = r.one.p50_ms - d.one.p50_ms, r.one.p99_ms - d.one.p99_ms
-        checks.append((f"Redis: added latency p50 <= {TARGET_ADDED_P50_MS:g} ms", a50 <= TARGET_ADDED_P50_MS,
-                       f"{a50:.3f} ms"))
-        checks.append((f"Redis: added latency p99 <= {TARGET_ADDED_P99_MS:g} ms", a99 <= TARGET_ADDED_P99_MS,
-                       f"{a99:.3f} ms"))
-    for k in ("memory", "redis"):
-        if k in results:
-            ratio = results[k].sat.rps / d.sat.rps
-            checks.append((f"{title[k]}: throughput >= {100 * TARGET_THROUGHPUT_RATIO:.0f} % of direct",
-                           ratio >= TARGET_THROUGHPUT_RATIO, f"{100 * ratio:.1f} %"))
-
-    floor: list[str] = []
-    if pt is not None and proxies:
-        floor = ["", f"Against the bare aiohttp pass-through ({pt.sat.rps:,.0f} req/s; latency p50 "
-                     f"{pt.one.p50_ms:.3f} ms, p99 {pt.one.p99_ms:.3f} ms at -c1; the floor any aiohttp-based "
-                     f"proxy pays on this machine; information only, the targets above compare to direct):", ""]
-        store = {"memory": "memory", "redis": "Redis"}
-        for k in proxies:
-            floor.append(f"- budget-proxy ({store[k]}) throughput as % of the bare aiohttp pass-through: "
-                         f"{100 * results[k].sat.rps / pt.sat.rps:.1f} %")
-        for k in proxies:
-            r = results[k]
-            floor.append(f"- budget-proxy ({store[k]}) added latency over the pass-through at -c1: p50 "
-                         f"{_signed(r.one.p50_ms - pt.one.p50_ms)} ms, p99 {_signed(r.one.p99_ms - pt.one.p99_ms)} ms; "
-                         f"stream TTFB p50 {_signed(r.ttfb.p50_ms - pt.ttfb.p50_ms)} ms, "
-                         f"p99 {_signed(r.ttfb.p99_ms - pt.ttfb.p99_ms)} ms")
-
-    out = [
-        "## Proxy benchmark",
-        "",
-        f"`{command}`",
-        "",
-        table,
-        "",
-        "| target | result | measured |",
-        "|---|---|---:|",
-        *[f"| {name} | {'PASS' if ok else 'FAIL'} | {val} |" for name, ok, val in checks],
-        *floor,
-        "",
-        f"Setup: {meta['cpu']}, {meta['cores']} cores; proxy and pass-through (each in its turn) pinned to "
-        f"core {args.proxy_core}, fake upstream "
-        f"(raw asyncio), wrk, redis-server and the TTFB client on core {args.load_core}. "
-        f"{meta['python']}, aiohttp {meta['aiohttp']}, {meta['wrk']}, {meta['redis']}. "
-        f"Each wrk run {args.seconds:g} s after a {args.warmup:g} s warm-up; TTFB over "
-        f"{args.ttfb_requests} sequential streamed requests on one keep-alive connection (time from "
-        f"sending the request to the first `data:` byte). The policy limits global/org/user scopes with "
-        f"limits never reached, so every proxied request is reserved and committed (one candidate and its own max_tokens: no snapshot needed). The pass-through "
-        f"(bench/passthrough.py) reads the body and POSTs it unchanged with one aiohttp.ClientSession "
-        f"(TCPConnector limit=0, auto_decompress=False), answering the upstream's status, body and "
-        f"Content-Type (streams through StreamResponse + iter_any()); no auth, budget or JSON parsing. "
-        f"Non-streaming body: `{PLAIN_BODY}`. Commit {meta['commit']}{meta['dirty']}, {meta['date']}.",
-    ]
-    return "\n".join(out), checks
-
+# --- main ------------------------------------------------------------------------------------
 
 def quiet_before(label: str, args, notes: list[str]) -> None:
     """Before each target, wait (bounded) for both cores to be quiet; note it when they are not."""
@@ -782,40 +313,48 @@ def quiet_before(label: str, args, notes: list[str]) -> None:
         return
     fr = wait_idle([args.proxy_core, args.load_core], 0.10, args.wait_idle)
     if any(x >= 0.10 for x in fr):
-        msg = (f"before {label}: the machine was busy (core {args.proxy_core}: {100 * fr[0]:.0f} %, "
-               f"core {args.load_core}: {100 * fr[1]:.0f} %) after waiting {args.wait_idle:.0f} s")
-        print("warning: " + msg, flush=True)
-        notes.append(msg)
+        notes.append(f"before {label}: the machine was busy (core {args.proxy_core}: {100 * fr[0]:.0f} %, "
+                     f"core {args.load_core}: {100 * fr[1]:.0f} %) after waiting {args.wait_idle:.0f} s")
 
 
-# --- main ------------------------------------------------------------------------------------
+def _tree(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not os.path.isdir(os.path.join(path, "proxy")):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH to a checkout with proxy/, got {text!r}")
+    return name, path
+
 
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--seconds", type=float, default=None, help="length of each wrk run (default 10, --quick 3)")
     p.add_argument("--quick", action="store_true", help="short runs: 3 s wrk runs, 200 TTFB requests")
+    p.add_argument("--rounds", type=int, default=1, help="times every target is measured, interleaved")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers of the N-worker target")
     p.add_argument("--connections", type=int, default=32, help="wrk connections for the saturation run")
     p.add_argument("--ttfb-requests", type=int, default=None, help="streamed requests per target (default 1000)")
     p.add_argument("--warmup", type=float, default=None, help="seconds of wrk warm-up per target (default 3)")
-    p.add_argument("--only", choices=("memory", "redis"), help="skip the other proxy store")
+    p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="comma-separated target names (their pass-through and direct are kept)")
+    p.add_argument("--tree", type=_tree, action="append", default=[], metavar="NAME=PATH",
+                   help="also run the memory and Redis proxy from this checkout (repeatable)")
     p.add_argument("--proxy-core", type=int, default=0)
     p.add_argument("--load-core", type=int, default=1)
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
-    p.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
-                   help="wait up to S seconds for both cores to be quiet before starting (default 60)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, proxy logs)")
+    p.add_argument("--wait-idle", type=float, default=10.0, metavar="S",
+                   help="wait up to S seconds for both cores to be quiet before each target (default 10)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     p.add_argument("--markdown", metavar="FILE", help="also write the report (table, targets, notes) to FILE")
+    p.add_argument("--json", metavar="FILE", help="also write every round's raw results to FILE")
     args = p.parse_args(argv)
-    if args.seconds is None:
-        args.seconds = 3.0 if args.quick else 10.0
-    if args.ttfb_requests is None:
-        args.ttfb_requests = 200 if args.quick else 1000
-    if args.warmup is None:
-        args.warmup = 1.0 if args.quick else 3.0
-    if not (1 <= args.seconds <= 600) or not (1 <= args.ttfb_requests <= 100_000) or args.connections < 1:
-        p.error("--seconds must be 1..600, --ttfb-requests 1..100000, --connections >= 1")
+    args.seconds = args.seconds or (3.0 if args.quick else 10.0)
+    args.ttfb_requests = args.ttfb_requests or (200 if args.quick else 1000)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
+    if not (1 <= args.seconds <= 600) or not (1 <= args.ttfb_requests <= 100_000) or args.connections < 1 \
+            or not 1 <= args.rounds <= 20 or args.workers < 2:
+        p.error("--seconds 1..600, --ttfb-requests 1..100000, --connections >= 1, --rounds 1..20, --workers >= 2")
     cores = os.cpu_count() or 1
+    args.all_cores = None
     if args.no_pin or not shutil.which("taskset") or cores < 2:
         if not args.no_pin:
             print(f"warning: {cores} core(s) or no taskset: running unpinned", file=sys.stderr)
@@ -823,101 +362,71 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def metadata(wrk: str) -> dict:
+    import aiohttp
+    try:
+        import uvloop
+        uv = uvloop.__version__
+    except ImportError:
+        uv = "not installed"
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": f"Python {platform.python_version()}",
+            "aiohttp": aiohttp.__version__, "uvloop": uv, "wrk": _version([wrk, "--version"]).split(" [")[0],
+            "redis": _version(["redis-server", "--version"]).split(" sha=")[0],
+            "commit": _git("rev-parse", "--short", "HEAD") or "?",
+            "dirty": " (+ uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else "",
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def run(args, wrk: str, children: Children, tmp: str, notes: list[str]) -> tuple[list[Target], Rounds]:
+    targets = plan(args)
+    up_port = free_port()
+    up_log = os.path.join(tmp, "upstream.log")
+    up = children.start("upstream", pinned(args.load_core, [sys.executable, UPSTREAM, "--port", str(up_port)]),
+                        log_path=up_log)
+    wait_port(up_port, up, "fast upstream", up_log)
+    redis = Redis(children, args.load_core) if any(t.store == "redis" for t in targets) else None
+    rounds: Rounds = []
+    for i in range(args.rounds):
+        order = targets[i % len(targets):] + targets[:i % len(targets)]
+        rounds.append({})
+        for t in order:
+            print(f"round {i + 1}/{args.rounds}: {t.name}", flush=True)
+            quiet_before(f"{t.name} (round {i + 1})", args, notes)
+            res = run_target(t, args, wrk, children, tmp, up_port, redis)
+            rounds[-1][t.name] = res
+            notes.extend(res.notes)
+        if redis and rounds[-1].get("redis") and rounds[-1]["redis"].redis:
+            notes.append(f"round {i + 1}, redis: commands per request: {rounds[-1]['redis'].redis['breakdown']}")
+    return targets, rounds
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python bench/proxy_bench.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    command = command.strip()
+    command = ("python bench/proxy_bench.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))).strip()
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGHUP, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)    # even when started with SIGINT ignored
     wrk = ensure_wrk()
     if args.load_core is not None:
         os.sched_setaffinity(0, {args.load_core})      # this process is the TTFB client
-    import aiohttp
-    meta = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": f"Python {platform.python_version()}",
-            "aiohttp": aiohttp.__version__, "wrk": _version([wrk, "--version"]).split(" [")[0],
-            "redis": _version(["redis-server", "--version"]).split(" sha=")[0],
-            "commit": _git("rev-parse", "--short", "HEAD") or "?",
-            "dirty": " (+ uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else "",
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    meta = metadata(wrk)
     children = Children()
     tmp = tempfile.mkdtemp(prefix="bp-bench-")
-    results: dict[str, TargetResult] = {}
     notes: list[str] = []
     ok = False
     try:
-        up_port = free_port()
-        up_log = os.path.join(tmp, "upstream.log")
-        up = children.start("upstream", pinned(args.load_core, [sys.executable, UPSTREAM, "--port", str(up_port)]),
-                            log_path=up_log)
-        wait_port(up_port, up, "fast upstream", up_log)
-        quiet_before("direct", args, notes)
-        results["direct"] = measure("direct", up_port, args, wrk, children)
-
-        quiet_before("passthrough", args, notes)
-        port, proc, log_path = start_passthrough(children, tmp, up_port, args)
-        results["passthrough"] = measure("passthrough", port, args, wrk, children, proc.pid)
-        if proc.poll() is not None:
-            raise BenchError("pass-through died during the run" + _log_tail(log_path))
-        children.stop(proc)
-        errs = _error_lines(log_path)
-        if errs:
-            notes.append(f"pass-through logged {len(errs)} error line(s), first: {errs[0][:200]}")
-
-        stores = [s for s in ("memory", "redis") if args.only in (None, s)]
-        for label in stores:
-            redis_port = None
-            if label == "redis":
-                server = RedisServer()
-                children.redis.append(server)
-                server.start()
-                if args.load_core is not None and server.proc is not None:
-                    os.sched_setaffinity(server.proc.pid, {args.load_core})
-                redis_port = server.port
-                store = server.url
-            else:
-                store = "memory://"
-            quiet_before(label, args, notes)
-            port, proc, log_path = start_proxy(children, tmp, label, store, up_port, args)
-            before = proxy_requests(port)
-            if redis_port is not None:
-                redis_command(redis_port, "CONFIG", "RESETSTAT")
-            results[label] = measure(label, port, args, wrk, children, proc.pid)
-            n = proxy_requests(port) - before
-            if redis_port is not None:
-                stats = {k: v for k, v in redis_calls(redis_port).items() if k not in ("info", "config|resetstat")}
-                calls = {k: c for k, (c, _) in stats.items()}
-                per = max(n, 1)
-                evalsha, hmget = calls.get("evalsha", 0), calls.get("hmget", 0)
-                script_us = stats.get("evalsha", (0, 0))[1] / max(evalsha, 1)
-                inner = ", ".join(f"{k} {v / per:.1f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])
-                                  if k not in ("evalsha", "hmget") and v / per >= 0.05)
-                notes.append(f"Redis work per proxied request ({n} requests counted by the proxy): "
-                             f"{evalsha / per:.2f} EVALSHA (reserve + commit, {script_us:.0f} µs each inside "
-                             f"Redis), {hmget / per:.2f} HMGET (the snapshot pipeline's, one per counter, and "
-                             f"the scripts' own), {sum(calls.values()) / per:.1f} commands in all counting "
-                             f"those run inside the scripts ({inner})")
-            else:
-                notes.append(f"memory: {n} requests counted by the proxy")
-            if proc.poll() is not None:
-                raise BenchError(f"proxy ({label}) died during the run" + _log_tail(log_path))
-            children.stop(proc)
-            warnings = _error_lines(log_path)
-            if warnings:
-                notes.append(f"proxy ({label}) logged {len(warnings)} error line(s), first: {warnings[0][:200]}")
-        for r in results.values():
-            notes.extend(r.notes)
-        text, checks = report(results, args, meta, command)
-        print("\n" + text + "\n")
-        if notes:
-            print("Notes:")
-            for n_ in notes:
-                print(f"- {n_}")
+        targets, rounds = run(args, wrk, children, tmp, notes)
+        text = report(targets, rounds, args, meta, command)
+        notes_text = "\nNotes:\n" + "".join(f"- {n}\n" for n in notes) if notes else ""
+        print("\n" + text + "\n" + notes_text)
         if args.markdown:
             with open(args.markdown, "w") as f:
-                f.write(text + "\n")
-                if notes:
-                    f.write("\nNotes:\n" + "".join(f"- {n_}\n" for n_ in notes))
+                f.write(text + "\n" + notes_text)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"command": command, "meta": meta, "rounds": [{k: asdict(v) for k, v in r.items()}
+                                                                        for r in rounds]}, f, indent=1)
         ok = True
     except BenchError as exc:
         print(f"\nbench failed: {exc}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """The aiohttp application: routes, the one place errors become responses, and lifetimes.
 
-Resources with a lifetime (the upstream sessions, the ledger and its store, the task tracker,
-the gateway, the background jobs) are each opened and closed in their own `cleanup_ctx`, in that
-order, under their own AppKey.
+Resources with a lifetime (the upstream sessions, the store, the task tracker, the ledger, the
+observer, the gateway, the background jobs) are each opened and closed in their own
+`cleanup_ctx`, in that order, under their own AppKey.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .gateway import Gateway
 from .ledger import Ledger
 from .loopback import loopback_host
 from .observer import Observer
-from .stores import open_store
+from .stores import Store, open_store
 from .tasks import Tasks
 from .tokens import TokenCounter
 from .upstream import Upstreams
@@ -40,7 +40,8 @@ log = logging.getLogger("proxy")
 
 TASKS = web.AppKey("tasks", Tasks)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
-LEDGER = web.AppKey("ledger", Optional[Ledger])      # None when enforcement is disabled
+STORE = web.AppKey("store", Optional[Store])         # None when enforcement is disabled
+LEDGER = web.AppKey("ledger", Optional[Ledger])
 OBSERVER = web.AppKey("observer", Observer)
 GATEWAY = web.AppKey("gateway", Gateway)
 _POST_ONLY = frozenset("/v1" + e.path for e in ENDPOINTS.values())
@@ -117,23 +118,26 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         yield
         await app[UPSTREAMS].close()
 
-    async def ledger(app: web.Application) -> AsyncIterator[None]:
-        if cfg.enforcement == "disabled":
-            app[LEDGER] = None
-            yield
-            return
-        kwargs = {"clock": clock} if clock else {}
-        app[LEDGER] = Ledger(open_store(cfg.store_url, cfg.namespace), policy, namespace=cfg.namespace, **kwargs)
+    async def store(app: web.Application) -> AsyncIterator[None]:
+        """The budget store; closed last but one, after every settlement that needs it ran."""
+        app[STORE] = None if cfg.enforcement == "disabled" else open_store(cfg.store_url, cfg.namespace)
         yield
-        await app[LEDGER].store.close()
+        if app[STORE] is not None:
+            await app[STORE].close()
 
     async def tasks(app: web.Application) -> AsyncIterator[None]:
+        """The one owner of background work: settlements, lost-reserve undos, lease extensions,
+        alert deliveries. Drained (bounded) before the store closes."""
         app[TASKS] = Tasks()
         yield
-        pending = set(app[LEDGER].pending) if app[LEDGER] is not None else set()
-        if pending:
-            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_SECONDS)
         await app[TASKS].drain(SHUTDOWN_GRACE_SECONDS)
+
+    async def ledger(app: web.Application) -> AsyncIterator[None]:
+        """None when enforcement is disabled: the store is never contacted."""
+        kwargs = {"clock": clock} if clock else {}
+        app[LEDGER] = None if app[STORE] is None else \
+            Ledger(app[STORE], policy, namespace=cfg.namespace, tasks=app[TASKS], **kwargs)
+        yield
 
     async def observer(app: web.Application) -> AsyncIterator[None]:
         """Metrics, the recent-refusal ring and alerts (whose sender has its own tasks and session)."""
@@ -170,7 +174,8 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         raise NotFound(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
 
     async def healthz(request: web.Request) -> web.Response:
-        return _json(200, {"status": "ok", "enforcement": cfg.enforcement,
+        # pid: with --workers N each worker answers for itself (its own stats)
+        return _json(200, {"status": "ok", "enforcement": cfg.enforcement, "pid": os.getpid(),
                            "stats": _stats(request.app[GATEWAY]),
                            "reload_failures": dict(watch.failures)})
 
@@ -200,7 +205,7 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     app.router.add_route("*", "/v1/{tail:.*}", not_found)
     # Admin keys follow config reloads; in prod the admin endpoints answer 404 while none is set.
     admin_routes.add(app, AdminGate(lambda: app[GATEWAY].config.admin_keys, cfg.environment), LEDGER, OBSERVER)
-    app.cleanup_ctx.extend([upstreams, ledger, tasks, observer, gateway, _background])
+    app.cleanup_ctx.extend([upstreams, store, tasks, ledger, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
     return app
 
@@ -302,9 +307,16 @@ def load(config_path: str) -> tuple[config_mod.Config, policy_mod.Policy]:
     return cfg, pol
 
 
-def serve(config_path: str, host: str | None = None, port: int | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def serve(config_path: str, host: str | None = None, port: int | None = None, *, workers: int = 1,
+          loop: str = "auto") -> int:
+    """Run the proxy until SIGTERM/SIGINT: in this process, or with `workers` > 1 in that many
+    forked worker processes sharing the port (proxy/workers.py says how and why). `loop`: `auto`
+    (uvloop when installed), `uvloop` or `asyncio`. The exit status: 2 for a config the proxy
+    refuses, 1 when workers failed, 0 otherwise."""
+    from . import workers as workers_mod
+    fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s" if workers > 1 else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format=fmt)
     try:
         cfg, pol = load(config_path)
         host, port = host or cfg.host, port or cfg.port
@@ -312,8 +324,24 @@ def serve(config_path: str, host: str | None = None, port: int | None = None) ->
     except ConfigError as exc:
         print(f"budget-proxy: {exc}", file=sys.stderr)
         return 2
-    log.info("environment %s, enforcement %s, store %s, policy %s", cfg.environment, cfg.enforcement,
-             cfg.store_url.split("://")[0] + "://…", pol.source)
-    server.run(build_app(cfg, pol), host, port, cfg.shutdown_grace_seconds,
-               lambda: log.info("listening on http://%s:%s/v1", host, port))
-    return 0
+    refusal = workers_mod.refusal(cfg.store_url if cfg.enforcement != "disabled" else None, workers, loop)
+    if refusal:
+        print(f"budget-proxy: {refusal}", file=sys.stderr)
+        return 2
+    log.info("environment %s, enforcement %s, store %s, policy %s, %d worker(s)", cfg.environment,
+             cfg.enforcement, cfg.store_url.split("://")[0] + "://…", pol.source, workers)
+
+    def run(sockets=None) -> None:
+        server.run(build_app(cfg, pol), host, port, cfg.shutdown_grace_seconds, lambda: log.info(
+            "listening on http://%s:%s/v1 (event loop: %s)", host, port,
+            type(asyncio.get_running_loop()).__module__.split(".")[0]), sockets=sockets, loop=loop)
+
+    if workers == 1:
+        run()
+        return 0
+    try:
+        sockets = workers_mod.listen(host, port, workers)
+    except OSError as exc:
+        print(f"budget-proxy: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return workers_mod.supervise(sockets, run)

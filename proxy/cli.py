@@ -11,6 +11,7 @@ import sys
 
 from . import policy, schema
 from .errors import ApiError, ConfigError, StoreUnavailable
+from .workers import metrics_dir, worker_count
 
 
 def _kind(path: str, data: object) -> str:
@@ -60,8 +61,9 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import serve
-    return serve(args.config, host=args.host, port=args.port)
+    with metrics_dir(args.workers):     # before anything can import prometheus_client: see proxy/workers.py
+        from .app import serve
+        return serve(args.config, host=args.host, port=args.port, workers=args.workers, loop=args.loop)
 
 
 def _when(text: str) -> int:
@@ -99,7 +101,7 @@ async def _with_ledger(config_path: str, work):
 def cmd_export(args: argparse.Namespace) -> int:
     """The settlement log, oldest first, one record a line (CSV: a header row first)."""
     from .errors import StoreUnavailable
-    from .settlements import write_csv, write_jsonl
+    from .settlement_log import write_csv, write_jsonl
 
     async def work(ledger):
         return await ledger.settlements(args.since, args.until, limit=2 ** 62)
@@ -173,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="config.yaml")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=worker_count, default=1, metavar="N",
+                   help="worker processes serving the port: a number, or 'auto' for one per core "
+                        "(default 1; more than 1 needs a redis:// store)")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="event loop: uvloop when installed (auto, the default), or the one named")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("validate", help="check policy and config files")
     p.add_argument("files", nargs="*", metavar="FILE")

@@ -185,17 +185,15 @@ class Gateway:
             payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         if model.provider not in self.upstreams.routes:     # a config reload removed it meanwhile
-            flight.release_soon()
+            flight.release_soon("upstream_error")
             raise _upstream_error(model.provider, ConnectionRefusedError())
-        flight.sent = True
-        started = time.monotonic()
+        flight.mark_sent()
         try:
             with metrics.Timer(metrics.upstream(model.provider)):
                 up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None,
                                                request.headers)
-            flight.latency_ms = round((time.monotonic() - started) * 1000)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
-            flight.release_soon()                   # never reached the upstream: nothing to pay
+            flight.release_soon("upstream_error")   # never reached the upstream: nothing to pay
             raise _upstream_error(model.provider, exc) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             flight.charge_prompt_soon()

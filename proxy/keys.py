@@ -14,12 +14,13 @@ One hash per window rather than one key per scope and window: a request reads an
 window it touches with one HMGET and one HSET, whatever the number of scopes (a 5-scope request
 over 3 windows costs 6 counter commands a call, not 5 x 3 x 3).
 
-All keys of one deployment share one Redis Cluster hash tag, `{<namespace>}`: a reservation must
-check and change the global, org, user, provider and model counters in one script, and a
-multi-key script needs all its keys in one slot. Since every request touches the global counters,
-no finer tag (per org, say) could keep a request's keys together anyway. The cost is that one
-deployment's budget keys live on one shard; Cluster still gives replicas and failover, and a
-second deployment (another namespace) lands elsewhere.
+On `redis://` all keys of one deployment share one hash tag, `{<namespace>}`: a reservation
+checks and changes the global, org, user, provider and model counters in one script, and a
+multi-key script needs all its keys in one slot. On `redis+cluster://` each org's keys carry
+their own tag, `{<namespace>:<org>}`, and the scopes shared by orgs (global, provider, model)
+are lent to each org's slot in chunks from `{<namespace>}:a:<window label>` (see tenant_tag,
+lend_key and docs/cluster.md). The single-Redis store keeps the one tag: with one server there is
+nothing to spread, and the lending costs round trips that only buy capacity on a cluster.
 
 Scope ids come from clients (the OpenAI `user` field), so they are escaped: `%`, `:`, `{`, `}`,
 whitespace and control characters become %XX, which keeps fields unambiguous (the first `:`
@@ -70,6 +71,42 @@ def leases_key(ns: str) -> str:
 def log_key(ns: str) -> str:
     """The settlement log: a stream capped at the configured length."""
     return f"{{{ns}}}:log"
+
+
+def tenant_tag(ns: str, tenant: str) -> str:
+    """The hash tag body of one tenant's keys on a Redis Cluster (`tenant`: an escaped org id).
+    Pass it as `ns` to the builders above for that tenant's window hashes, records, lease index
+    and log: an org's org, user and end-user counters and its reservations share one slot, and
+    orgs spread over the shards (see docs/cluster.md)."""
+    return f"{ns}:{tenant}"
+
+
+def in_tenant(key: str, ns: str, tenant: str) -> str:
+    """`key` (built with `ns`) moved into `tenant`'s slot; a key already there is kept."""
+    head = f"{{{ns}}}"
+    return f"{{{tenant_tag(ns, tenant)}}}{key[len(head):]}" if key.startswith(head) else key
+
+
+def home_key(key: str, ns: str) -> str:
+    """A tenant's key (see in_tenant) as built with `ns` alone: how the ledger names it."""
+    return f"{{{ns}}}{key[key.index('}') + 1:]}" if key.startswith(f"{{{ns}:") else key
+
+
+def window_label(key: str) -> str:
+    """The window label of a window hash key, whatever its tag."""
+    return key.rpartition(":w:")[2]
+
+
+def lend_key(ns: str, window_label: str) -> str:
+    """Cluster store: the hash lending the limits of scopes shared by tenants (global, provider,
+    model) to the tenants' allowances, one per window, in the deployment's own slot."""
+    return f"{{{ns}}}:a:{window_label}"
+
+
+def tenants_key(ns: str) -> str:
+    """Cluster store: the set of tenants (escaped org ids) that ever reserved, for the sweeper
+    and the usage read, which visit every tenant's slot."""
+    return f"{{{ns}}}:tenants"
 
 
 def claim_key(ns: str, name: str) -> str:

@@ -27,9 +27,11 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from .keys import parse_scope_field, scope_field, window_key
 from .policy import UNLIMITED, Policy
 from .errors import StoreUnavailable
-from .settlements import OUTCOMES, Drift, RequestInfo, SettlementRecord, Usage, audit, record
+from .settlement_log import OUTCOMES, Drift, RequestInfo, SettlementRecord, Usage, audit, record
 from .stores import Counter, ReserveOutcome, Seen, Status, Store
 from .stores.base import Note
+from . import retry
+from .tasks import Tasks
 from .windows import WINDOWS, Window, windows_at
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,8 @@ class Reservation:
 
 
 class Ledger:
-    def __init__(self, store: Store, policy: Policy, *, namespace: str = "bp", clock=time.time) -> None:
+    def __init__(self, store: Store, policy: Policy, *, namespace: str = "bp", clock=time.time,
+                 tasks: Tasks | None = None) -> None:
         self.store = store
         self.policy = policy          # swapped whole on reload; read once per call
         self._ns = namespace
@@ -126,7 +129,7 @@ class Ledger:
         self._windows_cache: tuple[int, object, tuple[Window, ...]] = (-1, None, ())
         self._plans: dict[tuple[Scope, ...], Plan] = {}   # for the current windows and policy
         self._plans_for: tuple = (None, None)
-        self.pending: set[asyncio.Task] = set()    # undo tasks; the app waits for them at shutdown
+        self.tasks = tasks or Tasks()   # runs undos of lost reserves; the app's, drained at shutdown
 
     def now(self) -> float:
         """The ledger's clock (epoch seconds): windows and lease deadlines are read from it."""
@@ -183,9 +186,7 @@ class Ledger:
         except (StoreUnavailable, asyncio.CancelledError):
             # The answer was lost (timeout, dropped connection, the caller went away) but the
             # script may have run: undo it by id, off the caller's task, retrying a while.
-            task = asyncio.ensure_future(self._undo(rid, counters))
-            self.pending.add(task)
-            task.add_done_callback(self.pending.discard)
+            self.tasks.spawn(self._undo(rid, counters))
             raise
         if out.status is Status.REFUSED:
             return self._refusal(out, plan, amounts, now)
@@ -215,17 +216,12 @@ class Ledger:
             return Refusal(scope, w.name, "tokens", c.token_limit, t, tr, amounts.tokens, w.end - now)
         return Refusal(scope, w.name, "usd", c.usd_limit, d, dr, amounts.usd, w.end - now)
 
-    async def _undo(self, rid: str, counters, attempts: int = 10) -> None:
+    async def _undo(self, rid: str, counters) -> None:
         """Release a reserve whose answer was lost (a settle of an unknown id only marks it
         settled, so a reserve retried later under that id is a no-op too). If the store stays
         down through every attempt, the lease expires and the sweeper settles it."""
-        for attempt in range(attempts):
-            try:
-                await self.store.release(rid, counters)
-                return
-            except StoreUnavailable:
-                await asyncio.sleep(min(0.1 * 2 ** attempt, 5.0))
-        log.error("could not release reservation %s whose answer was lost; its lease will expire", rid)
+        await retry.until_stored(lambda: self.store.release(rid, counters),
+                                 f"release of reservation {rid} whose answer was lost")
 
     async def commit(self, res: Reservation, actual: Amounts, usage: Usage | None = None,
                      outcome: str = "ok", latency_ms: int | None = None) -> bool:
@@ -248,6 +244,7 @@ class Ledger:
 
     async def sweep(self, limit: int = 100) -> int:
         """Settle reservations whose lease expired (their process died); the count settled."""
+        await self.store.give_back()     # idle allowances go back first (cluster store)
         now_ms = int(self._clock() * 1000)
         charge = self.policy.on_expiry == "commit"
         n = 0
@@ -333,11 +330,26 @@ class Ledger:
 
     @staticmethod
     def _check_overrun(res: Reservation, actual: Amounts) -> None:
+        severity = overrun(res.amounts, actual)
+        if severity is None:
+            return
+        level = logging.CRITICAL if severity == "critical" else logging.WARNING
         for unit, got, held in (("tokens", actual.tokens, res.amounts.tokens), ("usd", actual.usd, res.amounts.usd)):
             if got > held:
-                level = logging.CRITICAL if got > 5 * held else logging.WARNING
                 log.log(level, "reservation %s used %d %s, more than the %d reserved", res.id, got,
                         unit if unit == "tokens" else "micro-USD", held)
+
+
+OVERRUN_CRITICAL = 5       # a commit over five times what it reserved is critical
+
+
+def overrun(reserved: Amounts, actual: Amounts) -> str | None:
+    """None when a commit stayed within its reservation; else "warning", or "critical" when it
+    used more than OVERRUN_CRITICAL times what it reserved (in either unit)."""
+    if actual.tokens <= reserved.tokens and actual.usd <= reserved.usd:
+        return None
+    worst = max(actual.tokens / max(reserved.tokens, 1), actual.usd / max(reserved.usd, 1))
+    return "critical" if worst > OVERRUN_CRITICAL else "warning"
 
 
 def _note(outcome: str, usage: Usage | None, latency_ms: int | None) -> Note:

@@ -11,13 +11,12 @@ from collections import deque
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import metrics
-from .ledger import Amounts, Refusal, Reservation
+from .ledger import Amounts, Refusal, Reservation, overrun
 
 if TYPE_CHECKING:
     from .alerts import Alerts
 
 RECENT_REFUSALS = 50
-OVERRUN_CRITICAL = 5          # over five times the reservation is critical (as the ledger logs it)
 
 
 class RefusalSeen(NamedTuple):
@@ -56,8 +55,8 @@ class Observer:
         if cached:
             metrics.spend_tokens(org, model, "cached").inc(cached)
         metrics.spend_tokens(org, model, "completion").inc(completion)
-        over = max(actual.tokens / max(res.amounts.tokens, 1), actual.usd / max(res.amounts.usd, 1))
-        if actual.tokens > res.amounts.tokens or actual.usd > res.amounts.usd:
-            metrics.overruns("critical" if over > OVERRUN_CRITICAL else "warning").inc()
+        severity = overrun(res.amounts, actual)
+        if severity is not None:
+            metrics.overruns(severity).inc()
         if self.alerts is not None:
             self.alerts.committed(res, actual)

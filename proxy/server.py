@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 from typing import Callable
 
 from aiohttp import web, web_protocol
@@ -92,11 +93,13 @@ def runner(app: web.Application, grace_seconds: float) -> Runner:
 
 
 async def _serve(app: web.Application, host: str, port: int, grace_seconds: float,
-                 listening: Callable[[], None]) -> None:
+                 listening: Callable[[], None], sockets: list[socket.socket] | None) -> None:
     run = runner(app, grace_seconds)
     await run.setup()
     try:
-        await web.TCPSite(run, host, port).start()
+        sites = [web.SockSite(run, s) for s in sockets] if sockets else [web.TCPSite(run, host, port)]
+        for site in sites:
+            await site.start()
         listening()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -109,6 +112,17 @@ async def _serve(app: web.Application, host: str, port: int, grace_seconds: floa
 
 
 def run(app: web.Application, host: str, port: int, grace_seconds: float,
-        listening: Callable[[], None] = lambda: None) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down within the grace period."""
-    asyncio.run(_serve(app, host, port, grace_seconds, listening))
+        listening: Callable[[], None] = lambda: None, *, sockets: list[socket.socket] | None = None,
+        loop: str = "auto") -> None:
+    """Serve until SIGTERM or SIGINT, then shut down within the grace period. `sockets`: already
+    listening sockets (a worker's, from workers.listen) instead of binding host:port; `loop`:
+    auto (uvloop when installed), uvloop or asyncio."""
+    from .workers import event_loop
+    ev = event_loop(loop)
+    asyncio.set_event_loop(ev)
+    try:
+        ev.run_until_complete(_serve(app, host, port, grace_seconds, listening, sockets))
+    finally:
+        ev.run_until_complete(ev.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        ev.close()

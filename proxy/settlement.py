@@ -26,7 +26,7 @@ from .endpoints import Endpoint
 from .errors import StoreUnavailable
 from .ledger import Amounts, Ledger, Reservation
 from .observer import Observer
-from .settlements import Usage as LoggedUsage
+from .settlement_log import Usage as LoggedUsage
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ class Flight:
         self.endpoint = endpoint
         self.prompt = prompt        # estimated prompt tokens
         self.count = count          # output text -> tokens, with the model's encoding
-        self.sent = False           # the request may have reached the upstream
-        self.latency_ms: int | None = None   # upstream time to response headers, for the log
+        self.sent_at: float | None = None   # loop time the request went upstream (it may have reached it)
+        self.latency_ms: int | None = None   # upstream time, from sending to the end of the answer
         self.observer = observer    # told of the commit (metrics, alerts); None in unit tests
         self.org = org
         self._settled = res is None
@@ -73,17 +73,26 @@ class Flight:
 
     # --- claiming a settlement ----------------------------------------------------------------
 
+    @property
+    def sent(self) -> bool:
+        return self.sent_at is not None
+
+    def mark_sent(self) -> None:
+        self.sent_at = asyncio.get_running_loop().time()
+
     def _claim(self) -> bool:
         if self._settled:
             return False
         self._settled = True
         if self._timer is not None:
             self._timer.cancel()
+        if self.sent_at is not None:
+            self.latency_ms = round((asyncio.get_running_loop().time() - self.sent_at) * 1000)
         return True
 
-    # Outcomes, as the settlement log records them (settlements.OUTCOMES): "ok" (the upstream
-    # answered), "cut" (a stream that ended without its usage), "client_gone", "upstream_error"
-    # (failed, timed out, or refused), "released" (never reached the upstream).
+    # Outcomes, as the settlement log records them: ok (answered), cut (the upstream stream broke
+    # off), client_gone (the client left first), upstream_error (the upstream failed or could not
+    # be reached, or the proxy failed after sending), released (never sent).
 
     def release_soon(self, outcome: str = "released") -> None:
         """Nothing was used (the upstream was never reached, or refused before any output)."""
@@ -110,15 +119,15 @@ class Flight:
 
     # --- from what the upstream answered -----------------------------------------------------
 
-    def settle_stream(self, tap, ended: str = "cut") -> None:
+    def settle_stream(self, tap, ended: str = "ok") -> None:
         """From a stream tap: its usage if the upstream reported it; released if the upstream
         failed before any output; else what is known of the input (the estimate, or the exact
-        input a stream reported at its start) plus an estimate of the output streamed, logged
-        as `ended` ("cut", or "client_gone")."""
+        input a stream reported at its start) plus an estimate of the output streamed.
+        `ended`: how the stream ended (ok, cut, client_gone), the log's outcome."""
         read = self.endpoint.read_usage
         usage = read(tap.usage)
         if usage is not None:
-            self.commit_soon(usage)
+            self.commit_soon(usage, ended)
         elif tap.error is not None and not tap.output_chunks:
             self.release_soon("upstream_error")      # an upstream error before any output
         else:
@@ -148,9 +157,9 @@ class Flight:
         """Tokens and the dollars of the model actually used, every token kind at its own rate."""
         actual = Amounts(usage.total_tokens, self.model.charge(usage))
         logged = LoggedUsage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning)
-        res = self.res
+        res, latency = self.res, self.latency_ms
         stored = await retry.until_stored(
-            lambda: self._timed("commit", self.ledger.commit(res, actual, logged, outcome, self.latency_ms)),
+            lambda: self._timed("commit", self.ledger.commit(res, actual, logged, outcome, latency)),
             f"commit of {res.id}")
         if not stored:
             metrics.JOB_FAILURES.labels("settlement").inc()

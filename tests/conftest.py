@@ -6,6 +6,7 @@ from proxy.stores import open_store
 from proxy.tokens import TokenCounter
 
 from . import harness
+from .redis_cluster import RedisCluster
 from .redis_server import RedisServer
 
 
@@ -26,20 +27,39 @@ def redis_url(redis_server):
 
 
 @pytest.fixture(scope="session")
+def redis_cluster():
+    cluster = RedisCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster):
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+@pytest.fixture(scope="session")
 def tokens():
     return TokenCounter.load()
 
 
-@pytest.fixture(params=["memory", "redis"])
+_STORE_URLS = {"memory": lambda request: "memory://",
+               "redis": lambda request: request.getfixturevalue("redis_url"),
+               "cluster": lambda request: request.getfixturevalue("cluster_url")}
+
+
+@pytest.fixture(params=list(_STORE_URLS))
 def store_url(request):
-    """A store URL for e2e tests: the embedded store, and a real redis-server."""
-    return "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    """A store URL for e2e tests: the embedded store, a real redis-server, a real Redis Cluster."""
+    return _STORE_URLS[request.param](request)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=list(_STORE_URLS))
 async def store(request):
-    url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
-    s = open_store(url)
+    """Each store on a fresh database: embedded, a real redis-server, a real Redis Cluster."""
+    s = open_store(_STORE_URLS[request.param](request))
     yield s
     await s.close()
 

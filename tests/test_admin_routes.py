@@ -12,7 +12,7 @@ import aiohttp
 from proxy.cli import main
 from proxy.config import AdminKey
 from proxy.ledger import Amounts, RequestInfo, Scope
-from proxy.settlements import EXPORT_FIELDS
+from proxy.settlement_log import EXPORT_FIELDS
 
 from .harness import CLIENT_KEY, OTHER_KEY, config_data
 

@@ -66,7 +66,7 @@ def test_hash_key_prints_the_sha256(capsys):
 
 def _redis_config(tmp_path, redis_url: str) -> str:
     from .harness import config_data
-    from .test_settlements import MIXED_POLICY
+    from .ledgers import MIXED_POLICY
     (tmp_path / "policy.yaml").write_text(json.dumps({"version": 1, **MIXED_POLICY}))
     data = {**config_data("http://127.0.0.1:9/v1", redis_url), "policy": "policy.yaml"}
     path = tmp_path / "config.yaml"
@@ -78,19 +78,19 @@ async def _workload(redis_url: str) -> list:
     from proxy.ledger import Ledger
     from proxy.policy import parse
     from proxy.stores import open_store
-    from .test_ledger import Clock
-    from .test_settlements import MIXED_POLICY, _mixed_workload
+    from .ledgers import Clock
+    from .ledgers import MIXED_POLICY, mixed_workload
     store = open_store(redis_url)
     clock = Clock(time.time())
     ledger = Ledger(store, parse({"version": 1, **MIXED_POLICY}, "p"), clock=clock)
-    await _mixed_workload(ledger, clock)
+    await mixed_workload(ledger, clock)
     records = await ledger.settlements(limit=1000)
     await store.close()
     return records
 
 
 async def test_export_round_trips_the_log_as_json_lines_and_csv(tmp_path, redis_url, capsys):
-    from proxy.settlements import EXPORT_FIELDS
+    from proxy.settlement_log import EXPORT_FIELDS
     records = await _workload(redis_url)
     expected = [r.export() for r in reversed(records)]                     # oldest first
     config = _redis_config(tmp_path, redis_url)

@@ -21,7 +21,7 @@ BAD = {
     "admin_key_unknown_field.yaml": "admin_keys.ops: unknown key 'org'",
     "bad_base_url.yaml": "providers.openai.base_url: expected an http:// or https:// URL, got 'ftp://x'",
     "bad_enforcement.yaml": "enforcement: expected one of strict, advisory, disabled; got 'lenient'",
-    "bad_store_url.yaml": "store: expected memory:// or a redis://, rediss:// or unix:// URL, got 'postgres://db'",
+    "bad_store_url.yaml": "store: expected memory:// or a redis://, rediss://, unix:// or redis+cluster:// URL, got 'postgres://db'",
     "key_not_sha256.yaml": "keys.a.sha256: expected 64 lowercase hex characters (budget-proxy hash-key "
                            "prints them), got 'not-a-hash'",
     "missing_price.yaml": "models.gpt-4o: missing required key 'input_per_million'",
@@ -43,7 +43,7 @@ BAD = {
     "downgrade_mixes_provider_kinds.yaml": "models.claude-haiku-4-5.downgrade_to: 'gpt-4o-mini' speaks the "
                                            "openai API; expected every candidate to speak anthropic, like "
                                            "'claude-haiku-4-5'",
-    "store_url_with_password.yaml": "store: expected memory:// or a redis://, rediss:// or unix:// URL, "
+    "store_url_with_password.yaml": "store: expected memory:// or a redis://, rediss://, unix:// or redis+cluster:// URL, "
                                      "got 'postgres://***@db:5432/0'",       # the password is masked
     "nonfinite_timeout.yaml": "providers.openai.connect_timeout: expected a finite number, got .nan",
     "duplicate_model.yaml": "line 5, column 3: duplicate key 'gpt-4o' (first given on line 4)",
@@ -140,12 +140,12 @@ SHIPPED = os.path.join(ROOT, "config.yaml")
 
 @pytest.mark.parametrize("env, message", [
     ({"REDIS_URL": "postgres://x"},
-     "REDIS_URL: expected memory:// or a redis://, rediss:// or unix:// URL, got 'postgres://x'"),
+     "REDIS_URL: expected memory:// or a redis://, rediss://, unix:// or redis+cluster:// URL, got 'postgres://x'"),
     ({"REDIS_URL": "redis://:hunter2@cache:port/0"},
-     "REDIS_URL: expected memory:// or a redis://, rediss:// or unix:// URL (Port could not be cast to "
+     "REDIS_URL: expected memory:// or a redis://, rediss://, unix:// or redis+cluster:// URL (Port could not be cast to "
      "integer value as 'port'), got 'redis://***@cache:port/0'"),
     ({"REDIS_HOST": "cache", "REDIS_PORT": "six"},
-     "REDIS_HOST, REDIS_PORT, REDIS_DB: expected memory:// or a redis://, rediss:// or unix:// URL (Port "
+     "REDIS_HOST, REDIS_PORT, REDIS_DB: expected memory:// or a redis://, rediss://, unix:// or redis+cluster:// URL (Port "
      "could not be cast to integer value as 'six'), got 'redis://cache:six/0'"),
     ({"APP_ENV": "qa"}, "APP_ENV: expected one of dev, staging, prod; got 'qa'"),
 ])
@@ -157,7 +157,7 @@ def test_bad_environment_overrides_are_config_errors(env, message):
 
 def test_open_store_applies_the_same_url_check():
     from proxy.stores import open_store
-    with pytest.raises(ConfigError, match=r"^store: expected memory:// or a redis://, rediss:// or unix:// URL"):
+    with pytest.raises(ConfigError, match=r"^store: expected memory:// or a redis://, rediss://, unix:// or redis\+cluster:// URL"):
         open_store("postgres://x")
 
 
@@ -165,7 +165,7 @@ def test_serve_reports_a_bad_redis_url_as_a_config_error(capsys, monkeypatch):
     monkeypatch.setenv("REDIS_URL", "postgres://x")
     assert main(["serve", "--config", SHIPPED]) == 2
     err = capsys.readouterr().err
-    assert err == ("budget-proxy: REDIS_URL: expected memory:// or a redis://, rediss:// or unix:// URL, "
+    assert err == ("budget-proxy: REDIS_URL: expected memory:// or a redis://, rediss://, unix:// or redis+cluster:// URL, "
                    "got 'postgres://x'\n")
 
 

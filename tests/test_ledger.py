@@ -4,42 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 
 from proxy.errors import StoreUnavailable
-from proxy.ledger import Amounts, Ledger, Refusal, Reservation, Scope
-from proxy.policy import parse
+from proxy.ledger import Amounts, Refusal, Reservation, Scope
 from proxy.stores import open_store
 
-SCOPES = (Scope("global", "*"), Scope("org", "acme"), Scope("user", "alice"),
-          Scope("provider", "openai"), Scope("model", "gpt-4o"))
-
-
-def tomorrow_at(hour: int, minute: int = 0, second: float = 0) -> float:
-    """A fixed instant in the future: Redis deletes keys whose expiry is already past."""
-    day = datetime.now(timezone.utc).date() + timedelta(days=1)
-    base = datetime(day.year, day.month, day.day, hour, minute, tzinfo=timezone.utc)
-    return base.timestamp() + second
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def make_policy(**over):
-    data = {"version": 1, "defaults": {}, "reservation": {"lease_seconds": 60}}
-    data.update(over)
-    return parse(data, "test-policy")
-
-
-def ledger_for(store, clock=None, **policy):
-    return Ledger(store, make_policy(**policy), clock=clock or Clock(tomorrow_at(12)))
+from .ledgers import SCOPES, Clock, ledger_for, tomorrow_at
 
 
 def row(balances, scope_type, window, unit):
@@ -286,7 +259,7 @@ async def test_a_reserve_whose_reply_was_lost_is_released_by_id(store):
     ledger = ledger_for(_LostReply(store), defaults={"org": {"day": {"tokens": 100}}})
     with pytest.raises(StoreUnavailable):
         await ledger.reserve("lost", Amounts(60, 1), SCOPES)
-    await asyncio.gather(*ledger.pending)
+    await asyncio.gather(*ledger.tasks.pending())
     assert all(b.reserved == 0 for b in await ledger.snapshot(SCOPES))
 
 

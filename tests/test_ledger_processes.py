@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 
+import pytest
+
 from proxy.ledger import Amounts, Ledger, Reservation
 from proxy.stores import open_store
 
-from .test_ledger import SCOPES, Clock, make_policy, tomorrow_at
+from .ledgers import SCOPES, Clock, make_policy, tomorrow_at
 
 LIMIT, AMOUNT, PROCESSES, TASKS = 500, 3, 4, 150
 
@@ -27,7 +29,13 @@ def _worker(url: str, worker: int, now: float, start, out) -> None:
     out.put(asyncio.run(_race(url, worker, now)))
 
 
-async def test_processes_sharing_redis_admit_exactly_what_fits(redis_url):
+@pytest.fixture(params=["redis", "cluster"])
+def shared_url(request):
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+async def test_processes_sharing_redis_admit_exactly_what_fits(shared_url):
+    redis_url = shared_url
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
     now = tomorrow_at(12)

@@ -92,7 +92,7 @@ async def test_last_resort_charges_the_prompt_once_sent_and_releases_before(ledg
     assert await org_day(ledger, tasks) == (0, 0)
     res = await ledger.reserve("r2", Amounts(1000, 1), SCOPES)
     g = Flight(ledger, tasks, res, MODEL, ENDPOINTS["chat"], PROMPT, len)
-    g.sent = True
+    g.mark_sent()
     g.ensure_settled()
     assert await org_day(ledger, tasks) == (PROMPT, 0)
 

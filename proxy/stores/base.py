@@ -69,7 +69,7 @@ class Expired(NamedTuple):
 
 
 class Note(NamedTuple):
-    """What a settlement's log record says beyond the amounts (see proxy/settlements.py)."""
+    """What a settlement's log record says beyond the amounts (see proxy/settlement_log.py)."""
     outcome: str             # ok | cut | client_gone | upstream_error | released (expired and
     #                          corrected are the store's own)
     usage: str = ""          # "<prompt> <cached> <completion> <reasoning>" tokens, or "" unknown
@@ -148,6 +148,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def claim(self, name: str, expire_at_ms: int) -> bool:
         """True for the first caller (any process) to claim `name` until `expire_at_ms`."""
+
+    async def give_back(self) -> int:
+        """Return what leased allowances of shared scopes hold unused and idle (the cluster
+        store, docs/cluster.md); the number returned. Nothing to do on a single store."""
+        return 0
 
     async def close(self) -> None:
         """Release connections."""

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ..errors import StoreUnavailable
 from ..keys import claim_key, leases_key, log_key, record_key
@@ -28,7 +28,7 @@ from . import wire as fmt
 from .base import (LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
                    ReserveOutcome, Seen, Status, Store, Totals)
 
-_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 def _script(name: str) -> str:
@@ -122,21 +122,29 @@ class RedisStore(Store):
         self._leases = leases_key(namespace)
         self._log = log_key(namespace)
         self._log_length = log_length
+        self._max_connections = max_connections
+        self._r = self._connect(url, timeout, max_connections)
+        self._reserve = self._r.register_script(_script("reserve"))
+        self._settle_script = self._r.register_script(_script("settle"))
+        self._extend = self._r.register_script(_script("extend"))
+        self._calls = self._caller()
+        self._wires: dict[tuple[Counter, ...], fmt.Wire] = {}
+
+    @staticmethod
+    def _connect(url: str, timeout: float, max_connections: int):
         # A blocking pool: a burst larger than the pool waits (up to `timeout`) for a connection
         # instead of failing; 64 connections keep one Redis core busy from one proxy process.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout,
             socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30)
-        self._r = aioredis.Redis(
+        return aioredis.Redis(
             connection_pool=pool,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
             retry_on_error=[ConnectionError, TimeoutError, OSError],
         )
-        self._reserve = self._r.register_script(_script("reserve"))
-        self._settle_script = self._r.register_script(_script("settle"))
-        self._extend = self._r.register_script(_script("extend"))
-        self._calls = _Coalescer(self._r)
-        self._wires: dict[tuple[Counter, ...], fmt.Wire] = {}
+
+    def _caller(self):
+        return _Coalescer(self._r)
 
     def _wired(self, counters: Sequence[Counter]) -> fmt.Wire:
         """The wire form of `counters`, cached: the ledger passes the same tuple for every

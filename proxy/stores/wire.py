@@ -33,7 +33,8 @@ def wire(counters: Sequence[Counter]) -> Wire:
     for group in groups.values():
         head = (str(group[0].expire_at), str(len(group)), *(c.scope for c in group))
         settle += head
-        limited = [(j, c) for j, c in enumerate(group, 1) if c.token_limit >= 0 or c.usd_limit >= 0]
+        # -1 is unlimited; below -1 an allowance (cluster store), checked like a limit
+        limited = [(j, c) for j, c in enumerate(group, 1) if c.token_limit != -1 or c.usd_limit != -1]
         reserve += (*head, str(len(limited)))
         for j, c in limited:
             reserve += (str(j), str(c.token_limit), str(c.usd_limit))

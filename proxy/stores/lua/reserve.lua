@@ -9,7 +9,10 @@
 -- ARGV[7] the request, for the settlement log (one line, opaque)
 -- ARGV[8] the counters as settle.lua takes them, space-joined (kept in the record for the sweeper)
 -- ARGV[9..] the counters, per window in KEYS order: <expire-at epoch ms> <n> <n fields> <m> then
---           m limited fields as <position 1..n> <token limit> <micro-USD limit> (-1 = none)
+--           m limited fields as <position 1..n> <token limit> <micro-USD limit> (-1 = none;
+--           < -1 = a leased allowance, cluster store only: the limit is what the field's "~<field>"
+--           holds, granted minus returned, see lend.lua; the field is then reported relative to
+--           it, used minus allowance, so that used + reserved + amount > 0 is exactly the shortfall)
 -- Returns {status, index, used tokens, reserved tokens, used micro-USD, reserved micro-USD, seen}
 --   status 0 refused (nothing written), 1 admitted, 2 duplicate id (nothing written),
 --          3 over a limit but written anyway (force); index: the first counter over (0-based,
@@ -51,6 +54,13 @@ for w = 3, #KEYS do
     local j, tl, dl = tonumber(ARGV[k]), tonumber(ARGV[k + 1]), tonumber(ARGV[k + 2])
     local v = vals[j]
     local t, tr, d, dr = v[1], v[2], v[3], v[4]
+    if tl < -1 or dl < -1 then
+      local held = redis.call('HGET', KEYS[w], '~' .. ARGV[first + j - 1])
+      local gt, rt, gd, rd = 0, 0, 0, 0
+      if held then gt, rt, gd, rd = sunpack('<dddd', held) end
+      if tl < -1 then t, tl = t - (gt - rt), 0 end
+      if dl < -1 then d, dl = d - (gd - rd), 0 end
+    end
     seen[ns + 1], seen[ns + 2], seen[ns + 3], seen[ns + 4], seen[ns + 5] = base + j - 1, t, tr, d, dr
     ns = ns + 5
     if not over and ((tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl)) then

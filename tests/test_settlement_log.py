@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -10,13 +9,12 @@ import struct
 
 import pytest
 
-from proxy.ledger import Amounts, Pair, Refusal, RequestInfo, Reservation, Scope, Usage
-from proxy.settlements import EXPORT_FIELDS, write_csv, write_jsonl
+from proxy.ledger import Amounts, Pair, RequestInfo, Reservation, Scope, Usage
+from proxy.settlement_log import EXPORT_FIELDS, write_csv, write_jsonl
 from proxy.stores import open_store
 
-from .test_ledger import SCOPES, Clock, ledger_for, tomorrow_at
+from .ledgers import INFO, MIXED_POLICY, SCOPES, Clock, ledger_for, mixed_workload, tomorrow_at
 
-INFO = RequestInfo("acme", "alice", "end:user 1", "chat", "smart", "gpt-4o-mini", "openai", True, "gpt-4o")
 
 
 async def test_each_settlement_appends_one_record_with_the_pinned_fields(store):
@@ -123,34 +121,10 @@ async def test_a_claim_is_once_across_processes(redis_url):
     await b.close()
 
 
-async def _mixed_workload(ledger, clock) -> None:
-    """Commits, a release, an expiry and a late correction, a refusal, spread over scopes."""
-    users = [Scope("user", u) for u in ("alice", "bob", "carol")]
-    for i in range(30):
-        scopes = (*SCOPES[:2], users[i % 3], *SCOPES[3:])
-        res = await ledger.reserve(f"m{i}", Amounts(100 + i, 1000 + i), scopes, INFO)
-        if i % 5 == 0:
-            await ledger.release(res, "upstream_error")
-        elif i % 7 == 0:
-            continue                                   # left open: the sweeper settles it
-        else:
-            await ledger.commit(res, Amounts(50 + i, 600 + 3 * i), Usage(40, 0, 10 + i, 0))
-    late = await ledger.reserve("late", Amounts(500, 5000), SCOPES, INFO)
-    assert isinstance(await ledger.reserve("refused", Amounts(10 ** 9, 1), SCOPES, INFO), Refusal)
-    clock.t += 61
-    assert await ledger.sweep() == 4 + 1
-    await asyncio.sleep(0.005)     # log times are the store's clock, in ms: keep `late` the only newest
-    await ledger.commit(late, Amounts(800, 9000), Usage(700, 0, 100, 0))
-
-
-MIXED_POLICY = {"defaults": {"user": {"minute": {"tokens": 10_000}, "day": {"tokens": 10 ** 6}}},
-                "reservation": {"lease_seconds": 60, "on_expiry": "commit"}}
-
-
-async def test_audit_is_clean_after_a_mixed_workload(store):
+async def test_audit_is_clean_after_amixed_workload(store):
     clock = Clock(tomorrow_at(12))
     ledger = ledger_for(store, clock, **MIXED_POLICY)
-    await _mixed_workload(ledger, clock)
+    await mixed_workload(ledger, clock)
     for window in ("minute", "day", "month"):
         clock.t -= 61 if window == "minute" else 0      # the minute the workload ran in
         drift = await ledger.audit(window)
@@ -165,7 +139,7 @@ async def test_audit_reports_a_corrupted_counter(redis_server, redis_url):
     clock = Clock(tomorrow_at(12))
     store = open_store(redis_url)
     ledger = ledger_for(store, clock, **MIXED_POLICY)
-    await _mixed_workload(ledger, clock)
+    await mixed_workload(ledger, clock)
     r = redis_sync.Redis.from_url(redis_url)
     (key,) = [k for k in r.keys("{bp}:w:d*")]
     t, tr, d, dr = struct.unpack("<dddd", r.hget(key, "org:acme"))
@@ -182,7 +156,7 @@ def test_request_info_survives_packing_whatever_the_strings():
 
 
 def test_export_writes_json_lines_and_csv_with_the_pinned_columns():
-    from proxy.settlements import record
+    from proxy.settlement_log import record
     from proxy.stores.base import LogEntry
     entry = LogEntry("1-0", 1_800_000_000_123, "r1", "ok", 60, 700, "50 20 10 4", "321", INFO.pack(), ())
     rec = record(entry)

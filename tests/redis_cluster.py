@@ -1,0 +1,100 @@
+"""A real local Redis Cluster for the tests: three `redis-server --cluster-enabled yes` masters on
+free ports, joined with `redis-cli --cluster create` (no replicas), ready when every node reports
+`cluster_state:ok`. Started once per test session (forming a cluster takes a second or two)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+NODES = 3
+BUS_OFFSET = 10_000          # a cluster node also listens on its port + 10000 (the cluster bus)
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster-bus port (+10000) is free and below 65536 too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + BUS_OFFSET > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+
+
+class RedisCluster:
+    def __init__(self) -> None:
+        self.server, self.cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if self.server is None or self.cli is None:
+            raise RuntimeError("redis-server and redis-cli must be on PATH (Debian/Ubuntu: apt-get install redis-server)")
+        self.ports = [free_cluster_port() for _ in range(NODES)]
+        self.dir = tempfile.mkdtemp(prefix="bp-cluster-")
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        for port in self.ports:
+            self.procs.append(subprocess.Popen(
+                [self.server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", f"{self.dir}/nodes-{port}.conf", "--save", "", "--appendonly", "no",
+                 "--dir", self.dir, "--logfile", f"{self.dir}/redis-{port}.log"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            self._wait(lambda: self.command(port, "PING") == "PONG", f"node {port} did not start")
+        subprocess.run([self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        for port in self.ports:
+            self._wait(lambda: "cluster_state:ok" in self.command(port, "CLUSTER", "INFO"),
+                       f"the cluster did not reach cluster_state:ok on node {port}")
+
+    def command(self, port: int, *args: str) -> str:
+        """One command on one node, through redis-cli (no cluster redirection)."""
+        done = subprocess.run([self.cli, "-p", str(port), *args], capture_output=True, text=True, timeout=10)
+        return done.stdout.strip()
+
+    def flush(self) -> None:
+        for port in self.ports:
+            self.command(port, "FLUSHALL")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @staticmethod
+    def _wait(ready, message: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if ready():
+                    return
+            except (OSError, subprocess.SubprocessError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(message)

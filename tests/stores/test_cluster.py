@@ -1,0 +1,220 @@
+"""The Redis Cluster store beyond the shared contract: its URL, its failures, its key layout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from proxy.errors import ConfigError, StoreUnavailable
+from proxy.stores import Counter, open_store
+from proxy.stores.cluster_client import parse_cluster_url
+from tests.redis_server import free_port
+
+NOW_MS = int(time.time() * 1000) + 86_400_000
+
+
+def test_cluster_url_lists_start_up_nodes_and_credentials():
+    assert parse_cluster_url("redis+cluster://a:7000,b.example:7001/0") == ([("a", 7000), ("b.example", 7001)], None, None)
+    assert parse_cluster_url("redis+cluster://bob:p%40ss@10.0.0.1:6379") == ([("10.0.0.1", 6379)], "bob", "p@ss")
+    with pytest.raises(ConfigError) as bad:
+        open_store("redis+cluster://a:7000,a")
+    assert str(bad.value) == "store: expected redis+cluster://host:port[,host:port…] ('a' is not host:port), got 'redis+cluster'://…"
+
+
+async def test_an_unreachable_cluster_is_store_unavailable():
+    store = open_store(f"redis+cluster://127.0.0.1:{free_port()}")
+    cs = [Counter("{bp}:w:test", "test:0", 1, -1, NOW_MS)]
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="redis reserve failed"):
+        await store.reserve("a", cs, 1, 1, NOW_MS, False)
+    with pytest.raises(StoreUnavailable, match="redis snapshot failed"):
+        await store.snapshot(cs)
+    assert time.monotonic() - started < 10
+    await store.close()
+
+
+# --- the tenant layout and the leased allowances (docs/cluster.md) ---------------------------
+
+from proxy.keys import lend_key  # noqa: E402
+from proxy.ledger import Amounts, Reservation, Scope  # noqa: E402
+from proxy.stores.cluster import CHUNK_REQUESTS, FRACTION  # noqa: E402
+from tests.test_ledger import Clock, ledger_for, tomorrow_at  # noqa: E402
+
+ORGS = [f"org{i}" for i in range(12)]
+
+
+def scopes(org: str) -> tuple[Scope, ...]:
+    return (Scope("global", "*"), Scope("org", org), Scope("user", f"{org}/u"),
+            Scope("provider", "openai"), Scope("model", "gpt-4o"))
+
+
+def cluster_keys(redis_cluster) -> dict[int, list[str]]:
+    """Every key on each node (the tests' own small data set)."""
+    return {port: redis_cluster.command(port, "--scan").split() for port in redis_cluster.ports}
+
+
+def on_other_nodes(redis_cluster, candidates: list[str]) -> tuple[str, str]:
+    """Two orgs whose tags map to slots served by different nodes."""
+    owner = {}
+    for org in candidates:
+        slot = int(redis_cluster.command(redis_cluster.ports[0], "CLUSTER", "KEYSLOT", f"{{bp:{org}}}"))
+        owner[org] = next(port for port in redis_cluster.ports
+                          if _serves(redis_cluster.command(port, "CLUSTER", "MYID"),
+                                     redis_cluster.command(port, "CLUSTER", "SHARDS"), slot))
+    first = candidates[0]
+    return first, next(org for org in candidates if owner[org] != owner[first])
+
+
+def _serves(node_id: str, shards: str, slot: int) -> bool:
+    # CLUSTER SHARDS (redis-cli output): "slots", start, end, ..., "nodes", ..., "id", <id>, ...
+    for shard in shards.split("slots\n")[1:]:
+        head, _, nodes = shard.partition("nodes\n")
+        bounds = [int(x) for x in head.split() if x.isdigit()]
+        if node_id in nodes and any(a <= slot <= b for a, b in zip(bounds[::2], bounds[1::2])):
+            return True
+    return False
+
+
+async def test_two_orgs_keys_land_in_different_slots_on_different_nodes(cluster_url, redis_cluster):
+    a, b = on_other_nodes(redis_cluster, ORGS)
+    store = open_store(cluster_url)
+    ledger = ledger_for(store, defaults={"global": {"day": {"usd": 100}}, "org": {"day": {"usd": 10}}})
+    for org in (a, b):
+        assert isinstance(await ledger.reserve(f"r-{org}", Amounts(10, 1000), scopes(org)), Reservation)
+    where = {port: [k for k in keys if "{bp:" in k] for port, keys in cluster_keys(redis_cluster).items()}
+    homes = {org: {port for port, keys in where.items() for k in keys if k.startswith(f"{{bp:{org}}}")} for org in (a, b)}
+    assert len(homes[a]) == len(homes[b]) == 1 and homes[a] != homes[b]     # each org on one node, not the same
+    slot = {org: redis_cluster.command(redis_cluster.ports[0], "CLUSTER", "KEYSLOT", f"{{bp:{org}}}:w:x") for org in (a, b)}
+    assert slot[a] != slot[b]
+    # the org's window hash, record and lease index are all in its slot
+    assert {k.split("}:")[1].split(":")[0] for k in where[next(iter(homes[a]))] if k.startswith(f"{{bp:{a}}}")} >= {"w", "r", "leases"}
+    await store.close()
+
+
+async def test_many_orgs_racing_for_a_global_limit_never_exceed_it_and_are_refused_at_most_the_bound_early(cluster_url):
+    limit, amount = 1000, 7
+    policy = {"defaults": {"global": {"day": {"tokens": limit}}}}
+    clock = Clock(tomorrow_at(12))
+    stores = [open_store(cluster_url) for _ in range(2)]                # two proxy processes
+    ledgers = [ledger_for(s, clock, **policy) for s in stores]
+    calls = [ledgers[i % 2].reserve(f"{org}-{i}", Amounts(amount, 0), scopes(org))
+             for i in range(20) for org in ORGS]
+    results = await asyncio.gather(*calls)
+    admitted = sum(isinstance(r, Reservation) for r in results)
+    assert len(calls) * amount > limit                                  # demand exceeds supply
+    held = (await ledgers[0].usage("day", "global"))[0].reserved.tokens
+    assert held == admitted * amount <= limit                           # exact: never over
+    # The documented bound: refused early by at most what allowances hold unused, each at most its
+    # last draw's extra, min(CHUNK_REQUESTS x amount, limit / (FRACTION x holders)).
+    bound = sum(min(CHUNK_REQUESTS * amount, limit // (FRACTION * n)) for n in range(1, len(ORGS) + 1))
+    assert limit - held < amount + bound
+    # Once the idle allowances go back (sweeper or shutdown), the limit is met exactly.
+    for s in stores:
+        await s.give_back(0)
+    more = [await ledgers[i % 2].reserve(f"late-{i}", Amounts(amount, 0), scopes(ORGS[i % len(ORGS)]))
+            for i in range(limit // amount)]
+    total = admitted + sum(isinstance(r, Reservation) for r in more)
+    assert total == limit // amount
+    assert (await ledgers[1].usage("day", "global"))[0].reserved.tokens == total * amount
+    for s in stores:
+        await s.close()
+
+
+async def test_a_chunk_lent_but_never_credited_only_underspends_and_comes_back(cluster_url):
+    # A process that died between taking a chunk from the lender and crediting it to the org.
+    limit, amount = 100, 10
+    store = open_store(cluster_url)
+    ledger = ledger_for(store, defaults={"global": {"day": {"tokens": limit}}})
+    counters = ledger._plan(scopes("acme"), ledger._clock(), ledger.policy).counters
+    g = next(c for c in counters if c.scope == "global:*" and c.token_limit >= 0)
+    lender = lend_key("bp", g.window.rpartition(":w:")[2])
+    ok, drawn, *_ = await store._calls.call(store._draw, [lender], [
+        "draw", g.scope, "acme", limit, -1, 40, 0, 0, 0, FRACTION, g.expire_at])
+    assert (ok, drawn) == (1, 40)
+    other = [await ledger.reserve(f"o{i}", Amounts(amount, 0), scopes("globex")) for i in range(10)]
+    assert sum(isinstance(r, Reservation) for r in other) == (limit - 40) // amount   # short, not over
+    mine = [await ledger.reserve(f"a{i}", Amounts(amount, 0), scopes("acme")) for i in range(10)]
+    assert sum(isinstance(r, Reservation) for r in mine) == 40 // amount    # acme's next credit recovers it
+    assert (await ledger.usage("day", "global"))[0].reserved.tokens == limit
+    await store.close()
+
+
+async def test_unlimited_shared_scopes_cost_no_lending_and_are_summed_on_read(cluster_url, redis_cluster):
+    store = open_store(cluster_url)
+    ledger = ledger_for(store, defaults={"org": {"day": {"usd": 10}}})
+    for i, org in enumerate(ORGS[:3]):
+        res = await ledger.reserve(f"r{i}", Amounts(10 * (i + 1), 100), scopes(org))
+        assert await ledger.commit(res, Amounts(10 * (i + 1), 100))
+    keys = [k for ks in cluster_keys(redis_cluster).values() for k in ks]
+    assert not [k for k in keys if ":a:" in k]                          # nothing was lent
+    usage = {(u.scope.type, u.window): u for u in await ledger.usage()}
+    assert usage["global", "day"].used == (60, 300) and usage["model", "month"].used == (60, 300)
+    await store.close()
+
+
+async def test_the_sweep_gives_back_what_an_idle_allowance_holds_unused(cluster_url, monkeypatch):
+    from proxy.stores import cluster
+    store = open_store(cluster_url)
+    ledger = ledger_for(store, defaults={"global": {"day": {"tokens": 10_000}}})
+    res = await ledger.reserve("a", Amounts(10, 0), scopes("acme"))
+    g = next(c for c in res.counters if c.scope == "global:*" and c.token_limit >= 0)
+    lender = lend_key("bp", g.window.rpartition(":w:")[2])
+
+    async def lent() -> int:
+        from proxy.stores.wire import totals
+        return totals(await store._r.hget(lender, "global:*")).tokens_used      # first field: lent tokens
+
+    assert await lent() == 10 + CHUNK_REQUESTS * 10            # the need and an extra of 32 requests
+    await ledger.sweep()
+    assert await lent() == 10 + CHUNK_REQUESTS * 10            # not idle yet: kept
+    monkeypatch.setattr(cluster, "IDLE_SECONDS", 0.0)
+    await ledger.sweep()
+    assert await lent() == 10                                  # only what the open reservation holds
+    assert await ledger.commit(res, Amounts(4, 0))
+    await ledger.reserve("b", Amounts(9_990, 0), scopes("globex"))   # the rest of the limit, elsewhere
+    await ledger.sweep()
+    assert await lent() == 10_000 - 6                          # acme's 6 unused went back too
+    await store.close()
+
+
+LIMIT, AMOUNT = 500, 3
+
+
+async def _race_orgs(url: str, worker: int, now: float) -> int:
+    store = open_store(url)
+    ledger = ledger_for(store, Clock(now), defaults={"global": {"hour": {"tokens": LIMIT}}})
+    results = await asyncio.gather(*(ledger.reserve(f"p{worker}-{i}", Amounts(AMOUNT, 1), scopes(ORGS[i % 8]))
+                                     for i in range(100)))
+    await store.close()                               # gives back what its allowances hold unused
+    return sum(isinstance(r, Reservation) for r in results)
+
+
+def _org_worker(url: str, worker: int, now: float, start, out) -> None:
+    start.wait()
+    out.put(asyncio.run(_race_orgs(url, worker, now)))
+
+
+async def test_processes_racing_over_many_orgs_never_exceed_a_global_limit(cluster_url):
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    now = tomorrow_at(12)
+    procs = [ctx.Process(target=_org_worker, args=(cluster_url, w, now, start, out)) for w in range(4)]
+    for p in procs:
+        p.start()
+    await asyncio.sleep(1.0)
+    start.set()
+    admitted = sum(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    store = open_store(cluster_url)
+    ledger = ledger_for(store, Clock(now), defaults={"global": {"hour": {"tokens": LIMIT}}})
+    assert 4 * 100 * AMOUNT > LIMIT                                     # the race is real
+    held = next(u for u in await ledger.usage("hour", "global")).reserved.tokens
+    assert held == admitted * AMOUNT <= LIMIT                            # exact across processes
+    # Every process gave its allowances back at close: what is left is admitted here, exactly.
+    late = [await ledger.reserve(f"late-{i}", Amounts(AMOUNT, 1), scopes(ORGS[i % 8])) for i in range(LIMIT)]
+    assert admitted + sum(isinstance(r, Reservation) for r in late) == LIMIT // AMOUNT
+    await store.close()
