@@ -358,10 +358,6 @@ def _note(outcome: str, usage: Usage | None, latency_ms: int | None) -> Note:
     return Note(outcome, usage.pack() if usage else "", "" if latency_ms is None else str(int(latency_ms)))
 
 
-__all__ = ["Amounts", "Balance", "Ledger", "Pair", "Refusal", "RequestInfo", "Reservation", "Scope",
-           "ScopeUsage", "SettlementRecord", "Usage", "WINDOWS"]
-
-
 def _usage_rows(wins: Sequence[Window], tables: Sequence[Mapping[str, Any]], policy: Policy,
                 type: str | None, id: str | None) -> list[ScopeUsage]:  # noqa: A002 - API names
     out = []
@@ -375,3 +371,8 @@ def _usage_rows(wins: Sequence[Window], tables: Sequence[Mapping[str, Any]], pol
             left = Pair(None if tl is None else max(0, tl - t - tr), None if dl is None else max(0, dl - d - dr))
             out.append(ScopeUsage(scope, w.name, w.start, w.end, Pair(t, d), Pair(tr, dr), Pair(tl, dl), left))
     return out
+
+
+__all__ = ["Amounts", "Balance", "Ledger", "Pair", "Refusal", "RequestInfo", "Reservation", "Scope",
+           "ScopeUsage", "SettlementRecord", "Usage", "WINDOWS"]
+
