@@ -6,6 +6,7 @@ answers HTML, and a browser without a session gets the login form instead of a J
 
 from __future__ import annotations
 
+import asyncio
 import time
 from urllib.parse import parse_qs
 
@@ -43,7 +44,7 @@ def add(app: web.Application, gate: AdminGate, ledger_key: web.AppKey, observer_
             rows = await ledger.usage(window=q["window"], type=q["type"], id=q["id"])
         except StoreUnavailable as exc:
             raise _unavailable(exc) from None
-        return web.json_response(usage.document(rows))
+        return web.json_response(await asyncio.to_thread(usage.document, rows))
 
     async def settlements_api(request: web.Request) -> web.Response:
         q = usage.settlements_query(request.query)
@@ -66,14 +67,16 @@ def add(app: web.Application, gate: AdminGate, ledger_key: web.AppKey, observer_
         entries, settled, error = [], [], None
         if ledger is not None:
             try:
-                entries = usage.document(await ledger.usage(window=q["window"], type=q["type"]))["data"]
+                rows = await ledger.usage(window=q["window"], type=q["type"])
+                entries = (await asyncio.to_thread(usage.document, rows))["data"]
                 settled = [usage.settlement(r) for r in await ledger.settlements(limit=PAGE_SETTLEMENTS)]
             except StoreUnavailable:
                 error = "The budget store is unavailable: budgets cannot be shown right now."
         alerts = ledger.policy.alerts.thresholds if ledger is not None else (0.8,)
-        return _html(dashboard.page(entries, settled, list(request.app[observer_key].refusals),
-                                    scope_type=q["type"], window=q["window"], warn_at=min(alerts),
-                                    now=time.time(), error=error))
+        # Sorting and rendering every scope (one per end user) off the event loop, as the rows.
+        return _html(await asyncio.to_thread(
+            dashboard.page, entries, settled, list(request.app[observer_key].refusals), scope_type=q["type"],
+            window=q["window"], warn_at=min(alerts), now=time.time(), error=error))
 
     def exists(request: web.Request) -> None:
         if not gate.enabled:

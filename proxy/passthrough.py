@@ -64,8 +64,10 @@ async def stored_response(request: web.Request, config: Config, upstreams: Upstr
         # Built from a checked id, never the raw path: "..%2F" must not reach another upstream URL.
         raise NotFound(f"No response with id '{rid[:64]}'.", param="response_id", code="not_found")
     path = f"/responses/{rid}" + ("/input_items" if request.path.endswith("/input_items") else "")
-    if request.query_string:
-        path += "?" + request.query_string
+    if request.rel_url.raw_query_string:
+        # As the client encoded it: the decoded form would turn an `after=a%26b` cursor into two
+        # parameters, or a `%23` into the start of a fragment.
+        path += "?" + request.rel_url.raw_query_string
     providers = [name for name, p in config.providers.items() if p.kind == "openai" and name in upstreams.routes]
     for i, provider in enumerate(providers):
         up = await _call(upstreams, request.method, provider, path, None, request)

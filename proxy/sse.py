@@ -96,6 +96,9 @@ def _choice_output(choice: Any) -> int:
     delta = choice.get("delta")
     if isinstance(delta, dict):
         chars += _text_len(delta.get("content")) + _text_len(delta.get("refusal"))
+        # Reasoning streamed by OpenAI-compatible servers (vLLM and DeepSeek: `reasoning_content`;
+        # OpenRouter and others: `reasoning`): billed as output, so a cut stream counts it too.
+        chars += _text_len(delta.get("reasoning_content")) + _text_len(delta.get("reasoning"))
         chars += _arguments_len(delta.get("function_call"))
         calls = delta.get("tool_calls")
         if isinstance(calls, list):

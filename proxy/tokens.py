@@ -78,6 +78,11 @@ _ESTIMATE_KINDS = ("chat", "completion", "embedding", "responses", "messages")
 # pages' text and images are both billed, and no count is possible without parsing it.
 FILE_BYTES_PER_TOKEN = 2
 
+def _file_tokens(data: Any) -> int:
+    """A base64 file's reservation: its decoded bytes / FILE_BYTES_PER_TOKEN."""
+    return len(data) * 3 // 4 // FILE_BYTES_PER_TOKEN if isinstance(data, str) else 0
+
+
 def approximate_tokens(text: str) -> int:
     """Approximate token count used when an encoding is unavailable: ``ceil(utf8_bytes / 4)``.
 
@@ -176,6 +181,9 @@ class TokenCounter:
                 total += self._message_tokens(enc, message)
         total += self._tool_definition_tokens(enc, body.get("tools"))
         total += self._tool_definition_tokens(enc, body.get("functions"))
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":     # billed as input, as in Responses
+            total += self._count_with(enc, _compact_json(fmt.get("json_schema")) or "")
         return total
 
     def completion_prompt(self, body: dict, model: str) -> int:
@@ -283,7 +291,10 @@ class TokenCounter:
             image = part.get("image_url")
             detail = image.get("detail") if isinstance(image, dict) else None
             return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_DEFAULT
-        # Text-like parts ("text", "refusal"); audio/file parts carry no countable text.
+        if kind == "file":                  # a base64 file (a PDF): as a Responses input_file
+            file = part.get("file")
+            return _file_tokens(file.get("file_data") if isinstance(file, dict) else None)
+        # Text-like parts ("text", "refusal"); audio parts carry no countable text.
         text = part.get("refusal" if kind == "refusal" else "text")
         return self._count_with(enc, text) if isinstance(text, str) else 0
 
@@ -314,8 +325,7 @@ class TokenCounter:
         if kind == "input_image":
             return IMAGE_TOKENS_LOW if part.get("detail") == "low" else IMAGE_TOKENS_DEFAULT
         if kind == "input_file":
-            data = part.get("file_data")
-            return len(data) * 3 // 4 // FILE_BYTES_PER_TOKEN if isinstance(data, str) else 0
+            return _file_tokens(part.get("file_data"))
         text = part.get("refusal" if kind == "refusal" else "text")
         if isinstance(text, str):
             return self._count_with(enc, text)

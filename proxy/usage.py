@@ -95,7 +95,8 @@ def since_ms(value: str | None, param: str = "since") -> int | None:
 
 def settlements_query(q: Mapping[str, str]) -> dict:
     raw = q.get("limit") or "100"
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_SETTLEMENTS:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_SETTLEMENTS:
         raise BadRequest(f"limit must be an integer from 1 to {MAX_SETTLEMENTS}.", param="limit",
                          code="invalid_value")
     return {"since_ms": since_ms(q.get("since")), "limit": int(raw),

@@ -245,6 +245,7 @@ class FakeOpenAI:
         return web.json_response(self.stored[rid][0])
 
     async def input_items(self, request: web.Request) -> web.Response:
+        self.seen.append(Seen(request.path_qs, {}, dict(request.headers)))    # with its query, as sent
         obj, items = self.stored[request.match_info["id"]]
         return web.json_response({"object": "list", "data": items, "first_id": items[0]["id"],
                                   "last_id": items[-1]["id"], "has_more": False})

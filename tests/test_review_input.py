@@ -51,14 +51,15 @@ async def test_a_login_form_the_proxy_cannot_read_is_no_key_never_a_500(start_pr
             assert r.status == 303 and "bp_admin=" in r.headers["Set-Cookie"]
 
 
-async def test_since_that_overflows_a_float_is_a_400(start_proxy):
+async def test_since_that_overflows_a_float_or_a_limit_of_unicode_digits_is_a_400(start_proxy):
     h = await start_proxy("memory://", config=ADMIN_KEYS)
     async with aiohttp.ClientSession() as s:
-        for since in ("1e400", "-1e400", "inf"):
-            async with s.get(h.proxy.make_url("/admin/v1/settlements"), params={"since": since},
+        for param, value in (("since", "1e400"), ("since", "-1e400"), ("since", "inf"), ("limit", "²"),
+                             ("limit", "1²")):
+            async with s.get(h.proxy.make_url("/admin/v1/settlements"), params={param: value},
                              headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-                assert r.status == 400, (since, await r.text())
-                assert (await r.json())["error"]["param"] == "since"
+                assert r.status == 400, (value, await r.text())
+                assert (await r.json())["error"]["param"] == param
 
 
 async def test_a_body_that_fails_to_decode_closes_the_connection_cleanly_without_a_traceback(caplog):
@@ -86,3 +87,15 @@ async def test_a_body_that_fails_to_decode_closes_the_connection_cleanly_without
     finally:
         await run.cleanup()
     assert "Unhandled exception" not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_pass_through_query_string_reaches_the_upstream_as_the_client_encoded_it(start_proxy):
+    h = await start_proxy("memory://")
+    r = await h.client().responses.create(model="gpt-4o", input="hi", max_output_tokens=20)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(h.proxy.make_url(f"/v1/responses/{r.id}/input_items").with_query(
+                {"after": "msg_a&limit=100#x", "limit": "2"}),
+                headers={"Authorization": f"Bearer {harness.CLIENT_KEY}"}) as resp:
+            assert resp.status == 200
+    seen = h.fake.seen[-1].path
+    assert seen == f"/v1/responses/{r.id}/input_items?after=msg_a%26limit%3D100%23x&limit=2", seen
