@@ -116,13 +116,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Per scope: the window's used counters beside the same recomputed from the log; 1 on drift."""
-    from .errors import StoreUnavailable
+    from .errors import AuditIncomplete, StoreUnavailable
 
     async def work(ledger):
         return await ledger.audit(args.window)
     try:
         drifts = asyncio.run(_with_ledger(args.config, work))
-    except (ConfigError, StoreUnavailable, ValueError) as exc:
+    except (ConfigError, StoreUnavailable, AuditIncomplete, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{'scope':<40} {'tokens':>14} {'logged':>14} {'drift':>8} {'usd_micro':>16} {'logged':>16} {'drift':>10}")

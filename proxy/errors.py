@@ -17,6 +17,10 @@ class ConfigError(BudgetProxyError):
     """A policy or config file is missing or invalid. The message reads `file: path: expected`."""
 
 
+class AuditIncomplete(BudgetProxyError):
+    """The settlement log no longer reaches back to the start of the window being audited."""
+
+
 class StoreUnavailable(BudgetProxyError):
     """The budget store could not be reached or answered with an error."""
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timezone
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from .keys import parse_scope_field, scope_field, window_key
 from .policy import UNLIMITED, Policy
-from .errors import StoreUnavailable
+from .errors import AuditIncomplete, StoreUnavailable
 from .settlement_log import OUTCOMES, Drift, RequestInfo, SettlementRecord, Usage, audit, record
 from .stores import Counter, ReserveOutcome, Seen, Status, Store
 from .stores.base import Note
@@ -323,6 +324,12 @@ class Ledger:
         w = next((w for w in self._windows(self._clock(), self.policy) if w.name == window), None)
         if w is None:
             raise ValueError(f"window: expected one of {', '.join(WINDOWS)}, got {window!r}")
+        trimmed = await self.store.log_trimmed_to()
+        if trimmed >= w.start * 1000:
+            raise AuditIncomplete(
+                f"the settlement log no longer reaches back to the {window} window's start: records "
+                f"up to {_iso(trimmed)} may have been trimmed (settlement_log.max_records), so the "
+                f"{window} cannot be recomputed; audit a shorter window or keep more records")
         key = window_key(self._ns, w.label)
         (table,) = await self.store.windows([key])
         return audit(key, table, await self.settlements(limit=2 ** 62))
@@ -380,3 +387,6 @@ def _usage_rows(wins: Sequence[Window], tables: Sequence[Mapping[str, Any]], pol
 __all__ = ["Amounts", "Balance", "Ledger", "Pair", "Refusal", "RequestInfo", "Reservation", "Scope",
            "ScopeUsage", "SettlementRecord", "Usage", "WINDOWS"]
 
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -146,6 +146,14 @@ class Store(abc.ABC):
         (an entry's `seq`) continues a previous page with the entries older than it."""
 
     @abc.abstractmethod
+    async def log_trimmed_to(self) -> int:
+        """Epoch ms up to which the capped settlement log may have dropped entries (0: none),
+        so an audit knows whether the log still reaches back to a window's start. Exact in
+        memory; on Redis the time of the oldest entry kept (MAXLEN trims the oldest, but the
+        stream does not say which), which errs towards refusing an audit, never towards a
+        wrong one."""
+
+    @abc.abstractmethod
     async def claim(self, name: str, expire_at_ms: int) -> bool:
         """True for the first caller (any process) to claim `name` until `expire_at_ms`."""
 

@@ -25,7 +25,7 @@ from . import wire as fmt
 from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
                    ReserveOutcome, Seen, Status, Totals)
 from .cluster_client import Direct, connect
-from .redis import RedisStore, _script, _wrap_errors
+from .redis import RedisStore, _script, _trimmed_to, _wrap_errors
 
 SHARED = frozenset(("global", "provider", "model"))    # scope types that span orgs
 FRACTION = 8              # a draw's extra is at most 1/(FRACTION x holders) of what is free
@@ -352,6 +352,12 @@ class ClusterStore(RedisStore):
                     merged[name] = Totals(*(a + b for a, b in zip(merged.get(name, EMPTY), fmt.totals(v))))
             out.append(merged)
         return out
+
+    async def log_trimmed_to(self) -> int:
+        """The newest entry any tenant's log dropped: an audit needs every tenant's window."""
+        await self._calls.ready()
+        trimmed = [await _trimmed_to(self._r, log_key(tenant_tag(self._ns, t)), self._log_length) for t in await self._all_tenants()]
+        return max(trimmed, default=0)
 
     async def settlements(self, since_ms: int | None, until_ms: int | None, limit: int,
                           before: str | None = None) -> list[LogEntry]:

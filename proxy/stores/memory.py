@@ -41,6 +41,7 @@ class MemoryStore(Store):
     def __init__(self, clock=time.time, log_length: int = LOG_LENGTH) -> None:
         self._clock = clock
         self._log: deque[tuple] = deque(maxlen=log_length)        # raw entries, see _append
+        self._trimmed_to = 0                                       # ms of the newest entry dropped
         self._seq = itertools.count()
         self._claims: dict[str, int] = {}
         self._windows: dict[str, _Window] = {}
@@ -138,6 +139,8 @@ class MemoryStore(Store):
     def _append(self, rid: str, note: Note, tokens: int, usd: int, info: str, counters: Sequence[Counter]) -> None:
         # Kept raw: the log entry is built when read (settlements), not on every settlement.
         now = self._now_ms()
+        if len(self._log) == self._log.maxlen:
+            self._trimmed_to = self._log[0][1]           # the oldest entry is about to drop
         self._log.append((f"{now}-{next(self._seq)}", now, rid, note, tokens, usd, info, counters))
 
     def _apply(self, counters: Sequence[Counter], used_t: int, used_d: int, res_t: int, res_d: int) -> None:
@@ -197,6 +200,9 @@ class MemoryStore(Store):
             if len(out) >= limit:
                 break
         return out
+
+    async def log_trimmed_to(self) -> int:
+        return self._trimmed_to
 
     async def claim(self, name: str, expire_at_ms: int) -> bool:
         now = self._now_ms()

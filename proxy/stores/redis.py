@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from ..errors import StoreUnavailable
 from ..tasks import Tasks
@@ -94,6 +94,22 @@ class _Coalescer:
                     fut.set_result(res)
         finally:
             self._done()
+
+
+async def _trimmed_to(client, key: str, cap: int) -> int:
+    """Epoch ms of the newest entry trimmed from the stream `key`; 0 when none was. MAXLEN
+    trimming drops the oldest entries (and does not touch max-deleted-entry-id), so when more
+    entries were added than remain, everything before the first remaining entry is gone; its ms
+    is the bound. Before Redis 7 (no entries-added) a stream at its cap is taken as trimmed."""
+    try:
+        info = await client.xinfo_stream(key)
+    except ResponseError:                   # no such key: nothing logged, nothing trimmed
+        return 0
+    get = lambda name: info.get(name, info.get(name.encode()))      # noqa: E731 - str or bytes keys
+    added, length, first = get("entries-added"), get("length"), get("first-entry")
+    if not first or (added is not None and int(added) <= int(length)) or (added is None and int(length) < cap):
+        return 0
+    return int(first[0].split(b"-")[0] if isinstance(first[0], bytes) else first[0].split("-")[0])
 
 
 def _wrap_errors(cls):
@@ -234,6 +250,9 @@ class RedisStore(Store):
         bottom = "-" if since_ms is None else str(since_ms)
         rows = await self._r.xrevrange(self._log, top, bottom, count=limit)
         return [fmt.log_entry(seq.decode(), fields) for seq, fields in rows]
+
+    async def log_trimmed_to(self) -> int:
+        return await _trimmed_to(self._r, self._log, self._log_length)
 
     async def claim(self, name: str, expire_at_ms: int) -> bool:
         return bool(await self._r.set(claim_key(self._ns, name), b"1", nx=True, pxat=expire_at_ms))

@@ -88,7 +88,7 @@ async def test_every_redis_operation_fails_as_store_unavailable():
              "expire": lambda: store.expire("a", cs, True, NOW_MS), "extend": lambda: store.extend("a", NOW_MS),
              "expired": lambda: store.expired(NOW_MS, 10), "snapshot": lambda: store.snapshot(cs[:1]),
              "windows": lambda: store.windows(["{bp}:w:test"]), "settlements": lambda: store.settlements(None, None, 10),
-             "claim": lambda: store.claim("x", NOW_MS)}
+             "claim": lambda: store.claim("x", NOW_MS), "log_trimmed_to": lambda: store.log_trimmed_to()}
     from proxy.stores.redis import RedisStore
     public = {n for n, f in vars(RedisStore).items() if not n.startswith("_") and inspect.iscoroutinefunction(f)}
     assert public - {"close"} == set(calls)
