@@ -14,29 +14,46 @@ def _display(unit: str, amount: int) -> float | int:
     return amount / 1_000_000 if unit == "usd" else amount
 
 
+# Scopes every org spends from: their balances move with other tenants' spending, so a caller is
+# never shown their amounts (one org could otherwise watch another's spend, call by call). The
+# operator sees them in /admin, /metrics and `budget-proxy usage`.
+SHARED = frozenset({"global", "provider", "model"})
+
+
 def refusal_error(r: Refusal) -> BudgetExceeded:
     """The 429. SDKs honour Retry-After only up to about a minute and retry 429s by default, so
-    `x-should-retry: false` is sent for day and month windows and for any reset over 60 s away."""
+    `x-should-retry: false` is sent for day and month windows and for any reset over 60 s away.
+    A shared scope is named without its limit and usage."""
     wait = max(0.0, r.reset_in)
-    shown = {"type": r.scope.type, "id": r.scope.id, "window": r.window, "unit": r.unit,
-             "limit": _display(r.unit, r.limit), "used": _display(r.unit, r.used),
-             "requested": _display(r.unit, r.requested)}
     unit = "USD" if r.unit == "usd" else "tokens"
-    message = (f"Budget exceeded for {r.scope.type} '{r.scope.id}': the {r.window} limit is "
-               f"{shown['limit']} {unit}, {_display(r.unit, r.used + r.reserved)} are used or reserved, "
-               f"and this request needs {shown['requested']}. The {r.window} window resets in "
-               f"{math.ceil(wait)} s.")
+    shared = r.scope.type in SHARED
+    shown = {"type": r.scope.type, "id": r.scope.id, "window": r.window, "unit": r.unit,
+             "limit": None if shared else _display(r.unit, r.limit),
+             "used": None if shared else _display(r.unit, r.used),
+             "requested": _display(r.unit, r.requested)}
+    if shared:
+        message = (f"Budget exceeded for the shared {r.scope.type} budget '{r.scope.id}': its {r.window} "
+                   f"limit leaves too little for this request ({shown['requested']} {unit}). The "
+                   f"{r.window} window resets in {math.ceil(wait)} s.")
+    else:
+        message = (f"Budget exceeded for {r.scope.type} '{r.scope.id}': the {r.window} limit is "
+                   f"{shown['limit']} {unit}, {_display(r.unit, r.used + r.reserved)} are used or reserved, "
+                   f"and this request needs {shown['requested']}. The {r.window} window resets in "
+                   f"{math.ceil(wait)} s.")
     headers = {"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000)),
                "x-should-retry": "false" if r.window in ("day", "month") or wait > 60 else "true"}
     return BudgetExceeded(message, headers=headers, extra={"scope": shown})
 
 
 def budget_headers(model: str, asked: str, balances: Sequence[Balance]) -> dict[str, str]:
+    """x-budget-model (and -downgraded-from); x-budget-remaining-* and x-budget-scope for the
+    caller's own limited scopes (org, user), never the shared ones."""
     out = {"x-budget-model": model}
     if model != asked:
         out["x-budget-downgraded-from"] = asked
-    if balances:
-        out.update(_remaining(balances))
+    own = [b for b in balances if b.scope.type not in SHARED]
+    if own:
+        out.update(_remaining(own))
     return out
 
 
