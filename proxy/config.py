@@ -44,6 +44,9 @@ class Provider:
     api_key: str | None = field(default=None, repr=False)   # read from api_key_env at load; never logged
     kind: str = "openai"          # the API it speaks: openai | anthropic
     anthropic_version: str = "2023-06-01"   # sent as `anthropic-version` to an anthropic provider
+    # The chat field that carries a completion cap the proxy adds: OpenAI's current
+    # `max_completion_tokens`, or `max_tokens` for servers that read only that (Ollama, older vLLM).
+    chat_max_tokens_field: str = "max_completion_tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +222,8 @@ def _provider(name: str, raw: dict, env: Mapping[str, str]) -> Provider:
     key_env = raw.get("api_key_env")
     return Provider(name, raw["base_url"].rstrip("/"), key_env, float(raw.get("connect_timeout", 10)),
                     float(raw.get("read_timeout", 600)), env.get(key_env) or None if key_env else None,
-                    raw.get("kind", "openai"), raw.get("anthropic_version", "2023-06-01"))
+                    raw.get("kind", "openai"), raw.get("anthropic_version", "2023-06-01"),
+                    raw.get("chat_max_tokens_field", "max_completion_tokens"))
 
 
 def _price(raw: dict, key: str) -> float | None:

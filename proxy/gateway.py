@@ -178,13 +178,14 @@ class Gateway:
         model = flight.model
         payload = dict(call.body)
         payload["model"] = model.upstream
-        if admitted.cap is not None:
-            payload[call.endpoint.cap_field] = admitted.cap
+        route = self.upstreams.routes.get(model.provider)
+        if admitted.cap is not None and route is not None:
+            payload[route.cap_fields[call.endpoint.kind]] = admitted.cap
         inject = call.stream and call.endpoint.usage_opt_in and not call.client_wants_usage
         if inject:
             payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        if model.provider not in self.upstreams.routes:     # a config reload removed it meanwhile
+        if route is None:                                   # a config reload removed it meanwhile
             flight.release_soon("upstream_error")
             raise _upstream_error(model.provider, ConnectionRefusedError())
         flight.mark_sent()

@@ -41,6 +41,7 @@ class Route:
     headers: Mapping[str, str]
     timeout: aiohttp.ClientTimeout
     key: str | None = field(default=None, repr=False)    # to redact it from relayed errors
+    cap_fields: Mapping[str, str] = field(default_factory=dict)   # endpoint kind -> where a completion cap goes
 
 
 def _auth(p: Provider) -> dict[str, str]:
@@ -58,9 +59,11 @@ def _route(p: Provider) -> Route:
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **_auth(p)}
     root = p.base_url + _API_PREFIX[p.kind]
     urls = {kind: root + e.path for kind, e in ENDPOINTS.items() if e.api == p.kind}
+    caps = {kind: p.chat_max_tokens_field if kind == "chat" else e.cap_field
+            for kind, e in ENDPOINTS.items() if e.api == p.kind and e.cap_field}
     return Route(MappingProxyType(urls), root, MappingProxyType(headers),
                  aiohttp.ClientTimeout(total=None, sock_connect=p.connect_timeout, sock_read=p.read_timeout),
-                 p.api_key)
+                 p.api_key, MappingProxyType(caps))
 
 
 class Upstreams:

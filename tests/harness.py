@@ -160,15 +160,17 @@ async def post(h: Harness, path: str, body, key: str | None = CLIENT_KEY, raw: b
 
 async def start(store_url: str, policy: dict | str, tokens, *, enforcement: str = "strict", keys: bool = True,
                 fake: FakeOpenAI | None = None, env=None, clock=None, config_file: str | None = None,
-                config: dict | None = None) -> Harness:
+                config: dict | None = None, provider_options: dict | None = None) -> Harness:
     """A fake upstream and a proxy in front of it. `policy`: the policy's YAML data, or the path
     of a policy file (watched while running). With `config_file`, the config is written there as
     YAML and loaded from it (for tests that edit it while the proxy runs). `config` adds or
-    replaces top-level config.yaml keys (e.g. admin_keys)."""
+    replaces top-level config.yaml keys (e.g. admin_keys); `provider_options` are added to the
+    openai provider's entry."""
     fake = fake or FakeOpenAI()
     upstream = TestServer(fake.app())
     await upstream.start_server()
     data = {**config_data(str(upstream.make_url("/v1")), store_url, enforcement, keys), **(config or {})}
+    data["providers"]["openai"].update(provider_options or {})
     env = {"BP_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}
     if config_file:
         with open(config_file, "w") as fh:

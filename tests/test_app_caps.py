@@ -110,3 +110,14 @@ async def test_a_completions_call_gets_its_cap_as_max_tokens(store_url, start_pr
     await h.client().completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi")
     sent = h.fake.seen[0].body
     assert 0 < sent["max_tokens"] < 100 and "max_completion_tokens" not in sent
+
+
+async def test_a_provider_that_reads_only_max_tokens_gets_the_cap_there(store_url, start_proxy):
+    # Ollama's and older vLLM's OpenAI APIs read max_tokens only: the cap must land where they look.
+    h = await start_proxy(store_url, {"defaults": {"user": {"day": {"tokens": 100}}}},
+                          provider_options={"chat_max_tokens_field": "max_tokens"})
+    exact_prompts(h)
+    await h.client().chat.completions.create(model="gpt-4o", messages=MSGS)
+    sent = h.fake.seen[0].body
+    assert "max_completion_tokens" not in sent and sent["max_tokens"] == 100 - h.tokens.chat_prompt(CHAT, "gpt-4o")
+    assert (await day(h, Scope("user", "app"))).used == 100
