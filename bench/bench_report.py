@@ -172,8 +172,20 @@ def report(plan_: list[Target], rounds: Rounds, args, meta: dict, command: str) 
     extra = comparisons(plan_, rounds)
     if extra:
         out += ["", *extra]
-    out += ["", setup_text(args, meta)]
+    out += ["", background(rounds, args, meta), "", setup_text(args, meta)]
     return "\n".join(out)
+
+
+def background(rounds: Rounds, args, meta: dict) -> str:
+    """The foreign load the bench saw on the proxy's core (1-worker targets), over every measurement."""
+    xs = sorted(100 * v for r in rounds for res in r.values() for v in res.foreign.values())
+    if not xs:
+        return f"Background load: not measured (unpinned). Load average {meta.get('loadavg_start', '?')} at the start."
+    over = sum(1 for x in xs if x > 5)
+    return (f"Background load: other processes used core {args.proxy_core} during the 1-worker measurements: "
+            f"median {statistics.median(xs):.0f} %, max {xs[-1]:.0f} %, over 5 % in {over} of {len(xs)} "
+            f"(each listed in the notes). Load average (1/5/15 min) {meta.get('loadavg_start', '?')} at the start, "
+            f"{meta.get('loadavg_end', '?')} at the end.")
 
 
 def setup_text(args, meta: dict) -> str:

@@ -180,6 +180,7 @@ class TargetResult:
     ttfb: TtfbResult | None = None
     redis: dict[str, float] = field(default_factory=dict)     # per proxied request, saturation run
     notes: list[str] = field(default_factory=list)
+    foreign: dict[str, float] = field(default_factory=dict)  # other processes' share of the proxy's core, per run
 
 
 Rounds = list[dict[str, TargetResult]]
@@ -252,6 +253,7 @@ def measure(t: Target, port: int, args, wrk: str, children: Children, pid: int |
         if core is None or not pid or b[2] <= a[2]:
             return
         foreign = max(0.0, busy_fraction(a[0], b[0], core) - (b[1] - a[1]) / (b[2] - a[2]))
+        res.foreign[what] = foreign
         if foreign > 0.05:
             res.notes.append(f"{t.name}: other processes used {100 * foreign:.0f} % of core {core} during the "
                              f"{what} run")
@@ -414,7 +416,8 @@ def metadata(wrk: str) -> dict:
             "redis": _version(["redis-server", "--version"]).split(" sha=")[0],
             "commit": _git("rev-parse", "--short", "HEAD") or "?",
             "dirty": " (+ uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else "",
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "loadavg_start": "%.2f %.2f %.2f" % os.getloadavg()}
 
 
 def run(args, wrk: str, children: Children, tmp: str, notes: list[str]) -> tuple[list[Target], Rounds]:
@@ -460,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         targets, rounds = run(args, wrk, children, tmp, notes)
+        meta["loadavg_end"] = "%.2f %.2f %.2f" % os.getloadavg()
         text = report(targets, rounds, args, meta, command)
         notes_text = "\nNotes:\n" + "".join(f"- {n}\n" for n in notes) if notes else ""
         print("\n" + text + "\n" + notes_text)
