@@ -191,8 +191,8 @@ def background(rounds: Rounds, args, meta: dict) -> str:
 def setup_text(args, meta: dict) -> str:
     return (f"Setup: {meta['cpu']}, {meta['cores']} cores, shared with other workloads (see the notes). "
             f"1-worker proxies and the pass-through pinned to core {args.proxy_core}; N-worker proxies on every "
-            f"core; fake upstream (raw asyncio), wrk, redis-server, the cluster's 3 masters and the TTFB client on core "
-            f"{args.load_core}. "
+            f"core; fake upstream (raw asyncio), wrk, redis-server, the cluster's 3 masters and the TTFB client "
+            f"on core {args.load_core}. "
             f"{meta['python']}, aiohttp {meta['aiohttp']}, uvloop {meta['uvloop']}, {meta['wrk']}, {meta['redis']}. "
             f"Each wrk run {args.seconds:g} s after a {args.warmup:g} s warm-up; TTFB over {args.ttfb_requests} "
             f"sequential streamed requests on one keep-alive connection. Redis figures per request of the "

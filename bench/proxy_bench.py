@@ -37,9 +37,10 @@ The policy limits global, org and user scopes with limits never reached: every p
 reserved and committed, none refused.
 
 Placement (2 cores): a 1-worker proxy and the pass-through run alone on core 0 (`taskset`); the
-upstream, wrk, redis-server and the TTFB client (this process) on core 1. An N-worker proxy runs
-on every core: on 2 cores its second worker shares core 1 with the load generator, so its scaling
-figure understates what N cores of its own would give.
+upstream, wrk, redis-server, the cluster's three masters and the TTFB client (this process) on
+core 1. An N-worker proxy runs on every core: on 2 cores its second worker shares core 1 with the
+load generator, so its scaling figure understates what N cores of its own would give. The report
+ends with the foreign load seen on core 0 over every 1-worker measurement.
 
 Every cell of the report is the median over rounds [min–max]. Ratios are taken inside a round
 (each proxy against the same round's pass-through on the same event loop; N workers against the
