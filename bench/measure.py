@@ -42,6 +42,7 @@ class Children:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.redis: list[RedisServer] = []
+        self.others: list = []          # anything else with a stop() (the local Redis Cluster)
 
     def start(self, name: str, argv: list[str], *, env=None, log_path: str | None = None,
               cwd: str = REPO) -> subprocess.Popen:
@@ -84,6 +85,10 @@ class Children:
             with contextlib.suppress(Exception):
                 shutil.rmtree(r.dir, ignore_errors=True)
         self.redis.clear()
+        for other in self.others:
+            with contextlib.suppress(Exception):
+                other.stop()
+        self.others.clear()
 
 
 def _on_sigterm(signum, frame):
