@@ -9,6 +9,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable
 
 from . import pricing
+from .config import Config, Model
+from .errors import BadRequest, NotFound
 from .sse import UsageTap
 from .taps import MessagesTap, ResponsesTap
 
@@ -79,3 +81,18 @@ ENDPOINTS = MappingProxyType({e.kind: e for e in (
     Endpoint("messages", "/messages", "anthropic", True, "max_tokens", pricing.from_anthropic,
              _message_texts, lambda drop: MessagesTap()),
 )})
+
+
+def models_for(config: Config, name: str, endpoint: Endpoint) -> list[Model]:
+    """The candidate models for a requested name, on an endpoint their API serves (a model's
+    provider kind decides its endpoints: requests are never translated between APIs)."""
+    models = [config.models[n] for n in config.candidates(name)]
+    if not models:
+        raise NotFound(f"The model `{name}` does not exist or you do not have access to it.",
+                       param="model", code="model_not_found")
+    if models[0].kind != endpoint.api:
+        paths = ", ".join("/v1" + e.path for e in ENDPOINTS.values() if e.api == models[0].kind)
+        raise BadRequest(f"The model `{name}` is served by an {models[0].kind} provider and cannot be used "
+                         f"on /v1{endpoint.path} (the proxy does not translate between APIs); use {paths}.",
+                         param="model", code="model_not_supported_on_endpoint")
+    return models

@@ -25,14 +25,14 @@ from aiohttp import web
 
 from . import auth, body, metrics, planner
 from .config import Config, Model
-from .endpoints import ENDPOINTS
-from .errors import ApiError, ServiceUnavailable, StoreUnavailable, UpstreamFailed
+from .endpoints import ENDPOINTS, models_for
+from .errors import ServiceUnavailable, StoreUnavailable, UpstreamFailed
 from .ledger import Ledger, Refusal, RequestInfo, Reservation
 from .observer import Observer
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
 from .tasks import Tasks
-from .upstream import Upstreams, passed_headers, redacted
+from .upstream import Upstreams, check_credentials, passed_headers, redacted, unreachable
 
 log = logging.getLogger(__name__)
 SSE = "text/event-stream"
@@ -72,7 +72,7 @@ class Gateway:
         endpoint = ENDPOINTS[kind]
         key = auth.authenticate(auth.presented(request.headers, endpoint.api), config.keys)
         call = body.parse(await body.read(request, config.max_body_bytes), kind)
-        models = planner.models_for(config, call.model, endpoint)
+        models = models_for(config, call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
         prompt = await self.tokens.estimate(kind, call.body, models[0].upstream)
@@ -187,7 +187,7 @@ class Gateway:
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         if route is None:                                   # a config reload removed it meanwhile
             flight.release_soon("upstream_error")
-            raise _upstream_error(model.provider, ConnectionRefusedError())
+            raise unreachable(model.provider, ConnectionRefusedError())
         flight.mark_sent()
         try:
             with metrics.Timer(metrics.upstream(model.provider)):
@@ -195,10 +195,10 @@ class Gateway:
                                                request.headers)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
             flight.release_soon("upstream_error")   # never reached the upstream: nothing to pay
-            raise _upstream_error(model.provider, exc) from None
+            raise unreachable(model.provider, exc) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             flight.charge_prompt_soon()
-            raise _upstream_error(model.provider, exc) from None
+            raise unreachable(model.provider, exc) from None
         try:
             headers = passed_headers(up)
             headers.update(admitted.headers)
@@ -220,11 +220,8 @@ class Gateway:
         try:
             data = await up.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _upstream_error(provider, exc) from None
-        if up.status in (401, 403):
-            log.error("provider %s rejected the proxy's credentials (HTTP %d)", provider, up.status)
-            raise UpstreamFailed(f"The upstream provider '{provider}' rejected the proxy's credentials; "
-                                 f"tell the proxy's operator.", code="upstream_auth_failed")
+            raise unreachable(provider, exc) from None
+        check_credentials(provider, up.status)
         return web.Response(status=up.status, body=redacted(self.upstreams.routes[provider], data), headers=headers)
 
     async def _whole(self, up: aiohttp.ClientResponse, headers, flight: Flight) -> web.Response:
@@ -232,7 +229,7 @@ class Gateway:
             data = await up.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             flight.charge_prompt_soon()
-            raise _upstream_error(flight.model.provider, exc) from None
+            raise unreachable(flight.model.provider, exc) from None
         if not _json_object(data):
             # A 200 the SDK cannot parse (an HTML page from a wrong base URL, a proxy's text):
             # the upstream got the prompt and may bill it, so it is charged, as any call that
@@ -304,10 +301,3 @@ def _info(call: body.ApiCall, who: auth.Caller, models: Sequence[Model], model: 
     used = next(m for m in models if m.name == model)
     return RequestInfo(who.org, who.user, call.end_user, call.endpoint.kind, call.model, model, used.provider,
                        call.stream, asked.name if model != asked.name else None)
-
-
-def _upstream_error(provider: str, exc: BaseException) -> ApiError:
-    if isinstance(exc, asyncio.TimeoutError):
-        return UpstreamFailed(f"The upstream provider '{provider}' timed out.", status=504,
-                              code="upstream_timeout")
-    return UpstreamFailed(f"The upstream provider '{provider}' could not be reached.")

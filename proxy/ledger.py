@@ -28,7 +28,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from .keys import parse_scope_field, scope_field, window_key
 from .policy import UNLIMITED, Policy
 from .errors import AuditIncomplete, StoreUnavailable
-from .settlement_log import OUTCOMES, Drift, RequestInfo, SettlementRecord, Usage, audit, record
+from .settlement_log import OUTCOMES, Drift, RequestInfo, SettlementRecord, TokenCounts, audit, record
 from .stores import Counter, ReserveOutcome, Seen, Status, Store
 from .stores.base import Note
 from . import retry
@@ -228,7 +228,7 @@ class Ledger:
         await retry.until_stored(lambda: self.store.release(rid, counters),
                                  f"release of reservation {rid} whose answer was lost")
 
-    async def commit(self, res: Reservation, actual: Amounts, usage: Usage | None = None,
+    async def commit(self, res: Reservation, actual: Amounts, usage: TokenCounts | None = None,
                      outcome: str = "ok", latency_ms: int | None = None) -> bool:
         """Charge the actual amounts in the reservation's windows, logging `usage` and `outcome`
         (ok, cut, client_gone, upstream_error). False if already settled."""
@@ -363,7 +363,7 @@ def overrun(reserved: Amounts, actual: Amounts) -> str | None:
     return "critical" if worst > OVERRUN_CRITICAL else "warning"
 
 
-def _note(outcome: str, usage: Usage | None, latency_ms: int | None) -> Note:
+def _note(outcome: str, usage: TokenCounts | None, latency_ms: int | None) -> Note:
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome: expected one of {', '.join(OUTCOMES)}, got {outcome!r}")
     return Note(outcome, usage.pack() if usage else "", "" if latency_ms is None else str(int(latency_ms)))
@@ -385,7 +385,7 @@ def _usage_rows(wins: Sequence[Window], tables: Sequence[Mapping[str, Any]], pol
 
 
 __all__ = ["Amounts", "Balance", "Ledger", "Pair", "Refusal", "RequestInfo", "Reservation", "Scope",
-           "ScopeUsage", "SettlementRecord", "Usage", "WINDOWS"]
+           "ScopeUsage", "SettlementRecord", "TokenCounts", "WINDOWS"]
 
 
 def _iso(ms: int) -> str:

@@ -24,11 +24,11 @@ import re
 import aiohttp
 from aiohttp import web
 
-from . import auth, body, planner
+from . import auth, body
 from .config import Config
-from .endpoints import ENDPOINTS
-from .errors import BadRequest, NotFound, UpstreamFailed
-from .upstream import Upstreams, passed_headers, redacted
+from .endpoints import ENDPOINTS, models_for
+from .errors import BadRequest, NotFound
+from .upstream import Upstreams, check_credentials, passed_headers, redacted, unreachable
 
 log = logging.getLogger(__name__)
 _RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
@@ -37,12 +37,9 @@ _RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 async def _relay(up: aiohttp.ClientResponse, upstreams: Upstreams, provider: str) -> web.Response:
     try:
         data = await up.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        raise UpstreamFailed(f"The upstream provider '{provider}' could not be reached.") from None
-    if up.status in (401, 403):
-        log.error("provider %s rejected the proxy's credentials (HTTP %d)", provider, up.status)
-        raise UpstreamFailed(f"The upstream provider '{provider}' rejected the proxy's credentials; "
-                             f"tell the proxy's operator.", code="upstream_auth_failed")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise unreachable(provider, exc) from None
+    check_credentials(provider, up.status)
     if up.status >= 400:
         data = redacted(upstreams.routes[provider], data)
     return web.Response(status=up.status, body=data, headers=passed_headers(up))
@@ -52,8 +49,8 @@ async def _call(upstreams: Upstreams, method: str, provider: str, path: str, pay
                 request: web.Request) -> aiohttp.ClientResponse:
     try:
         return await upstreams.request(method, provider, path, payload, request.headers)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-        raise UpstreamFailed(f"The upstream provider '{provider}' could not be reached.") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise unreachable(provider, exc) from None
 
 
 async def stored_response(request: web.Request, config: Config, upstreams: Upstreams) -> web.Response:
@@ -88,7 +85,7 @@ async def count_tokens(request: web.Request, config: Config, upstreams: Upstream
     name = payload.get("model")
     if not isinstance(name, str) or not name:
         raise BadRequest("model: Field required", param="model", code="missing_required_parameter")
-    model = planner.models_for(config, name, endpoint)[0]
+    model = models_for(config, name, endpoint)[0]
     data = json.dumps({**payload, "model": model.upstream}, ensure_ascii=False, separators=(",", ":")).encode()
     up = await _call(upstreams, "POST", model.provider, endpoint.path + "/count_tokens", data, request)
     try:

@@ -22,9 +22,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 from .auth import Caller
 from .body import ApiCall
-from .config import Config, Model
-from .endpoints import ENDPOINTS, Endpoint
-from .errors import BadRequest, NotFound
+from .config import Model
 from .ledger import Amounts, Balance, Refusal, Scope
 from .policy import UNLIMITED, Policy
 
@@ -46,21 +44,6 @@ class Candidate(NamedTuple):
 class Plan(NamedTuple):
     candidates: list[Candidate]    # in the order to try; empty when every one is short
     short: Refusal | None          # why, when empty
-
-
-def models_for(config: Config, name: str, endpoint: Endpoint) -> list[Model]:
-    """The candidate models for a requested name, on an endpoint their API serves (a model's
-    provider kind decides its endpoints: requests are never translated between APIs)."""
-    models = [config.models[n] for n in config.candidates(name)]
-    if not models:
-        raise NotFound(f"The model `{name}` does not exist or you do not have access to it.",
-                       param="model", code="model_not_found")
-    if models[0].kind != endpoint.api:
-        paths = ", ".join("/v1" + e.path for e in ENDPOINTS.values() if e.api == models[0].kind)
-        raise BadRequest(f"The model `{name}` is served by an {models[0].kind} provider and cannot be used "
-                         f"on /v1{endpoint.path} (the proxy does not translate between APIs); use {paths}.",
-                         param="model", code="model_not_supported_on_endpoint")
-    return models
 
 
 def scopes_for(who: Caller, model: Model) -> tuple[Scope, ...]:

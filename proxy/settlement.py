@@ -26,7 +26,7 @@ from .endpoints import Endpoint
 from .errors import StoreUnavailable
 from .ledger import Amounts, Ledger, Reservation
 from .observer import Observer
-from .settlement_log import Usage as LoggedUsage
+from .settlement_log import TokenCounts
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class Flight:
     async def _commit(self, usage: pricing.Usage, outcome: str = "ok") -> None:
         """Tokens and the dollars of the model actually used, every token kind at its own rate."""
         actual = Amounts(usage.total_tokens, self.model.charge(usage))
-        logged = LoggedUsage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning)
+        logged = TokenCounts(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning)
         res, latency = self.res, self.latency_ms
         stored = await retry.until_stored(
             lambda: self._timed("commit", self.ledger.commit(res, actual, logged, outcome, latency)),

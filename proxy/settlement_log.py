@@ -53,7 +53,8 @@ class RequestInfo(NamedTuple):
         return cls(*v[:7], bool(v[7]), v[8])
 
 
-class Usage(NamedTuple):
+class TokenCounts(NamedTuple):
+    """The tokens a settlement's log record holds (pricing.Usage is the finer split it is priced by)."""
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
@@ -63,7 +64,7 @@ class Usage(NamedTuple):
         return " ".join(str(int(v)) for v in self)
 
     @classmethod
-    def unpack(cls, text: str) -> Usage | None:
+    def unpack(cls, text: str) -> TokenCounts | None:
         return cls(*map(int, text.split())) if text else None
 
 
@@ -97,7 +98,7 @@ class SettlementRecord(NamedTuple):
 
 def record(entry: LogEntry) -> SettlementRecord:
     info = RequestInfo.unpack(entry.info)
-    usage = Usage.unpack(entry.usage)
+    usage = TokenCounts.unpack(entry.usage)
     when = datetime.fromtimestamp(entry.time_ms / 1000, timezone.utc)
     return SettlementRecord(
         entry.id, when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),

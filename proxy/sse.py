@@ -34,10 +34,10 @@ from . import jsonmember
 _BOUNDARY = re.compile(rb"[\r\n](?<!\r\n)(?:(?<=\r)\n)?+[\r\n](?:(?<=\r)\n)?+")
 # Empty lines where an event would start: they dispatch nothing and belong to no event (so a
 # dropped event never takes a neighbour's stray blank line with it).
-_BLANK_LINES = re.compile(rb"[\r\n]+")
+BLANK_LINES = re.compile(rb"[\r\n]+")
 _LINE_SPLIT = re.compile(rb"\r\n?|\n")
 _LINE = re.compile(rb"[^\r\n]+")
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"
 # The member include_usage adds; OpenAI's two places for it (last, or before the padding).
 _USAGE_KEY = b'"usage"'
 _OPENAI_TAIL = b',"usage":null}'
@@ -58,7 +58,7 @@ def _field(line: bytes) -> tuple[bytes, bytes]:
     return name, value
 
 
-def _event_data(content: bytes) -> bytes | None:
+def event_data(content: bytes) -> bytes | None:
     """The joined `data` of one event's lines, or None when the event has no data field."""
     # OpenAI sends single-line `data: {...}` events; skip the line split for them.
     if content.startswith(b"data: ") and b"\n" not in content and b"\r" not in content:
@@ -67,7 +67,7 @@ def _event_data(content: bytes) -> bytes | None:
     return b"\n".join(values) if values else None
 
 
-def _decode(payload: bytes) -> dict[str, Any] | None:
+def decode_event(payload: bytes) -> dict[str, Any] | None:
     """The JSON object in an event, or None: odd events are forwarded, never fatal."""
     try:
         obj = json.loads(payload)
@@ -196,13 +196,13 @@ class UsageTap:
         lf_only = data.find(b"\r", search_from) < 0
         while pos < size:
             if data[pos] == _LF or data[pos] == _CR:
-                pos = _BLANK_LINES.match(data, pos).end()
+                pos = BLANK_LINES.match(data, pos).end()
                 continue
-            start, stop = _boundary(data, max(pos, search_from), lf_only)
+            start, stop = boundary(data, max(pos, search_from), lf_only)
             if start < 0:
                 break
             content = bytes(data[pos:start])
-            bom = 3 if self._at_start and content.startswith(_BOM) else 0
+            bom = 3 if self._at_start and content.startswith(BOM) else 0
             action = self._dispatch(content)
             if self._drop and action == DROP:
                 dropped.append((pos, stop))
@@ -221,15 +221,15 @@ class UsageTap:
         to it: DROP a usage-only event, STRIP a usage member, KEEP anything else."""
         if self._at_start:
             self._at_start = False
-            if content.startswith(_BOM):
+            if content.startswith(BOM):
                 content = content[3:]
-        payload = _event_data(content)
+        payload = event_data(content)
         if payload is None:
             return KEEP
         if payload == b"[DONE]":
             self.done = True
             return KEEP
-        obj = _decode(payload)
+        obj = decode_event(payload)
         return KEEP if obj is None else self._account(obj)
 
     def _account(self, obj: dict[str, Any]) -> int:
@@ -307,7 +307,7 @@ def _data_value(content: bytes, begin: int) -> tuple[int, int] | None:
     return found
 
 
-def _boundary(data: bytes | bytearray, start: int, lf_only: bool) -> tuple[int, int]:
+def boundary(data: bytes | bytearray, start: int, lf_only: bool) -> tuple[int, int]:
     """Span of the first blank line's terminators at or after start; (-1, -1) if none yet."""
     if lf_only:
         at = data.find(b"\n\n", start)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import pricing
-from .sse import _BLANK_LINES, _BOM, _boundary, _decode, _event_data
+from .sse import BLANK_LINES, BOM, boundary, decode_event, event_data
 
 # Deltas whose strings are generated output. Responses: every `response.*.delta` event carries
 # its text (output text, refusal, function-call arguments, reasoning summaries...) in `delta`;
@@ -78,9 +78,9 @@ class EventTap:
         lf_only = data.find(b"\r", search_from) < 0
         while pos < size:
             if data[pos] in b"\r\n":
-                pos = _BLANK_LINES.match(data, pos).end()
+                pos = BLANK_LINES.match(data, pos).end()
                 continue
-            start, stop = _boundary(data, max(pos, search_from), lf_only)
+            start, stop = boundary(data, max(pos, search_from), lf_only)
             if start < 0:
                 break
             self._dispatch(bytes(data[pos:start]))
@@ -90,9 +90,9 @@ class EventTap:
     def _dispatch(self, content: bytes) -> None:
         if self._at_start:
             self._at_start = False
-            content = content.removeprefix(_BOM)
-        payload = _event_data(content)
-        obj = _decode(payload) if payload is not None else None
+            content = content.removeprefix(BOM)
+        payload = event_data(content)
+        obj = decode_event(payload) if payload is not None else None
         if obj is not None and isinstance(obj.get("type"), str):
             self._account(obj["type"], obj)
 

@@ -8,6 +8,7 @@ we parse (the client still gets them untouched).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -18,6 +19,7 @@ from multidict import CIMultiDict
 
 from .config import Config, Provider
 from .endpoints import ENDPOINTS, Endpoint
+from .errors import UpstreamFailed
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +123,20 @@ def passed_headers(resp: aiohttp.ClientResponse) -> CIMultiDict:
         if low in _PASS or low.startswith(_PASS_PREFIXES):
             out.add(name, value)
     return out
+
+
+def unreachable(provider: str, exc: BaseException | None = None) -> UpstreamFailed:
+    """The client's error when the upstream could not be reached (502) or timed out (504)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamFailed(f"The upstream provider '{provider}' timed out.", status=504,
+                              code="upstream_timeout")
+    return UpstreamFailed(f"The upstream provider '{provider}' could not be reached.")
+
+
+def check_credentials(provider: str, status: int) -> None:
+    """A 401/403 from upstream is about the proxy's own key (OpenAI's message even quotes part
+    of it), which the client can neither see nor fix: a 502 of our own, logged for the operator."""
+    if status in (401, 403):
+        log.error("provider %s rejected the proxy's credentials (HTTP %d)", provider, status)
+        raise UpstreamFailed(f"The upstream provider '{provider}' rejected the proxy's credentials; "
+                             f"tell the proxy's operator.", code="upstream_auth_failed")

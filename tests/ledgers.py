@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
-from proxy.ledger import Amounts, Ledger, Refusal, RequestInfo, Scope, Usage
+from proxy.ledger import Amounts, Ledger, Refusal, RequestInfo, Scope, TokenCounts
 from proxy.policy import parse
 
 SCOPES = (Scope("global", "*"), Scope("org", "acme"), Scope("user", "alice"),
@@ -51,13 +51,13 @@ async def mixed_workload(ledger, clock) -> None:
         elif i % 7 == 0:
             continue                                   # left open: the sweeper settles it
         else:
-            await ledger.commit(res, Amounts(50 + i, 600 + 3 * i), Usage(40, 0, 10 + i, 0))
+            await ledger.commit(res, Amounts(50 + i, 600 + 3 * i), TokenCounts(40, 0, 10 + i, 0))
     late = await ledger.reserve("late", Amounts(500, 5000), SCOPES, INFO)
     assert isinstance(await ledger.reserve("refused", Amounts(10 ** 9, 1), SCOPES, INFO), Refusal)
     clock.t += 61
     assert await ledger.sweep() == 4 + 1
     await asyncio.sleep(0.005)     # log times are the store's clock, in ms: keep `late` the only newest
-    await ledger.commit(late, Amounts(800, 9000), Usage(700, 0, 100, 0))
+    await ledger.commit(late, Amounts(800, 9000), TokenCounts(700, 0, 100, 0))
 
 
 MIXED_POLICY = {"defaults": {"user": {"minute": {"tokens": 10_000}, "day": {"tokens": 10 ** 6}}},

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from proxy.ledger import Amounts, Pair, RequestInfo, Reservation, Scope, Usage
+from proxy.ledger import Amounts, Pair, RequestInfo, Reservation, Scope, TokenCounts
 from proxy.settlement_log import EXPORT_FIELDS, write_csv, write_jsonl
 from proxy.stores import open_store
 
@@ -21,14 +21,14 @@ async def test_each_settlement_appends_one_record_with_the_pinned_fields(store):
     clock = Clock(tomorrow_at(12))
     ledger = ledger_for(store, clock, reservation={"lease_seconds": 30, "on_expiry": "commit"})
     ok = await ledger.reserve("ok", Amounts(100, 1000), SCOPES, INFO)
-    assert await ledger.commit(ok, Amounts(60, 700), Usage(50, 20, 10, 4), "ok", latency_ms=321)
-    assert not await ledger.commit(ok, Amounts(60, 700), Usage(50, 20, 10, 4))      # no second record
+    assert await ledger.commit(ok, Amounts(60, 700), TokenCounts(50, 20, 10, 4), "ok", latency_ms=321)
+    assert not await ledger.commit(ok, Amounts(60, 700), TokenCounts(50, 20, 10, 4))      # no second record
     gone = await ledger.reserve("gone", Amounts(100, 1000), SCOPES, INFO._replace(stream=False))
     assert await ledger.release(gone, "client_gone")
     slow = await ledger.reserve("slow", Amounts(100, 1000), SCOPES, INFO._replace(end_user=None))
     clock.t += 31
     assert await ledger.sweep() == 1
-    assert await ledger.commit(slow, Amounts(130, 1200), Usage(100, 0, 30, 0), "cut", latency_ms=40_000)
+    assert await ledger.commit(slow, Amounts(130, 1200), TokenCounts(100, 0, 30, 0), "cut", latency_ms=40_000)
 
     recs = await ledger.settlements()
     assert [(r.id, r.outcome, r.usd_micro, r.charged_tokens) for r in recs] == [
@@ -50,7 +50,7 @@ async def test_each_settlement_appends_one_record_with_the_pinned_fields(store):
 async def test_a_commit_of_a_lost_record_is_logged_with_what_is_known(store):
     ledger = ledger_for(store)
     res = Reservation("lost", Amounts(10, 10), ledger.counters(SCOPES), 0)
-    assert await ledger.commit(res, Amounts(7, 70), Usage(5, 0, 2, 0))
+    assert await ledger.commit(res, Amounts(7, 70), TokenCounts(5, 0, 2, 0))
     (r,) = await ledger.settlements()
     assert (r.id, r.org, r.prompt_tokens, r.usd_micro, r.outcome) == ("lost", None, 5, 70, "ok")
 
