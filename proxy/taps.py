@@ -137,6 +137,13 @@ class ResponsesTap(EventTap):
             self.model = response["model"]
 
 
+_ANTHROPIC_INPUT_FIELDS = frozenset({"input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"})
+
+
+def _lower(new: Any, known: Any) -> bool:
+    return isinstance(new, int) and isinstance(known, int) and new < known
+
+
 class MessagesTap(EventTap):
     """Anthropic Messages events. `message_start` carries the input usage (exact: `partial`);
     every `message_delta` carries CUMULATIVE usage, so the last one seen is authoritative: its
@@ -160,7 +167,11 @@ class MessagesTap(EventTap):
         elif kind == "message_delta":
             usage = obj.get("usage")
             if isinstance(usage, dict):
-                self._raw.update((k, v) for k, v in usage.items() if v is not None)
+                for k, v in usage.items():
+                    # Input counts are known from message_start: a delta may repeat or raise them,
+                    # never lower them (a stray 0 would commit the input as free).
+                    if v is not None and not (k in _ANTHROPIC_INPUT_FIELDS and _lower(v, self._raw.get(k))):
+                        self._raw[k] = v
                 if "input_tokens" in self._raw:     # never a usage that says the input was 0
                     self.usage = dict(self._raw)
         elif kind == "message_stop":

@@ -137,3 +137,16 @@ def test_messages_tap_never_reports_usage_without_the_input():
     run(tap, [wire.sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 9},
                                          "delta": {"stop_reason": "end_turn"}})], 8)
     assert tap.usage is None and tap.partial is None
+
+
+def test_a_message_delta_never_lowers_the_input_message_start_reported():
+    """A delta that repeats input counts may raise them (cumulative) but a stray 0 must not
+    commit the input as free (review finding)."""
+    start = {"type": "message_start", "message": {"id": "m", "model": "claude-haiku-4-5", "usage": {
+        "input_tokens": 900, "cache_read_input_tokens": 300, "output_tokens": 1}}}
+    tap = MessagesTap()
+    run(tap, [wire.sse("message_start", start),
+              wire.sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                         "usage": {"input_tokens": 0, "cache_read_input_tokens": 0,
+                                                   "output_tokens": 42}})], 9)
+    assert from_anthropic(tap.usage) == Usage(input=900, cached_input=300, output=42)
