@@ -18,6 +18,8 @@ tap's; the endpoint's `read_usage` normalizes them):
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any
 
 from . import pricing
@@ -29,7 +31,7 @@ from .sse import BLANK_LINES, BOM, boundary, decode_event, event_data
 _ANTHROPIC_DELTA_TEXT = ("text", "partial_json", "thinking")
 
 
-class EventTap:
+class EventTap(abc.ABC):
     """Splits an SSE stream into events and hands each decoded JSON object to `_account`."""
 
     __slots__ = ("usage", "partial", "model", "response_id", "done", "error",
@@ -96,8 +98,9 @@ class EventTap:
         if obj is not None and isinstance(obj.get("type"), str):
             self._account(obj["type"], obj)
 
+    @abc.abstractmethod
     def _account(self, kind: str, obj: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Take in one typed event (`kind` is its `type`)."""
 
     def _output(self, text: Any) -> None:
         if isinstance(text, str) and text:
