@@ -19,7 +19,6 @@ tap's; the endpoint's `read_usage` normalizes them):
 from __future__ import annotations
 
 import abc
-
 from typing import Any
 
 from . import pricing
