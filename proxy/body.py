@@ -47,6 +47,10 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: json.loads with any keyword builds a decoder (and its scanner) on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _loads(raw: bytes) -> Any:
     # Decoded here, strictly: json.loads(bytes) would decode with 'surrogatepass' and let the
     # UTF-8 of a lone surrogate (ED A0 80) through, to fail later at tiktoken or on the way
@@ -57,7 +61,9 @@ def _loads(raw: bytes) -> Any:
         raise BadRequest(f"We could not parse the JSON body of your request: it is not valid UTF-8 "
                          f"(byte 0x{raw[exc.start]:02x} at offset {exc.start}).", code="invalid_json") from None
     try:
-        body = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):         # a second BOM: refused as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        body = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:     # bad JSON, NaN, 5000-digit ints, deep nesting
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise BadRequest(f"We could not parse the JSON body of your request: {reason}.",

@@ -37,6 +37,8 @@ from .upstream import Upstreams, check_credentials, passed_headers, redacted, un
 log = logging.getLogger(__name__)
 SSE = "text/event-stream"
 _BLANKS = re.compile(rb"[ \t\r\n]*")
+# Built once: json.dumps with any keyword builds an encoder on every call (what it writes is the same).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class Admitted(NamedTuple):
@@ -184,7 +186,7 @@ class Gateway:
         inject = call.stream and call.endpoint.usage_opt_in and not call.client_wants_usage
         if inject:
             payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        data = _ENCODER.encode(payload).encode()
         if route is None:                                   # a config reload removed it meanwhile
             flight.release_soon("upstream_error")
             raise unreachable(model.provider, ConnectionRefusedError())

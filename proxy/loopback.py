@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 
+# Every /v1 request asks this of its Host header (open auth on loopback), and parsing an address
+# is a few µs; clients send the same few Host values, so answers are memoised, bounded because
+# the header is the client's to choose.
+@functools.lru_cache(maxsize=256)
 def loopback_host(host: str | None) -> bool:
     """Does a host (a Host header, or a listen address) name this machine: localhost or a
     *.localhost name, 127.0.0.0/8, ::1; any port?

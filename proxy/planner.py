@@ -18,6 +18,7 @@ the call is refused rather than cut to nothing. Where nothing limits the call, n
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, NamedTuple, Sequence
 
 from .auth import Caller
@@ -47,8 +48,17 @@ class Plan(NamedTuple):
 
 
 def scopes_for(who: Caller, model: Model) -> tuple[Scope, ...]:
-    return (Scope("global", "*"), Scope("org", who.org), Scope("user", who.user),
-            Scope("provider", model.provider), Scope("model", model.name))
+    return _scopes(who.org, who.user, model.provider, model.name)
+
+
+# Asked two or three times per request (the plan's balances, each candidate) for the same few
+# callers and models: five tuples built once, and the same tuple each time. Bounded: users are many.
+@functools.lru_cache(maxsize=4096)
+def _scopes(org: str, user: str, provider: str, model: str) -> tuple[Scope, ...]:
+    return (_GLOBAL, Scope("org", org), Scope("user", user), Scope("provider", provider), Scope("model", model))
+
+
+_GLOBAL = Scope("global", "*")
 
 
 def any_limited(policy: Policy, scopes: Iterable[Scope]) -> bool:

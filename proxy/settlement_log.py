@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 from datetime import datetime, timezone
+from json.encoder import encode_basestring_ascii
 from typing import Iterable, NamedTuple
 
 from .keys import parse_scope_field
@@ -42,7 +43,15 @@ class RequestInfo(NamedTuple):
     downgraded_from: str | None
 
     def pack(self) -> str:
-        """One line, compact (a JSON array, no names): stored with every open reservation."""
+        """One line, compact (a JSON array, no names): stored with every open reservation.
+        Built per reserve, so the usual all-string record is spelt out with the json module's own
+        string encoder (what json.dumps writes, byte for byte, without its per-call set-up)."""
+        org, user, end_user, endpoint, asked, model, provider, stream, down = self
+        if type(org) is type(user) is type(endpoint) is type(asked) is type(model) is type(provider) is str \
+                and (end_user is None or type(end_user) is str) and (down is None or type(down) is str):
+            enc = encode_basestring_ascii
+            return (f"[{enc(org)},{enc(user)},{'null' if end_user is None else enc(end_user)},{enc(endpoint)},"
+                    f"{enc(asked)},{enc(model)},{enc(provider)},{int(stream)},{'null' if down is None else enc(down)}]")
         return json.dumps([*self[:7], int(self.stream), self.downgraded_from], separators=(",", ":"))
 
     @classmethod

@@ -155,6 +155,19 @@ def test_request_info_survives_packing_whatever_the_strings():
     assert RequestInfo.unpack(odd.pack()) == odd and "\n" not in odd.pack()
 
 
+@pytest.mark.parametrize("info", [
+    INFO,
+    RequestInfo("o\nrg", 'u"s\\er', None, "messages", "m", "m", "p", False, None),
+    RequestInfo("ü€😀\x00\x1f", "\u2028", "", "chat", "m", "m", "p", True, "dé"),
+    RequestInfo("acme", "alice", 7, "chat", "m", "m", "p", False, None),     # not a string: the slow path
+])
+def test_request_info_packs_exactly_as_the_json_array_it_always_was(info):
+    """Stored records (Redis hashes, open reservations) are read back by older and newer code
+    alike: the hand-built fast path must write json.dumps's bytes."""
+    expected = json.dumps([*info[:7], int(info.stream), info.downgraded_from], separators=(",", ":"))
+    assert info.pack() == expected
+
+
 def test_export_writes_json_lines_and_csv_with_the_pinned_columns():
     from proxy.settlement_log import record
     from proxy.stores.base import LogEntry
