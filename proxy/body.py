@@ -7,6 +7,7 @@ naming it in `param`, the way OpenAI names it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,15 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):                   # 1e400: valid JSON syntax, no finite number (NaN's twin)
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
 # Built once: json.loads with any keyword builds a decoder (and its scanner) on every call.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def _loads(raw: bytes) -> Any:

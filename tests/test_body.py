@@ -49,7 +49,7 @@ def test_bad_fields_are_400s_naming_the_param(over, param):
     assert exc.value.param == param and exc.value.status == 400
 
 
-@pytest.mark.parametrize("data", [b"{nope", b"[1]", b'{"a": NaN}', b"[" * 100_000, b'{"model": "\\ud800"}'])
+@pytest.mark.parametrize("data", [b"{nope", b"[1]", b'{"a": NaN}', b'{"model": "m", "temperature": 1e400}', b"[" * 100_000, b'{"model": "\\ud800"}'])
 def test_unparseable_bodies_are_invalid_json(data):
     with pytest.raises(BadRequest) as exc:
         parse(data, "chat")
