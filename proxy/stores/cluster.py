@@ -222,20 +222,9 @@ class ClusterStore(RedisStore):
             self._draw, [h.lender], ["returned", h.scope, h.tenant, ret_t, ret_d]))
         return bool(tr or dr)
 
-    async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
-                     note: Note = Note("ok")) -> bool:
-        return await self._settle_in(rid, counters, "commit", tokens, usd, note)
-
-    async def release(self, rid: str, counters: Sequence[Counter], note: Note = Note("released")) -> bool:
-        return await self._settle_in(rid, counters, "release", 0, 0, note)
-
-    async def expire(self, rid: str, counters: Sequence[Counter], charge: bool, now_ms: int) -> bool:
-        keep_until = max((c.expire_at for c in counters), default=now_ms)
-        return await self._settle_in(rid, counters, "expire", 0, 0, Note("expired"), now_ms,
-                                     "1" if charge else "0", keep_until)
-
-    async def _settle_in(self, rid: str, counters: Sequence[Counter], mode: str, tokens: int, usd: int,
-                         note: Note, now_ms: int = 0, charge: str = "0", keep_until: int = 0) -> bool:
+    async def _settle(self, rid: str, counters: Sequence[Counter], mode: str, tokens: int, usd: int,
+                      note: Note, now_ms: int = 0, charge: str = "0", keep_until: int = 0) -> bool:
+        """RedisStore's commit, release and expire, settled in the request's tenant slot."""
         layout = self._tenant_layout(counters)
         await self._register(layout.tenant)          # a settle of a lost record may be its first write
         tag = tenant_tag(self._ns, layout.tenant)
