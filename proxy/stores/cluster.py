@@ -89,7 +89,7 @@ class ClusterStore(RedisStore):
         return connect(url, max_connections)
 
     def _caller(self):
-        return Direct(self._r, self._max_connections)
+        return Direct(self._r)
 
     def _tenant_layout(self, counters: Sequence[Counter]) -> _TenantLayout:
         key = counters if isinstance(counters, tuple) else tuple(counters)

@@ -35,28 +35,54 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str 
     return nodes, user, password
 
 
-# Connections per node beyond the script calls' own, for the pipelined reads (sweeper, snapshot).
-_SPARE_CONNECTIONS = 8
+# Pipelines (sweeper, snapshot, admin reads) out at once; each holds at most one connection per node.
+_PIPELINES = 8
+
+
+class GatedCluster(RedisCluster):
+    """redis-py's cluster client, made to wait for a connection instead of failing.
+
+    Its per-node pool raises MaxConnectionsError when every connection is busy, where the
+    single-node store's blocking pool waits: a burst of first requests (each registering its
+    org, drawing an allowance, reserving) must wait its turn, not fail with a 503. So every
+    command waits for one of `commands` slots and every pipeline for one of `_PIPELINES`, and
+    each node's pool holds both (a command uses one connection on one node; a pipeline at most
+    one per node). The two gates are separate because a pipeline re-sends a redirected command
+    through `execute_command` while it holds its own slot."""
+
+    def __init__(self, *args, commands: int, **kwargs) -> None:
+        super().__init__(*args, max_connections=commands + _PIPELINES, **kwargs)
+        self._commands = asyncio.Semaphore(commands)
+        self._pipelines = asyncio.Semaphore(_PIPELINES)
+
+    async def execute_command(self, *args, **kwargs):
+        async with self._commands:
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, *args, **kwargs):
+        pipe = super().pipeline(*args, **kwargs)
+        run = pipe.execute
+
+        async def execute(*a, **kw):
+            async with self._pipelines:
+                return await run(*a, **kw)
+        pipe.execute = execute
+        return pipe
 
 
 class Direct:
-    """Script calls one by one as the Redis store's `_Coalescer` takes them, without batching.
+    """Script calls one by one as the Redis store's `_Coalescer` takes them, without batching
+    (GatedCluster bounds how many are out at once)."""
 
-    At most `limit` calls are out at once: redis-py's cluster client fails a call outright
-    (MaxConnectionsError) when a node's pool is exhausted, where the single-node store's blocking
-    pool waits; a burst of requests must wait its turn, not fail."""
-
-    def __init__(self, client: RedisCluster, limit: int) -> None:
+    def __init__(self, client: RedisCluster) -> None:
         self._r = client
-        self._slots = asyncio.Semaphore(limit)
         self._ready = False
         self._starting = asyncio.Lock()
 
     async def call(self, script, keys: list, args: list):
         if not self._ready:
             await self._start()
-        async with self._slots:
-            return await script(keys=keys, args=args)
+        return await script(keys=keys, args=args)
 
     async def ready(self) -> None:
         if not self._ready:
@@ -72,12 +98,13 @@ class Direct:
                 self._ready = True
 
 
-def connect(url: str, max_connections: int) -> RedisCluster:
-    """redis-py's cluster client for `url` (not connected until first used)."""
+def connect(url: str, max_connections: int) -> GatedCluster:
+    """The cluster client for `url` (not connected until first used): at most `max_connections`
+    commands out at once, the rest waiting."""
     nodes, user, password = parse_cluster_url(url)
-    return RedisCluster(
+    return GatedCluster(
         startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=user, password=password,
-        max_connections=max_connections + _SPARE_CONNECTIONS, socket_timeout=5, socket_connect_timeout=5,
+        commands=max_connections, socket_timeout=5, socket_connect_timeout=5,
         # Two retries (re-discovering the slots between them): a node that stops answering is
         # a StoreUnavailable within seconds, not after the default ten attempts.
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
