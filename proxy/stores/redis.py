@@ -36,22 +36,47 @@ def _script(name: str) -> str:
     return resources.files("proxy.stores").joinpath("lua", f"{name}.lua").read_text()
 
 
-class _Coalescer:
-    """Script calls made while MAX_IN_FLIGHT round trips are already out wait and then go
-    together, as one pipeline (one connection, one write, one read loop).
+def _assembled() -> dict[str, str]:
+    """The texts of the reserve, settle and batch scripts, built once at import from the .lua
+    files: reserve.lua and settle.lua define the bodies as functions over a few helpers, direct
+    Redis commands for a single call (direct.lua), a per-batch cache in batch.lua (cached.lua);
+    so the logic has one source and a batch runs exactly the single calls, in order."""
+    direct, cached = _script("direct"), _script("cached")
+    reserve, settle = _script("reserve"), _script("settle")
+    return {"reserve": f"{direct}\n{reserve}\nreturn reserve(KEYS, ARGV)\n",
+            "settle": f"{direct}\n{settle}\nreturn settle(KEYS, ARGV)\n",
+            "batch": f"{cached}\n{reserve}\n{settle}\n{_script('batch')}"}
 
-    Idle or at one connection nothing waits: a call goes out at once. Under load, redis-py's
-    per-call cost (pool checkout, retry wrapper, timeouts, packing) was most of the proxy's CPU;
-    a batch pays it once. Scripts are idempotent by reservation id, so a retried pipeline is safe.
+
+SCRIPTS = _assembled()
+
+
+class _Coalescer:
+    """Script calls made while MAX_IN_FLIGHT round trips are already out wait, and then go
+    together as ONE call of batch.lua, which runs them in order in one atomic script.
+
+    Idle or at one connection nothing waits: a call goes out at once, as its own script. Under
+    load, a batch pays redis-py's per-call cost (pool checkout, retry wrapper, timeouts, packing)
+    once, and Redis's too: one EVALSHA, and each window hash (all the day's requests share it)
+    read and written once per batch instead of once per call, so the server's time per request
+    falls as load grows. Calls of scripts not in `kinds` (none from RedisStore) go out as their
+    own EVALSHA in the same pipeline; so does a batch of one. Scripts are idempotent by
+    reservation id, so a retried pipeline is safe; a NOSCRIPT (SCRIPT FLUSH, failover) loads the
+    script and runs its call again (it did not run).
     """
 
     MAX_IN_FLIGHT = 4
+    MAX_BATCH = 64          # sub-calls per batch script call: bounds how long one call holds Redis
 
-    def __init__(self, client: aioredis.Redis, tasks: Tasks) -> None:
+    def __init__(self, client: aioredis.Redis, tasks: Tasks, batch: AsyncScript,
+                 kinds: dict[AsyncScript, str]) -> None:
         self._r = client
         self._in_flight = 0
         self._queue: list[tuple[AsyncScript, list, list, asyncio.Future]] = []
         self._tasks = tasks             # the flushes run there: the app drains them before closing us
+        self._batch = batch
+        self._kinds = kinds             # script -> its kind in batch.lua ("r", "s")
+        self.batched = 0                # calls that went through batch.lua (tests, benchmarks)
 
     async def call(self, script: AsyncScript, keys: list, args: list):
         if self._in_flight < self.MAX_IN_FLIGHT:
@@ -71,27 +96,64 @@ class _Coalescer:
             self._in_flight += 1
             self._tasks.spawn(self._flush(batch))
 
+    def _calls(self, batch) -> list[tuple[AsyncScript, list, list, list[asyncio.Future]]]:
+        """The script calls that carry `batch`: runs of batchable calls (up to MAX_BATCH) as one
+        batch.lua call each, the others (and a run of one) as themselves."""
+        out = []
+        run: list = []
+
+        def close_run() -> None:
+            if len(run) == 1:
+                script, keys, args, fut = run[0]
+                out.append((script, keys, args, [fut]))
+            elif run:
+                keys, args = [], []
+                for script, k, a, _ in run:
+                    keys += k
+                    args += (self._kinds[script], len(k), len(a), *a)
+                out.append((self._batch, keys, args, [fut for *_, fut in run]))
+                self.batched += len(run)
+            run.clear()
+
+        for item in batch:
+            if item[0] in self._kinds:
+                run.append(item)
+                if len(run) == self.MAX_BATCH:
+                    close_run()
+            else:
+                close_run()
+                out.append((item[0], item[1], item[2], [item[3]]))
+        close_run()
+        return out
+
     async def _flush(self, batch) -> None:
         try:
+            calls = self._calls(batch)
             pipe = self._r.pipeline(transaction=False)
-            for script, keys, args, _ in batch:
+            for script, keys, args, _ in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             try:
                 results = await pipe.execute(raise_on_error=False)
             except BaseException as exc:                       # noqa: BLE001 - handed to every caller
-                results = [exc] * len(batch)
-            for (script, keys, args, fut), res in zip(batch, results):
+                results = [exc] * len(calls)
+            for (script, keys, args, futs), res in zip(calls, results):
                 if isinstance(res, NoScriptError):             # SCRIPT FLUSH, failover: load, rerun
                     try:
                         res = await script(keys=keys, args=args)
                     except BaseException as exc:               # noqa: BLE001
                         res = exc
-                if fut.done():                                 # its caller went away
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+                # A batch answers one reply per call (an error reply for a call that failed);
+                # an error of the whole call goes to each of its callers.
+                replies = res if script is self._batch and isinstance(res, list) else [res] * len(futs)
+                if len(replies) != len(futs):
+                    replies = [ResponseError(f"batch answered {len(replies)} replies for {len(futs)} calls")] * len(futs)
+                for fut, reply in zip(futs, replies):
+                    if fut.done():                             # its caller went away
+                        continue
+                    if isinstance(reply, BaseException):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply)
         finally:
             self._done()
 
@@ -142,8 +204,8 @@ class RedisStore(Store):
         self._log_length = log_length
         self._max_connections = max_connections
         self._r = self._connect(url, timeout, max_connections)
-        self._reserve = self._r.register_script(_script("reserve"))
-        self._settle_script = self._r.register_script(_script("settle"))
+        self._reserve = self._r.register_script(SCRIPTS["reserve"])
+        self._settle_script = self._r.register_script(SCRIPTS["settle"])
         self._extend = self._r.register_script(_script("extend"))
         self._calls = self._caller()
         self._wires: dict[tuple[Counter, ...], fmt.Wire] = {}
@@ -162,7 +224,8 @@ class RedisStore(Store):
         )
 
     def _caller(self):
-        return _Coalescer(self._r, self._tasks)
+        return _Coalescer(self._r, self._tasks, self._r.register_script(SCRIPTS["batch"]),
+                          {self._reserve: "r", self._settle_script: "s"})
 
     def _wired(self, counters: Sequence[Counter]) -> fmt.Wire:
         """The wire form of `counters`, cached: the ledger passes the same tuple for every
