@@ -14,11 +14,24 @@
 -- itself (reads, the record, the log), before its first helper write (see reserve.lua and
 -- settle.lua), so a failed sub-call leaves nothing in the cache.
 
-local unpack, tonumber = unpack, tonumber
+local unpack, tonumber, sunpack, spack = unpack, tonumber, struct.unpack, struct.pack
 local hashes, hash_order = {}, {}      -- key -> {v = field -> value | false, dirty = field -> true,
                                        --         expire = epoch ms | nil, gone = deleted in this batch}
+                                       -- values unpacked once when read, packed once when flushed
 local leases, lease_order = {}, {}     -- key -> member -> deadline | false (removed)
 local now_ms                           -- the server's clock, read once, only if an expiry is set
+
+-- An argument as a number: the sub-calls of a batch share most of their arguments (the same
+-- counters, limits and expiries), and tonumber is one of the dearest calls in these scripts.
+local numbers = {}
+local function num(s)
+  local x = numbers[s]
+  if x == nil then
+    x = tonumber(s)
+    numbers[s] = x
+  end
+  return x
+end
 
 local function cached(key)
   local h = hashes[key]
@@ -30,42 +43,55 @@ local function cached(key)
   return h
 end
 
--- Fill the cache with `fields` (a list) of `key` not cached yet: one HMGET, none if all are.
-local function load(key, h, fields)
+-- Fill the cache with the fields A[first .. last] of `key` not cached yet, and the marker "_"
+-- the first time: one HMGET, none if all are cached (or the hash was deleted in this batch).
+local function load(key, h, A, first, last)
   local v, missing, m = h.v, {}, 0
-  for i = 1, #fields do
-    local f = fields[i]
+  if v['_'] == nil then
+    if h.gone then v['_'] = false else m = 1; missing[1] = '_' end
+  end
+  for i = first, last do
+    local f = A[i]
     if v[f] == nil then
       if h.gone then v[f] = false else m = m + 1; missing[m] = f end
     end
   end
   if m > 0 then
     local got = redis.call('HMGET', key, unpack(missing))
-    for i = 1, m do v[missing[i]] = got[i] end
+    for i = 1, m do
+      local f, raw = missing[i], got[i]
+      if raw and f ~= '_' then v[f] = {sunpack('<dddd', raw)} else v[f] = raw end
+    end
   end
+  return v
 end
 
 local function hash_read(key, A, first, n)
-  local h = cached(key)
-  local fields = {'_', unpack(A, first, first + n - 1)}
-  load(key, h, fields)
-  local v, out = h.v, {}
-  for i = 1, n + 1 do out[i] = v[fields[i]] end
-  return out
+  local v = load(key, cached(key), A, first, first + n - 1)
+  local vals = {}
+  for j = 1, n do vals[j] = v[A[first + j - 1]] end
+  return not v['_'], vals
 end
 
 local function hash_get(key, field)
-  local h = cached(key)
-  load(key, h, {field})
-  return h.v[field]
+  return load(key, cached(key), {field}, 1, 1)[field]
 end
 
-local function hash_write(key, args)
+-- A cached value is updated in place: the bodies read a field's value (hash_read) and are done
+-- with it before they write that field (they build the whole list first).
+local function hash_write(key, list)
   local h = cached(key)
   local v, dirty = h.v, h.dirty
-  for i = 1, #args, 2 do
-    local f = args[i]
-    v[f], dirty[f] = args[i + 1], true
+  v['_'], dirty['_'] = '1', true
+  for i = 1, #list, 5 do
+    local f = list[i]
+    local x = v[f]
+    if x then
+      x[1], x[2], x[3], x[4] = list[i + 1], list[i + 2], list[i + 3], list[i + 4]
+    else
+      v[f] = {list[i + 1], list[i + 2], list[i + 3], list[i + 4]}
+    end
+    dirty[f] = true
   end
 end
 
@@ -109,7 +135,9 @@ local function flush()
     if h.gone then redis.call('DEL', key) end
     local args, n, v = {}, 0, h.v
     for f in pairs(h.dirty) do
-      args[n + 1], args[n + 2] = f, v[f]
+      local x = v[f]
+      if f ~= '_' then x = spack('<dddd', x[1], x[2], x[3], x[4]) end
+      args[n + 1], args[n + 2] = f, x
       n = n + 2
     end
     if n > 0 then redis.call('HSET', key, unpack(args)) end

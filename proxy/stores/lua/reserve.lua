@@ -37,9 +37,10 @@
 -- says whether the hash is new, so PEXPIREAT runs once per window hash, not once per call.
 
 local DUPLICATE = {2, -1, 0, 0, 0, 0, {}}
+local ZERO = {0, 0, 0, 0}
 
 local function reserve(KEYS, ARGV)
-  local tonumber, sunpack, spack = tonumber, struct.unpack, struct.pack
+  local num = num
   local tokens, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
   local force = ARGV[6] == '1'
   local over, seen, ns = nil, {}, 0
@@ -47,27 +48,19 @@ local function reserve(KEYS, ARGV)
   local base, a = 0, 9
 
   for w = 3, #KEYS do
-    local n = tonumber(ARGV[a + 1])
+    local n = num(ARGV[a + 1])
     local first = a + 2
-    local got = hash_read(KEYS[w], ARGV, first, n)
-    fresh[w] = not got[1]
-    local vals = {}
-    for j = 1, n do
-      local v = got[j + 1]
-      if v then vals[j] = {sunpack('<dddd', v)} else vals[j] = {0, 0, 0, 0} end
-    end
-    reads[w] = vals
+    local is_new, vals = hash_read(KEYS[w], ARGV, first, n)
+    fresh[w], reads[w] = is_new, vals
     local l = first + n
-    for k = l + 1, l + 3 * tonumber(ARGV[l]), 3 do
-      local j, tl, dl = tonumber(ARGV[k]), tonumber(ARGV[k + 1]), tonumber(ARGV[k + 2])
-      local v = vals[j]
+    for k = l + 1, l + 3 * num(ARGV[l]), 3 do
+      local j, tl, dl = num(ARGV[k]), num(ARGV[k + 1]), num(ARGV[k + 2])
+      local v = vals[j] or ZERO
       local t, tr, d, dr = v[1], v[2], v[3], v[4]
       if tl < -1 or dl < -1 then
-        local held = hash_get(KEYS[w], '~' .. ARGV[first + j - 1])
-        local gt, rt, gd, rd = 0, 0, 0, 0
-        if held then gt, rt, gd, rd = sunpack('<dddd', held) end
-        if tl < -1 then t, tl = t - (gt - rt), 0 end
-        if dl < -1 then d, dl = d - (gd - rd), 0 end
+        local held = hash_get(KEYS[w], '~' .. ARGV[first + j - 1]) or ZERO
+        if tl < -1 then t, tl = t - (held[1] - held[2]), 0 end
+        if dl < -1 then d, dl = d - (held[3] - held[4]), 0 end
       end
       seen[ns + 1], seen[ns + 2], seen[ns + 3], seen[ns + 4], seen[ns + 5] = base + j - 1, t, tr, d, dr
       ns = ns + 5
@@ -80,7 +73,7 @@ local function reserve(KEYS, ARGV)
       end
     end
     base = base + n
-    a = l + 1 + 3 * tonumber(ARGV[l])
+    a = l + 1 + 3 * num(ARGV[l])
   end
 
   -- The record is the first write, NX: if this id already reserved, nothing has been written yet.
@@ -90,17 +83,17 @@ local function reserve(KEYS, ARGV)
   end
   a = 9
   for w = 3, #KEYS do
-    local n = tonumber(ARGV[a + 1])
-    local first, vals, args = a + 2, reads[w], {'_', '1'}
+    local n = num(ARGV[a + 1])
+    local first, vals, list = a + 2, reads[w], {}
     for j = 1, n do
-      local v = vals[j]
-      args[2 * j + 1] = ARGV[first + j - 1]
-      args[2 * j + 2] = spack('<dddd', v[1], v[2] + tokens, v[3], v[4] + usd)
+      local v, s = vals[j] or ZERO, 5 * j - 5
+      list[s + 1], list[s + 2], list[s + 3], list[s + 4], list[s + 5] =
+        ARGV[first + j - 1], v[1], v[2] + tokens, v[3], v[4] + usd
     end
-    hash_write(KEYS[w], args)
+    hash_write(KEYS[w], list)
     if fresh[w] then hash_expire(KEYS[w], ARGV[a]) end
     local l = first + n
-    a = l + 1 + 3 * tonumber(ARGV[l])
+    a = l + 1 + 3 * num(ARGV[l])
   end
   lease_add(KEYS[2], ARGV[4], ARGV[1])
 

@@ -34,13 +34,14 @@
 -- the sweeper, kept so that the late commit or release of a live request corrects the charge to
 -- its actual amounts, once; "c" settled.
 
--- Every window hash's hash_read result ({marker, value 1, ..., value n}), by KEYS index.
+-- Every window hash as hash_read gives it: {fresh, values}, by KEYS index.
 local function settle_read(KEYS, ARGV)
-  local tonumber = tonumber
+  local num = num
   local reads, a = {}, 14
   for w = 4, #KEYS do
-    local n = tonumber(ARGV[a + 1])
-    reads[w] = hash_read(KEYS[w], ARGV, a + 2, n)
+    local n = num(ARGV[a + 1])
+    local fresh, vals = hash_read(KEYS[w], ARGV, a + 2, n)
+    reads[w] = {fresh, vals}
     a = a + 2 + n
   end
   return reads
@@ -49,27 +50,27 @@ end
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
 -- (a restart, or the window expired) gets the usage again, nothing to take back.
 local function settle_write(KEYS, ARGV, reads, used_t, used_d, res_t, res_d)
-  local tonumber, sunpack, spack, max = tonumber, struct.unpack, struct.pack, math.max
+  local num, max = num, math.max
   local a = 14
   for w = 4, #KEYS do
-    local n = tonumber(ARGV[a + 1])
-    local first, vals = a + 2, reads[w]
-    local args, fresh = {'_', '1'}, not vals[1]     -- "_": the hash's marker (see reserve.lua)
+    local n = num(ARGV[a + 1])
+    local first, fresh, vals = a + 2, reads[w][1], reads[w][2]
+    local list, s = {}, 0
     for j = 1, n do
-      local v = vals[j + 1]
-      local s = #args
+      local v = vals[j]
       if v then
-        local t, tr, d, dr = sunpack('<dddd', v)
-        args[s + 1] = ARGV[first + j - 1]
-        args[s + 2] = spack('<dddd', max(t + used_t, 0), max(tr - res_t, 0), max(d + used_d, 0), max(dr - res_d, 0))
+        list[s + 1], list[s + 2], list[s + 3], list[s + 4], list[s + 5] = ARGV[first + j - 1],
+          max(v[1] + used_t, 0), max(v[2] - res_t, 0), max(v[3] + used_d, 0), max(v[4] - res_d, 0)
+        s = s + 5
       elseif used_t > 0 or used_d > 0 then
-        args[s + 1] = ARGV[first + j - 1]
-        args[s + 2] = spack('<dddd', max(used_t, 0), 0, max(used_d, 0), 0)
+        list[s + 1], list[s + 2], list[s + 3], list[s + 4], list[s + 5] = ARGV[first + j - 1],
+          max(used_t, 0), 0, max(used_d, 0), 0
+        s = s + 5
       end
     end
-    if #args > 2 then
-      hash_write(KEYS[w], args)
-      if fresh then hash_expire(KEYS[w], ARGV[a]) end
+    if s > 0 then
+      hash_write(KEYS[w], list)
+      if fresh then hash_expire(KEYS[w], ARGV[a]) end    -- a new hash (its marker "_" was absent)
     end
     a = first + n
   end
