@@ -255,3 +255,16 @@ async def test_a_batch_reads_and_writes_each_window_hash_once(redis_server, redi
     # The filler is one single reserve.lua call on its own (unlimited) hash: EVALSHA, HMGET, SET, HSET, ZADD.
     assert spent == {"evalsha": 1 + 1, "hmget": 2 + 1, "hset": 2 + 1, "set": n + 1, "zadd": 1 + 1}
     await store.close()
+
+
+async def test_a_long_queue_goes_as_several_batches_in_order(redis_url):
+    store = open_store(redis_url)
+    store._calls.MAX_BATCH = 3
+    store._calls.MAX_IN_FLIGHT = 1
+    limit = [Counter("{bp}:w:day", "org:z", 60, -1, EXPIRE)]
+    filler = store.reserve("filler-long", [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)], 0, 0, FILLER_DEADLINE, False)
+    out = await asyncio.gather(filler, *(store.reserve(f"l{i}", limit, 10, 0, NOW_MS, False) for i in range(7)))
+    # Two batches of 3, then the last call alone (its own script), in queue order: six fit exactly.
+    assert [o.status for o in out[1:]] == [Status.ADMITTED] * 6 + [Status.REFUSED]
+    assert store._calls.batched == 6
+    await store.close()
