@@ -46,14 +46,14 @@ end
 -- Fill the cache with the fields A[first .. last] of `key` not cached yet, and the marker "_"
 -- the first time: one HMGET, none if all are cached (or the hash was deleted in this batch).
 local function load(key, h, A, first, last)
-  local v, missing, m = h.v, {}, 0
+  local v, missing, m = h.v, nil, 0
   if v['_'] == nil then
-    if h.gone then v['_'] = false else m = 1; missing[1] = '_' end
+    if h.gone then v['_'] = false else m = 1; missing = {'_'} end
   end
   for i = first, last do
     local f = A[i]
     if v[f] == nil then
-      if h.gone then v[f] = false else m = m + 1; missing[m] = f end
+      if h.gone then v[f] = false else m = m + 1; missing = missing or {}; missing[m] = f end
     end
   end
   if m > 0 then
@@ -78,21 +78,21 @@ local function hash_get(key, field)
 end
 
 -- A cached value is updated in place: the bodies read a field's value (hash_read) and are done
--- with it before they write that field (they build the whole list first).
-local function hash_write(key, list)
+-- with it when they write that field (its new numbers are computed before the call).
+local function hash_set(key, field, t, tr, d, dr)
   local h = cached(key)
-  local v, dirty = h.v, h.dirty
-  v['_'], dirty['_'] = '1', true
-  for i = 1, #list, 5 do
-    local f = list[i]
-    local x = v[f]
-    if x then
-      x[1], x[2], x[3], x[4] = list[i + 1], list[i + 2], list[i + 3], list[i + 4]
-    else
-      v[f] = {list[i + 1], list[i + 2], list[i + 3], list[i + 4]}
-    end
-    dirty[f] = true
+  local x = h.v[field]
+  if x then
+    x[1], x[2], x[3], x[4] = t, tr, d, dr
+  else
+    h.v[field] = {t, tr, d, dr}
   end
+  h.dirty[field] = true
+end
+
+local function hash_commit(key)
+  local h = cached(key)
+  h.v['_'], h.dirty['_'] = '1', true
 end
 
 local function hash_expire(key, at)

@@ -3,7 +3,7 @@
 -- The two scripts are assembled once at start-up (proxy/stores/redis.py): this file, then the
 -- body (reserve.lua or settle.lua, which define `reserve(KEYS, ARGV)` / `settle(KEYS, ARGV)`),
 -- then `return reserve(KEYS, ARGV)`. The bodies touch window hashes and the lease index only
--- through these six helpers (and read numeric arguments with num); batch.lua runs the same bodies over cache-backed ones (cached.lua).
+-- through these helpers (and read numeric arguments with num); batch.lua runs the same bodies over cache-backed ones (cached.lua).
 -- Here each helper is the one Redis command it names; values are packed and unpacked here
 -- (struct "<dddd", see reserve.lua), so the bodies work on numbers.
 
@@ -28,15 +28,17 @@ local function hash_get(key, field)
   return v and {sunpack('<dddd', v)} or false
 end
 
--- list: field, tokens used, tokens reserved, micro-USD used, micro-USD reserved, field, ...;
--- written with the marker. One HSET.
-local function hash_write(key, list)
-  local args, n = {'_', '1'}, 2
-  for i = 1, #list, 5 do
-    args[n + 1], args[n + 2] = list[i], spack('<dddd', list[i + 1], list[i + 2], list[i + 3], list[i + 4])
-    n = n + 2
-  end
-  redis.call('HSET', key, unpack(args))
+-- Writing a hash: hash_set for each field, then hash_commit sends them, with the marker, as ONE
+-- HSET (a body finishes one hash before it writes the next).
+local hset_args, hset_n = {'_', '1'}, 2
+local function hash_set(key, field, t, tr, d, dr)
+  hset_args[hset_n + 1], hset_args[hset_n + 2] = field, spack('<dddd', t, tr, d, dr)
+  hset_n = hset_n + 2
+end
+
+local function hash_commit(key)
+  redis.call('HSET', key, unpack(hset_args, 1, hset_n))
+  hset_n = 2
 end
 
 local function hash_expire(key, at)

@@ -2,7 +2,7 @@
 --
 -- Defines reserve(KEYS, ARGV); run alone as direct.lua .. this .. "return reserve(KEYS, ARGV)",
 -- or as one sub-call of batch.lua (see there). Window hashes and the lease index are touched
--- only through the helpers hash_read / hash_get / hash_write / hash_expire / lease_add, direct
+-- only through the helpers hash_read / hash_get / hash_set + hash_commit / hash_expire / lease_add, direct
 -- Redis commands alone (direct.lua), a per-batch cache in a batch (cached.lua). The record's
 -- SET NX and EXISTS are direct commands in both forms.
 --
@@ -84,14 +84,13 @@ local function reserve(KEYS, ARGV)
   a = 9
   for w = 3, #KEYS do
     local n = num(ARGV[a + 1])
-    local first, vals, list = a + 2, reads[w], {}
+    local first, vals, key = a + 2, reads[w], KEYS[w]
     for j = 1, n do
-      local v, s = vals[j] or ZERO, 5 * j - 5
-      list[s + 1], list[s + 2], list[s + 3], list[s + 4], list[s + 5] =
-        ARGV[first + j - 1], v[1], v[2] + tokens, v[3], v[4] + usd
+      local v = vals[j] or ZERO
+      hash_set(key, ARGV[first + j - 1], v[1], v[2] + tokens, v[3], v[4] + usd)
     end
-    hash_write(KEYS[w], list)
-    if fresh[w] then hash_expire(KEYS[w], ARGV[a]) end
+    hash_commit(key)
+    if fresh[w] then hash_expire(key, ARGV[a]) end
     local l = first + n
     a = l + 1 + 3 * num(ARGV[l])
   end

@@ -3,7 +3,7 @@
 --
 -- Defines settle(KEYS, ARGV); run alone as direct.lua .. this .. "return settle(KEYS, ARGV)",
 -- or as one sub-call of batch.lua (see there). Window hashes and the lease index are touched
--- only through the helpers hash_read / hash_write / hash_expire / lease_remove (direct.lua,
+-- only through the helpers hash_read / hash_set + hash_commit / hash_expire / lease_remove (direct.lua,
 -- cached.lua); the record's GET / SET and the log's XADD are direct commands in both forms.
 --
 -- KEYS[1]   reservation record (string, see reserve.lua)     KEYS[2]  lease index (zset)
@@ -54,23 +54,22 @@ local function settle_write(KEYS, ARGV, reads, used_t, used_d, res_t, res_d)
   local a = 14
   for w = 4, #KEYS do
     local n = num(ARGV[a + 1])
-    local first, fresh, vals = a + 2, reads[w][1], reads[w][2]
-    local list, s = {}, 0
+    local first, fresh, vals, key = a + 2, reads[w][1], reads[w][2], KEYS[w]
+    local written = false
     for j = 1, n do
       local v = vals[j]
       if v then
-        list[s + 1], list[s + 2], list[s + 3], list[s + 4], list[s + 5] = ARGV[first + j - 1],
-          max(v[1] + used_t, 0), max(v[2] - res_t, 0), max(v[3] + used_d, 0), max(v[4] - res_d, 0)
-        s = s + 5
+        hash_set(key, ARGV[first + j - 1], max(v[1] + used_t, 0), max(v[2] - res_t, 0),
+                 max(v[3] + used_d, 0), max(v[4] - res_d, 0))
+        written = true
       elseif used_t > 0 or used_d > 0 then
-        list[s + 1], list[s + 2], list[s + 3], list[s + 4], list[s + 5] = ARGV[first + j - 1],
-          max(used_t, 0), 0, max(used_d, 0), 0
-        s = s + 5
+        hash_set(key, ARGV[first + j - 1], max(used_t, 0), 0, max(used_d, 0), 0)
+        written = true
       end
     end
-    if s > 0 then
-      hash_write(KEYS[w], list)
-      if fresh then hash_expire(KEYS[w], ARGV[a]) end    -- a new hash (its marker "_" was absent)
+    if written then
+      hash_commit(key)
+      if fresh then hash_expire(key, ARGV[a]) end        -- a new hash (its marker "_" was absent)
     end
     a = first + n
   end
