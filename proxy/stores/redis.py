@@ -72,21 +72,24 @@ class _Coalescer:
                  kinds: dict[AsyncScript, str]) -> None:
         self._r = client
         self._in_flight = 0
-        self._queue: list[tuple[AsyncScript, list, list, asyncio.Future]] = []
+        self._queue: list[tuple[AsyncScript, list, list, tuple, asyncio.Future]] = []
         self._tasks = tasks             # the flushes run there: the app drains them before closing us
         self._batch = batch
         self._kinds = kinds             # script -> its kind in batch.lua ("r", "s")
         self.batched = 0                # calls that went through batch.lua (tests, benchmarks)
 
-    async def call(self, script: AsyncScript, keys: list, args: list):
+    async def call(self, script: AsyncScript, keys: list, args: list, tail: tuple = ()):
+        """Run `script` on `keys` and the arguments `args` followed by `tail`. The tail is the
+        part that calls of one plan share (the same tuple object, see RedisStore._wired): a
+        batch sends it once, later calls of the batch name the first that carried it."""
         if self._in_flight < self.MAX_IN_FLIGHT:
             self._in_flight += 1
             try:
-                return await script(keys=keys, args=args)
+                return await script(keys=keys, args=[*args, *tail] if tail else args)
             finally:
                 self._done()
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((script, keys, args, fut))
+        self._queue.append((script, keys, args, tail, fut))
         return await fut
 
     def _done(self) -> None:
@@ -104,13 +107,18 @@ class _Coalescer:
 
         def close_run() -> None:
             if len(run) == 1:
-                script, keys, args, fut = run[0]
-                out.append((script, keys, args, [fut]))
+                script, keys, args, tail, fut = run[0]
+                out.append((script, keys, [*args, *tail], [fut]))
             elif run:
-                keys, args = [], []
-                for script, k, a, _ in run:
+                keys, args, carried = [], [], {}        # id(tail) -> the call that carried it (1-based)
+                for i, (script, k, a, tail, _) in enumerate(run, 1):
                     keys += k
-                    args += (self._kinds[script], len(k), len(a), *a)
+                    first = carried.get(id(tail)) if tail else None
+                    if first is None:
+                        args += (self._kinds[script], len(k), len(a), len(tail), *a, *tail)
+                        carried[id(tail)] = i
+                    else:
+                        args += (self._kinds[script], len(k), len(a), -first, *a)
                 out.append((self._batch, keys, args, [fut for *_, fut in run]))
                 self.batched += len(run)
             run.clear()
@@ -122,7 +130,8 @@ class _Coalescer:
                     close_run()
             else:
                 close_run()
-                out.append((item[0], item[1], item[2], [item[3]]))
+                script, keys, args, tail, fut = item
+                out.append((script, keys, [*args, *tail], [fut]))
         close_run()
         return out
 
@@ -242,9 +251,8 @@ class RedisStore(Store):
                       deadline_ms: int, force: bool, info: str = "") -> ReserveOutcome:
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, *wire.keys]
-        args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
-                "1" if force else "0", info, wire.record, *wire.reserve]
-        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args)
+        args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS, "1" if force else "0", info]
+        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args, wire.reserve_tail)
         seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
         over = Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None
         return ReserveOutcome(Status(st), over, seen)
@@ -266,8 +274,8 @@ class RedisStore(Store):
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, self._log, *wire.keys]
         args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
-                note.outcome, note.usage, note.latency_ms, self._log_length, wire.record, *wire.settle]
-        return bool(await self._calls.call(self._settle_script, keys, args))
+                note.outcome, note.usage, note.latency_ms, self._log_length]
+        return bool(await self._calls.call(self._settle_script, keys, args, wire.settle_tail))
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
         keys = [record_key(self._ns, rid), self._leases]

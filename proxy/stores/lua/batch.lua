@@ -7,8 +7,11 @@
 -- (HSET) per batch instead of once per call, one ZADD and one ZREM for the lease index.
 --
 -- KEYS: the sub-calls' KEYS, one after the other.
--- ARGV: per sub-call, in order: kind ("r" reserve.lua, "s" settle.lua), its number of keys,
---       its number of arguments, then its ARGV.
+-- ARGV: per sub-call, in order: kind ("r" reserve.lua, "s" settle.lua), its number of keys, o its
+--       number of own arguments, t, then its own arguments (its ARGV[1..o]); t >= 0: t more
+--       arguments follow (the rest of its ARGV); t < 0: the rest of its ARGV is that of sub-call
+--       -t (same kind: calls of one plan share everything after their own arguments: the
+--       record's counters, the limits, the expiries), sent once a batch.
 -- Returns one reply per sub-call, in order: what the single call returns, or an error reply.
 --
 -- Each sub-call sees exactly what it would see run alone after the ones before it (the cache
@@ -19,18 +22,28 @@
 -- record, the log) before their first helper write, so it left nothing in the cache and the
 -- other sub-calls run on. The writes are sent once every sub-call has run (flush, cached.lua).
 
-local results, k, a, i = {}, 1, 1, 0
+local results, sent, k, a, i = {}, {}, 1, 1, 0
 while a <= #ARGV do
-  local kind, nk, na = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local ok, res = pcall(kind == 'r' and reserve or settle,
-                        {unpack(KEYS, k, k + nk - 1)}, {unpack(ARGV, a + 3, a + 2 + na)})
+  local kind, nk, own, tail = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local args
+  a = a + 4
   i = i + 1
+  if tail >= 0 then
+    args = {unpack(ARGV, a, a + own + tail - 1)}
+    sent[i] = args
+    a = a + own + tail
+  else
+    args = {unpack(sent[-tail])}       -- sized at once; its own arguments overwritten below
+    for x = 1, own do args[x] = ARGV[a + x - 1] end
+    a = a + own
+  end
+  local ok, res = pcall(kind == 'r' and reserve or settle, {unpack(KEYS, k, k + nk - 1)}, args)
   if ok then
     results[i] = res
   else                               -- redis.call raises {err = ...}; Lua itself, a string
     results[i] = redis.error_reply(type(res) == 'table' and res.err or tostring(res))
   end
-  k, a = k + nk, a + 3 + na
+  k = k + nk
 end
 flush()
 return results
