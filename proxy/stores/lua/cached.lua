@@ -68,17 +68,22 @@ end
 
 local function hash_read(key, A, first, n)
   local v = load(key, cached(key), A, first, first + n - 1)
-  local vals = {}
-  for j = 1, n do vals[j] = v[A[first + j - 1]] end
-  return not v['_'], vals
+  local vals = {v['_']}
+  for j = 1, n do vals[j + 1] = v[A[first + j - 1]] end
+  return not vals[1], vals
+end
+
+local function value(vals, j)
+  local x = vals[j + 1]
+  if x then return x[1], x[2], x[3], x[4] end
 end
 
 local function hash_get(key, field)
-  return load(key, cached(key), {field}, 1, 1)[field]
+  local x = load(key, cached(key), {field}, 1, 1)[field]
+  if x then return x[1], x[2], x[3], x[4] end
 end
 
--- A cached value is updated in place: the bodies read a field's value (hash_read) and are done
--- with it when they write that field (its new numbers are computed before the call).
+-- A cached value is updated in place (value() hands out numbers, never the table).
 local function hash_set(key, field, t, tr, d, dr)
   local h = cached(key)
   local x = h.v[field]

@@ -10,22 +10,23 @@
 local unpack, sunpack, spack = unpack, struct.unpack, struct.pack
 local num = tonumber                   -- an argument as a number (a batch remembers them, cached.lua)
 
--- The hash's marker "_" and fields A[first .. first + n - 1]: fresh (no marker: the hash is new),
--- and per field its value {tokens used, tokens reserved, micro-USD used, micro-USD reserved}, or
--- false where absent. One HMGET.
+-- The hash's marker "_" and fields A[first .. first + n - 1] (one HMGET): fresh (no marker: the
+-- hash is new) and what value(vals, j) reads field j from: here the HMGET reply itself.
 local function hash_read(key, A, first, n)
   local got = redis.call('HMGET', key, '_', unpack(A, first, first + n - 1))
-  local vals = {}
-  for j = 1, n do
-    local v = got[j + 1]
-    vals[j] = v and {sunpack('<dddd', v)} or false
-  end
-  return not got[1], vals
+  return not got[1], got
 end
 
+-- Field j's value: tokens used, tokens reserved, micro-USD used, micro-USD reserved; nil if absent.
+local function value(vals, j)
+  local v = vals[j + 1]
+  if v then return sunpack('<dddd', v) end
+end
+
+-- One field's value, as value() gives it.
 local function hash_get(key, field)
   local v = redis.call('HGET', key, field)
-  return v and {sunpack('<dddd', v)} or false
+  if v then return sunpack('<dddd', v) end
 end
 
 -- Writing a hash: hash_set for each field, then hash_commit sends them, with the marker, as ONE

@@ -2,7 +2,8 @@
 --
 -- Defines reserve(KEYS, ARGV); run alone as direct.lua .. this .. "return reserve(KEYS, ARGV)",
 -- or as one sub-call of batch.lua (see there). Window hashes and the lease index are touched
--- only through the helpers hash_read / hash_get / hash_set + hash_commit / hash_expire / lease_add, direct
+-- only through the helpers hash_read + value / hash_get / hash_set + hash_commit / hash_expire /
+-- lease_add, direct
 -- Redis commands alone (direct.lua), a per-batch cache in a batch (cached.lua). The record's
 -- SET NX and EXISTS are direct commands in both forms.
 --
@@ -37,7 +38,6 @@
 -- says whether the hash is new, so PEXPIREAT runs once per window hash, not once per call.
 
 local DUPLICATE = {2, -1, 0, 0, 0, 0, {}}
-local ZERO = {0, 0, 0, 0}
 
 local function reserve(KEYS, ARGV)
   local num = num
@@ -55,12 +55,13 @@ local function reserve(KEYS, ARGV)
     local l = first + n
     for k = l + 1, l + 3 * num(ARGV[l]), 3 do
       local j, tl, dl = num(ARGV[k]), num(ARGV[k + 1]), num(ARGV[k + 2])
-      local v = vals[j] or ZERO
-      local t, tr, d, dr = v[1], v[2], v[3], v[4]
+      local t, tr, d, dr = value(vals, j)
+      if not t then t, tr, d, dr = 0, 0, 0, 0 end
       if tl < -1 or dl < -1 then
-        local held = hash_get(KEYS[w], '~' .. ARGV[first + j - 1]) or ZERO
-        if tl < -1 then t, tl = t - (held[1] - held[2]), 0 end
-        if dl < -1 then d, dl = d - (held[3] - held[4]), 0 end
+        local gt, rt, gd, rd = hash_get(KEYS[w], '~' .. ARGV[first + j - 1])
+        if not gt then gt, rt, gd, rd = 0, 0, 0, 0 end
+        if tl < -1 then t, tl = t - (gt - rt), 0 end
+        if dl < -1 then d, dl = d - (gd - rd), 0 end
       end
       seen[ns + 1], seen[ns + 2], seen[ns + 3], seen[ns + 4], seen[ns + 5] = base + j - 1, t, tr, d, dr
       ns = ns + 5
@@ -86,8 +87,9 @@ local function reserve(KEYS, ARGV)
     local n = num(ARGV[a + 1])
     local first, vals, key = a + 2, reads[w], KEYS[w]
     for j = 1, n do
-      local v = vals[j] or ZERO
-      hash_set(key, ARGV[first + j - 1], v[1], v[2] + tokens, v[3], v[4] + usd)
+      local t, tr, d, dr = value(vals, j)
+      if not t then t, tr, d, dr = 0, 0, 0, 0 end
+      hash_set(key, ARGV[first + j - 1], t, tr + tokens, d, dr + usd)
     end
     hash_commit(key)
     if fresh[w] then hash_expire(key, ARGV[a]) end

@@ -3,7 +3,7 @@
 --
 -- Defines settle(KEYS, ARGV); run alone as direct.lua .. this .. "return settle(KEYS, ARGV)",
 -- or as one sub-call of batch.lua (see there). Window hashes and the lease index are touched
--- only through the helpers hash_read / hash_set + hash_commit / hash_expire / lease_remove (direct.lua,
+-- only through the helpers hash_read + value / hash_set + hash_commit / hash_expire / lease_remove (direct.lua,
 -- cached.lua); the record's GET / SET and the log's XADD are direct commands in both forms.
 --
 -- KEYS[1]   reservation record (string, see reserve.lua)     KEYS[2]  lease index (zset)
@@ -34,33 +34,31 @@
 -- the sweeper, kept so that the late commit or release of a live request corrects the charge to
 -- its actual amounts, once; "c" settled.
 
--- Every window hash as hash_read gives it: {fresh, values}, by KEYS index.
+-- Every window hash as hash_read gives it: whether it is new, and its values, by KEYS index.
 local function settle_read(KEYS, ARGV)
   local num = num
-  local reads, a = {}, 14
+  local fresh, reads, a = {}, {}, 14
   for w = 4, #KEYS do
     local n = num(ARGV[a + 1])
-    local fresh, vals = hash_read(KEYS[w], ARGV, a + 2, n)
-    reads[w] = {fresh, vals}
+    fresh[w], reads[w] = hash_read(KEYS[w], ARGV, a + 2, n)
     a = a + 2 + n
   end
-  return reads
+  return fresh, reads
 end
 
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
 -- (a restart, or the window expired) gets the usage again, nothing to take back.
-local function settle_write(KEYS, ARGV, reads, used_t, used_d, res_t, res_d)
+local function settle_write(KEYS, ARGV, fresh, reads, used_t, used_d, res_t, res_d)
   local num, max = num, math.max
   local a = 14
   for w = 4, #KEYS do
     local n = num(ARGV[a + 1])
-    local first, fresh, vals, key = a + 2, reads[w][1], reads[w][2], KEYS[w]
+    local first, vals, key = a + 2, reads[w], KEYS[w]
     local written = false
     for j = 1, n do
-      local v = vals[j]
-      if v then
-        hash_set(key, ARGV[first + j - 1], max(v[1] + used_t, 0), max(v[2] - res_t, 0),
-                 max(v[3] + used_d, 0), max(v[4] - res_d, 0))
+      local t, tr, d, dr = value(vals, j)
+      if t then
+        hash_set(key, ARGV[first + j - 1], max(t + used_t, 0), max(tr - res_t, 0), max(d + used_d, 0), max(dr - res_d, 0))
         written = true
       elseif used_t > 0 or used_d > 0 then
         hash_set(key, ARGV[first + j - 1], max(used_t, 0), 0, max(used_d, 0), 0)
@@ -69,7 +67,7 @@ local function settle_write(KEYS, ARGV, reads, used_t, used_d, res_t, res_d)
     end
     if written then
       hash_commit(key)
-      if fresh then hash_expire(key, ARGV[a]) end        -- a new hash (its marker "_" was absent)
+      if fresh[w] then hash_expire(key, ARGV[a]) end     -- a new hash (its marker "_" was absent)
     end
     a = first + n
   end
@@ -97,10 +95,10 @@ local function settle(KEYS, ARGV)
     res_t, res_d = tonumber(res_t), tonumber(res_d)
     local t, d = 0, 0
     if ARGV[7] == '1' then t, d = res_t, res_d end
-    local reads = settle_read(KEYS, ARGV)
+    local fresh, reads = settle_read(KEYS, ARGV)
     settle_log(KEYS, ARGV, 'expired', t, d, rec)
     redis.call('SET', KEYS[1], 'x ' .. deadline .. ' ' .. string.format('%d %d', t, d) .. rest, 'PXAT', ARGV[8])
-    settle_write(KEYS, ARGV, reads, t, d, res_t, res_d)
+    settle_write(KEYS, ARGV, fresh, reads, t, d, res_t, res_d)
     lease_remove(KEYS[2], ARGV[1])
     return 1
   end
@@ -109,23 +107,23 @@ local function settle(KEYS, ARGV)
   local tokens, usd = tonumber(ARGV[3]), tonumber(ARGV[4])
   local rec = redis.call('SET', KEYS[1], 'c', 'PX', ARGV[5], 'GET')
   if not rec then                                        -- the store lost the record; usage is real
-    local reads = settle_read(KEYS, ARGV)
+    local fresh, reads = settle_read(KEYS, ARGV)
     settle_log(KEYS, ARGV, ARGV[9], tokens, usd, nil)
-    settle_write(KEYS, ARGV, reads, tokens, usd, 0, 0)
+    settle_write(KEYS, ARGV, fresh, reads, tokens, usd, 0, 0)
     return 1
   end
   local state, _, res_t, res_d = string.match(rec, '^(%a) (%d+) (%d+) (%d+)')
   if state == 'r' then
-    local reads = settle_read(KEYS, ARGV)
+    local fresh, reads = settle_read(KEYS, ARGV)
     settle_log(KEYS, ARGV, ARGV[9], tokens, usd, rec)
-    settle_write(KEYS, ARGV, reads, tokens, usd, tonumber(res_t), tonumber(res_d))
+    settle_write(KEYS, ARGV, fresh, reads, tokens, usd, tonumber(res_t), tonumber(res_d))
     lease_remove(KEYS[2], ARGV[1])
     return 1
   elseif state == 'x' then                               -- late: correct the sweeper's charge
     local t, d = tokens - tonumber(res_t), usd - tonumber(res_d)
-    local reads = settle_read(KEYS, ARGV)
+    local fresh, reads = settle_read(KEYS, ARGV)
     settle_log(KEYS, ARGV, 'corrected', t, d, rec)
-    settle_write(KEYS, ARGV, reads, t, d, 0, 0)
+    settle_write(KEYS, ARGV, fresh, reads, t, d, 0, 0)
     return 1
   end
   return 0                                               -- already settled
