@@ -3,9 +3,9 @@
 -- The two scripts are assembled once at start-up (proxy/stores/redis.py): this file, then the
 -- body (reserve.lua or settle.lua, which define `reserve(KEYS, ARGV)` / `settle(KEYS, ARGV)`),
 -- then `return reserve(KEYS, ARGV)`. The bodies touch window hashes and the lease index only
--- through these helpers (and read numeric arguments with num); batch.lua runs the same bodies over cache-backed ones (cached.lua).
--- Here each helper is the one Redis command it names; values are packed and unpacked here
--- (struct "<dddd", see reserve.lua), so the bodies work on numbers.
+-- through these helpers (and read numeric arguments with num); batch.lua runs the same bodies
+-- over cache-backed ones (cached.lua). Here each helper is the one Redis command it names;
+-- values are packed and unpacked here (struct "<dddd", see reserve.lua): the bodies see numbers.
 
 local unpack, sunpack, spack = unpack, struct.unpack, struct.pack
 local num = tonumber                   -- an argument as a number (a batch remembers them, cached.lua)

@@ -2,10 +2,9 @@
 --
 -- Defines reserve(KEYS, ARGV); run alone as direct.lua .. this .. "return reserve(KEYS, ARGV)",
 -- or as one sub-call of batch.lua (see there). Window hashes and the lease index are touched
--- only through the helpers hash_read + value / hash_get / hash_set + hash_commit / hash_expire /
--- lease_add, direct
--- Redis commands alone (direct.lua), a per-batch cache in a batch (cached.lua). The record's
--- SET NX and EXISTS are direct commands in both forms.
+-- only through the helpers hash_read + value, hash_get, hash_set + hash_commit, hash_expire and
+-- lease_add: Redis commands alone (direct.lua), a per-batch cache in a batch (cached.lua). The
+-- record's SET NX and EXISTS are Redis commands in both forms.
 --
 -- KEYS[1]   reservation record (string)     KEYS[2]  lease index (zset: id -> deadline ms)
 -- KEYS[3..] window hashes, one per window the request touches: field "<scope type>:<scope id>"

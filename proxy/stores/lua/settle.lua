@@ -3,8 +3,9 @@
 --
 -- Defines settle(KEYS, ARGV); run alone as direct.lua .. this .. "return settle(KEYS, ARGV)",
 -- or as one sub-call of batch.lua (see there). Window hashes and the lease index are touched
--- only through the helpers hash_read + value / hash_set + hash_commit / hash_expire / lease_remove (direct.lua,
--- cached.lua); the record's GET / SET and the log's XADD are direct commands in both forms.
+-- only through the helpers hash_read + value, hash_set + hash_commit, hash_expire and
+-- lease_remove (direct.lua, cached.lua); the record's GET / SET and the log's XADD are Redis
+-- commands in both forms.
 --
 -- KEYS[1]   reservation record (string, see reserve.lua)     KEYS[2]  lease index (zset)
 -- KEYS[3]   settlement log (stream)         KEYS[4..] the reservation's window hashes (as in reserve.lua)
@@ -58,7 +59,8 @@ local function settle_write(KEYS, ARGV, fresh, reads, used_t, used_d, res_t, res
     for j = 1, n do
       local t, tr, d, dr = value(vals, j)
       if t then
-        hash_set(key, ARGV[first + j - 1], max(t + used_t, 0), max(tr - res_t, 0), max(d + used_d, 0), max(dr - res_d, 0))
+        hash_set(key, ARGV[first + j - 1], max(t + used_t, 0), max(tr - res_t, 0),
+                 max(d + used_d, 0), max(dr - res_d, 0))
         written = true
       elseif used_t > 0 or used_d > 0 then
         hash_set(key, ARGV[first + j - 1], max(used_t, 0), 0, max(used_d, 0), 0)
