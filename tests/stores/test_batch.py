@@ -28,8 +28,9 @@ DUE = NOW_MS - 5_000                                   # a lease deadline that h
 LIMITED = [Counter("{bp}:w:day", "org:a", 100, -1, EXPIRE), Counter("{bp}:w:day", "user:u", -1, 1000, EXPIRE),
            Counter("{bp}:w:month", "org:a", 150, -1, EXPIRE + 1)]
 OTHER = [Counter("{bp}:w:day", "user:v", 40, -1, EXPIRE)]
-PAST = [Counter("{bp}:w:old", "org:a", -1, -1, int(time.time() * 1000) - 60_000)]     # already expired
-OLD_RESERVE = [Counter("{bp}:w:old", "org:a", 1000, -1, int(time.time() * 1000) - 60_000)]
+GONE_AT = int(time.time() * 1000) - 60_000            # an expiry already past: PEXPIREAT deletes
+PAST = [Counter("{bp}:w:old", "org:a", -1, -1, GONE_AT)]
+OLD_RESERVE = [Counter("{bp}:w:old", "org:a", 1000, -1, GONE_AT)]
 BAD = [Counter("{bp}:w:bad", "org:a", 100, -1, EXPIRE)]                               # a string key
 _fillers = itertools.count()
 FILLER_DEADLINE = NOW_MS + 12_345
