@@ -46,6 +46,7 @@ class Seen:
 class FakeOpenAI:
     words: list[str] = field(default_factory=lambda: list(WORDS))
     chunk_delay: float = 0.0          # seconds between stream chunks
+    answer_delay: float = 0.0         # seconds before answering a chat completion (requests overlap)
     fail_with: int | None = None      # answer every request with this status
     cut_after: int | None = None      # drop the connection after this many stream chunks
     page: bytes | None = None         # answer every request 200 with this (non-JSON) body, as text/html
@@ -122,6 +123,8 @@ class FakeOpenAI:
         body = await self._admit(request)
         if isinstance(body, web.Response):
             return body
+        if self.answer_delay:
+            await asyncio.sleep(self.answer_delay)
         if body.get("stream"):
             return await self._stream(request, body, "chat.completion.chunk")
         words, finish = self.answer(body)
