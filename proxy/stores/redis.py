@@ -5,9 +5,8 @@ reloaded by redis-py on NOSCRIPT, so a `SCRIPT FLUSH` or a failover to a fresh r
 nothing). Each store operation is one round trip; under load, reserves and settles that wait for
 one go out together as one batch script call (`_Coalescer`, docs/store.md "Batches"). redis-py
 retries on connection errors and timeouts; the scripts are idempotent by reservation id, so a
-retried call never counts twice. Every redis-py or OS error is
-wrapped into StoreUnavailable once, by `_wrap_errors` on every public method, and never escapes
-upward.
+retried call never counts twice. Every redis-py or OS error is wrapped into StoreUnavailable
+once, by `_wrap_errors` on every public method, and never escapes upward.
 """
 
 from __future__ import annotations
