@@ -79,7 +79,7 @@ class Direct:
         self._ready = False
         self._starting = asyncio.Lock()
 
-    async def call(self, script, keys: list, args: list, tail: tuple = ()):
+    async def call(self, script, keys: list, args: list, tail: tuple = (), alone: bool = False):
         if not self._ready:
             await self._start()
         return await script(keys=keys, args=[*args, *tail] if tail else args)

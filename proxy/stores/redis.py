@@ -79,11 +79,13 @@ class _Coalescer:
         self._kinds = kinds             # script -> its kind in batch.lua ("r", "s")
         self.batched = 0                # calls that went through batch.lua (tests, benchmarks)
 
-    async def call(self, script: AsyncScript, keys: list, args: list, tail: tuple = ()):
+    async def call(self, script: AsyncScript, keys: list, args: list, tail: tuple = (), alone: bool = False):
         """Run `script` on `keys` and the arguments `args` followed by `tail`. The tail is the
         part that calls of one plan share (the same tuple object, see RedisStore._wired): a
-        batch sends it once, later calls of the batch name the first that carried it."""
-        if self._in_flight < self.MAX_IN_FLIGHT:
+        batch sends it once, later calls of the batch name the first that carried it. An
+        `alone` call (its counters name one twice, `Wire.alone`) goes out at once, as its own
+        script, never in a batch."""
+        if alone or self._in_flight < self.MAX_IN_FLIGHT:
             self._in_flight += 1
             try:
                 return await script(keys=keys, args=[*args, *tail] if tail else args)
@@ -253,7 +255,7 @@ class RedisStore(Store):
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS, "1" if force else "0", info]
-        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args, wire.reserve_tail)
+        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args, wire.reserve_tail, wire.alone)
         seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
         over = Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None
         return ReserveOutcome(Status(st), over, seen)
@@ -276,7 +278,7 @@ class RedisStore(Store):
         keys = [record_key(self._ns, rid), self._leases, self._log, *wire.keys]
         args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
                 note.outcome, note.usage, note.latency_ms, self._log_length]
-        return bool(await self._calls.call(self._settle_script, keys, args, wire.settle_tail))
+        return bool(await self._calls.call(self._settle_script, keys, args, wire.settle_tail, wire.alone))
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
         keys = [record_key(self._ns, rid), self._leases]

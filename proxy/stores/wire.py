@@ -24,6 +24,7 @@ class Wire(NamedTuple):
     record: str                        # `settle`, space-joined, for the reservation record
     reserve_tail: tuple[str, ...]      # reserve.lua's ARGV from 8 on: record, then `reserve`
     settle_tail: tuple[str, ...]       # settle.lua's ARGV from 13 on: record, then `settle`
+    alone: bool                        # a counter named twice: its calls never go in a batch
 
 
 def wire(counters: Sequence[Counter]) -> Wire:
@@ -41,7 +42,10 @@ def wire(counters: Sequence[Counter]) -> Wire:
         for j, c in limited:
             reserve += (str(j), str(c.token_limit), str(c.usd_limit))
     record = " ".join(settle)
-    return Wire(tuple(groups), tuple(reserve), tuple(settle), record, (record, *reserve), (record, *settle))
+    # A sub-call of batch.lua reads the cached values that its own writes update in place, so a
+    # counter it names twice would see its first write; the single call reads one HMGET reply.
+    alone = len({(c.window, c.scope) for c in counters}) < len(counters)
+    return Wire(tuple(groups), tuple(reserve), tuple(settle), record, (record, *reserve), (record, *settle), alone)
 
 
 def counters(keys: Sequence[str], settle: Sequence[str]) -> tuple[Counter, ...]:
