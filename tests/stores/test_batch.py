@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
+import struct
 import time
 
 import pytest
@@ -306,3 +308,79 @@ async def test_a_counter_named_twice_in_one_call_counts_as_the_single_call_count
     await store.close()
     assert state_together == state_alone
     assert totals(client.hget("{bp}:w:day", "org:a")) == (4 * 7, 0, 4 * 3, 0)      # counted once a call
+
+
+def random_plans(rng: random.Random) -> list[tuple[Counter, ...]]:
+    """Counters over three window hashes (one whose expiry is already past), limited or not,
+    some spent from an allowance ("~" field, limit < -1), no counter named twice in a plan."""
+    expiries = {"{bp}:w:a": EXPIRE, "{bp}:w:b": EXPIRE + 5, "{bp}:w:c": GONE_AT}
+    plans = []
+    for _ in range(5):
+        plans.append(tuple(Counter(w, s, rng.choice([-1, -1, 50, 100, 200, -52]), rng.choice([-1, 80, 300]), at)
+                           for w, at in rng.sample(sorted(expiries.items()), rng.randint(1, 3))
+                           for s in rng.sample(["org:x", "user:y", "user:z", "key:k"], rng.randint(1, 3))))
+    return plans
+
+
+def random_calls(store, rng: random.Random, plans, n: int) -> list:
+    """n reserves (due or not, some forced), commits, releases and expiries (charging or not)
+    on a few ids, so that calls meet their own id's earlier calls in every state."""
+    calls = []
+    for _ in range(n):
+        k, rid, plan = rng.random(), f"z{rng.randint(0, 7)}", rng.choice(plans)
+        t, d = rng.randint(0, 40), rng.randint(0, 60)
+        if k < 0.45:
+            deadline, force = rng.choice([NOW_MS, DUE]), rng.random() < 0.2
+            calls.append(lambda rid=rid, p=plan, t=t, d=d, dl=deadline, f=force: store.reserve(rid, p, t, d, dl, f, "i"))
+        elif k < 0.7:
+            calls.append(lambda rid=rid, p=plan, t=t, d=d: store.commit(rid, p, t, d, Note("ok")))
+        elif k < 0.85:
+            calls.append(lambda rid=rid, p=plan: store.release(rid, p))
+        else:
+            calls.append(lambda rid=rid, p=plan, c=rng.random() < 0.5: store.expire(rid, p, c, NOW_MS))
+    return calls
+
+
+def spoil(client, rng: random.Random) -> None:
+    """Sometimes: a window hash, a record or the log of the wrong type; an allowance field."""
+    if rng.random() < 0.3:
+        client.delete("{bp}:w:b")
+        client.set("{bp}:w:b", "not a hash")
+    if rng.random() < 0.3:
+        client.delete("{bp}:r:z3")
+        client.hset("{bp}:r:z3", "not", "a string")
+    if rng.random() < 0.2:
+        client.delete("{bp}:log")
+        client.set("{bp}:log", "not a stream")
+    if rng.random() < 0.6:          # in w:c, the first write's past expiry deletes it (batch: DEL)
+        client.hset(rng.choice(["{bp}:w:a", "{bp}:w:c"]), "~org:x", struct.pack("<dddd", 120, 10, 500, 0))
+
+
+@pytest.mark.parametrize("seed", range(24))
+async def test_random_sequences_do_in_batches_what_they_do_one_by_one(redis_server, redis_url, seed):
+    # The mixed sequence above, drawn at random: every reply and every key compared, with the
+    # queue cut into batches of 2 to 7 calls (shared arguments, runs of one, several per flush).
+    client = redis_sync.Redis.from_url(redis_url)
+    plans = random_plans(random.Random(seed))
+
+    async def run(batched: bool):
+        store = open_store(redis_url)
+        await one_by_one(store, random_calls(store, random.Random(seed + 1000), plans, 10))
+        spoil(client, random.Random(seed + 2000))
+        calls = random_calls(store, random.Random(seed), plans, 30)
+        if not batched:
+            out = await one_by_one(store, calls)
+        else:
+            store._calls.MAX_BATCH, store._calls.MAX_IN_FLIGHT = 2 + seed % 6, 1
+            filler = store.reserve(f"filler{next(_fillers)}", [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)], 0, 0,
+                                   FILLER_DEADLINE, False)
+            out = (await asyncio.gather(filler, *(c() for c in calls), return_exceptions=True))[1:]
+            assert store._calls.batched > 0
+            client.delete("{bp}:w:filler", *client.keys("{bp}:r:filler*"))
+            client.zremrangebyscore("{bp}:leases", FILLER_DEADLINE, FILLER_DEADLINE)
+        await store.close()
+        return [outcome(x) for x in out], dump(client)
+
+    alone = await run(False)
+    redis_server.command("FLUSHALL")
+    assert await run(True) == alone
