@@ -384,3 +384,25 @@ async def test_random_sequences_do_in_batches_what_they_do_one_by_one(redis_serv
     alone = await run(False)
     redis_server.command("FLUSHALL")
     assert await run(True) == alone
+
+
+async def test_a_reserve_whose_caller_went_away_while_it_waited_is_undone(redis_url):
+    # The queued call still runs (its batch went or will go out): the ledger's undo, queued behind
+    # it, releases it; nothing stays reserved or leased, and the log says so.
+    store = open_store(redis_url)
+    ledger = ledger_for(store, Clock(tomorrow_at(12)), defaults={"org": {"day": {"tokens": 1000}}})
+    store._calls.MAX_IN_FLIGHT = 1
+    filler = asyncio.ensure_future(store.reserve("filler-gone", [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)], 0, 0,
+                                                 FILLER_DEADLINE, False))
+    gone = asyncio.ensure_future(ledger.reserve("gone", Amounts(300, 10), SCOPES, INFO))
+    await asyncio.sleep(0)
+    assert len(store._calls._queue) == 1                    # waiting behind the filler
+    gone.cancel()
+    await asyncio.gather(filler, gone, return_exceptions=True)
+    while len(ledger.tasks) or len(store._tasks):
+        await asyncio.sleep(0.01)
+    assert [c.tokens_reserved for c in await store.snapshot(ledger.counters(SCOPES))] == [0] * len(ledger.counters(SCOPES))
+    assert await store._r.zscore("{bp}:leases", "gone") is None
+    assert [(e.id, e.outcome, e.tokens) for e in await store.settlements(None, None, 10)] == [("gone", "released", 0)]
+    assert isinstance(await ledger.reserve("after", Amounts(1000, 10), SCOPES, INFO), Reservation)
+    await store.close()
