@@ -101,8 +101,8 @@ class MemoryStore(Store):
                 if not force:
                     return ReserveOutcome(Status.REFUSED, first)
         for j, (c, row) in enumerate(zip(counters, rows)):
-            if row is None:
-                row = rows[j] = self._new_row(c)
+            if row is None:                  # looked up again: a counter named twice is one row
+                row = rows[j] = self._row(c) or self._new_row(c)
             row[1] += tokens
             row[3] += usd
         self._remember(rid, _Record("r", tokens, usd, deadline_ms, tuple(counters),

@@ -47,3 +47,20 @@ async def test_a_refusal_on_rows_never_seen_creates_none():
     cs = counters(int((NOW + 60) * 1000))
     assert (await store.reserve("big", cs, 500, 0, int((NOW + 5) * 1000), False)).status.name == "REFUSED"
     assert await store.windows(["{bp}:w:m1"]) == [{}]
+
+
+async def test_a_counter_named_twice_is_held_as_the_one_row_the_window_has():
+    # Its row did not exist: the first creation must not be replaced by the second, or the
+    # rows held for the tuple (and the first reservation) keep a row the window no longer has.
+    store = MemoryStore(clock=Clock())
+    cs = counters(int((NOW + 60) * 1000))
+    twice = (*cs, cs[0])
+    for rid in ("a", "b"):                                 # the second goes through the held rows
+        assert (await store.reserve(rid, twice, 10, 0, int((NOW + 5) * 1000), False)).status.name == "ADMITTED"
+    (row,) = await store.snapshot(cs[:1])
+    assert (await store.windows(["{bp}:w:m1"]))[0]["org:acme"] == row
+    assert store._hot[id(twice)][2][0] is store._windows["{bp}:w:m1"].rows["org:acme"]
+    assert row.tokens_reserved == 2 * 2 * 10                # named twice: charged twice, every time
+    for rid in ("a", "b"):
+        assert await store.commit(rid, twice, 10, 0)
+    assert await store.snapshot(cs) == [Totals(40, 0, 0, 0), Totals(20, 0, 0, 0)]
