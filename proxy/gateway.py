@@ -73,11 +73,12 @@ class Gateway:
         config = self.config                # one config for the whole request, even across a reload
         endpoint = ENDPOINTS[kind]
         key = auth.authenticate(auth.presented(request.headers, endpoint.api), config.keys)
-        call = body.parse(await body.read(request, config.max_body_bytes), kind)
+        raw = await body.read(request, config.max_body_bytes)
+        call = body.parse(raw, kind)
         models = models_for(config, call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
-        prompt = await self.tokens.estimate(kind, call.body, models[0].upstream)
+        prompt = await self.tokens.estimate(kind, call.body, models[0].upstream, len(raw))
         admitted = await self._reserve(call, who, models, prompt)
         try:
             return await self._forward(request, call, admitted)

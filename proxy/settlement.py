@@ -112,6 +112,8 @@ class Flight:
     def ensure_settled(self, outcome: str = "upstream_error") -> None:
         """Last resort when the handler ends: a request that may have reached the upstream is
         charged its prompt; one that cannot have is released."""
+        if self._settled:                   # the usual case: settled on the way (nothing to price)
+            return
         if self.sent:
             self.charge_prompt_soon(outcome)
         else:
