@@ -289,6 +289,8 @@ def _json_object(data: bytes) -> bool:
     """Does the body look like one JSON object? Its first and last non-blank bytes are checked,
     not the whole: parsing a large embeddings answer on the loop before replying would stall it
     (settlement parses it after the reply)."""
+    if data[:1] == b"{" and data[-1:] == b"}":       # a compact answer: no blanks to skip
+        return True
     start = _BLANKS.match(data).end()
     end = len(data)
     while end > start and data[end - 1] in b" \t\r\n":
