@@ -8,6 +8,12 @@ user minute and day limited). From the server's own `INFO commandstats` it print
 (reserve + commit): round trips (script calls; target exactly 2), commands (every command,
 the script calls and the commands they run included; target <= 25) and server microseconds (the
 scripts' own `usec`, which includes the commands they run; target <= 40).
+
+With its own redis-server it measures both: the concurrent run (--concurrency workers; under load
+the Redis store sends the calls that wait as one batch script call, so the figures fall with load)
+and 5 rounds of sequential requests (every call its own script call). `--rounds N` repeats the
+concurrent run N times and prints the median [min-max]. To compare another checkout, copy this
+file into its bench/ and run it from there (it imports the proxy next to it).
 """
 
 from __future__ import annotations
@@ -34,10 +40,18 @@ POLICY = parse({"version": 1, "timezone": "UTC", "defaults": {
     "user": {"minute": {"tokens": 10**9}, "day": {"usd": 1e5}}}}, "bench")
 
 
-async def pairs_per_second(url: str, seconds: float, concurrency: int) -> float:
+async def pairs_per_second(url: str, seconds: float, concurrency: int,
+                           server: RedisServer | None = None) -> tuple[float, dict[str, float]]:
+    """Reserve+commit pairs per second from `concurrency` workers; with `server`, also the Redis
+    work per pair over the run (see `_per_request`) and this process's CPU per pair."""
     store = open_store(url)
     ledger = Ledger(store, POLICY)
+    if server is not None:
+        warm = await ledger.reserve("warm", Amounts(1, 1), SCOPES)     # connection set-up, SCRIPT LOAD
+        await ledger.commit(warm, Amounts(1, 1))
+        before, cpu0 = _commandstats(server), _cpu_us(server)
     done = 0
+    proc0 = time.process_time()
     stop = time.perf_counter() + seconds
 
     async def worker() -> None:
@@ -51,8 +65,25 @@ async def pairs_per_second(url: str, seconds: float, concurrency: int) -> float:
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     rate = done / (time.perf_counter() - t0)
+    stats = {"client_cpu": (time.process_time() - proc0) * 1e6 / done}
+    if server is not None:
+        cpu1, after = _cpu_us(server), _commandstats(server)
+        trips, commands, usec, _ = _per_request(before, after, done)
+        stats.update(trips=trips, commands=commands, usec=usec, redis_cpu=(cpu1 - cpu0) / done)
     await store.close()
-    return rate
+    return rate, stats
+
+
+def _per_request(before, after, n: int) -> tuple[float, float, float, dict[str, float]]:
+    """(script calls, commands, script usec, commands by name) per request between two
+    commandstats readings."""
+    diff = {k: (c - before.get(k, (0, 0))[0], u - before.get(k, (0, 0))[1]) for k, (c, u) in after.items()}
+    diff.pop("info", None)
+    trips = sum(diff.get(k, (0, 0))[0] for k in _SCRIPTS)
+    usec = sum(diff.get(k, (0, 0))[1] for k in _SCRIPTS)
+    commands = sum(c for c, _ in diff.values())
+    by_name = {k: c / n for k, (c, _) in sorted(diff.items(), key=lambda kv: -kv[1][0]) if c}
+    return trips / n, commands / n, usec / n, by_name
 
 
 def _commandstats(server: RedisServer) -> dict[str, tuple[int, int]]:
@@ -91,13 +122,15 @@ async def redis_work(server: RedisServer, n: int = 500) -> tuple[float, float, f
         await ledger.commit(res, Amounts(900, 7000))
     cpu1, after = _cpu_us(server), _commandstats(server)
     await store.close()
-    diff = {k: (c - before.get(k, (0, 0))[0], u - before.get(k, (0, 0))[1]) for k, (c, u) in after.items()}
-    diff.pop("info", None)
-    trips = sum(diff.get(k, (0, 0))[0] for k in _SCRIPTS)
-    usec = sum(diff.get(k, (0, 0))[1] for k in _SCRIPTS)
-    commands = sum(c for c, _ in diff.values())
-    by_name = {k: c / n for k, (c, _) in sorted(diff.items(), key=lambda kv: -kv[1][0]) if c}
-    return trips / n, commands / n, usec / n, (cpu1 - cpu0) / n, by_name
+    trips, commands, usec, by_name = _per_request(before, after, n)
+    return trips, commands, usec, (cpu1 - cpu0) / n, by_name
+
+
+def _spread(values: list[float], spec: str) -> str:
+    """The median [min-max] of `values` (just the value when there is one)."""
+    v = sorted(values)
+    mid = format(v[len(v) // 2], spec)
+    return mid if len(v) == 1 else f"{mid} [{format(v[0], spec)}-{format(v[-1], spec)}]"
 
 
 async def main() -> None:
@@ -105,6 +138,8 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--redis-url")
+    ap.add_argument("--rounds", type=int, default=1, help="concurrent Redis runs (median [min-max])")
+    ap.add_argument("--redis-only", action="store_true", help="skip the memory store")
     args = ap.parse_args()
     server = None
     url = args.redis_url
@@ -113,11 +148,19 @@ async def main() -> None:
         server.start()
         url = server.url
     try:
-        mem = await pairs_per_second("memory://", args.seconds, args.concurrency)
-        red = await pairs_per_second(url, args.seconds, args.concurrency)
-        print(f"memory store: {mem:10.0f} reserve+commit pairs/s (5 scopes x 4 windows)")
-        print(f"redis store:  {red:10.0f} reserve+commit pairs/s (5 scopes x 4 windows, "
-              f"concurrency {args.concurrency})")
+        if not args.redis_only:
+            mem, _ = await pairs_per_second("memory://", args.seconds, args.concurrency)
+            print(f"memory store: {mem:10.0f} reserve+commit pairs/s (5 scopes x 4 windows)")
+        runs = [await pairs_per_second(url, args.seconds, args.concurrency, server) for _ in range(args.rounds)]
+        print(f"redis store:  {_spread([r for r, _ in runs], '.0f')} reserve+commit pairs/s "
+              f"(5 scopes x 4 windows, concurrency {args.concurrency}); client CPU "
+              f"{_spread([s['client_cpu'] for _, s in runs], '.0f')} us per request")
+        if server is not None:
+            print(f"redis per request at concurrency {args.concurrency}: "
+                  f"{_spread([s['trips'] for _, s in runs], '.2f')} script calls, "
+                  f"{_spread([s['commands'] for _, s in runs], '.1f')} commands, "
+                  f"{_spread([s['usec'] for _, s in runs], '.1f')} us script usec, "
+                  f"{_spread([s['redis_cpu'] for _, s in runs], '.1f')} us Redis main-thread CPU")
         if server is not None:
             # usec is wall time inside Redis: on a shared machine other processes inflate it, so
             # the best of several rounds is the figure that compares between runs.

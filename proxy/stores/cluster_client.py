@@ -79,10 +79,10 @@ class Direct:
         self._ready = False
         self._starting = asyncio.Lock()
 
-    async def call(self, script, keys: list, args: list):
+    async def call(self, script, keys: list, args: list, tail: tuple = ()):
         if not self._ready:
             await self._start()
-        return await script(keys=keys, args=args)
+        return await script(keys=keys, args=[*args, *tail] if tail else args)
 
     async def ready(self) -> None:
         if not self._ready:

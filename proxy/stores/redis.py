@@ -1,11 +1,12 @@
 """The Redis store: many proxy processes and machines share one Redis.
 
-Scripts are `.lua` files shipped in this package, registered once (EVALSHA, reloaded by redis-py
-on NOSCRIPT, so a `SCRIPT FLUSH` or a failover to a fresh replica changes nothing). Each store
-operation is one round trip. redis-py retries on connection errors and timeouts; the scripts are
-idempotent by reservation id, so a retried call never counts twice. Every redis-py or OS error is
-wrapped into StoreUnavailable once, by `_wrap_errors` on every public method, and never escapes
-upward.
+Scripts are `.lua` files shipped in this package, assembled and registered once (EVALSHA,
+reloaded by redis-py on NOSCRIPT, so a `SCRIPT FLUSH` or a failover to a fresh replica changes
+nothing). Each store operation is one round trip; under load, reserves and settles that wait for
+one go out together as one batch script call (`_Coalescer`, docs/store.md "Batches"). redis-py
+retries on connection errors and timeouts; the scripts are idempotent by reservation id, so a
+retried call never counts twice. Every redis-py or OS error is wrapped into StoreUnavailable
+once, by `_wrap_errors` on every public method, and never escapes upward.
 """
 
 from __future__ import annotations
@@ -36,32 +37,60 @@ def _script(name: str) -> str:
     return resources.files("proxy.stores").joinpath("lua", f"{name}.lua").read_text()
 
 
-class _Coalescer:
-    """Script calls made while MAX_IN_FLIGHT round trips are already out wait and then go
-    together, as one pipeline (one connection, one write, one read loop).
+def _assembled() -> dict[str, str]:
+    """The texts of the reserve, settle and batch scripts, built once at import from the .lua
+    files: reserve.lua and settle.lua define the bodies as functions over a few helpers, direct
+    Redis commands for a single call (direct.lua), a per-batch cache in batch.lua (cached.lua);
+    so the logic has one source and a batch runs exactly the single calls, in order."""
+    direct, cached = _script("direct"), _script("cached")
+    reserve, settle = _script("reserve"), _script("settle")
+    return {"reserve": f"{direct}\n{reserve}\nreturn reserve(KEYS, ARGV)\n",
+            "settle": f"{direct}\n{settle}\nreturn settle(KEYS, ARGV)\n",
+            "batch": f"{cached}\n{reserve}\n{settle}\n{_script('batch')}"}
 
-    Idle or at one connection nothing waits: a call goes out at once. Under load, redis-py's
-    per-call cost (pool checkout, retry wrapper, timeouts, packing) was most of the proxy's CPU;
-    a batch pays it once. Scripts are idempotent by reservation id, so a retried pipeline is safe.
+
+SCRIPTS = _assembled()
+
+
+class _Coalescer:
+    """Script calls made while MAX_IN_FLIGHT round trips are already out wait, and then go
+    together as ONE call of batch.lua, which runs them in order in one atomic script.
+
+    Idle or at one connection nothing waits: a call goes out at once, as its own script. Under
+    load, a batch pays redis-py's per-call cost (pool checkout, retry wrapper, timeouts, packing)
+    once, and Redis's too: one EVALSHA, and each window hash (all the day's requests share it)
+    read and written once per batch instead of once per call, so the server's time per request
+    falls as load grows. Calls of scripts not in `kinds` (none from RedisStore) go out as their
+    own EVALSHA in the same pipeline; so does a batch of one. Scripts are idempotent by
+    reservation id, so a retried pipeline is safe; a NOSCRIPT (SCRIPT FLUSH, failover) loads the
+    script and runs its call again (it did not run).
     """
 
     MAX_IN_FLIGHT = 4
+    MAX_BATCH = 64          # sub-calls per batch script call: bounds how long one call holds Redis
 
-    def __init__(self, client: aioredis.Redis, tasks: Tasks) -> None:
+    def __init__(self, client: aioredis.Redis, tasks: Tasks, batch: AsyncScript,
+                 kinds: dict[AsyncScript, str]) -> None:
         self._r = client
         self._in_flight = 0
-        self._queue: list[tuple[AsyncScript, list, list, asyncio.Future]] = []
+        self._queue: list[tuple[AsyncScript, list, list, tuple, asyncio.Future]] = []
         self._tasks = tasks             # the flushes run there: the app drains them before closing us
+        self._batch = batch
+        self._kinds = kinds             # script -> its kind in batch.lua ("r", "s")
+        self.batched = 0                # calls that went through batch.lua (tests, benchmarks)
 
-    async def call(self, script: AsyncScript, keys: list, args: list):
+    async def call(self, script: AsyncScript, keys: list, args: list, tail: tuple = ()):
+        """Run `script` on `keys` and the arguments `args` followed by `tail`. The tail is the
+        part that calls of one plan share (the same tuple object, see RedisStore._wired): a
+        batch sends it once, later calls of the batch name the first that carried it."""
         if self._in_flight < self.MAX_IN_FLIGHT:
             self._in_flight += 1
             try:
-                return await script(keys=keys, args=args)
+                return await script(keys=keys, args=[*args, *tail] if tail else args)
             finally:
                 self._done()
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((script, keys, args, fut))
+        self._queue.append((script, keys, args, tail, fut))
         return await fut
 
     def _done(self) -> None:
@@ -71,27 +100,70 @@ class _Coalescer:
             self._in_flight += 1
             self._tasks.spawn(self._flush(batch))
 
+    def _calls(self, batch) -> list[tuple[AsyncScript, list, list, list[asyncio.Future]]]:
+        """The script calls that carry `batch`: runs of batchable calls (up to MAX_BATCH) as one
+        batch.lua call each, the others (and a run of one) as themselves."""
+        out = []
+        run: list = []
+
+        def close_run() -> None:
+            if len(run) == 1:
+                script, keys, args, tail, fut = run[0]
+                out.append((script, keys, [*args, *tail], [fut]))
+            elif run:
+                keys, args, carried = [], [], {}        # id(tail) -> the call that carried it (1-based)
+                for i, (script, k, a, tail, _) in enumerate(run, 1):
+                    keys += k
+                    first = carried.get(id(tail)) if tail else None
+                    if first is None:
+                        args += (self._kinds[script], len(k), len(a), len(tail), *a, *tail)
+                        carried[id(tail)] = i
+                    else:
+                        args += (self._kinds[script], len(k), len(a), -first, *a)
+                out.append((self._batch, keys, args, [fut for *_, fut in run]))
+                self.batched += len(run)
+            run.clear()
+
+        for item in batch:
+            if item[0] in self._kinds:
+                run.append(item)
+                if len(run) == self.MAX_BATCH:
+                    close_run()
+            else:
+                close_run()
+                script, keys, args, tail, fut = item
+                out.append((script, keys, [*args, *tail], [fut]))
+        close_run()
+        return out
+
     async def _flush(self, batch) -> None:
         try:
+            calls = self._calls(batch)
             pipe = self._r.pipeline(transaction=False)
-            for script, keys, args, _ in batch:
+            for script, keys, args, _ in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             try:
                 results = await pipe.execute(raise_on_error=False)
             except BaseException as exc:                       # noqa: BLE001 - handed to every caller
-                results = [exc] * len(batch)
-            for (script, keys, args, fut), res in zip(batch, results):
+                results = [exc] * len(calls)
+            for (script, keys, args, futs), res in zip(calls, results):
                 if isinstance(res, NoScriptError):             # SCRIPT FLUSH, failover: load, rerun
                     try:
                         res = await script(keys=keys, args=args)
                     except BaseException as exc:               # noqa: BLE001
                         res = exc
-                if fut.done():                                 # its caller went away
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+                # A batch answers one reply per call (an error reply for a call that failed);
+                # an error of the whole call goes to each of its callers.
+                replies = res if script is self._batch and isinstance(res, list) else [res] * len(futs)
+                if len(replies) != len(futs):
+                    replies = [ResponseError(f"batch answered {len(replies)} replies for {len(futs)} calls")] * len(futs)
+                for fut, reply in zip(futs, replies):
+                    if fut.done():                             # its caller went away
+                        continue
+                    if isinstance(reply, BaseException):
+                        fut.set_exception(reply)
+                    else:
+                        fut.set_result(reply)
         finally:
             self._done()
 
@@ -142,8 +214,8 @@ class RedisStore(Store):
         self._log_length = log_length
         self._max_connections = max_connections
         self._r = self._connect(url, timeout, max_connections)
-        self._reserve = self._r.register_script(_script("reserve"))
-        self._settle_script = self._r.register_script(_script("settle"))
+        self._reserve = self._r.register_script(SCRIPTS["reserve"])
+        self._settle_script = self._r.register_script(SCRIPTS["settle"])
         self._extend = self._r.register_script(_script("extend"))
         self._calls = self._caller()
         self._wires: dict[tuple[Counter, ...], fmt.Wire] = {}
@@ -162,7 +234,8 @@ class RedisStore(Store):
         )
 
     def _caller(self):
-        return _Coalescer(self._r, self._tasks)
+        return _Coalescer(self._r, self._tasks, self._r.register_script(SCRIPTS["batch"]),
+                          {self._reserve: "r", self._settle_script: "s"})
 
     def _wired(self, counters: Sequence[Counter]) -> fmt.Wire:
         """The wire form of `counters`, cached: the ledger passes the same tuple for every
@@ -179,9 +252,8 @@ class RedisStore(Store):
                       deadline_ms: int, force: bool, info: str = "") -> ReserveOutcome:
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, *wire.keys]
-        args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
-                "1" if force else "0", info, wire.record, *wire.reserve]
-        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args)
+        args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS, "1" if force else "0", info]
+        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args, wire.reserve_tail)
         seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
         over = Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None
         return ReserveOutcome(Status(st), over, seen)
@@ -203,8 +275,8 @@ class RedisStore(Store):
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, self._log, *wire.keys]
         args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
-                note.outcome, note.usage, note.latency_ms, self._log_length, wire.record, *wire.settle]
-        return bool(await self._calls.call(self._settle_script, keys, args))
+                note.outcome, note.usage, note.latency_ms, self._log_length]
+        return bool(await self._calls.call(self._settle_script, keys, args, wire.settle_tail))
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
         keys = [record_key(self._ns, rid), self._leases]

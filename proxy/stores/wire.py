@@ -22,6 +22,8 @@ class Wire(NamedTuple):
     reserve: tuple[str, ...]           # reserve.lua's counter arguments
     settle: tuple[str, ...]            # settle.lua's counter arguments
     record: str                        # `settle`, space-joined, for the reservation record
+    reserve_tail: tuple[str, ...]      # reserve.lua's ARGV from 8 on: record, then `reserve`
+    settle_tail: tuple[str, ...]       # settle.lua's ARGV from 13 on: record, then `settle`
 
 
 def wire(counters: Sequence[Counter]) -> Wire:
@@ -38,7 +40,8 @@ def wire(counters: Sequence[Counter]) -> Wire:
         reserve += (*head, str(len(limited)))
         for j, c in limited:
             reserve += (str(j), str(c.token_limit), str(c.usd_limit))
-    return Wire(tuple(groups), tuple(reserve), tuple(settle), " ".join(settle))
+    record = " ".join(settle)
+    return Wire(tuple(groups), tuple(reserve), tuple(settle), record, (record, *reserve), (record, *settle))
 
 
 def counters(keys: Sequence[str], settle: Sequence[str]) -> tuple[Counter, ...]:

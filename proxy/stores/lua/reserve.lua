@@ -1,5 +1,11 @@
 -- Reserve an amount on every counter of a request, or on none.
 --
+-- Defines reserve(KEYS, ARGV); run alone as direct.lua .. this .. "return reserve(KEYS, ARGV)",
+-- or as one sub-call of batch.lua (see there). Window hashes and the lease index are touched
+-- only through the helpers hash_read + value, hash_get, hash_set + hash_commit, hash_expire and
+-- lease_add: Redis commands alone (direct.lua), a per-batch cache in a batch (cached.lua). The
+-- record's SET NX and EXISTS are Redis commands in both forms.
+--
 -- KEYS[1]   reservation record (string)     KEYS[2]  lease index (zset: id -> deadline ms)
 -- KEYS[3..] window hashes, one per window the request touches: field "<scope type>:<scope id>"
 --           -> struct "<dddd": tokens used, tokens reserved, micro-USD used, micro-USD reserved
@@ -23,80 +29,76 @@
 --         (the request first: settle.lua reads it with an anchored pattern, not a scan).
 --
 -- Every counter is checked before any is written: a Lua error after a write is not rolled back.
+-- Order: reads and checks, then the record's SET NX (the only command after the reads that can
+-- fail), then only helper writes (window hashes, expiry, lease), which cannot fail in a batch.
 -- A repeated id (redis-py retrying a call that ran) is found by the record's SET NX, or, when the
 -- counters now refuse (they hold this id's own reservation), by EXISTS on that path only.
 -- Each window hash carries a marker field "_": read with the counters (no extra command), it
 -- says whether the hash is new, so PEXPIREAT runs once per window hash, not once per call.
 
-local KEYS, ARGV = KEYS, ARGV
 local DUPLICATE = {2, -1, 0, 0, 0, 0, {}}
 
-local unpack, tonumber, sunpack, spack = unpack, tonumber, struct.unpack, struct.pack
-local tokens, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
-local force = ARGV[6] == '1'
-local over, seen, ns = nil, {}, 0
-local reads, fresh = {}, {}
-local base, a = 0, 9
+local function reserve(KEYS, ARGV)
+  local num = num
+  local tokens, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local force = ARGV[6] == '1'
+  local over, seen, ns = nil, {}, 0
+  local reads, fresh = {}, {}
+  local base, a = 0, 9
 
-for w = 3, #KEYS do
-  local n = tonumber(ARGV[a + 1])
-  local first = a + 2
-  local got = redis.call('HMGET', KEYS[w], '_', unpack(ARGV, first, first + n - 1))
-  fresh[w] = not got[1]
-  local vals = {}
-  for j = 1, n do
-    local v = got[j + 1]
-    if v then vals[j] = {sunpack('<dddd', v)} else vals[j] = {0, 0, 0, 0} end
-  end
-  reads[w] = vals
-  local l = first + n
-  for k = l + 1, l + 3 * tonumber(ARGV[l]), 3 do
-    local j, tl, dl = tonumber(ARGV[k]), tonumber(ARGV[k + 1]), tonumber(ARGV[k + 2])
-    local v = vals[j]
-    local t, tr, d, dr = v[1], v[2], v[3], v[4]
-    if tl < -1 or dl < -1 then
-      local held = redis.call('HGET', KEYS[w], '~' .. ARGV[first + j - 1])
-      local gt, rt, gd, rd = 0, 0, 0, 0
-      if held then gt, rt, gd, rd = sunpack('<dddd', held) end
-      if tl < -1 then t, tl = t - (gt - rt), 0 end
-      if dl < -1 then d, dl = d - (gd - rd), 0 end
-    end
-    seen[ns + 1], seen[ns + 2], seen[ns + 3], seen[ns + 4], seen[ns + 5] = base + j - 1, t, tr, d, dr
-    ns = ns + 5
-    if not over and ((tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl)) then
-      if not force then
-        if redis.call('EXISTS', KEYS[1]) == 1 then return DUPLICATE end   -- a retry, once admitted
-        return {0, base + j - 1, t, tr, d, dr, {}}
+  for w = 3, #KEYS do
+    local n = num(ARGV[a + 1])
+    local first = a + 2
+    local is_new, vals = hash_read(KEYS[w], ARGV, first, n)
+    fresh[w], reads[w] = is_new, vals
+    local l = first + n
+    for k = l + 1, l + 3 * num(ARGV[l]), 3 do
+      local j, tl, dl = num(ARGV[k]), num(ARGV[k + 1]), num(ARGV[k + 2])
+      local t, tr, d, dr = value(vals, j)
+      if not t then t, tr, d, dr = 0, 0, 0, 0 end
+      if tl < -1 or dl < -1 then
+        local gt, rt, gd, rd = hash_get(KEYS[w], '~' .. ARGV[first + j - 1])
+        if not gt then gt, rt, gd, rd = 0, 0, 0, 0 end
+        if tl < -1 then t, tl = t - (gt - rt), 0 end
+        if dl < -1 then d, dl = d - (gd - rd), 0 end
       end
-      over = {base + j - 1, t, tr, d, dr}
+      seen[ns + 1], seen[ns + 2], seen[ns + 3], seen[ns + 4], seen[ns + 5] = base + j - 1, t, tr, d, dr
+      ns = ns + 5
+      if not over and ((tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl)) then
+        if not force then
+          if redis.call('EXISTS', KEYS[1]) == 1 then return DUPLICATE end   -- a retry, once admitted
+          return {0, base + j - 1, t, tr, d, dr, {}}
+        end
+        over = {base + j - 1, t, tr, d, dr}
+      end
     end
+    base = base + n
+    a = l + 1 + 3 * num(ARGV[l])
   end
-  base = base + n
-  a = l + 1 + 3 * tonumber(ARGV[l])
-end
 
--- The record is the first write, NX: if this id already reserved, nothing has been written yet.
-if not redis.call('SET', KEYS[1], 'r ' .. ARGV[4] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. '\n' .. ARGV[7] ..
-                  '\n' .. table.concat(KEYS, ' ', 3) .. '\n' .. ARGV[8], 'NX', 'PXAT', ARGV[5]) then
-  return DUPLICATE
-end
-a = 9
-for w = 3, #KEYS do
-  local n = tonumber(ARGV[a + 1])
-  local first, vals, args = a + 2, reads[w], {'_', '1'}
-  for j = 1, n do
-    local v = vals[j]
-    args[2 * j + 1] = ARGV[first + j - 1]
-    args[2 * j + 2] = spack('<dddd', v[1], v[2] + tokens, v[3], v[4] + usd)
+  -- The record is the first write, NX: if this id already reserved, nothing has been written yet.
+  if not redis.call('SET', KEYS[1], 'r ' .. ARGV[4] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. '\n' .. ARGV[7] ..
+                    '\n' .. table.concat(KEYS, ' ', 3) .. '\n' .. ARGV[8], 'NX', 'PXAT', ARGV[5]) then
+    return DUPLICATE
   end
-  redis.call('HSET', KEYS[w], unpack(args))
-  if fresh[w] then redis.call('PEXPIREAT', KEYS[w], ARGV[a]) end
-  local l = first + n
-  a = l + 1 + 3 * tonumber(ARGV[l])
-end
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+  a = 9
+  for w = 3, #KEYS do
+    local n = num(ARGV[a + 1])
+    local first, vals, key = a + 2, reads[w], KEYS[w]
+    for j = 1, n do
+      local t, tr, d, dr = value(vals, j)
+      if not t then t, tr, d, dr = 0, 0, 0, 0 end
+      hash_set(key, ARGV[first + j - 1], t, tr + tokens, d, dr + usd)
+    end
+    hash_commit(key)
+    if fresh[w] then hash_expire(key, ARGV[a]) end
+    local l = first + n
+    a = l + 1 + 3 * num(ARGV[l])
+  end
+  lease_add(KEYS[2], ARGV[4], ARGV[1])
 
-if over then
-  return {3, over[1], over[2], over[3], over[4], over[5], seen}
+  if over then
+    return {3, over[1], over[2], over[3], over[4], over[5], seen}
+  end
+  return {1, -1, 0, 0, 0, 0, seen}
 end
-return {1, -1, 0, 0, 0, 0, seen}

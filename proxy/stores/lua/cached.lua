@@ -1,0 +1,165 @@
+-- Store access for a batch: the helpers of direct.lua, backed by a cache that lives for one
+-- batch.lua call (see there for how the batch script is assembled and run).
+--
+-- Window hashes: each field is read from Redis at most once per batch (one HMGET per hash for
+-- the fields not yet cached, the marker "_" included); a sub-call reads what earlier sub-calls
+-- wrote; writes stay in the cache and `flush` sends ONE HSET per dirty hash at the end, then its
+-- PEXPIREAT (deferred too: on a hash not yet written it would do nothing). An expiry already in
+-- the past deletes the hash at once in the single form (Redis: PEXPIREAT <= now is a DEL), so
+-- here it empties the cached hash (later sub-calls find it new, as they would alone) and the
+-- flush sends DEL before any later write: the same end state, the same reads.
+-- Lease index: ZADD / ZREM are kept per member (the last one wins, nothing in these scripts
+-- reads the index) and sent at the end as one ZADD and one ZREM per lease key.
+-- None of these helpers' writes can fail: a sub-call's errors come from the commands it sends
+-- itself (reads, the record, the log), before its first helper write (see reserve.lua and
+-- settle.lua), so a failed sub-call leaves nothing in the cache.
+
+local unpack, tonumber, sunpack, spack = unpack, tonumber, struct.unpack, struct.pack
+local hashes, hash_order = {}, {}      -- key -> {v = field -> value | false, dirty = field -> true,
+                                       --         expire = epoch ms | nil, gone = deleted in this batch}
+                                       -- values unpacked once when read, packed once when flushed
+local leases, lease_order = {}, {}     -- key -> member -> deadline | false (removed)
+local now_ms                           -- the server's clock, read once, only if an expiry is set
+
+-- An argument as a number: the sub-calls of a batch share most of their arguments (the same
+-- counters, limits and expiries), and tonumber is one of the dearest calls in these scripts.
+local numbers = {}
+local function num(s)
+  local x = numbers[s]
+  if x == nil then
+    x = tonumber(s)
+    numbers[s] = x
+  end
+  return x
+end
+
+local function cached(key)
+  local h = hashes[key]
+  if not h then
+    h = {v = {}, dirty = {}}
+    hashes[key] = h
+    hash_order[#hash_order + 1] = key
+  end
+  return h
+end
+
+-- Fill the cache with the fields A[first .. last] of `key` not cached yet, and the marker "_"
+-- the first time: one HMGET, none if all are cached (or the hash was deleted in this batch).
+local function load(key, h, A, first, last)
+  local v, missing, m = h.v, nil, 0
+  if v['_'] == nil then
+    if h.gone then v['_'] = false else m = 1; missing = {'_'} end
+  end
+  for i = first, last do
+    local f = A[i]
+    if v[f] == nil then
+      if h.gone then v[f] = false else m = m + 1; missing = missing or {}; missing[m] = f end
+    end
+  end
+  if m > 0 then
+    local got = redis.call('HMGET', key, unpack(missing))
+    for i = 1, m do
+      local f, raw = missing[i], got[i]
+      if raw and f ~= '_' then v[f] = {sunpack('<dddd', raw)} else v[f] = raw end
+    end
+  end
+  return v
+end
+
+local function hash_read(key, A, first, n)
+  local v = load(key, cached(key), A, first, first + n - 1)
+  local vals = {v['_']}
+  for j = 1, n do vals[j + 1] = v[A[first + j - 1]] end
+  return not vals[1], vals
+end
+
+local function value(vals, j)
+  local x = vals[j + 1]
+  if x then return x[1], x[2], x[3], x[4] end
+end
+
+local function hash_get(key, field)
+  local x = load(key, cached(key), {field}, 1, 1)[field]
+  if x then return x[1], x[2], x[3], x[4] end
+end
+
+-- A cached value is updated in place (value() hands out numbers, never the table).
+local function hash_set(key, field, t, tr, d, dr)
+  local h = cached(key)
+  local x = h.v[field]
+  if x then
+    x[1], x[2], x[3], x[4] = t, tr, d, dr
+  else
+    h.v[field] = {t, tr, d, dr}
+  end
+  h.dirty[field] = true
+end
+
+local function hash_commit(key)
+  local h = cached(key)
+  h.v['_'], h.dirty['_'] = '1', true
+end
+
+local function hash_expire(key, at)
+  local h = cached(key)
+  if not now_ms then
+    local t = redis.call('TIME')
+    now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  if tonumber(at) > now_ms then
+    h.expire = at
+  else                                 -- PEXPIREAT in the past: the hash is deleted now
+    h.v, h.dirty, h.expire, h.gone = {}, {}, nil, true
+  end
+end
+
+local function lease(key)
+  local l = leases[key]
+  if not l then
+    l = {}
+    leases[key] = l
+    lease_order[#lease_order + 1] = key
+  end
+  return l
+end
+
+local function lease_add(key, deadline, id)
+  lease(key)[id] = deadline
+end
+
+local function lease_remove(key, id)
+  lease(key)[id] = false
+end
+
+-- Send the batch's writes: per hash DEL (if deleted), one HSET, PEXPIREAT; per lease key one
+-- ZADD and one ZREM. Hashes first, so that the counters and the log agree even if the lease
+-- index (a key of the wrong type: an operator's mistake) refused its write.
+local function flush()
+  for _, key in ipairs(hash_order) do
+    local h = hashes[key]
+    if h.gone then redis.call('DEL', key) end
+    local args, n, v = {}, 0, h.v
+    for f in pairs(h.dirty) do
+      local x = v[f]
+      if f ~= '_' then x = spack('<dddd', x[1], x[2], x[3], x[4]) end
+      args[n + 1], args[n + 2] = f, x
+      n = n + 2
+    end
+    if n > 0 then redis.call('HSET', key, unpack(args)) end
+    if h.expire then redis.call('PEXPIREAT', key, h.expire) end
+  end
+  for _, key in ipairs(lease_order) do
+    local add, na, rem, nr = {}, 0, {}, 0
+    for id, deadline in pairs(leases[key]) do
+      if deadline then
+        add[na + 1], add[na + 2] = deadline, id
+        na = na + 2
+      else
+        nr = nr + 1
+        rem[nr] = id
+      end
+    end
+    if na > 0 then redis.call('ZADD', key, unpack(add)) end
+    if nr > 0 then redis.call('ZREM', key, unpack(rem)) end
+  end
+end
