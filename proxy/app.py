@@ -228,10 +228,10 @@ async def _freeze_gc(app: web.Application) -> None:
 
     Then a young collection waits for GC_YOUNG net new objects instead of CPython's 700. A
     request makes a few hundred objects that nearly all die with it, by reference count: at 700
-    the collector ran every request or two and walked the open requests' objects each time, 15-20
-    µs of CPU per request under load (memory and Redis stores alike); at 10,000 it runs about
-    50 times less often, ~2 µs a request (bench/results/hotpath-2.md). Cyclic garbage waits
-    longer for it: a few MB at most."""
+    the collector ran every request or two and walked the open requests' objects each time
+    (about 20 µs of CPU per request under wrk, timed by gc callbacks, memory and Redis stores
+    alike); at 10,000 it runs about 50 times less often, ~2 µs a request
+    (bench/results/hotpath-2.md). Cyclic garbage waits longer for it: a few MB at most."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])

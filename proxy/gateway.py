@@ -74,11 +74,12 @@ class Gateway:
         endpoint = ENDPOINTS[kind]
         key = auth.authenticate(auth.presented(request.headers, endpoint.api), config.keys)
         raw = await body.read(request, config.max_body_bytes)
-        call = body.parse(raw, kind)
+        call, size = body.parse(raw, kind), len(raw)
+        del raw                             # a large body is not kept beside its parsed form
         models = models_for(config, call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
-        prompt = await self.tokens.estimate(kind, call.body, models[0].upstream, len(raw))
+        prompt = await self.tokens.estimate(kind, call.body, models[0].upstream, size)
         admitted = await self._reserve(call, who, models, prompt)
         try:
             return await self._forward(request, call, admitted)
