@@ -73,11 +73,13 @@ class Gateway:
         config = self.config                # one config for the whole request, even across a reload
         endpoint = ENDPOINTS[kind]
         key = auth.authenticate(auth.presented(request.headers, endpoint.api), config.keys)
-        call = body.parse(await body.read(request, config.max_body_bytes), kind)
+        raw = await body.read(request, config.max_body_bytes)
+        call, size = body.parse(raw, kind), len(raw)
+        del raw                             # a large body is not kept beside its parsed form
         models = models_for(config, call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
-        prompt = await self.tokens.estimate(kind, call.body, models[0].upstream)
+        prompt = await self.tokens.estimate(kind, call.body, models[0].upstream, size)
         admitted = await self._reserve(call, who, models, prompt)
         try:
             return await self._forward(request, call, admitted)
@@ -288,6 +290,8 @@ def _json_object(data: bytes) -> bool:
     """Does the body look like one JSON object? Its first and last non-blank bytes are checked,
     not the whole: parsing a large embeddings answer on the loop before replying would stall it
     (settlement parses it after the reply)."""
+    if data[:1] == b"{" and data[-1:] == b"}":       # a compact answer: no blanks to skip
+        return True
     start = _BLANKS.match(data).end()
     end = len(data)
     while end > start and data[end - 1] in b" \t\r\n":

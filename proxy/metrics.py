@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import time
+from bisect import bisect_left
 from typing import Iterable
 
 from aiohttp import web
@@ -92,7 +93,8 @@ def remaining_ratios(balances) -> GaugeMetricFamily:
 
 
 def render(balances=()) -> bytes:
-    """The exposition text: the process (or multiprocess) metrics plus the store's ratios."""
+    """The exposition text: the process (or multiprocess) metrics plus the store's ratios (the
+    tallies flushed first by the caller, on the loop: see `flush`)."""
     reg = registry()
     body = generate_latest(reg)
     if balances:
@@ -147,7 +149,13 @@ class Timer:
 
 class Children:
     """A metric's labelled children, memoised: `.labels()` validates and takes a lock (about
-    1 µs), and the hooks run several times per request. Bounded like the labels themselves."""
+    1 µs), and the hooks run several times per request. Bounded like the labels themselves.
+
+    In one process (no PROMETHEUS_MULTIPROC_DIR) a child is a `_Pending` tally instead, added
+    to prometheus_client's own at each scrape: a Counter's `inc` takes a lock and a Histogram's
+    `observe` a lock per value it touches, about 10 µs a request in all (bench/results/hotpath-2.md).
+    With several workers each one's numbers must reach its files before another worker's scrape
+    reads them, so there the children are prometheus_client's, as before."""
 
     __slots__ = ("_metric", "_made")
 
@@ -158,11 +166,79 @@ class Children:
     def __call__(self, *labels: str):
         child = self._made.get(labels)
         if child is None:
-            child = self._made[labels] = self._metric.labels(*labels)
+            child = self._made[labels] = _pending(self._metric.labels(*labels))
         return child
 
 
-STORE = {op: STORE_SECONDS.labels(op) for op in ("reserve", "commit", "release", "snapshot")}
+# Decided once, as prometheus_client decides its own mode: from the environment at import.
+_TALLY = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_PENDING: list = []
+
+
+def _pending(child):
+    if not _TALLY:
+        return child
+    tally = _PendingHistogram(child) if isinstance(child, Histogram) else _PendingCounter(child)
+    _PENDING.append(tally)
+    return tally
+
+
+class _PendingCounter:
+    """Increments of one Counter child since the last flush."""
+
+    __slots__ = ("_child", "_n")
+
+    def __init__(self, child) -> None:
+        self._child = child
+        self._n = 0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self._n += amount
+
+    def flush(self) -> None:
+        if self._n:
+            n, self._n = self._n, 0
+            self._child.inc(n)
+
+
+class _PendingHistogram:
+    """Observations of one Histogram child since the last flush: per-bucket counts and the sum,
+    bucketed as prometheus_client does (the first bucket whose upper bound is >= the value)."""
+
+    __slots__ = ("_child", "_bounds", "_counts", "_sum")
+
+    def __init__(self, child) -> None:
+        self._child = child
+        self._bounds = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self._sum += amount
+        self._counts[bisect_left(self._bounds, amount)] += 1
+
+    def flush(self) -> None:
+        counts, total = self._counts, self._sum
+        if not any(counts):
+            return
+        self._counts, self._sum = [0] * len(counts), 0.0
+        child = self._child
+        child._sum.inc(total)
+        for bucket, n in zip(child._buckets, counts):
+            if n:
+                bucket.inc(n)
+
+
+def flush() -> None:
+    """Add the tallies to prometheus_client's metrics (before a scrape reads them). On the event
+    loop's thread, the one that counts."""
+    for tally in _PENDING:
+        tally.flush()
+
+
+STORE = {op: _pending(STORE_SECONDS.labels(op)) for op in ("reserve", "commit", "release", "snapshot")}
 requests = Children(REQUESTS)
 reservations = Children(RESERVATIONS)
 spend_usd = Children(SPEND_USD)
@@ -193,5 +269,6 @@ async def scrape(config, ledger) -> web.Response:
                 balances = await ledger.snapshot(ratio_scopes(config, ledger.policy), limited_only=True)
         except StoreUnavailable as exc:
             log.warning("metrics: remaining ratios left out, the store is unavailable: %s", exc)
+    flush()
     # Multiprocess mode reads every worker's files: off the event loop.
     return response(await asyncio.to_thread(render, balances))

@@ -9,7 +9,8 @@ answer is charged its prompt; one that cannot have reached it is released.
 Every settlement is claimed synchronously (so no path can settle twice, and the handler's
 last-resort `ensure_settled` knows whether one is under way) and then runs in a tracked task that
 retries while the store is unreachable: a cancelled handler never cuts a settlement short.
-While open, the lease is extended every third of its length.
+While open, the lease is extended every third of its length (by the task tracker's `Renewals`: one
+loop timer for every open request).
 """
 
 from __future__ import annotations
@@ -50,20 +51,19 @@ class Flight:
         self.observer = observer    # told of the commit (metrics, alerts); None in unit tests
         self.org = org
         self._settled = res is None
-        self._timer: asyncio.TimerHandle | None = None
         if res is not None:
-            self._arm()
+            tasks.renewals.add(self, self._period(), self._renew)
 
     # --- the lease --------------------------------------------------------------------------
 
-    def _arm(self) -> None:
-        period = self.ledger.policy.lease_seconds / 3
-        self._timer = asyncio.get_running_loop().call_later(period, self._tick)
+    def _period(self) -> float:
+        return self.ledger.policy.lease_seconds / 3
 
-    def _tick(self) -> None:
-        if not self._settled and not self.tasks.closing.is_set():
+    def _renew(self) -> float:
+        """Every third of the lease while open (the task tracker's renewals call it)."""
+        if not self._settled:
             self.tasks.spawn(self._extend())
-            self._arm()
+        return self._period()
 
     async def _extend(self) -> None:
         try:
@@ -84,8 +84,8 @@ class Flight:
         if self._settled:
             return False
         self._settled = True
-        if self._timer is not None:
-            self._timer.cancel()
+        if self.res is not None:
+            self.tasks.renewals.discard(self)
         if self.sent_at is not None:
             self.latency_ms = round((asyncio.get_running_loop().time() - self.sent_at) * 1000)
         return True
@@ -112,6 +112,8 @@ class Flight:
     def ensure_settled(self, outcome: str = "upstream_error") -> None:
         """Last resort when the handler ends: a request that may have reached the upstream is
         charged its prompt; one that cannot have is released."""
+        if self._settled:                   # the usual case: settled on the way (nothing to price)
+            return
         if self.sent:
             self.charge_prompt_soon(outcome)
         else:

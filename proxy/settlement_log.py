@@ -70,7 +70,8 @@ class TokenCounts(NamedTuple):
     reasoning_tokens: int
 
     def pack(self) -> str:
-        return " ".join(str(int(v)) for v in self)
+        prompt, cached, completion, reasoning = self
+        return f"{int(prompt)} {int(cached)} {int(completion)} {int(reasoning)}"
 
     @classmethod
     def unpack(cls, text: str) -> TokenCounts | None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable
+import math
+from typing import Any, Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +20,16 @@ class Tasks:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task] = set()
         self.closing = asyncio.Event()
+        self.renewals = Renewals(self.closing)
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     def spawn(self, work: Awaitable[Any]) -> asyncio.Task:
-        """Run `work` to completion even if the caller is cancelled; drained at shutdown."""
-        task = asyncio.ensure_future(work)
+        """Run `work` to completion even if the caller is cancelled; drained at shutdown. (A
+        coroutine goes to the loop's create_task directly: ensure_future's checks cost 0.7 µs.)"""
+        task = asyncio.get_running_loop().create_task(work) if asyncio.iscoroutine(work) \
+            else asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -47,3 +51,55 @@ class Tasks:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.wait(list(self._tasks), timeout=1)
+
+
+class Renewals:
+    """Work repeated for each registered key while it stays registered (the lease of every open
+    request), on one loop timer for all of them. A timer per request - armed when it is
+    admitted, cancelled when it settles, nearly always long before it fires - cost about 3 µs a
+    request (bench/results/hotpath-2.md); a dict entry costs a tenth of that.
+
+    A key's `renew()` runs one period after it was added or last renewed, up to a quarter of the
+    shortest period late (the timer ticks GRAIN times per shortest period), and returns the
+    period until its next renewal. Nothing is renewed once `closing` is set."""
+
+    GRAIN = 4
+
+    def __init__(self, closing: asyncio.Event) -> None:
+        self._closing = closing
+        self._due: dict[Any, tuple[float, float, Callable[[], float]]] = {}   # key -> (due, period, renew)
+        self._timer: asyncio.TimerHandle | None = None
+        self._tick = math.inf           # the armed timer's interval
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, key: Any, period: float, renew: Callable[[], float]) -> None:
+        loop = asyncio.get_running_loop()
+        self._due[key] = (loop.time() + period, period, renew)
+        if period / self.GRAIN < self._tick:            # the first key, or a shorter period
+            self._arm(loop, period / self.GRAIN)
+
+    def discard(self, key: Any) -> None:
+        self._due.pop(key, None)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._tick = tick
+        self._timer = loop.call_later(tick, self._run)
+
+    def _run(self) -> None:
+        self._timer, self._tick = None, math.inf
+        if self._closing.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        shortest = math.inf
+        for key, (due, period, renew) in list(self._due.items()):
+            if due <= now and key in self._due:
+                period = renew()
+                self._due[key] = (now + period, period, renew)
+            shortest = min(shortest, period)
+        if self._due:
+            self._arm(loop, shortest / self.GRAIN)

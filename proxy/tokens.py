@@ -231,14 +231,18 @@ class TokenCounter:
         enc = self._encodings.get("cl100k_base")
         return anthropic_tokens.messages_prompt(body, functools.partial(self._count_with, enc))
 
-    async def estimate(self, kind: str, body: dict, model: str) -> int:
+    async def estimate(self, kind: str, body: dict, model: str, json_bytes: int | None = None) -> int:
         """Prompt tokens of a request body; ``kind`` is an endpoint kind (see _ESTIMATE_KINDS).
 
         Bodies above :data:`INLINE_THRESHOLD_CHARS` are counted in a worker thread so a huge
         prompt does not stall the event loop (tiktoken releases the GIL while encoding).
+        ``json_bytes``, the length of the JSON text the body was parsed from, spares the walk
+        that sizes it when it is at most the threshold: every unit the walk counts (a string's
+        character, a list's item) takes a byte of its own in the JSON text, or more.
         """
         counter = self._counter_for(kind)
-        if _text_size_exceeds(body, INLINE_THRESHOLD_CHARS):
+        if (json_bytes is None or json_bytes > INLINE_THRESHOLD_CHARS) \
+                and _text_size_exceeds(body, INLINE_THRESHOLD_CHARS):
             return await asyncio.to_thread(counter, body, model)
         return counter(body, model)
 

@@ -218,3 +218,18 @@ async def test_commit_retries_through_a_redis_restart(redis_server, redis_url, s
     finally:
         if redis_server.proc is None:
             redis_server.start()
+
+
+async def test_a_started_proxy_collects_young_objects_rarely(proxy):
+    # A request's few hundred objects die by reference count: at CPython's 700 the collector ran
+    # every request or two, walking the open requests' objects each time.
+    import gc
+    from proxy import app as app_mod
+    before = gc.get_threshold()
+    gc.set_threshold(700, *before[1:])
+    try:
+        assert app_mod._freeze_gc in proxy.proxy.app.on_startup      # what the started proxy ran
+        await app_mod._freeze_gc(proxy.proxy.app)
+        assert gc.get_threshold() == (app_mod.GC_YOUNG, *before[1:]) and app_mod.GC_YOUNG >= 10_000
+    finally:
+        gc.set_threshold(*before)

@@ -137,3 +137,11 @@ async def test_streams_reach_the_client_as_a_direct_call_gives_them_whatever_the
                 direct = await r.read()
         assert via == direct, shape
         assert (b'"usage"' in via) is bool(options)
+
+
+@pytest.mark.parametrize("data, ok", [(b"{}", True), (b'{"a": 1}', True), (b' \r\n\t{"a": 1}\n ', True), (b"{\n}\n", True),
+                                      (b"", False), (b"{", False), (b"}", False), (b" ", False), (b"[1]", False),
+                                      (b"<html></html>", False), (b'{"a": 1} x', False), (b'x {"a": 1}', False)])
+def test_an_answer_is_taken_for_a_json_object_by_its_first_and_last_non_blank_bytes(data, ok):
+    from proxy.gateway import _json_object
+    assert _json_object(data) is ok

@@ -126,3 +126,20 @@ def test_messages_require_max_tokens_as_anthropic_does():
                                                                  "metadata.user_id")])
 def test_bad_messages_fields_name_their_param(over, param):
     assert bad("messages", {**MSG, **over}).param == param
+
+
+def test_one_utf8_bom_is_accepted_as_json_loads_accepts_it_and_a_second_is_not():
+    raw = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "h\xc3\xa9"}]}'
+    assert parse(b"\xef\xbb\xbf" + raw, "chat").body == parse(raw, "chat").body == json.loads(b"\xef\xbb\xbf" + raw)
+    with pytest.raises(BadRequest) as exc:
+        parse(b"\xef\xbb\xbf\xef\xbb\xbf" + raw, "chat")
+    assert exc.value.code == "invalid_json"
+    # The offending byte is named (as utf-8-sig reports its offset: after the BOM).
+    for bad in (raw.replace(b"\xc3\xa9", b"\xff"), b"\xef\xbb\xbf" + raw.replace(b"\xc3\xa9", b"\xff")):
+        with pytest.raises(BadRequest) as exc:
+            parse(bad, "chat")
+        assert exc.value.code == "invalid_json" and "not valid UTF-8" in str(exc.value)
+        try:
+            bad.decode("utf-8-sig")
+        except UnicodeDecodeError as ref:
+            assert f"at offset {ref.start})" in str(exc.value) and f"byte 0x{bad[ref.start]:02x}" in str(exc.value)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import metrics, pricing
@@ -164,3 +165,33 @@ def test_the_cli_does_not_import_prometheus_client_before_serve_can_choose_its_m
     # environment: `serve --workers N` must be able to set PROMETHEUS_MULTIPROC_DIR first.
     code = "import sys, proxy.cli; assert 'prometheus_client' not in sys.modules, 'imported too early'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_tally_reaches_prometheus_client_as_the_same_observations_would():
+    # One process tallies per-request counts in plain numbers and adds them at each scrape: the
+    # exposition must be the one prometheus_client's own observe/inc would have given.
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    reg = CollectorRegistry()
+    direct = Histogram("direct_seconds", "h", ["op"], buckets=metrics._LATENCY_BUCKETS, registry=reg)
+    tallied = Histogram("tallied_seconds", "h", ["op"], buckets=metrics._LATENCY_BUCKETS, registry=reg)
+    hist = metrics._PendingHistogram(tallied.labels("reserve"))
+    for v in (0.0, 0.0005, 0.0007, 0.001, 0.03, 7.5, 60, 61.2):     # on bounds, between, past the last
+        direct.labels("reserve").observe(v)
+        hist.observe(v)
+    count_direct = Counter("direct", "c", ["org"], registry=reg)
+    count_tallied = Counter("tallied", "c", ["org"], registry=reg)
+    tally = metrics._PendingCounter(count_tallied.labels("acme"))
+    for amount in (1, 2.5, 0.125):
+        count_direct.labels("acme").inc(amount)
+        tally.inc(amount)
+    with pytest.raises(ValueError):
+        tally.inc(-1)
+    assert not [fam for fam in text_string_to_metric_families(generate_latest(reg).decode())
+                if fam.name.startswith("tallied") and any(s.value for s in fam.samples)]   # nothing before a flush
+    for _ in range(2):                                   # a second flush adds nothing more
+        hist.flush()
+        tally.flush()
+    got = samples(generate_latest(reg).decode())
+    direct_samples = {(n, labels): v for (n, labels), v in got.items() if n.startswith("direct")}
+    assert direct_samples and all(got[(n.replace("direct", "tallied", 1), labels)] == v
+                                  for (n, labels), v in direct_samples.items())

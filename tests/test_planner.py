@@ -127,3 +127,18 @@ def test_balances_are_needed_only_to_choose_or_to_cap():
     assert not needs_balances(chat(max_tokens=5), [GPT4O])
     assert needs_balances(chat(), [GPT4O])
     assert needs_balances(chat(max_tokens=5), [GPT4O, MINI])
+
+
+def test_balance_cache_answers_with_the_latest_put_of_each_scope():
+    cache = BalanceCache()
+    old, new = org_usd(1000, 10), org_usd(1000, 20)
+    big = Balance(BIG, "day", "tokens", 100, 1, 0, 99, 0.0)
+    cache.put((ORG, BIG), [old, big], now=100.0)
+    cache.put([ORG, SMALL], [new], now=100.1)          # ORG seen again, through another set of scopes
+    cache.put((ORG, BIG), [old, big], now=100.05)      # an older reading put last wins, as it was put last
+    assert cache.get([ORG, BIG], 100.5) == [old, big]
+    cache.put([ORG, SMALL], [new], now=100.2)
+    assert cache.get([ORG], 100.5) == [new] and cache.get([SMALL], 100.5) == []
+    assert cache.get([ORG], 101.1) == [new] and cache.get([BIG], 101.1) is None
+    cache.put([ORG], [old], now=100.3, policy=object())  # a new policy voids what was put before it
+    assert cache.get([SMALL], 100.5, cache._policy) is None

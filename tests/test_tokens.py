@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import socket
+import json
 import threading
 import time
 from pathlib import Path
@@ -531,3 +532,21 @@ async def test_responses_and_messages_are_estimate_kinds(tokens_counter):
     assert await tokens_counter.estimate("responses", body, "gpt-4o") == tokens_counter.responses_input(body, "gpt-4o")
     assert await tokens_counter.estimate("messages", body, "claude-haiku-4-5") == tokens_counter.messages_prompt(body, "x")
     assert tokens_counter.responses_input({"input": 5, "tools": "x"}, "gpt-4o") == tokens.REPLY_PRIMING_TOKENS
+
+
+async def test_the_json_size_of_a_body_bounds_its_text_so_a_small_one_is_never_walked(counter, monkeypatch):
+    from proxy import tokens
+    # Every unit the size walk counts takes at least a byte of JSON: a body's JSON length bounds it.
+    for body in ({"prompt": ["", "", "é" * 30]}, {"input": [[1, 2], [3], []]}, {"messages": [{"content": "\U0001F600" * 9}]},
+                 {"input": [1, 22, 333, True, None, {"a": ["b"]}]}):
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        assert not tokens._text_size_exceeds(body, len(text))
+    walked: list = []
+    monkeypatch.setattr(tokens, "_text_size_exceeds", lambda body, limit: walked.append(body) or False)
+    small = {"prompt": "x" * 100}
+    assert await counter.estimate("completion", small, "gpt-4o", json_bytes=len(json.dumps(small))) == \
+        counter.completion_prompt(small, "gpt-4o")
+    assert walked == []
+    await counter.estimate("completion", small, "gpt-4o", json_bytes=tokens.INLINE_THRESHOLD_CHARS + 1)
+    await counter.estimate("completion", small, "gpt-4o")
+    assert walked == [small, small]

@@ -42,3 +42,22 @@ def test_only_anthropic_beta_is_forwarded_from_the_client():
 def test_the_proxy_key_is_redacted_from_relayed_errors():
     r = Route({}, "", {}, None, key="sk-ant-secret")
     assert redacted(r, b'{"message": "bad key sk-ant-secret"}') == b'{"message": "bad key [redacted]"}'
+
+
+def test_only_the_headers_a_client_relies_on_are_passed_on_whatever_their_case():
+    from types import SimpleNamespace
+
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from proxy.upstream import passed_headers
+    got = CIMultiDictProxy(CIMultiDict([
+        ("Content-Type", "application/json"), ("Content-Length", "12"), ("Connection", "keep-alive"),
+        ("Set-Cookie", "a=1"), ("Server", "cloudflare"), ("x-request-id", "req_1"), ("X-Request-ID", "req_2"),
+        ("openai-processing-ms", "10"), ("x-ratelimit-remaining-tokens", "99"), ("X-RateLimit-Reset", "1s"),
+        ("anthropic-ratelimit-requests-limit", "5"), ("x-ratelimiter", "no"), ("retry-after", "3")]))
+    for _ in range(2):                                   # the second time from the decisions made the first
+        out = passed_headers(SimpleNamespace(headers=got))
+        assert list(out.items()) == [
+            ("Content-Type", "application/json"), ("x-request-id", "req_1"), ("X-Request-ID", "req_2"),
+            ("openai-processing-ms", "10"), ("x-ratelimit-remaining-tokens", "99"), ("X-RateLimit-Reset", "1s"),
+            ("anthropic-ratelimit-requests-limit", "5"), ("retry-after", "3")]

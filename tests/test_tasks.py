@@ -1,0 +1,54 @@
+"""The task tracker's renewals: one loop timer renews every registered key once per period."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.tasks import Renewals, Tasks
+
+
+def counter(period: float):
+    calls = []
+
+    def renew() -> float:
+        calls.append(asyncio.get_running_loop().time())
+        return period
+    return calls, renew
+
+
+async def test_a_key_is_renewed_every_period_until_discarded():
+    tasks = Tasks()
+    calls, renew = counter(0.05)
+    start = asyncio.get_running_loop().time()
+    tasks.renewals.add("lease", 0.05, renew)
+    await asyncio.sleep(0.04)
+    assert calls == []                               # not before its period
+    await asyncio.sleep(0.16)
+    assert len(calls) >= 2 and calls[0] - start >= 0.05
+    tasks.renewals.discard("lease")
+    assert len(tasks.renewals) == 0
+    done = len(calls)
+    await asyncio.sleep(0.1)
+    assert len(calls) == done
+
+
+async def test_a_short_period_is_not_held_up_by_a_long_one():
+    tasks = Tasks()
+    slow, renew_slow = counter(60)
+    fast, renew_fast = counter(0.04)
+    tasks.renewals.add("slow", 60, renew_slow)       # the timer ticks every 15 s for it alone
+    tasks.renewals.add("fast", 0.04, renew_fast)
+    await asyncio.sleep(0.15)
+    assert len(fast) >= 2 and slow == []
+    tasks.renewals.discard("fast")
+    tasks.renewals.discard("slow")
+
+
+async def test_nothing_is_renewed_once_closing():
+    closing = asyncio.Event()
+    renewals = Renewals(closing)
+    calls, renew = counter(0.03)
+    renewals.add("lease", 0.03, renew)
+    closing.set()
+    await asyncio.sleep(0.1)
+    assert calls == []
