@@ -114,7 +114,7 @@ class _Coalescer:
         if alone or self._in_flight < self.MAX_IN_FLIGHT:
             self._in_flight += 1
             try:
-                return await script(keys=keys, args=[*args, *tail] if tail else args)
+                return await self._one(script, keys, [*args, *tail] if tail else args)
             finally:
                 self._done()
         fut = asyncio.get_running_loop().create_future()
@@ -127,6 +127,31 @@ class _Coalescer:
             batch, self._queue = self._queue, []
             self._in_flight += 1
             self._tasks.spawn(self._flush(batch))
+
+    async def _one(self, script: AsyncScript, keys: list, args: list):
+        """One script call, as its own round trip; a NOSCRIPT (SCRIPT FLUSH, failover: it did not
+        run) goes to redis-py's script object, which loads the script and runs the call again."""
+        reply, = await self._round_trip([("EVALSHA", script.sha, len(keys), *keys, *args)])
+        if isinstance(reply, NoScriptError):
+            return await script(keys=keys, args=args)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    async def _round_trip(self, commands: list[tuple]) -> list:
+        """The replies to `commands`, sent together on one pooled connection (an error reply as
+        its ResponseError, in its place): what a non-transactional pipeline does, without its
+        per-call layers (the pipeline object, observability hooks, field-set preparation). The
+        failure handling is redis-py's own: the blocking pool's checkout (waits up to the pool
+        timeout), the connection's socket timeout and disconnect on a failed or cancelled read
+        or write, and the connection's Retry (it disconnects, backs off, resends; scripts are
+        idempotent by reservation id)."""
+        pool = self._r.connection_pool
+        conn = await pool.get_connection()
+        try:
+            return await conn.retry.call_with_retry(lambda: _exchange(conn, commands), lambda _: conn.disconnect())
+        finally:
+            await pool.release(conn)
 
     def _calls(self, batch) -> list[tuple[AsyncScript, list, list, list[asyncio.Future]]]:
         """The script calls that carry `batch`: runs of batchable calls (up to MAX_BATCH) as one
@@ -167,11 +192,9 @@ class _Coalescer:
     async def _flush(self, batch) -> None:
         try:
             calls = self._calls(batch)
-            pipe = self._r.pipeline(transaction=False)
-            for script, keys, args, _ in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
             try:
-                results = await pipe.execute(raise_on_error=False)
+                results = await self._round_trip([("EVALSHA", script.sha, len(keys), *keys, *args)
+                                                  for script, keys, args, _ in calls])
             except BaseException as exc:                       # noqa: BLE001 - handed to every caller
                 results = [exc] * len(calls)
             for (script, keys, args, futs), res in zip(calls, results):
@@ -194,6 +217,19 @@ class _Coalescer:
                         fut.set_result(reply)
         finally:
             self._done()
+
+
+async def _exchange(conn, commands: list[tuple]) -> list:
+    """One write of `commands`, then their replies in order; every reply is read, so the
+    connection goes back to the pool in step even when one is an error."""
+    await conn.send_packed_command(conn.pack_commands(commands))
+    replies = []
+    for _ in commands:
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 async def _trimmed_to(client, key: str, cap: int) -> int:
