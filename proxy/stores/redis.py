@@ -2,7 +2,8 @@
 
 Scripts are `.lua` files shipped in this package, assembled and registered once (EVALSHA,
 reloaded by redis-py on NOSCRIPT, so a `SCRIPT FLUSH` or a failover to a fresh replica changes
-nothing). Each store operation is one round trip; under load, reserves and settles that wait for
+nothing). Each store operation is one round trip (script calls: the coalescer's own, on a pooled
+connection, packed in C; docs/store.md "The client side"); under load, reserves and settles that wait for
 one go out together as one batch script call (`_Coalescer`, docs/store.md "Batches"). redis-py
 retries on connection errors and timeouts; the scripts are idempotent by reservation id, so a
 retried call never counts twice. Every redis-py or OS error is wrapped into StoreUnavailable

@@ -1,7 +1,7 @@
 """How the Redis store's data looks on the wire: script arguments, records, values, log entries.
 
 Counters go to the scripts as plain ARGV entries, grouped by window (hiredis packs arguments in C,
-so the client pays little per argument, and Lua parses nothing). reserve.lua takes, per window,
+see redis.py `_CPacked`, so the client pays little per argument, and Lua parses nothing). reserve.lua takes, per window,
 `<expire-at> <n> <n fields> <m> <m x (position, token limit, usd limit)>`: limits only for the
 limited counters, the only ones it checks. settle.lua takes `<expire-at> <n> <n fields>`; the
 reservation record keeps that form, so the sweeper can settle a reservation whose process died.
