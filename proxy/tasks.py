@@ -61,7 +61,8 @@ class Renewals:
 
     A key's `renew()` runs one period after it was added or last renewed, up to a quarter of the
     shortest period late (the timer ticks GRAIN times per shortest period), and returns the
-    period until its next renewal. Nothing is renewed once `closing` is set."""
+    period until its next renewal; one that raises is logged and tried again a period later (the
+    others renewed as usual). Nothing is renewed once `closing` is set."""
 
     GRAIN = 4
 
@@ -98,7 +99,10 @@ class Renewals:
         shortest = math.inf
         for key, (due, period, renew) in list(self._due.items()):
             if due <= now and key in self._due:
-                period = renew()
+                try:
+                    period = renew()
+                except Exception:       # one key's failure must not stop every other lease
+                    log.exception("renewal of %r failed; tried again in %.1f s", key, period)
                 self._due[key] = (now + period, period, renew)
             shortest = min(shortest, period)
         if self._due:

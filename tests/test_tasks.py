@@ -52,3 +52,23 @@ async def test_nothing_is_renewed_once_closing():
     closing.set()
     await asyncio.sleep(0.1)
     assert calls == []
+
+
+async def test_a_renewal_that_raises_neither_stops_the_ticker_nor_starves_the_others(caplog):
+    # One timer carries every open request's lease: an exception from one key's renew must not
+    # leave the others unrenewed (a timer per request used to confine it to its own request).
+    tasks = Tasks()
+    failed = []
+
+    def broken() -> float:
+        failed.append(1)
+        raise RuntimeError("boom")
+    tasks.renewals.add("broken", 0.03, broken)       # first in the dict: renewed first
+    calls, renew = counter(0.03)
+    tasks.renewals.add("lease", 0.03, renew)
+    await asyncio.sleep(0.25)
+    assert len(calls) >= 3 and len(failed) >= 2      # both still renewed, period after period
+    assert "boom" in caplog.text
+    tasks.renewals.discard("broken")
+    tasks.renewals.discard("lease")
+
