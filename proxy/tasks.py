@@ -70,16 +70,20 @@ class Renewals:
         self._closing = closing
         self._due: dict[Any, tuple[float, float, Callable[[], float]]] = {}   # key -> (due, period, renew)
         self._timer: asyncio.TimerHandle | None = None
-        self._tick = math.inf           # the armed timer's interval
+        self._tick = math.inf           # the ticker's interval (the armed timer's, or shorter from its next tick)
 
     def __len__(self) -> int:
         return len(self._due)
 
     def add(self, key: Any, period: float, renew: Callable[[], float]) -> None:
         loop = asyncio.get_running_loop()
-        self._due[key] = (loop.time() + period, period, renew)
-        if period / self.GRAIN < self._tick:            # the first key, or a shorter period
-            self._arm(loop, period / self.GRAIN)
+        now, tick = loop.time(), period / self.GRAIN
+        self._due[key] = (now + period, period, renew)
+        if tick < self._tick:                           # the first key, or a shorter period
+            if self._timer is None or self._timer.when() > now + tick:
+                self._arm(loop, tick)
+            else:           # the armed tick comes sooner: kept (re-armed from now, it could be put off)
+                self._tick = tick
 
     def discard(self, key: Any) -> None:
         self._due.pop(key, None)

@@ -72,3 +72,19 @@ async def test_a_renewal_that_raises_neither_stops_the_ticker_nor_starves_the_ot
     tasks.renewals.discard("broken")
     tasks.renewals.discard("lease")
 
+
+async def test_a_key_with_a_shorter_period_never_postpones_a_due_renewal():
+    # A key with a shorter period (a policy reload shortened the lease) re-arms the timer to tick
+    # faster; re-arming from now must not push back a tick that was due sooner, or a stream of
+    # ever shorter periods keeps every other lease from being renewed at all.
+    tasks = Tasks()
+    loop = asyncio.get_running_loop()
+    calls, renew = counter(0.8)
+    start = loop.time()
+    tasks.renewals.add("lease", 0.8, renew)          # due at 0.8 s, the timer ticks every 0.2 s
+    for i in range(1, 15):                           # every 0.1 s a key whose tick is 0.1975 .. 0.165 s
+        await asyncio.sleep(0.1)
+        tasks.renewals.add(i, 0.8 - 0.01 * i, counter(1)[1])
+    assert calls and calls[0] - start < 0.8 + 0.2 + 0.25   # at most a tick late (and loop jitter)
+    for key in ["lease", *range(1, 15)]:
+        tasks.renewals.discard(key)
