@@ -63,13 +63,15 @@ def _loads(raw: bytes) -> Any:
     # Decoded here, strictly: json.loads(bytes) would decode with 'surrogatepass' and let the
     # UTF-8 of a lone surrogate (ED A0 80) through, to fail later at tiktoken or on the way
     # upstream. A UTF-8 BOM is accepted, as json.loads(bytes) did.
+    bom = 3 if raw[:3] == BOM_UTF8 else 0
     try:
-        # What raw.decode("utf-8-sig") does (offsets in errors included), without its codec
-        # lookup and Python-level wrapper: 0.6 -> 0.1 µs for a small body.
-        text = raw[3:].decode() if raw[:3] == BOM_UTF8 else raw.decode()
+        # What raw.decode("utf-8-sig") does, without its codec lookup and Python-level wrapper:
+        # 0.6 -> 0.1 µs for a small body.
+        text = raw[3:].decode() if bom else raw.decode()
     except UnicodeDecodeError as exc:
+        at = exc.start + bom                # in the body as sent (utf-8-sig counts after the BOM)
         raise BadRequest(f"We could not parse the JSON body of your request: it is not valid UTF-8 "
-                         f"(byte 0x{raw[exc.start]:02x} at offset {exc.start}).", code="invalid_json") from None
+                         f"(byte 0x{raw[at]:02x} at offset {at}).", code="invalid_json") from None
     try:
         if text.startswith("\ufeff"):         # a second BOM: refused as json.loads refuses it
             raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)

@@ -61,7 +61,8 @@ class Renewals:
 
     A key's `renew()` runs one period after it was added or last renewed, up to a quarter of the
     shortest period late (the timer ticks GRAIN times per shortest period), and returns the
-    period until its next renewal. Nothing is renewed once `closing` is set."""
+    period until its next renewal; one that raises is logged and tried again a period later (the
+    others renewed as usual). Nothing is renewed once `closing` is set."""
 
     GRAIN = 4
 
@@ -69,16 +70,20 @@ class Renewals:
         self._closing = closing
         self._due: dict[Any, tuple[float, float, Callable[[], float]]] = {}   # key -> (due, period, renew)
         self._timer: asyncio.TimerHandle | None = None
-        self._tick = math.inf           # the armed timer's interval
+        self._tick = math.inf           # the ticker's interval (the armed timer's, or shorter from its next tick)
 
     def __len__(self) -> int:
         return len(self._due)
 
     def add(self, key: Any, period: float, renew: Callable[[], float]) -> None:
         loop = asyncio.get_running_loop()
-        self._due[key] = (loop.time() + period, period, renew)
-        if period / self.GRAIN < self._tick:            # the first key, or a shorter period
-            self._arm(loop, period / self.GRAIN)
+        now, tick = loop.time(), period / self.GRAIN
+        self._due[key] = (now + period, period, renew)
+        if tick < self._tick:                           # the first key, or a shorter period
+            if self._timer is None or self._timer.when() > now + tick:
+                self._arm(loop, tick)
+            else:           # the armed tick comes sooner: kept (re-armed from now, it could be put off)
+                self._tick = tick
 
     def discard(self, key: Any) -> None:
         self._due.pop(key, None)
@@ -98,7 +103,10 @@ class Renewals:
         shortest = math.inf
         for key, (due, period, renew) in list(self._due.items()):
             if due <= now and key in self._due:
-                period = renew()
+                try:
+                    period = renew()
+                except Exception:       # one key's failure must not stop every other lease
+                    log.exception("renewal of %r failed; tried again in %.1f s", key, period)
                 self._due[key] = (now + period, period, renew)
             shortest = min(shortest, period)
         if self._due:

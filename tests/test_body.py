@@ -134,12 +134,10 @@ def test_one_utf8_bom_is_accepted_as_json_loads_accepts_it_and_a_second_is_not()
     with pytest.raises(BadRequest) as exc:
         parse(b"\xef\xbb\xbf\xef\xbb\xbf" + raw, "chat")
     assert exc.value.code == "invalid_json"
-    # The offending byte is named (as utf-8-sig reports its offset: after the BOM).
+    # The offending byte is named, at its offset in the body as sent (the BOM counted: utf-8-sig
+    # reports offsets after it, and the byte there is another one).
     for bad in (raw.replace(b"\xc3\xa9", b"\xff"), b"\xef\xbb\xbf" + raw.replace(b"\xc3\xa9", b"\xff")):
         with pytest.raises(BadRequest) as exc:
             parse(bad, "chat")
-        assert exc.value.code == "invalid_json" and "not valid UTF-8" in str(exc.value)
-        try:
-            bad.decode("utf-8-sig")
-        except UnicodeDecodeError as ref:
-            assert f"at offset {ref.start})" in str(exc.value) and f"byte 0x{bad[ref.start]:02x}" in str(exc.value)
+        at = bad.index(b"\xff")
+        assert exc.value.code == "invalid_json" and f"not valid UTF-8 (byte 0xff at offset {at})" in str(exc.value)

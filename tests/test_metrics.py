@@ -195,3 +195,27 @@ def test_a_tally_reaches_prometheus_client_as_the_same_observations_would():
     direct_samples = {(n, labels): v for (n, labels), v in got.items() if n.startswith("direct")}
     assert direct_samples and all(got[(n.replace("direct", "tallied", 1), labels)] == v
                                   for (n, labels), v in direct_samples.items())
+
+
+HOOKS = """
+from proxy import metrics
+metrics.requests("/v1/chat/completions", "200").inc()
+metrics.reservations("admitted").inc(2)
+with metrics.Timer(metrics.STORE["reserve"]):
+    pass
+metrics.upstream("openai").observe(0.3)
+"""
+
+
+def test_a_worker_s_hook_counts_reach_the_metrics_dir_without_a_scrape_of_its_own(tmp_path, monkeypatch):
+    # With several workers, a scrape answered by one reads the others' files: what the per-request
+    # hooks count must be there at once, never held in a tally only its own scrape would flush.
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", HOOKS], env=env, check=True, timeout=60)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    got = samples(metrics.render().decode())
+    assert requests_total(got, "/v1/chat/completions", "200") == 1
+    assert value(got, "budget_proxy_reservations_total", outcome="admitted") == 2
+    assert value(got, "budget_proxy_store_seconds_count", operation="reserve") == 1
+    assert value(got, "budget_proxy_upstream_seconds_bucket", provider="openai", le="0.5") == 1
+    assert value(got, "budget_proxy_upstream_seconds_sum", provider="openai") == 0.3

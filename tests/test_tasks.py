@@ -52,3 +52,39 @@ async def test_nothing_is_renewed_once_closing():
     closing.set()
     await asyncio.sleep(0.1)
     assert calls == []
+
+
+async def test_a_renewal_that_raises_neither_stops_the_ticker_nor_starves_the_others(caplog):
+    # One timer carries every open request's lease: an exception from one key's renew must not
+    # leave the others unrenewed (a timer per request used to confine it to its own request).
+    tasks = Tasks()
+    failed = []
+
+    def broken() -> float:
+        failed.append(1)
+        raise RuntimeError("boom")
+    tasks.renewals.add("broken", 0.03, broken)       # first in the dict: renewed first
+    calls, renew = counter(0.03)
+    tasks.renewals.add("lease", 0.03, renew)
+    await asyncio.sleep(0.25)
+    assert len(calls) >= 3 and len(failed) >= 2      # both still renewed, period after period
+    assert "boom" in caplog.text
+    tasks.renewals.discard("broken")
+    tasks.renewals.discard("lease")
+
+
+async def test_a_key_with_a_shorter_period_never_postpones_a_due_renewal():
+    # A key with a shorter period (a policy reload shortened the lease) re-arms the timer to tick
+    # faster; re-arming from now must not push back a tick that was due sooner, or a stream of
+    # ever shorter periods keeps every other lease from being renewed at all.
+    tasks = Tasks()
+    loop = asyncio.get_running_loop()
+    calls, renew = counter(0.8)
+    start = loop.time()
+    tasks.renewals.add("lease", 0.8, renew)          # due at 0.8 s, the timer ticks every 0.2 s
+    for i in range(1, 15):                           # every 0.1 s a key whose tick is 0.1975 .. 0.165 s
+        await asyncio.sleep(0.1)
+        tasks.renewals.add(i, 0.8 - 0.01 * i, counter(1)[1])
+    assert calls and calls[0] - start < 0.8 + 0.2 + 0.25   # at most a tick late (and loop jitter)
+    for key in ["lease", *range(1, 15)]:
+        tasks.renewals.discard(key)
