@@ -52,12 +52,19 @@ class Flight:
         self.org = org
         self._settled = res is None
         if res is not None:
-            tasks.renewals.add(self, self._period(), self._renew)
+            tasks.renewals.add(self, self._first_period(res), self._renew)
 
     # --- the lease --------------------------------------------------------------------------
 
     def _period(self) -> float:
         return self.ledger.policy.lease_seconds / 3
+
+    def _first_period(self, res: Reservation) -> float:
+        """The first renewal comes a third of the way through the lease the reservation holds,
+        not the current policy's: a reload that lengthened `lease_seconds` while the reserve was
+        out would otherwise put the first renewal after this lease ends."""
+        held = res.deadline_ms / 1000 - self.ledger.now()
+        return max(0.01, min(self._period(), held / 3))
 
     def _renew(self) -> float:
         """Every third of the lease while open (the task tracker's renewals call it)."""

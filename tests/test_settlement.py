@@ -132,3 +132,20 @@ async def test_the_lease_is_extended_while_the_flight_is_open(ledger, monkeypatc
     f.release_soon()
     tasks.closing.set()
     assert await org_day(ledger, tasks) == (0, 0)
+
+
+async def test_the_first_renewal_follows_the_lease_the_reservation_holds(ledger):
+    # Reserved under a 3 s lease; a reload to 60 s lands before the flight is built. Renewing a
+    # third of the new lease in (20 s) would let the 3 s lease lapse first: the sweeper would
+    # settle a live request.
+    tasks = Tasks()
+    ledger.policy = parse({"version": 1, "defaults": {"org": {"day": {"tokens": 10_000}}},
+                           "reservation": {"lease_seconds": 3}}, "test-policy")
+    res = await ledger.reserve("r1", Amounts(100, 1), SCOPES)
+    ledger.policy = parse({"version": 1, "defaults": {"org": {"day": {"tokens": 10_000}}},
+                           "reservation": {"lease_seconds": 60}}, "test-policy")
+    f = Flight(ledger, tasks, res, MODEL, ENDPOINTS["chat"], PROMPT, len)
+    await asyncio.sleep(2.4)                  # a third of 3 s, a tick late at most, slack for a loaded machine
+    assert f.res.deadline_ms > res.deadline_ms      # renewed before the 3 s lease ran out
+    f.settle_body(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}')
+    await asyncio.wait(tasks.pending(), timeout=5)
