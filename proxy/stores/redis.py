@@ -4,9 +4,11 @@ Scripts are `.lua` files shipped in this package, assembled and registered once 
 reloaded by redis-py on NOSCRIPT, so a `SCRIPT FLUSH` or a failover to a fresh replica changes
 nothing). Each store operation is one round trip (script calls: the coalescer's own, on a pooled
 connection, packed in C; docs/store.md "The client side"); under load, reserves and settles that wait for
-one go out together as one batch script call (`_Coalescer`, docs/store.md "Batches"). redis-py
-retries on connection errors and timeouts; the scripts are idempotent by reservation id, so a
-retried call never counts twice. Every redis-py or OS error is wrapped into StoreUnavailable
+one go out together as one batch script call (`_Coalescer`, docs/store.md "Batches"). A call
+that times out or loses its connection is not retried on the spot (redis-py 8 takes the retry
+policy from the pool's connections, which have none): the caller gets StoreUnavailable, a reserve
+whose answer was lost is undone by id (`Ledger._undo`) and settles retry (`retry.until_stored`);
+the scripts are idempotent by reservation id, so a retried call never counts twice. Every redis-py or OS error is wrapped into StoreUnavailable
 once, by `_wrap_errors` on every public method, and never escapes upward.
 """
 
