@@ -1,7 +1,8 @@
 """The Redis Cluster store: `redis+cluster://host:port[,host:port…]`.
 
-Connecting and calling: cluster_client.py. Script calls go out one by one (redis-py refuses
-EVALSHA in a cluster pipeline); plain reads pipeline, split per node by the client.
+Connecting and calling: cluster_client.py. Script calls go out as single commands (redis-py
+refuses EVALSHA in a cluster pipeline), under load one batch.lua call per org (the Redis store's
+coalescer, grouped by hash tag); plain reads pipeline, split per node by the client.
 
 Layout (docs/cluster.md): each org's keys carry the tag `{<ns>:<org>}` — its window hashes,
 reservation records, lease index and settlement log — so a request's one reserve and one settle
@@ -25,7 +26,7 @@ from . import wire as fmt
 from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
                    ReserveOutcome, Seen, Status, Totals)
 from .cluster_client import Direct, connect
-from .redis import RedisStore, _script, _trimmed_to, _wrap_errors
+from .redis import SCRIPTS, RedisStore, _script, _trimmed_to, _wrap_errors
 
 SHARED = frozenset(("global", "provider", "model"))    # scope types that span orgs
 FRACTION = 8              # a draw's extra is at most 1/(FRACTION x holders) of what is free
@@ -89,7 +90,8 @@ class ClusterStore(RedisStore):
         return connect(url, max_connections)
 
     def _caller(self):
-        return Direct(self._r)
+        return Direct(self._r, self._tasks, self._r.register_script(SCRIPTS["batch"]),
+                      {self._reserve: "r", self._settle_script: "s"})
 
     def _tenant_layout(self, counters: Sequence[Counter]) -> _TenantLayout:
         key = counters if isinstance(counters, tuple) else tuple(counters)
@@ -137,8 +139,8 @@ class ClusterStore(RedisStore):
         wire = self._wired(layout.counters)
         keys = [record_key(tag, rid), leases_key(tag), *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
-                "1" if force else "0", info, wire.record, *wire.reserve]
-        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args)
+                "1" if force else "0", info]
+        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args, wire.reserve_tail, wire.alone)
         seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
         return ReserveOutcome(Status(st), Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None, seen)
 
@@ -231,8 +233,8 @@ class ClusterStore(RedisStore):
         wire = self._wired(layout.counters)
         keys = [record_key(tag, rid), leases_key(tag), log_key(tag), *wire.keys]
         args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
-                note.outcome, note.usage, note.latency_ms, self._log_length, wire.record, *wire.settle]
-        done = bool(await self._calls.call(self._settle_script, keys, args))
+                note.outcome, note.usage, note.latency_ms, self._log_length]
+        done = bool(await self._calls.call(self._settle_script, keys, args, wire.settle_tail, wire.alone))
         if mode != "expire":
             self._tenant_of.pop(rid, None)
         return done
@@ -369,6 +371,8 @@ class ClusterStore(RedisStore):
             await self.give_back(0)
         except StoreUnavailable:
             pass                       # what is not given back stays lent until the window ends
+        if self._own_tasks:
+            await self._tasks.drain(5)     # batches still out answer before the client closes
         try:
             await self._r.aclose()
         except (RedisError, RedisClusterException, OSError):

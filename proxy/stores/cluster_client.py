@@ -2,7 +2,8 @@
 
 The listed nodes are start-up nodes; redis-py's cluster client discovers the rest and follows
 MOVED/ASK redirections. redis-py refuses EVALSHA inside a cluster pipeline, so script calls go
-out one by one (`Direct`), bounded and after the slot map is known.
+out as single commands (`Direct`: batched per org under load, bounded, after the slot map is
+known).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from urllib.parse import unquote
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+
+from .redis import _Coalescer
 
 SCHEME = "redis+cluster://"
 
@@ -70,19 +73,34 @@ class GatedCluster(RedisCluster):
         return pipe
 
 
-class Direct:
-    """Script calls one by one as the Redis store's `_Coalescer` takes them, without batching
-    (GatedCluster bounds how many are out at once)."""
+def tenant_of(keys: list) -> str:
+    """The hash tag of a call's first key (`{<tag>}:…`): every key of a cluster store's reserve
+    or settle call carries its org's tag (cluster.py), so calls with one tag share a slot."""
+    return keys[0].partition("}")[0]
 
-    def __init__(self, client: RedisCluster) -> None:
-        self._r = client
+
+class Direct(_Coalescer):
+    """The Redis store's coalescer on a cluster: the same in-flight rule, batches, NOSCRIPT
+    handling and error fan-out, but a batch only holds calls of one org (one hash tag, so one
+    slot: never CROSSSLOT), and the script calls of a flush go out concurrently, each to the
+    node owning its slot, through redis-py's cluster client (it follows MOVED/ASK and refuses
+    EVALSHA in a cluster pipeline). GatedCluster bounds how many commands are out at once."""
+
+    def __init__(self, client: RedisCluster, tasks, batch, kinds) -> None:
+        super().__init__(client, tasks, batch, kinds, group=tenant_of)
         self._ready = False
         self._starting = asyncio.Lock()
 
     async def call(self, script, keys: list, args: list, tail: tuple = (), alone: bool = False):
         if not self._ready:
             await self._start()
-        return await script(keys=keys, args=[*args, *tail] if tail else args)
+        return await super().call(script, keys, args, tail, alone)
+
+    async def _round_trip(self, commands: list[tuple]) -> list:
+        """The replies to `commands` (an error as its exception, in its place), each sent as
+        its own command to the node owning its keys' slot, all at once: the single-node store
+        writes them on one connection, which a cluster's calls to several nodes cannot share."""
+        return await asyncio.gather(*(self._r.execute_command(*c) for c in commands), return_exceptions=True)
 
     async def ready(self) -> None:
         if not self._ready:

@@ -93,14 +93,18 @@ class _Coalescer:
     own EVALSHA in the same pipeline; so does a batch of one. Scripts are idempotent by
     reservation id, so a retried pipeline is safe; a NOSCRIPT (SCRIPT FLUSH, failover) loads the
     script and runs its call again (it did not run).
+
+    `group` (the cluster's caller, cluster_client.Direct): a batch may only hold calls of one
+    group (their keys in one slot); queued calls are split by group(keys), in order within each.
     """
 
     MAX_IN_FLIGHT = 4
     MAX_BATCH = 64          # sub-calls per batch script call: bounds how long one call holds Redis
 
     def __init__(self, client: aioredis.Redis, tasks: Tasks, batch: AsyncScript,
-                 kinds: dict[AsyncScript, str]) -> None:
+                 kinds: dict[AsyncScript, str], group=None) -> None:
         self._r = client
+        self._group = group             # keys -> the group a call may be batched with (None: one)
         self._in_flight = 0
         self._queue: list[tuple[AsyncScript, list, list, tuple, asyncio.Future]] = []
         self._tasks = tasks             # the flushes run there: the app drains them before closing us
@@ -180,17 +184,26 @@ class _Coalescer:
                 self.batched += len(run)
             run.clear()
 
-        for item in batch:
-            if item[0] in self._kinds:
-                run.append(item)
-                if len(run) == self.MAX_BATCH:
+        for part in self._grouped(batch):
+            for item in part:
+                if item[0] in self._kinds:
+                    run.append(item)
+                    if len(run) == self.MAX_BATCH:
+                        close_run()
+                else:
                     close_run()
-            else:
-                close_run()
-                script, keys, args, tail, fut = item
-                out.append((script, keys, [*args, *tail], [fut]))
-        close_run()
+                    script, keys, args, tail, fut = item
+                    out.append((script, keys, [*args, *tail], [fut]))
+            close_run()
         return out
+
+    def _grouped(self, batch) -> list:
+        if self._group is None:
+            return [batch]
+        parts: dict = {}
+        for item in batch:
+            parts.setdefault(self._group(item[1]), []).append(item)
+        return list(parts.values())
 
     async def _flush(self, batch) -> None:
         try:

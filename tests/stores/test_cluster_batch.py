@@ -1,0 +1,184 @@
+"""The Redis Cluster store's batches: the Redis store's coalescer, grouped by org.
+
+A batch script call may only touch keys of one slot, and each org's keys share its hash tag, so
+calls that wait go out as one batch.lua call per org (on the node owning its slot). The checks of
+test_batch.py, on a real local 3-master cluster: a batch does exactly what its calls do one by
+one; calls of different orgs (on different nodes) never share a batch; a concurrent burst over
+several orgs forms batches and leaves the counters and the settlement log agreeing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis as redis_sync
+
+from proxy.keys import in_tenant, leases_key, tenant_tag
+from proxy.ledger import Amounts, Reservation, Scope
+from proxy.stores import Counter, Status, open_store
+from proxy.stores.base import Note
+
+from ..ledgers import INFO, Clock, ledger_for, tomorrow_at
+from .test_batch import EXPIRE, FILLER_DEADLINE, LIMITED, NOW_MS, _fillers, mixed, one_by_one, outcome
+from .test_cluster import ORGS, on_other_nodes, scopes
+
+FILLER = [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)]        # no org: tenant ""
+
+
+async def in_one_batch(store, calls, tenants=("", "a")):
+    """test_batch.in_one_batch on the cluster: the tenants registered first (so no call waits on
+    its SADD), then a filler takes the only in-flight slot and the calls queue behind it."""
+    for t in tenants:
+        await store._register(t)
+    store._calls.MAX_IN_FLIGHT = 1
+    before = store._calls.batched
+    filler = store.reserve(f"filler{next(_fillers)}", FILLER, 0, 0, FILLER_DEADLINE, False)
+    out = await asyncio.gather(filler, *(c() for c in calls), return_exceptions=True)
+    assert store._calls.batched - before == len(calls), "the calls did not run in batches"
+    return out[1:]
+
+
+def dump(redis_cluster) -> dict:
+    """Every key of every node but the filler's (test_batch.dump, record keys of any tenant)."""
+    out = {}
+    for port in redis_cluster.ports:
+        client = redis_sync.Redis(port=port)
+        try:
+            client.zremrangebyscore(leases_key(tenant_tag("bp", "")), FILLER_DEADLINE, FILLER_DEADLINE)
+        except redis_sync.exceptions.ResponseError:         # MOVED: another node holds it
+            pass
+        for key in sorted(client.keys("*")):
+            if b"filler" in key:
+                continue
+            kind = client.type(key)
+            if kind == b"hash":
+                value = client.hgetall(key)
+            elif kind == b"string":
+                value = client.get(key)
+            elif kind == b"zset":
+                value = client.zrange(key, 0, -1, withscores=True)
+            elif kind == b"stream":
+                value = [fields for _, fields in client.xrange(key)]
+            else:
+                value = client.smembers(key) if kind == b"set" else kind
+            at = client.pexpiretime(key)
+            relative = b"}:r:" in key and value == b"c"
+            out[key] = (value, at > 0 if relative else at)
+        client.close()
+    return out
+
+
+async def setup(store):
+    """test_batch.setup, its string key in org a's slot."""
+    for rid, t, d, dl in (("open-a", 30, 100, NOW_MS), ("open-b", 20, 100, NOW_MS), ("due", 10, 50, NOW_MS - 5_000),
+                          ("swept", 5, 10, NOW_MS - 5_000)):
+        assert (await store.reserve(rid, LIMITED, t, d, dl, False)).status is Status.ADMITTED
+    assert await store.expire("swept", LIMITED, True, NOW_MS)
+    await store._r.set(in_tenant("{bp}:w:bad", "bp", "a"), "not a hash")
+
+
+def cluster_mixed(store):
+    """test_batch.mixed without its forced reserve: on the cluster a refused forced reserve is two
+    calls (refused, then forced: ClusterStore.reserve), whose second joins a later batch, so it
+    sees the calls queued after it, as any concurrent call may."""
+    calls = mixed(store)
+    calls[7] = lambda: store.reserve("r5", LIMITED, 50, 10, NOW_MS, False)          # refused
+    return calls
+
+
+async def test_a_cluster_batch_does_exactly_what_the_same_calls_do_one_by_one(cluster_url, redis_cluster):
+    store = open_store(cluster_url)
+    await setup(store)
+    alone = await one_by_one(store, cluster_mixed(store))
+    state_alone = dump(redis_cluster)
+    await store.close()
+
+    redis_cluster.flush()
+    store = open_store(cluster_url)
+    await setup(store)
+    batched = await in_one_batch(store, cluster_mixed(store))      # org a's calls, and user:v's (no org)
+    state_batched = dump(redis_cluster)
+    await store.close()
+
+    assert [outcome(x) for x in batched] == [outcome(x) for x in alone]
+    assert state_batched == state_alone
+    st = [getattr(x, "status", x) for x in batched]
+    assert st[:4] == [Status.ADMITTED, Status.ADMITTED, Status.REFUSED, Status.DUPLICATE]
+    assert st[6:8] == [Status.ADMITTED, Status.REFUSED]
+    assert batched[8:13] == [True, True, True, True, False]
+    assert (st[14], st[15]) == (Status.ADMITTED, Status.REFUSED)
+
+
+async def test_calls_of_orgs_on_different_nodes_batch_per_org_never_crossslot(cluster_url, redis_cluster):
+    first, second = on_other_nodes(redis_cluster, ORGS)
+    store = open_store(cluster_url)
+    plans = {org: [Counter("{bp}:w:day", f"org:{org}", 100, -1, EXPIRE), Counter("{bp}:w:day", f"user:{org}/u", -1, -1, EXPIRE)]
+             for org in (first, second)}
+    calls = [lambda i=i, org=org: store.reserve(f"{org}-{i}", plans[org], 30, 1, NOW_MS, False)
+             for i in range(4) for org in (first, second)]
+    sent = []
+    send = store._calls._send
+
+    async def spy(calls):
+        sent.append([len(keys) for _, keys, _, _ in calls])
+        return await send(calls)
+    store._calls._send = spy
+    out = await in_one_batch(store, calls, tenants=("", first, second))
+    # Interleaved in the queue, out as one batch call per org: 3 of 30 fit each org's 100.
+    assert [o.status for o in out] == [Status.ADMITTED] * 6 + [Status.REFUSED] * 2
+    assert sent == [[4 * 3, 4 * 3]]                     # one flush: two batch calls of 4 reserves (3 keys each)
+    assert await store.snapshot(plans[first][:1]) == await store.snapshot(plans[second][:1]) == [(0, 90, 0, 3)]
+    await store.close()
+
+
+async def test_a_cluster_batch_survives_script_flush(cluster_url, redis_cluster):
+    store = open_store(cluster_url)
+    await in_one_batch(store, [lambda: store.reserve("warm", LIMITED, 1, 1, NOW_MS, False)] * 2)
+    for port in redis_cluster.ports:
+        redis_cluster.command(port, "SCRIPT", "FLUSH")
+    out = await in_one_batch(store, [lambda i=i: store.reserve(f"s{i}", LIMITED, 10, 1, NOW_MS, False) for i in range(3)])
+    assert [o.status for o in out] == [Status.ADMITTED] * 3
+    assert await store.snapshot(LIMITED[:1]) == [(0, 31, 0, 4)]
+    await store.close()
+
+
+async def test_counters_and_log_agree_after_a_concurrent_burst_over_several_orgs(cluster_url):
+    store = open_store(cluster_url)
+    ledger = ledger_for(store, Clock(tomorrow_at(12)),
+                        defaults={"org": {"day": {"tokens": 20_000}}, "global": {"day": {"tokens": 10 ** 6}},
+                                  "user": {"minute": {"usd": 10 ** 7}}})
+    orgs = ORGS[:4]
+
+    async def request(i: int):
+        org = orgs[i % len(orgs)]
+        res = await ledger.reserve(f"q{i}", Amounts(100 + i, 1000 + i), scopes(org), INFO._replace(org=org))
+        if not isinstance(res, Reservation):
+            return
+        if i % 9 == 0:
+            await ledger.release(res, "upstream_error")
+        else:
+            await ledger.commit(res, Amounts(60 + i, 700 + i))
+
+    await asyncio.gather(*(request(i) for i in range(400)))
+    assert store._calls.batched > 100, "the burst did not form batches"
+    for window in ("minute", "day"):
+        drift = await ledger.audit(window)
+        assert drift and all(d.tokens == 0 and d.usd == 0 for d in drift), drift
+    day = {(d.scope_type, d.scope_id): d for d in await ledger.audit("day")}
+    for org in orgs:
+        assert day["org", org].counter.tokens_reserved == 0 and 0 < day["org", org].counter.tokens_used <= 20_000
+    await store.close()
+
+
+async def test_a_counter_named_twice_goes_alone_on_the_cluster(cluster_url):
+    store = open_store(cluster_url)
+    twice = [*LIMITED, LIMITED[0]]
+    out = await in_one_batch(store, [lambda i=i: store.reserve(f"t{i}", LIMITED, 1, 1, NOW_MS, False) for i in range(2)])
+    before = store._calls.batched
+    store._calls.MAX_IN_FLIGHT = 1
+    filler = store.reserve("filler-twice", FILLER, 0, 0, FILLER_DEADLINE, False)
+    out = await asyncio.gather(filler, *(store.reserve(f"w{i}", twice, 10, 5, NOW_MS, False) for i in range(3)),
+                               store.commit("t0", twice, 7, 3, Note("ok")))
+    assert store._calls.batched == before                # every one went alone
+    assert [o.status for o in out[1:4]] == [Status.ADMITTED] * 3 and out[4] is True
+    await store.close()
