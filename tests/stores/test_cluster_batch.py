@@ -14,7 +14,7 @@ import asyncio
 import redis as redis_sync
 
 from proxy.keys import in_tenant, leases_key, tenant_tag
-from proxy.ledger import Amounts, Reservation, Scope
+from proxy.ledger import Amounts, Reservation
 from proxy.stores import Counter, Status, open_store
 from proxy.stores.base import Note
 
