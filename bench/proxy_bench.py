@@ -15,8 +15,9 @@ Targets of one run (all of them each round, --rounds rounds, the order rotated e
 
 The plain targets run on uvloop when it is installed (the proxy's default then), the -asyncio
 ones on asyncio's loop; without uvloop there are no -asyncio targets and everything is asyncio.
-`--tree NAME=PATH` adds memory@NAME and redis@NAME: the proxy started from another checkout (its
-own code, its own defaults), to compare commits in one run (bench/results/issue9-regression.md).
+`--tree NAME=PATH` adds memory@NAME, redis@NAME and redis-cluster@NAME (the last on the plain
+targets' loop): the proxy started from another checkout (its own code, its own defaults), to
+compare commits in one run (bench/results/issue9-regression.md).
 
 Each target: requests/s at saturation (wrk -t1 -c<connections>), latency p50/p99 at one connection
 (wrk -t1 -c1), time to the first `data:` byte of a streamed answer (sequential requests on one
@@ -159,6 +160,8 @@ def plan(args) -> list[Target]:
         for store in ("memory", "redis"):
             out.append(Target(f"{store}@{name}", f"proxy, {store}, tree {name}", "proxy", store,
                               tree=os.path.abspath(path), floor=floor))
+        out.append(Target(f"redis-cluster@{name}", f"proxy, Redis Cluster, tree {name} ({fast})", "proxy", "cluster",
+                          loop=fast, tree=os.path.abspath(path), floor="passthrough"))
     if args.only:
         keep = set(args.only)
         keep |= {t.floor for t in out if t.name in keep and t.floor}
