@@ -117,16 +117,17 @@ async def test_calls_of_orgs_on_different_nodes_batch_per_org_never_crossslot(cl
     calls = [lambda i=i, org=org: store.reserve(f"{org}-{i}", plans[org], 30, 1, NOW_MS, False)
              for i in range(4) for org in (first, second)]
     sent = []
-    send = store._calls._send
+    round_trip = store._calls._round_trip
 
-    async def spy(calls):
-        sent.append([len(keys) for _, keys, _, _ in calls])
-        return await send(calls)
-    store._calls._send = spy
+    async def spy(commands):
+        sent.append([c[2] for c in commands])           # EVALSHA sha numkeys …
+        return await round_trip(commands)
+    store._calls._round_trip = spy
     out = await in_one_batch(store, calls, tenants=("", first, second))
     # Interleaved in the queue, out as one batch call per org: 3 of 30 fit each org's 100.
     assert [o.status for o in out] == [Status.ADMITTED] * 6 + [Status.REFUSED] * 2
-    assert sent == [[4 * 3, 4 * 3]]                     # one flush: two batch calls of 4 reserves (3 keys each)
+    # The filler alone (3 keys), then one flush: two batch calls of 4 reserves (3 keys each).
+    assert sent == [[3], [4 * 3, 4 * 3]]
     assert await store.snapshot(plans[first][:1]) == await store.snapshot(plans[second][:1]) == [(0, 90, 0, 3)]
     await store.close()
 
