@@ -60,3 +60,32 @@ class RedisServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
             s.sendall((" ".join(args) + "\r\n").encode())
             return s.recv(4096)
+
+
+def dump_keys(client, skip=lambda key: False) -> dict:
+    """Every key of one node (a sync redis-py client) but those `skip` names: key -> (value,
+    expiry). Values: a hash's fields, a string, a zset with scores, a set's members, a stream's
+    entries without their ids (the server's clock). Expiry: the absolute PEXPIREAT/PXAT time,
+    but only whether one is set for a settled record (`SET ... PX`: relative to when it ran).
+    The batch tests compare two runs of the same calls with it."""
+    out = {}
+    for key in sorted(client.keys("*")):
+        if skip(key):
+            continue
+        kind = client.type(key)
+        if kind == b"hash":
+            value = client.hgetall(key)
+        elif kind == b"string":
+            value = client.get(key)
+        elif kind == b"zset":
+            value = client.zrange(key, 0, -1, withscores=True)
+        elif kind == b"set":
+            value = client.smembers(key)
+        elif kind == b"stream":
+            value = [fields for _, fields in client.xrange(key)]
+        else:
+            value = kind
+        at = client.pexpiretime(key)
+        relative = b"}:r:" in key and value == b"c"
+        out[key] = (value, at > 0 if relative else at)
+    return out

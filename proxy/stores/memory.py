@@ -184,23 +184,19 @@ class MemoryStore(Store):
     def _apply(self, counters: Sequence[Counter], used_t: int, used_d: int, res_t: int, res_d: int) -> None:
         hot = self._hot.get(id(counters))
         if hot is not None and hot[0] is counters and hot[1] == self._generation:
-            for row in hot[2]:
-                row[0] += used_t
-                row[1] -= res_t
-                row[2] += used_d
-                row[3] -= res_d
-                if row[0] < 0 or row[1] < 0 or row[2] < 0 or row[3] < 0:
-                    row[:] = [max(v, 0) for v in row]
-            return
-        windows = self._windows
-        for c in counters:
-            win = windows.get(c.window)
-            row = win.rows.get(c.scope) if win is not None else None
-            if row is None:
-                # The window's data is gone (purged): record the usage, nothing to un-reserve.
-                if used_t > 0 or used_d > 0:
+            rows = hot[2]
+        else:
+            rows = []
+            windows = self._windows
+            for c in counters:
+                win = windows.get(c.window)
+                row = win.rows.get(c.scope) if win is not None else None
+                if row is not None:
+                    rows.append(row)
+                elif used_t > 0 or used_d > 0:
+                    # The window's data is gone (purged): record the usage, nothing to un-reserve.
                     self._new_row(c)[:] = [max(used_t, 0), 0, max(used_d, 0), 0]
-                continue
+        for row in rows:
             row[0] += used_t
             row[1] -= res_t
             row[2] += used_d

@@ -24,6 +24,7 @@ from proxy.stores.base import Note
 from proxy.stores.wire import totals
 
 from ..ledgers import INFO, SCOPES, Clock, ledger_for, tomorrow_at
+from ..redis_server import dump_keys
 
 NOW_MS = int(time.time() * 1000) + 86_400_000          # keys must not expire during the test
 EXPIRE = NOW_MS + 3_600_000
@@ -100,25 +101,7 @@ def mixed(store):
 
 
 def dump(client) -> dict:
-    """Every key: its value (stream entries without their ids) and its expiry (absolute for
-    PEXPIREAT/PXAT keys, only whether one is set for a relative PX)."""
-    out = {}
-    for key in sorted(client.keys("*")):
-        kind = client.type(key)
-        if kind == b"hash":
-            value = client.hgetall(key)
-        elif kind == b"string":
-            value = client.get(key)
-        elif kind == b"zset":
-            value = client.zrange(key, 0, -1, withscores=True)
-        elif kind == b"stream":
-            value = [fields for _, fields in client.xrange(key)]
-        else:
-            value = kind
-        at = client.pexpiretime(key)
-        relative = key.startswith(b"{bp}:r:") and value == b"c"       # SET ... PX: when it ran
-        out[key] = (value, at > 0 if relative else at)
-    return out
+    return dump_keys(client)
 
 
 def outcome(x):

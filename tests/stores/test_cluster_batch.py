@@ -19,6 +19,7 @@ from proxy.stores import Counter, Status, open_store
 from proxy.stores.base import Note
 
 from ..ledgers import INFO, Clock, ledger_for, tomorrow_at
+from ..redis_server import dump_keys
 from .test_batch import EXPIRE, FILLER_DEADLINE, LIMITED, NOW_MS, _fillers, mixed, one_by_one, outcome
 from .test_cluster import ORGS, on_other_nodes, scopes
 
@@ -47,23 +48,7 @@ def dump(redis_cluster) -> dict:
             client.zremrangebyscore(leases_key(tenant_tag("bp", "")), FILLER_DEADLINE, FILLER_DEADLINE)
         except redis_sync.exceptions.ResponseError:         # MOVED: another node holds it
             pass
-        for key in sorted(client.keys("*")):
-            if b"filler" in key:
-                continue
-            kind = client.type(key)
-            if kind == b"hash":
-                value = client.hgetall(key)
-            elif kind == b"string":
-                value = client.get(key)
-            elif kind == b"zset":
-                value = client.zrange(key, 0, -1, withscores=True)
-            elif kind == b"stream":
-                value = [fields for _, fields in client.xrange(key)]
-            else:
-                value = client.smembers(key) if kind == b"set" else kind
-            at = client.pexpiretime(key)
-            relative = b"}:r:" in key and value == b"c"
-            out[key] = (value, at > 0 if relative else at)
+        out.update(dump_keys(client, skip=lambda key: b"filler" in key))
         client.close()
     return out
 
