@@ -24,6 +24,8 @@ from .fake_upstream import UPSTREAM_KEY, FakeOpenAI
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
 CLIENT_KEY = "bp-test-client-key"
 OTHER_KEY = "bp-test-other-key"
+ADMIN = "bp-admin-key-for-tests"
+ADMIN_KEYS = {"admin_keys": {"ops": {"sha256": hashlib.sha256(ADMIN.encode()).hexdigest()}}}
 
 PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "text-embedding-3-small": (0.02, 0.0),
           "gpt-3.5-turbo-instruct": (1.5, 2.0)}

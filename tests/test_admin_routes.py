@@ -14,10 +14,8 @@ from proxy.config import AdminKey
 from proxy.ledger import Amounts, RequestInfo, Scope
 from proxy.settlement_log import EXPORT_FIELDS
 
-from .harness import CLIENT_KEY, OTHER_KEY, config_data
+from .harness import ADMIN, ADMIN_KEYS, CLIENT_KEY, OTHER_KEY, config_data
 
-ADMIN = "bp-admin-key-for-tests"
-ADMIN_KEYS = {"admin_keys": {"ops": {"sha256": hashlib.sha256(ADMIN.encode()).hexdigest()}}}
 
 
 async def get(h, path: str, **kw):

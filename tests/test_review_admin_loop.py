@@ -11,7 +11,7 @@ import aiohttp
 
 from proxy import dashboard, ledger, usage
 
-from .test_admin_routes import ADMIN, ADMIN_KEYS
+from .harness import ADMIN, ADMIN_KEYS
 
 
 async def test_usage_rows_document_and_page_are_built_off_the_event_loop(start_proxy, monkeypatch):

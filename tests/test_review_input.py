@@ -12,7 +12,7 @@ from proxy.app import errors
 
 from . import harness, rawhttp
 from .rawhttp import post
-from .test_admin_routes import ADMIN, ADMIN_KEYS
+from .harness import ADMIN, ADMIN_KEYS
 
 COUNT = json.dumps({"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]}).encode()
 

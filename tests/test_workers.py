@@ -26,7 +26,7 @@ from proxy.stores import open_store
 from .fake_upstream import UPSTREAM_KEY, FakeOpenAI
 from .harness import CLIENT_KEY, MSGS, config_data
 from .redis_server import free_port
-from .test_cli import _wait_for_port
+from .rawhttp import wait_for_port as _wait_for_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICY = {"version": 1, "defaults": {"global": {"day": {"tokens": 10_000_000}}}}

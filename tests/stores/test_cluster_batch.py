@@ -20,8 +20,8 @@ from proxy.stores.base import Note
 
 from ..ledgers import INFO, Clock, ledger_for, tomorrow_at
 from ..redis_server import dump_keys
-from .test_batch import EXPIRE, FILLER_DEADLINE, LIMITED, NOW_MS, _fillers, mixed, one_by_one, outcome
-from .test_cluster import ORGS, on_other_nodes, scopes
+from .batches import EXPIRE, FILLER_DEADLINE, LIMITED, NOW_MS, _fillers, mixed, one_by_one, outcome
+from .clusters import ORGS, on_other_nodes, scopes
 
 FILLER = [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)]        # no org: tenant ""
 

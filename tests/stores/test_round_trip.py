@@ -10,7 +10,7 @@ import random
 from proxy.errors import StoreUnavailable
 from proxy.stores import Counter, Status, open_store
 
-from .test_batch import EXPIRE, FILLER_DEADLINE, LIMITED, NOW_MS
+from .batches import EXPIRE, FILLER_DEADLINE, LIMITED, NOW_MS
 
 BAD = [Counter("{bp}:w:bad-rt", "org:a", 100, -1, EXPIRE)]                           # a string key
 
