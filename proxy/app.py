@@ -210,6 +210,7 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     admin_routes.add(app, AdminGate(lambda: app[GATEWAY].config.admin_keys, cfg.environment), LEDGER, OBSERVER)
     app.cleanup_ctx.extend([tasks, upstreams, store, ledger, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
+    app.on_cleanup.append(_last_counts)        # after every cleanup_ctx: settlements drained
     return app
 
 
@@ -238,12 +239,19 @@ async def _freeze_gc(app: web.Application) -> None:
     gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
+async def _last_counts(app: web.Application) -> None:
+    """The metric tallies of a stopping worker, to its files: the settlements drained at shutdown
+    counted after the flusher's last round (a forked worker ends with os._exit: no atexit)."""
+    metrics.flush()
+
+
 async def _background(app: web.Application) -> AsyncIterator[None]:
     """Periodic jobs of a live proxy: settling dead processes' leases, reloading the policy and
-    config.yaml (at once on SIGHUP)."""
+    config.yaml (at once on SIGHUP), and with several workers writing the metric tallies to the
+    shared files."""
     ledger, gateway = app[LEDGER], app[GATEWAY]
     stop, hup = asyncio.Event(), asyncio.Event()
-    jobs = [asyncio.create_task(_watch_config(gateway, stop, hup))]
+    jobs = [asyncio.create_task(_watch_config(gateway, stop, hup)), asyncio.create_task(metrics.flusher(stop))]
     if ledger is not None:
         jobs.append(asyncio.create_task(_sweep(ledger, stop, gateway.stats)))
         jobs.append(asyncio.create_task(_watch_policy(ledger, stop)))

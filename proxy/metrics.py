@@ -6,6 +6,13 @@ and a scrape (answered by any worker) sums them all: prometheus_client picks tha
 variable is set *before this module is imported*, so `serve --workers N` sets it to a fresh
 temporary directory before it builds the app. Without it, one process, the default registry.
 
+Either way the per-request hooks count into plain-number tallies, added to prometheus_client's
+metrics by `flush`: at every scrape (the answering process's own), and with several workers also
+every FLUSH_SECONDS on each worker's loop (the `flusher` job), at shutdown and at exit. So a
+scrape answered by one worker shows another worker's counts as of at most FLUSH_SECONDS ago — far
+inside any scrape interval — and writing the files per increment (a lock and an mmap write per
+value, 20-40 µs a request: bench/results/hotpath-3.md) is off the request path.
+
 The remaining-budget ratios are not kept in process: each scrape reads them from the store (one
 snapshot round trip), so every worker answers the same numbers. Cardinality stays bounded: they
 cover the global scope, the orgs named in config.yaml and the policy, the configured providers and
@@ -16,6 +23,7 @@ Other labels are config-bounded too (org, model, provider, endpoint) or fixed se
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import time
@@ -151,11 +159,10 @@ class Children:
     """A metric's labelled children, memoised: `.labels()` validates and takes a lock (about
     1 µs), and the hooks run several times per request. Bounded like the labels themselves.
 
-    In one process (no PROMETHEUS_MULTIPROC_DIR) a child is a `_Pending` tally instead, added
-    to prometheus_client's own at each scrape: a Counter's `inc` takes a lock and a Histogram's
-    `observe` a lock per value it touches, about 10 µs a request in all (bench/results/hotpath-2.md).
-    With several workers each one's numbers must reach its files before another worker's scrape
-    reads them, so there the children are prometheus_client's, as before."""
+    A child is a `_Pending` tally, added to prometheus_client's own by `flush`: a Counter's `inc`
+    takes a lock and a Histogram's `observe` a lock per value it touches, about 10 µs a request
+    in all in one process (bench/results/hotpath-2.md), and in multiprocess mode each of those
+    values is also written to an mmap'ed file (20-40 µs a request)."""
 
     __slots__ = ("_metric", "_made")
 
@@ -171,13 +178,12 @@ class Children:
 
 
 # Decided once, as prometheus_client decides its own mode: from the environment at import.
-_TALLY = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+FLUSH_SECONDS = 1.0
 _PENDING: list = []
 
 
 def _pending(child):
-    if not _TALLY:
-        return child
     tally = _PendingHistogram(child) if isinstance(child, Histogram) else _PendingCounter(child)
     _PENDING.append(tally)
     return tally
@@ -233,9 +239,30 @@ class _PendingHistogram:
 
 def flush() -> None:
     """Add the tallies to prometheus_client's metrics (before a scrape reads them). On the event
-    loop's thread, the one that counts."""
+    loop's thread, the one that counts (or after it has stopped: at exit)."""
     for tally in _PENDING:
         tally.flush()
+
+
+async def flusher(stop: asyncio.Event) -> None:
+    """With several workers, each one's tallies reach its files every FLUSH_SECONDS, so another
+    worker's scrape sees them; once more when the worker stops. A no-op in one process, where
+    only this process's scrapes read them (and flush first)."""
+    if not MULTIPROCESS:
+        return
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), FLUSH_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            flush()
+    finally:
+        flush()
+
+
+if MULTIPROCESS:
+    atexit.register(flush)      # a process that counts without serving (or ends without a stop)
 
 
 STORE = {op: _pending(STORE_SECONDS.labels(op)) for op in ("reserve", "commit", "release", "snapshot")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -209,7 +210,7 @@ metrics.upstream("openai").observe(0.3)
 
 def test_a_worker_s_hook_counts_reach_the_metrics_dir_without_a_scrape_of_its_own(tmp_path, monkeypatch):
     # With several workers, a scrape answered by one reads the others' files: what the per-request
-    # hooks count must be there at once, never held in a tally only its own scrape would flush.
+    # hooks count must get there without a scrape of the counting process (here: at its exit).
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     subprocess.run([sys.executable, "-c", HOOKS], env=env, check=True, timeout=60)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
@@ -219,3 +220,41 @@ def test_a_worker_s_hook_counts_reach_the_metrics_dir_without_a_scrape_of_its_ow
     assert value(got, "budget_proxy_store_seconds_count", operation="reserve") == 1
     assert value(got, "budget_proxy_upstream_seconds_bucket", provider="openai", le="0.5") == 1
     assert value(got, "budget_proxy_upstream_seconds_sum", provider="openai") == 0.3
+
+
+LIVE_WORKER = """
+import asyncio, os, sys
+from proxy import metrics
+metrics.FLUSH_SECONDS = 0.05
+
+async def main():
+    stop = asyncio.Event()
+    job = asyncio.create_task(metrics.flusher(stop))
+    metrics.requests("/v1/chat/completions", "200").inc(3)
+    metrics.upstream("openai").observe(0.3)
+    await asyncio.sleep(0.5)                      # ten flush periods; no scrape, no stop
+    sys.stdout.write("counted")
+    sys.stdout.flush()
+    os._exit(0)                                   # as a forked worker ends: no atexit
+
+asyncio.run(main())
+"""
+
+
+def test_a_live_worker_s_counts_reach_the_metrics_dir_within_a_flush_period(tmp_path, monkeypatch):
+    # A running worker never exits between scrapes: its flusher job must write its tallies on its own.
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", LIVE_WORKER], env=env, check=True, timeout=60,
+                         capture_output=True, text=True)
+    assert run.stdout == "counted"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    got = samples(metrics.render().decode())
+    assert requests_total(got, "/v1/chat/completions", "200") == 3
+    assert value(got, "budget_proxy_upstream_seconds_sum", provider="openai") == 0.3
+
+
+def test_the_flusher_does_nothing_in_one_process():
+    # One process's scrape flushes its own tallies; a timer would only wake the loop for nothing.
+    assert not metrics.MULTIPROCESS
+    stop = asyncio.Event()
+    assert asyncio.run(asyncio.wait_for(metrics.flusher(stop), 1)) is None

@@ -169,6 +169,38 @@ async def test_two_workers_serve_one_port_and_charge_one_redis_store(serve_worke
     assert served.log().count(f"(event loop: {loop})") == 2
 
 
+async def test_a_scrape_of_any_worker_counts_every_worker_s_requests_and_spend(serve_workers):
+    # Each worker tallies per request and writes its files every metrics.FLUSH_SECONDS: within a
+    # few periods, whichever worker answers the scrape reports all workers' requests and tokens.
+    from prometheus_client.parser import text_string_to_metric_families
+    served = await serve_workers(2)
+    pids = await served.workers(2)
+    for _ in range(24):
+        await chat(served)
+    stats = await served.healthz_by_pid(pids)
+    assert all(stats[pid]["requests"] > 0 for pid in pids), stats       # both counted some
+    tokens = sum(u["prompt_tokens"] + u["completion_tokens"] for u in served.fake.reported)
+    got: dict = {}
+    # One kept-alive connection: one worker answers every scrape (and flushes only its own
+    # tallies); the other's counts can only come from its own flusher.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as scraper:
+        for _ in range(50):
+            async with scraper.get(served.url("/metrics")) as r:
+                text = await r.text()
+            got = {(x.name, tuple(sorted(x.labels.items()))): x.value
+                   for fam in text_string_to_metric_families(text) for x in fam.samples}
+            requests = got.get(("budget_proxy_requests_total", (("endpoint", "/v1/chat/completions"),
+                                                                ("status", "200"))))
+            spent = sum(v for (name, labels), v in got.items() if name == "budget_proxy_spend_tokens_total"
+                        and dict(labels)["kind"] in ("prompt", "completion"))
+            if requests == 24 and spent == tokens:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"the scrapes never showed 24 requests and {tokens} tokens: {got}")
+    assert await served.stop() == 0
+
+
 async def test_sigterm_lets_every_worker_finish_its_streams_and_settle(serve_workers, redis_url):
     served = await serve_workers(2, FakeOpenAI(chunk_delay=0.2), loop="asyncio")     # the fallback loop
     pids = await served.workers(2)
