@@ -28,7 +28,7 @@ class _Window:
 
 @dataclass(slots=True)
 class _Record:
-    state: str                       # "r" open, "c" settled, "x" settled by lease expiry
+    state: str                       # "r" open, "x" settled by lease expiry (settled: _settled)
     tokens: int                      # "r": reserved; "x": what the sweeper charged
     usd: int
     deadline: int
@@ -40,12 +40,19 @@ class _Record:
 class MemoryStore(Store):
     def __init__(self, clock=time.time, log_length: int = LOG_LENGTH) -> None:
         self._clock = clock
-        self._log: deque[tuple] = deque(maxlen=log_length)        # raw entries, see _append
+        self._log: deque[tuple] = deque(maxlen=log_length)        # LogEntry fields, see _append
+        self._charged: dict[int, tuple] = {}     # id(counters) -> (counters, LogEntry.windows)
         self._trimmed_to = 0                                       # ms of the newest entry dropped
         self._seq = itertools.count()
         self._claims: dict[str, int] = {}
         self._windows: dict[str, _Window] = {}
-        self._records: dict[str, _Record] = {}
+        self._records: dict[str, _Record] = {}      # open ("r") and expired ("x") reservations
+        # Settled ids -> when to forget them (epoch ms), so that a repeated settle is a no-op and a
+        # retried reserve a duplicate. Plain ints, not a _Record each: a dict of strings and ints
+        # is one object the collector skips, where a record per request, kept SETTLED_TTL_MS (2
+        # minutes: 360,000 of them at 3,000 requests/s), made every full collection walk them all
+        # (bench/results/memory-gc.md).
+        self._settled: dict[str, int] = {}
         self._open: dict[str, _Record] = {}          # the reserved (unsettled) subset, for expiry
         self._expiries: list[tuple[int, str]] = []   # heap of (expire_at, window key)
         self._forget: list[tuple[int, str]] = []     # heap of (forget_at, reservation id)
@@ -78,7 +85,7 @@ class MemoryStore(Store):
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                       deadline_ms: int, force: bool, info: str = "") -> ReserveOutcome:
         self._purge()
-        if rid in self._records:
+        if rid in self._records or rid in self._settled:
             return ReserveOutcome(Status.DUPLICATE)
         hot = self._hot.get(id(counters))
         if hot is not None and hot[0] is counters and hot[1] == self._generation:
@@ -160,26 +167,43 @@ class MemoryStore(Store):
     def _settle(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int, note: Note) -> bool:
         rec = self._records.get(rid)
         state = rec.state if rec else None
+        if state is None and rid in self._settled:
+            return False                                 # already settled
         if state == "r":
             self._apply(counters, tokens, usd, rec.tokens, rec.usd)
         elif state == "x":                               # late: correct the sweeper's charge
             tokens, usd = tokens - rec.tokens, usd - rec.usd
             self._apply(counters, tokens, usd, 0, 0)
             note = note._replace(outcome="corrected")
-        elif state is not None:
-            return False                                 # already settled
         else:
             self._apply(counters, tokens, usd, 0, 0)     # record lost (purged): usage is real
         self._append(rid, note, tokens, usd, rec.info if rec else "", counters)
-        self._remember(rid, _Record("c", 0, 0, 0, (), self._now_ms() + SETTLED_TTL_MS))
+        if rec is not None:
+            del self._records[rid]
+            self._open.pop(rid, None)
+        forget = self._settled[rid] = self._now_ms() + SETTLED_TTL_MS
+        heapq.heappush(self._forget, (forget, rid))
         return True
 
     def _append(self, rid: str, note: Note, tokens: int, usd: int, info: str, counters: Sequence[Counter]) -> None:
-        # Kept raw: the log entry is built when read (settlements), not on every settlement.
+        """One entry: a plain tuple of strings, ints and plain tuples of strings (the LogEntry is
+        built when read). Nothing in it is a NamedTuple, which the collector never untracks: a
+        100,000-entry ring holding the Note and counters of each settlement was 200,000 objects
+        every full collection walked; plain tuples of atoms it untracks once and skips."""
         now = self._now_ms()
         if len(self._log) == self._log.maxlen:
             self._trimmed_to = self._log[0][1]           # the oldest entry is about to drop
-        self._log.append((f"{now}-{next(self._seq)}", now, rid, note, tokens, usd, info, counters))
+        held = self._charged.get(id(counters))
+        if held is not None and held[0] is counters:
+            windows = held[1]
+        else:
+            windows = _charged(counters)
+            if isinstance(counters, tuple):              # the ledger's: one tuple per plan, reused
+                if len(self._charged) > 4096:
+                    self._charged.clear()
+                self._charged[id(counters)] = (counters, windows)
+        self._log.append((f"{now}-{next(self._seq)}", now, rid, note.outcome, tokens, usd, note.usage,
+                          note.latency_ms, info, windows))
 
     def _apply(self, counters: Sequence[Counter], used_t: int, used_d: int, res_t: int, res_d: int) -> None:
         hot = self._hot.get(id(counters))
@@ -240,7 +264,7 @@ class MemoryStore(Store):
                 continue
             if since_ms is not None and ms < since_ms:
                 break
-            out.append(_entry(*raw))
+            out.append(LogEntry(*raw))
             if len(out) >= limit:
                 break
         return out
@@ -285,9 +309,12 @@ class MemoryStore(Store):
         while self._forget and self._forget[0][0] <= now_ms:
             _, rid = heapq.heappop(self._forget)
             rec = self._records.get(rid)
-            if rec is not None and rec.forget_at <= now_ms:
-                del self._records[rid]
-                self._open.pop(rid, None)
+            if rec is not None:
+                if rec.forget_at <= now_ms:
+                    del self._records[rid]
+                    self._open.pop(rid, None)
+            elif self._settled.get(rid, now_ms + 1) <= now_ms:
+                del self._settled[rid]
 
 
 def _seq_key(seq: str) -> tuple[int, int]:
@@ -295,10 +322,9 @@ def _seq_key(seq: str) -> tuple[int, int]:
     return int(ms), int(n or 0)
 
 
-def _entry(seq: str, ms: int, rid: str, note: Note, tokens: int, usd: int, info: str,
-           counters: Sequence[Counter]) -> LogEntry:
+def _charged(counters: Sequence[Counter]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """LogEntry.windows: (window key, its scope fields) in the counters' order."""
     windows: dict[str, list[str]] = {}
     for c in counters:
         windows.setdefault(c.window, []).append(c.scope)
-    return LogEntry(seq, ms, rid, note.outcome, tokens, usd, note.usage, note.latency_ms, info,
-                    tuple((k, tuple(v)) for k, v in windows.items()))
+    return tuple((k, tuple(v)) for k, v in windows.items())
