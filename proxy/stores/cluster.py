@@ -375,5 +375,9 @@ class ClusterStore(RedisStore):
             await self._tasks.drain(5)     # batches still out answer before the client closes
         try:
             await self._r.aclose()
+            # redis-py's aclose does nothing while a failed node has it waiting to re-learn the
+            # slot map (its reinitialise flag): close every node's connections regardless.
+            await self._r.nodes_manager.aclose()
+            await self._r.nodes_manager.aclose("startup_nodes")
         except (RedisError, RedisClusterException, OSError):
             pass
