@@ -7,7 +7,8 @@ robin, its policy) once per tree, in a fresh process with that tree first on sys
 alternating order, against the same cluster (flushed before each run). Per run: pairs/s, the
 bench process's CPU per pair (the client's cost: what a proxy process pays), and from the
 nodes' INFO commandstats, script calls and all commands per pair. Printed: each tree's median
-[min-max] over the rounds, and the ratio b/a of the medians. On a shared, noisy machine only
+[min-max] over the rounds, the ratio b/a of the medians and
+the ratios within each round. On a shared, noisy machine only
 figures from one run of this script compare.
 """
 
@@ -80,7 +81,8 @@ def main() -> None:
             vals = [x[field] for x in runs[name]]
             cells.append(f"{statistics.median(vals):10.2f} [{min(vals):.2f}-{max(vals):.2f}]")
         ratio = statistics.median(x[field] for x in runs["b"]) / max(1e-9, statistics.median(x[field] for x in runs["a"]))
-        print(f"{field:22} a {cells[0]:>28}   b {cells[1]:>28}   b/a {ratio:.2f}")
+        rounds = ", ".join(f"{y[field] / max(1e-9, x[field]):.2f}" for x, y in zip(runs["a"], runs["b"]))
+        print(f"{field:22} a {cells[0]:>28}   b {cells[1]:>28}   b/a {ratio:.2f} (per round {rounds})")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AskError, ClusterDownError, RedisClusterException, ResponseError, TryAgainError
 
-from .redis import _c_pack, _Coalescer
+from .redis import _FAILURES, _c_pack, _Coalescer
 
 SCHEME = "redis+cluster://"
 
@@ -52,8 +52,8 @@ class GatedCluster(RedisCluster):
     single-node store's blocking pool waits: a burst of first requests (each registering its
     org, drawing an allowance, reserving) must wait its turn, not fail with a 503. So every
     command waits for one of `commands` slots and every pipeline for one of `_PIPELINES`, and
-    each node's pool holds both (a command uses one connection on one node; a pipeline at most
-    one per node). The two gates are separate because a pipeline re-sends a redirected command
+    each node's pool holds both (a command, or a script round trip's exchange with one node,
+    uses one connection on one node; a pipeline at most one per node). The two gates are separate because a pipeline re-sends a redirected command
     through `execute_command` while it holds its own slot."""
 
     def __init__(self, *args, commands: int, **kwargs) -> None:
@@ -101,18 +101,18 @@ class Unsent(Exception):
 
 async def _usable(node: ClusterNode, conn) -> None:
     """`conn` connected and clean, as the single-node store's pool makes sure before a use: a
-    pooled connection the server closed (a restarted or killed node) or with stray data is
-    dropped and made again, so a command is only written where it can be answered. Unsent if
-    the connection cannot be made."""
+    pooled connection the server closed (a restarted or killed node: the check sees its EOF) or
+    with stray data is dropped and made again, so a command is only written where it can be
+    answered. Unsent if the connection cannot be made."""
     try:
-        await node.disconnect_if_needed(conn)
+        await node.disconnect_if_needed(conn)            # marked by redis-py after a topology change
         if conn.is_connected and await conn.can_read():
             await conn.disconnect()
-    except Exception:                                   # noqa: BLE001 - closed: connect afresh
+    except _FAILURES:                                   # closed under us: connect afresh
         await conn.disconnect()
     try:
         await conn.connect()
-    except Exception as exc:                            # noqa: BLE001
+    except _FAILURES as exc:
         raise Unsent(f"{node.name}: {exc}") from exc
 
 
