@@ -182,6 +182,43 @@ async def test_a_node_killed_mid_flush_fails_its_calls_and_not_the_other_nodes(o
     await store.close()
 
 
+async def test_a_reply_lost_after_the_write_fails_its_calls_and_is_not_sent_again(cluster_url, redis_cluster, monkeypatch):
+    store = open_store(cluster_url)
+    await open_for(store, ())
+    homes = {org: home(store, org) for org in ORGS}
+    victim = homes[ORGS[0]]
+    proc = redis_cluster.procs[redis_cluster.ports.index(victim)]
+    send = Connection.send_packed_command
+    carried: list[int] = []                         # ports of the writes carrying org0's call
+
+    async def drop_after_write(self, command, check_health=True):
+        data = b"".join(command) if isinstance(command, list) else command
+        if b"{bp:org0}:r:after" not in data:
+            return await send(self, command, check_health)
+        carried.append(self.port)
+        if len(carried) > 1:
+            return await send(self, command, check_health)
+        proc.send_signal(signal.SIGSTOP)            # the node answers nothing yet ...
+        try:
+            await send(self, command, check_health)
+            self._writer.transport.abort()          # ... and its replies to this write are never read
+        finally:
+            proc.send_signal(signal.SIGCONT)
+    monkeypatch.setattr(Connection, "send_packed_command", drop_after_write)
+
+    out = await queued(store, [lambda org=org: store.reserve(f"after-{org}", plan(org), 30, 3, NOW_MS, False)
+                               for org in ORGS], tenants=())
+    # Every call of that write lost its reply: each fails (its caller undoes it by id), none is
+    # sent again (a resend would answer DUPLICATE for a reserve that ran); other nodes' stand.
+    assert carried == [victim]
+    for org, res in zip(ORGS, out):
+        if homes[org] == victim:
+            assert isinstance(res, StoreUnavailable), (org, res)
+        else:
+            assert res.status is Status.ADMITTED, (org, res)
+    await store.close()
+
+
 async def test_a_burst_over_many_orgs_waits_for_a_tiny_connection_budget(cluster_url):
     store = open_store(cluster_url, max_connections=1)
     out = await asyncio.gather(*(store.reserve(f"b{i}", plan(ORGS[i % len(ORGS)]), 1, 1, NOW_MS, False)
