@@ -238,4 +238,9 @@ def connect(url: str, max_connections: int) -> GatedCluster:
         commands=max_connections, socket_timeout=5, socket_connect_timeout=5,
         # Two retries (re-discovering the slots between them): a node that stops answering is
         # a StoreUnavailable within seconds, not after the default ten attempts.
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        # A MOVED patches the one slot in the map (redis-py's default also closes EVERY
+        # connection, in use or not, at every 5th MOVED to re-learn the whole map: during a
+        # resharding that would cut the replies of Direct's exchanges out on other nodes, which
+        # then fail as lost). Connection failures and CLUSTERDOWN still re-learn it all.
+        reinitialize_steps=0)

@@ -150,6 +150,31 @@ async def test_a_call_whose_slot_moved_is_redirected_and_the_others_stay_pipelin
     await store.close()
 
 
+async def test_moved_slots_patch_the_map_without_closing_the_connections_in_use(own_cluster, monkeypatch):
+    store = open_store(own_cluster.url)
+    await open_for(store, ORGS)
+    homes = {org: home(store, org) for org in ORGS}
+    dst = own_cluster.ports[0]
+    moved = [org for org in ORGS if homes[org] != dst]              # two nodes' orgs: 5 or more
+    for org in moved:
+        move_slot(own_cluster, store._r.keyslot(f"{{bp:{org}}}"), homes[org], dst)
+    closed = []
+
+    async def aclose():
+        closed.append(True)
+    monkeypatch.setattr(store._r, "aclose", aclose)
+    for rounds in range(2):                         # every call of a moved org's slot answers MOVED once
+        out = await queued(store, [lambda org=org: store.reserve(f"after-{rounds}-{org}", plan(org), 1, 1, NOW_MS, False)
+                                   for org in ORGS], tenants=())
+        assert [o.status for o in out] == [Status.ADMITTED] * len(ORGS)
+    assert len(moved) >= 5 and all(home(store, org) == dst for org in moved)
+    # The client re-learns the whole map (closing every node's connections, an exchange's on
+    # other nodes included) only when a node fails, not every few MOVED.
+    assert closed == []
+    monkeypatch.undo()
+    await store.close()
+
+
 async def test_a_node_killed_mid_flush_fails_its_calls_and_not_the_other_nodes(own_cluster, monkeypatch):
     store = open_store(own_cluster.url)
     await open_for(store, ORGS)                     # connections pooled on every node
