@@ -1,8 +1,9 @@
 """The cluster store's round trips, pipelined per node (cluster_client.Direct), on real local
 3-master clusters: a flush over many orgs is one write per node and does what its calls do one
-by one; a call whose slot moved is redirected while the others stay pipelined; a node killed
-mid-flush fails its own calls with StoreUnavailable and not the other nodes'; a tiny connection
-budget still carries a burst.
+by one; a call whose slot moved is redirected while the others stay pipelined, and MOVED replies
+patch the slot map without closing connections in use; a reply lost after the write fails its
+calls and is not sent again; a node killed mid-flush fails its own calls with StoreUnavailable
+and not the other nodes'; a tiny connection budget still carries a burst.
 """
 
 from __future__ import annotations
