@@ -1,8 +1,9 @@
 """The Redis Cluster store: `redis+cluster://host:port[,host:port…]`.
 
-Connecting and calling: cluster_client.py. Script calls go out as single commands (redis-py
-refuses EVALSHA in a cluster pipeline), under load one batch.lua call per org (the Redis store's
-coalescer, grouped by hash tag); plain reads pipeline, split per node by the client.
+Connecting and calling: cluster_client.py. Script calls go out through the Redis store's
+coalescer, under load one batch.lua call per org (grouped by hash tag), a round trip's calls
+pipelined per node on one pooled connection each (redis-py refuses EVALSHA in its cluster
+pipeline); plain reads pipeline, split per node by the client.
 
 Layout (docs/cluster.md): each org's keys carry the tag `{<ns>:<org>}` — its window hashes,
 reservation records, lease index and settlement log — so a request's one reserve and one settle
@@ -375,5 +376,9 @@ class ClusterStore(RedisStore):
             await self._tasks.drain(5)     # batches still out answer before the client closes
         try:
             await self._r.aclose()
+            # redis-py's aclose does nothing while a failed node has it waiting to re-learn the
+            # slot map (its reinitialise flag): close every node's connections regardless.
+            await self._r.nodes_manager.aclose()
+            await self._r.nodes_manager.aclose("startup_nodes")
         except (RedisError, RedisClusterException, OSError):
             pass

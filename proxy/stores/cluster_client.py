@@ -2,8 +2,10 @@
 
 The listed nodes are start-up nodes; redis-py's cluster client discovers the rest and follows
 MOVED/ASK redirections. redis-py refuses EVALSHA inside a cluster pipeline, so script calls go
-out as single commands (`Direct`: batched per org under load, bounded, after the slot map is
-known).
+out through `Direct`: batched per org under load, and a flush's calls pipelined per node on one
+of that node's pooled connections (one write, one read), routed by the client's slot map;
+whatever the slot map got wrong (a redirection, a connection that could not be made) goes again
+through the client's own redirect-following path.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from urllib.parse import unquote
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AskError, ClusterDownError, RedisClusterException, ResponseError, TryAgainError
 
-from .redis import _Coalescer
+from .redis import _FAILURES, _c_pack, _Coalescer
 
 SCHEME = "redis+cluster://"
 
@@ -49,8 +52,8 @@ class GatedCluster(RedisCluster):
     single-node store's blocking pool waits: a burst of first requests (each registering its
     org, drawing an allowance, reserving) must wait its turn, not fail with a 503. So every
     command waits for one of `commands` slots and every pipeline for one of `_PIPELINES`, and
-    each node's pool holds both (a command uses one connection on one node; a pipeline at most
-    one per node). The two gates are separate because a pipeline re-sends a redirected command
+    each node's pool holds both (a command, or a script round trip's exchange with one node,
+    uses one connection on one node; a pipeline at most one per node). The two gates are separate because a pipeline re-sends a redirected command
     through `execute_command` while it holds its own slot."""
 
     def __init__(self, *args, commands: int, **kwargs) -> None:
@@ -72,6 +75,57 @@ class GatedCluster(RedisCluster):
         pipe.execute = execute
         return pipe
 
+    async def exchange(self, node: ClusterNode, commands: list[tuple], replies: list) -> None:
+        """Send `commands` to `node` as ONE write on one of its pooled connections and append
+        their replies to `replies` in order (an error reply as its exception), holding one
+        command slot: what a cluster pipeline does for one node, which redis-py refuses for
+        EVALSHA. `Unsent` when no connection could be made (nothing was written); any other
+        failure leaves in `replies` what was read: the rest may or may not have run."""
+        async with self._commands:
+            conn = node.acquire_connection()
+            try:
+                await _usable(node, conn)
+                await conn.send_packed_command(_packed(conn, commands), check_health=False)
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+            finally:
+                node.release(conn)
+
+
+class Unsent(Exception):
+    """No connection to the node could be made: nothing of an exchange was written."""
+
+
+async def _usable(node: ClusterNode, conn) -> None:
+    """`conn` connected and clean, as the single-node store's pool makes sure before a use: a
+    pooled connection the server closed (a restarted or killed node: the check sees its EOF) or
+    with stray data is dropped and made again, so a command is only written where it can be
+    answered. Unsent if the connection cannot be made."""
+    try:
+        await node.disconnect_if_needed(conn)            # marked by redis-py after a topology change
+        if conn.is_connected and await conn.can_read():
+            await conn.disconnect()
+    except _FAILURES:                                   # closed under us: connect afresh
+        await conn.disconnect()
+    try:
+        await conn.connect()
+    except _FAILURES as exc:
+        raise Unsent(f"{node.name}: {exc}") from exc
+
+
+def _packed(conn, commands: list[tuple]) -> list[bytes]:
+    """The commands packed by hiredis's C packer (as the single-node store's `_CPacked` does;
+    the cluster client's connections use the default UTF-8 encoding), else by redis-py."""
+    if _c_pack is not None:
+        try:
+            return [_c_pack(c) for c in commands]
+        except TypeError:
+            pass
+    return conn.pack_commands(commands)
+
 
 def tenant_of(keys: list) -> str:
     """The hash tag of a call's first key (`{<tag>}:…`): every key of a cluster store's reserve
@@ -79,12 +133,19 @@ def tenant_of(keys: list) -> str:
     return keys[0].partition("}")[0]
 
 
+# Error replies of a command that did not run where the slot map sent it (MOVED and ASK: the
+# slot is elsewhere or moving; TRYAGAIN: its keys are mid-migration; CLUSTERDOWN): sent again
+# through execute_command, which follows them.
+_ELSEWHERE = (AskError, TryAgainError, ClusterDownError)        # AskError covers MovedError
+
+
 class Direct(_Coalescer):
     """The Redis store's coalescer on a cluster: the same in-flight rule, batches, NOSCRIPT
     handling and error fan-out, but a batch only holds calls of one org (one hash tag, so one
-    slot: never CROSSSLOT), and the script calls of a flush go out concurrently, each to the
-    node owning its slot, through redis-py's cluster client (it follows MOVED/ASK and refuses
-    EVALSHA in a cluster pipeline). GatedCluster bounds how many commands are out at once."""
+    slot: never CROSSSLOT), and a round trip's script calls go out per node: each node's calls
+    as one pipelined write on one of its connections, the nodes at once. With many orgs a flush
+    is many single-org calls; one exchange per node pays redis-py's per-call cost and a round
+    trip once per node instead of once per call. GatedCluster bounds the connections in use."""
 
     def __init__(self, client: RedisCluster, tasks, batch, kinds) -> None:
         super().__init__(client, tasks, batch, kinds, group=tenant_of)
@@ -97,10 +158,62 @@ class Direct(_Coalescer):
         return await super().call(script, keys, args, tail, alone)
 
     async def _round_trip(self, commands: list[tuple]) -> list:
-        """The replies to `commands` (an error as its exception, in its place), each sent as
-        its own command to the node owning its keys' slot, all at once: the single-node store
-        writes them on one connection, which a cluster's calls to several nodes cannot share."""
-        return await asyncio.gather(*(self._r.execute_command(*c) for c in commands), return_exceptions=True)
+        """The replies to `commands` (an error as its exception, in its place): grouped by the
+        node the client's slot map gives their first key's slot, one exchange per node. A
+        command the map sent to the wrong node (a redirection or CLUSTERDOWN reply: it did not
+        run) or that could not be sent (no connection) goes again through execute_command,
+        which follows redirections, refreshes the map and retries. A command whose reply was
+        lost (the connection failed after the write) may have run: it is not resent but fails
+        with that error (StoreUnavailable to its caller), as on the single-node store, whose
+        callers undo a lost reserve by id and retry a lost settle (idempotent by id)."""
+        replies: list = [None] * len(commands)
+        again: list[int] = []
+        if self._r._initialize:         # redis-py dropped its slot map (a failed node): rebuild first
+            again = list(range(len(commands)))
+        else:
+            by_node: dict = {}
+            slots = self._r.nodes_manager
+            for i, c in enumerate(commands):
+                try:
+                    node = slots.get_node_from_slot(self._r.keyslot(c[3])) if c[0] == "EVALSHA" and c[2] else None
+                except RedisClusterException:          # the slot is not covered (yet)
+                    node = None
+                if node is None:
+                    again.append(i)
+                else:
+                    by_node.setdefault(node, []).append(i)
+            await asyncio.gather(*(self._on_node(node, at, commands, replies, again)
+                                   for node, at in by_node.items()))
+        if again:
+            redone = await asyncio.gather(*(self._r.execute_command(*commands[i]) for i in again),
+                                          return_exceptions=True)
+            for i, reply in zip(again, redone):
+                replies[i] = reply
+        return replies
+
+    async def _on_node(self, node: ClusterNode, at: list[int], commands: list[tuple], replies: list,
+                       again: list[int]) -> None:
+        """One node's exchange for the commands at positions `at`; replies in place, the
+        commands to send again appended to `again`."""
+        got: list = []
+        lost = None
+        try:
+            await self._r.exchange(node, [commands[i] for i in at], got)
+        except Unsent:
+            again.extend(at)
+            return
+        except Exception as exc:                         # noqa: BLE001 - given to the unanswered calls
+            lost = exc
+            # As redis-py does on a failed node: its other connections are suspect, reconnect them.
+            node.update_active_connections_for_reconnect()
+            await node.disconnect_free_connections()
+        for i, reply in zip(at, got):
+            if isinstance(reply, _ELSEWHERE):
+                again.append(i)
+            else:
+                replies[i] = reply
+        for i in at[len(got):]:
+            replies[i] = lost
 
     async def ready(self) -> None:
         if not self._ready:
@@ -125,4 +238,9 @@ def connect(url: str, max_connections: int) -> GatedCluster:
         commands=max_connections, socket_timeout=5, socket_connect_timeout=5,
         # Two retries (re-discovering the slots between them): a node that stops answering is
         # a StoreUnavailable within seconds, not after the default ten attempts.
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        # A MOVED patches the one slot in the map (redis-py's default also closes EVERY
+        # connection, in use or not, at every 5th MOVED to re-learn the whole map: during a
+        # resharding that would cut the replies of Direct's exchanges out on other nodes, which
+        # then fail as lost). Connection failures and CLUSTERDOWN still re-learn it all.
+        reinitialize_steps=0)

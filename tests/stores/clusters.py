@@ -1,9 +1,20 @@
-"""What the Redis Cluster tests share (tests/stores/test_cluster.py, test_cluster_batch.py):
-the orgs and scopes they reserve for, and finding orgs whose slots live on different nodes."""
+"""What the Redis Cluster tests share (tests/stores/test_cluster.py, test_cluster_batch.py,
+test_cluster_pipeline.py): the orgs and scopes they reserve for, finding orgs whose slots live
+on different nodes, queueing calls behind a filler so they go out in one flush, and every node's
+keys."""
 
 from __future__ import annotations
 
+import asyncio
+
+import redis as redis_sync
+
+from proxy.keys import leases_key, tenant_tag
 from proxy.ledger import Scope
+from proxy.stores import Counter
+
+from ..redis_server import dump_keys
+from .batches import EXPIRE, FILLER_DEADLINE, _fillers
 
 ORGS = [f"org{i}" for i in range(12)]
 
@@ -38,3 +49,40 @@ def _serves(node_id: str, shards: str, slot: int) -> bool:
         if node_id in nodes and any(a <= slot <= b for a, b in zip(bounds[::2], bounds[1::2])):
             return True
     return False
+
+
+FILLER = [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)]        # no org: tenant ""
+
+
+async def queued(store, calls, tenants=("", "a")):
+    """Run the coroutine functions `calls` in one flush: the tenants registered first (so no
+    call waits on its SADD), then a filler takes the only in-flight slot and the calls queue
+    behind it. Each result is the call's return value or the exception it raised."""
+    for t in tenants:
+        await store._register(t)
+    store._calls.MAX_IN_FLIGHT = 1
+    filler = store.reserve(f"filler{next(_fillers)}", FILLER, 0, 0, FILLER_DEADLINE, False)
+    out = await asyncio.gather(filler, *(c() for c in calls), return_exceptions=True)
+    return out[1:]
+
+
+async def in_one_batch(store, calls, tenants=("", "a")):
+    """test_batch.in_one_batch on the cluster: `queued`, every call through batch.lua."""
+    before = store._calls.batched
+    out = await queued(store, calls, tenants)
+    assert store._calls.batched - before == len(calls), "the calls did not run in batches"
+    return out
+
+
+def dump(redis_cluster) -> dict:
+    """Every key of every node but the filler's (test_batch.dump, record keys of any tenant)."""
+    out = {}
+    for port in redis_cluster.ports:
+        client = redis_sync.Redis(port=port)
+        try:
+            client.zremrangebyscore(leases_key(tenant_tag("bp", "")), FILLER_DEADLINE, FILLER_DEADLINE)
+        except redis_sync.exceptions.ResponseError:         # MOVED: another node holds it
+            pass
+        out.update(dump_keys(client, skip=lambda key: b"filler" in key))
+        client.close()
+    return out

@@ -11,47 +11,14 @@ from __future__ import annotations
 
 import asyncio
 
-import redis as redis_sync
-
-from proxy.keys import in_tenant, leases_key, tenant_tag
+from proxy.keys import in_tenant
 from proxy.ledger import Amounts, Reservation
 from proxy.stores import Counter, Status, open_store
 from proxy.stores.base import Note
 
 from ..ledgers import INFO, Clock, ledger_for, tomorrow_at
-from ..redis_server import dump_keys
-from .batches import EXPIRE, FILLER_DEADLINE, LIMITED, NOW_MS, _fillers, mixed, one_by_one, outcome
-from .clusters import ORGS, on_other_nodes, scopes
-
-FILLER = [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)]        # no org: tenant ""
-
-
-async def in_one_batch(store, calls, tenants=("", "a")):
-    """test_batch.in_one_batch on the cluster: the tenants registered first (so no call waits on
-    its SADD), then a filler takes the only in-flight slot and the calls queue behind it."""
-    for t in tenants:
-        await store._register(t)
-    store._calls.MAX_IN_FLIGHT = 1
-    before = store._calls.batched
-    filler = store.reserve(f"filler{next(_fillers)}", FILLER, 0, 0, FILLER_DEADLINE, False)
-    out = await asyncio.gather(filler, *(c() for c in calls), return_exceptions=True)
-    assert store._calls.batched - before == len(calls), "the calls did not run in batches"
-    return out[1:]
-
-
-def dump(redis_cluster) -> dict:
-    """Every key of every node but the filler's (test_batch.dump, record keys of any tenant)."""
-    out = {}
-    for port in redis_cluster.ports:
-        client = redis_sync.Redis(port=port)
-        try:
-            client.zremrangebyscore(leases_key(tenant_tag("bp", "")), FILLER_DEADLINE, FILLER_DEADLINE)
-        except redis_sync.exceptions.ResponseError:         # MOVED: another node holds it
-            pass
-        out.update(dump_keys(client, skip=lambda key: b"filler" in key))
-        client.close()
-    return out
-
+from .batches import EXPIRE, FILLER_DEADLINE, LIMITED, NOW_MS, mixed, one_by_one, outcome
+from .clusters import FILLER, ORGS, dump, in_one_batch, on_other_nodes, scopes
 
 async def setup(store):
     """test_batch.setup, its string key in org a's slot."""

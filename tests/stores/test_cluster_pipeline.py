@@ -1,0 +1,254 @@
+"""The cluster store's round trips, pipelined per node (cluster_client.Direct), on real local
+3-master clusters: a flush over many orgs is one write per node and does what its calls do one
+by one; a call whose slot moved is redirected while the others stay pipelined, and MOVED replies
+patch the slot map without closing connections in use; a reply lost after the write fails its
+calls and is not sent again; a node killed mid-flush fails its own calls with StoreUnavailable
+and not the other nodes'; a tiny connection budget still carries a burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+from redis.asyncio.connection import Connection
+
+from proxy.errors import StoreUnavailable
+from proxy.stores import Counter, Status, open_store
+from proxy.stores.base import Note
+from proxy.stores.redis import SCRIPTS
+
+from ..redis_cluster import RedisCluster
+from .batches import EXPIRE, NOW_MS, one_by_one, outcome
+from .clusters import ORGS, dump, queued
+
+SCRIPT = b"$7\r\nEVALSHA\r\n"        # how each packed script call starts on the wire
+
+
+def plan(org: str) -> list[Counter]:
+    """Counters in the org's slot only (no shared limited scope: no lending calls)."""
+    return [Counter("{bp}:w:day", f"org:{org}", 100, -1, EXPIRE), Counter("{bp}:w:day", f"user:{org}/u", -1, -1, EXPIRE)]
+
+
+def home(store, org: str) -> int:
+    """The port of the node the store's client maps the org's slot to."""
+    return store._r.nodes_manager.get_node_from_slot(store._r.keyslot(f"{{bp:{org}}}")).port
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """Every write on a redis-py asyncio connection: (port, bytes)."""
+    seen: list[tuple[int, bytes]] = []
+    send = Connection.send_packed_command
+
+    async def spy(self, command, check_health=True):
+        data = command.encode() if isinstance(command, str) else command if isinstance(command, bytes) else b"".join(command)
+        seen.append((self.port, data))
+        return await send(self, command, check_health)
+    monkeypatch.setattr(Connection, "send_packed_command", spy)
+    return seen
+
+
+@pytest.fixture
+def own_cluster():
+    """A cluster of the test's own, for the tests that move a slot or kill a node."""
+    cluster = RedisCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+async def open_for(store, orgs) -> None:
+    """Reservations the many-orgs calls settle; every tenant registered and batch.lua loaded on
+    every node (no SADD or NOSCRIPT in the flush)."""
+    await store._r.script_load(SCRIPTS["batch"])
+    for org in ("", *ORGS):
+        await store._register(org)
+    for org in orgs:
+        assert (await store.reserve(f"pre-{org}", plan(org), 40, 4, NOW_MS, False)).status is Status.ADMITTED
+
+
+SETTLED = ORGS[:4] + ORGS[8:]
+
+
+def many_orgs(store):
+    """Orgs 0-3: a commit and two reserves (one batch call each); 4-7: one reserve; 8-11: one
+    commit (each a single script call)."""
+    calls = []
+    for org in ORGS[:4]:
+        calls += [lambda org=org: store.commit(f"pre-{org}", plan(org), 20, 2, Note("ok")),
+                  lambda org=org: store.reserve(f"new-{org}", plan(org), 30, 3, NOW_MS, False),
+                  lambda org=org: store.reserve(f"big-{org}", plan(org), 90, 3, NOW_MS, False)]   # refused
+    calls += [lambda org=org: store.reserve(f"new-{org}", plan(org), 30, 3, NOW_MS, False) for org in ORGS[4:8]]
+    calls += [lambda org=org: store.commit(f"pre-{org}", plan(org), 20, 2, Note("ok")) for org in ORGS[8:]]
+    return calls
+
+
+async def test_a_flush_over_many_orgs_is_one_write_per_node_and_does_what_its_calls_do_one_by_one(
+        cluster_url, redis_cluster, writes):
+    store = open_store(cluster_url)
+    await open_for(store, SETTLED)
+    alone = await one_by_one(store, many_orgs(store))
+    state_alone = dump(redis_cluster)
+    await store.close()
+
+    redis_cluster.flush()
+    store = open_store(cluster_url)
+    await open_for(store, SETTLED)
+    homes = {org: home(store, org) for org in ORGS}
+    writes.clear()
+    flushed = await queued(store, many_orgs(store), tenants=())
+    state = dump(redis_cluster)
+    await store.close()
+
+    assert [outcome(x) for x in flushed] == [outcome(x) for x in alone]
+    assert state == state_alone
+    assert [getattr(x, "status", x) for x in flushed[:3]] == [True, Status.ADMITTED, Status.REFUSED]
+    # The filler's call alone, then ONE write per node carrying one script call per org it holds
+    # (a batch for orgs 0-3, a single call for the others); one write per call before.
+    assert len(set(homes.values())) == 3, "the orgs do not span the three nodes"
+    calls = [(port, data.count(SCRIPT)) for port, data in writes]
+    assert calls[0][1] == 1
+    assert sorted(calls[1:]) == sorted((port, sum(h == port for h in homes.values())) for port in set(homes.values()))
+
+
+def move_slot(cluster: RedisCluster, slot: int, src: int, dst: int) -> None:
+    """Migrate `slot` with its keys from node `src` to node `dst` (redis-cli, as an operator
+    would), and tell every node the new owner."""
+    ids = {port: cluster.command(port, "CLUSTER", "MYID") for port in cluster.ports}
+    cluster.command(dst, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[src])
+    cluster.command(src, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[dst])
+    keys = cluster.command(src, "CLUSTER", "GETKEYSINSLOT", str(slot), "1000").split()
+    if keys:
+        assert cluster.command(src, "MIGRATE", "127.0.0.1", str(dst), "", "0", "5000", "KEYS", *keys) == "OK"
+    for port in (dst, src, *cluster.ports):
+        cluster.command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[dst])
+
+
+async def test_a_call_whose_slot_moved_is_redirected_and_the_others_stay_pipelined(own_cluster, writes):
+    store = open_store(own_cluster.url)
+    await open_for(store, ORGS)                     # the slot map learned, each org's keys written
+    moved = ORGS[0]
+    slot, src = store._r.keyslot(f"{{bp:{moved}}}"), home(store, moved)
+    dst = next(p for p in own_cluster.ports if p != src)
+    move_slot(own_cluster, slot, src, dst)
+    assert home(store, moved) == src                # the client's map is stale
+    homes_before = {org: home(store, org) for org in ORGS}
+
+    writes.clear()
+    out = await queued(store, [lambda org=org: store.reserve(f"after-{org}", plan(org), 30, 3, NOW_MS, False)
+                               for org in ORGS], tenants=())
+    assert [o.status for o in out] == [Status.ADMITTED] * len(ORGS)
+    assert home(store, moved) == dst                # learned from the MOVED
+    assert await store.snapshot(plan(moved)[:1]) == [(0, 70, 0, 7)]        # pre 40 + after 30, once
+    tag = f"{{bp:{moved}}}".encode()
+    sent = [(port, n) for port, data in writes[1:] if tag in data and (n := data.count(SCRIPT))]
+    # In src's pipelined write with src's other orgs (answered MOVED), then through the client's
+    # own path: its stale map sends it to src again alone, the MOVED there sends it to dst.
+    assert sent == [(src, sum(homes == src for homes in homes_before.values())), (src, 1), (dst, 1)]
+    assert own_cluster.command(src, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == "0"
+    await store.close()
+
+
+async def test_moved_slots_patch_the_map_without_closing_the_connections_in_use(own_cluster, monkeypatch):
+    store = open_store(own_cluster.url)
+    await open_for(store, ORGS)
+    homes = {org: home(store, org) for org in ORGS}
+    dst = own_cluster.ports[0]
+    moved = [org for org in ORGS if homes[org] != dst]              # two nodes' orgs: 5 or more
+    for org in moved:
+        move_slot(own_cluster, store._r.keyslot(f"{{bp:{org}}}"), homes[org], dst)
+    closed = []
+
+    async def aclose():
+        closed.append(True)
+    monkeypatch.setattr(store._r, "aclose", aclose)
+    for rounds in range(2):                         # every call of a moved org's slot answers MOVED once
+        out = await queued(store, [lambda org=org: store.reserve(f"after-{rounds}-{org}", plan(org), 1, 1, NOW_MS, False)
+                                   for org in ORGS], tenants=())
+        assert [o.status for o in out] == [Status.ADMITTED] * len(ORGS)
+    assert len(moved) >= 5 and all(home(store, org) == dst for org in moved)
+    # The client re-learns the whole map (closing every node's connections, an exchange's on
+    # other nodes included) only when a node fails, not every few MOVED.
+    assert closed == []
+    monkeypatch.undo()
+    await store.close()
+
+
+async def test_a_node_killed_mid_flush_fails_its_calls_and_not_the_other_nodes(own_cluster, monkeypatch):
+    store = open_store(own_cluster.url)
+    await open_for(store, ORGS)                     # connections pooled on every node
+    homes = {org: home(store, org) for org in ORGS}
+    victim = homes[ORGS[0]]
+    proc = own_cluster.procs[own_cluster.ports.index(victim)]
+    send = Connection.send_packed_command
+    killed = []
+
+    async def kill_after_write(self, command, check_health=True):
+        data = b"".join(command) if isinstance(command, list) else command
+        if self.port != victim or killed or b"after-" not in data:
+            return await send(self, command, check_health)
+        proc.send_signal(signal.SIGSTOP)            # it reads nothing more ...
+        await send(self, command, check_health)     # ... of the calls written now ...
+        proc.kill()                                 # ... and never answers them
+        proc.wait()
+        killed.append(True)
+    monkeypatch.setattr(Connection, "send_packed_command", kill_after_write)
+
+    for round_ in range(2):                         # mid-flush; then already dead (nothing can be sent)
+        out = await queued(store, [lambda org=org: store.reserve(f"after-{round_}-{org}", plan(org), 10, 1, NOW_MS, False)
+                                   for org in ORGS], tenants=())
+        assert killed
+        for org, res in zip(ORGS, out):
+            if homes[org] == victim:
+                assert isinstance(res, StoreUnavailable), (org, res)
+            else:
+                assert res.status is Status.ADMITTED, (org, res)
+    await store.close()
+
+
+async def test_a_reply_lost_after_the_write_fails_its_calls_and_is_not_sent_again(cluster_url, redis_cluster, monkeypatch):
+    store = open_store(cluster_url)
+    await open_for(store, ())
+    homes = {org: home(store, org) for org in ORGS}
+    victim = homes[ORGS[0]]
+    proc = redis_cluster.procs[redis_cluster.ports.index(victim)]
+    send = Connection.send_packed_command
+    carried: list[int] = []                         # ports of the writes carrying org0's call
+
+    async def drop_after_write(self, command, check_health=True):
+        data = b"".join(command) if isinstance(command, list) else command
+        if b"{bp:org0}:r:after" not in data:
+            return await send(self, command, check_health)
+        carried.append(self.port)
+        if len(carried) > 1:
+            return await send(self, command, check_health)
+        proc.send_signal(signal.SIGSTOP)            # the node answers nothing yet ...
+        try:
+            await send(self, command, check_health)
+            self._writer.transport.abort()          # ... and its replies to this write are never read
+        finally:
+            proc.send_signal(signal.SIGCONT)
+    monkeypatch.setattr(Connection, "send_packed_command", drop_after_write)
+
+    out = await queued(store, [lambda org=org: store.reserve(f"after-{org}", plan(org), 30, 3, NOW_MS, False)
+                               for org in ORGS], tenants=())
+    # Every call of that write lost its reply: each fails (its caller undoes it by id), none is
+    # sent again (a resend would answer DUPLICATE for a reserve that ran); other nodes' stand.
+    assert carried == [victim]
+    for org, res in zip(ORGS, out):
+        if homes[org] == victim:
+            assert isinstance(res, StoreUnavailable), (org, res)
+        else:
+            assert res.status is Status.ADMITTED, (org, res)
+    await store.close()
+
+
+async def test_a_burst_over_many_orgs_waits_for_a_tiny_connection_budget(cluster_url):
+    store = open_store(cluster_url, max_connections=1)
+    out = await asyncio.gather(*(store.reserve(f"b{i}", plan(ORGS[i % len(ORGS)]), 1, 1, NOW_MS, False)
+                                 for i in range(300)))
+    assert [o.status for o in out] == [Status.ADMITTED] * 300
+    assert await store.snapshot(plan(ORGS[0])[:1]) == [(0, 25, 0, 25)]
+    await store.close()
