@@ -38,6 +38,10 @@ try:
 except ImportError:                             # hiredis is a dependency (pyproject); stay correct without it
     _c_pack = None
 
+# A batched call's own keys, before its plan's window keys: the record and the lease index, and
+# for settle the log. A call naming an earlier call's plan sends only these (batch.lua).
+OWN_KEYS = {"r": 2, "s": 3}
+
 _FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
@@ -50,11 +54,13 @@ def _assembled() -> dict[str, str]:
     files: reserve.lua and settle.lua define the bodies as functions over a few helpers, direct
     Redis commands for a single call (direct.lua), a per-batch cache in batch.lua (cached.lua);
     so the logic has one source and a batch runs exactly the single calls, in order."""
-    direct, cached = _script("direct"), _script("cached")
+    direct, cached, plan = _script("direct"), _script("cached"), _script("plan")
     reserve, settle = _script("reserve"), _script("settle")
-    return {"reserve": f"{direct}\n{reserve}\nreturn reserve(KEYS, ARGV)\n",
-            "settle": f"{direct}\n{settle}\nreturn settle(KEYS, ARGV)\n",
-            "batch": f"{cached}\n{reserve}\n{settle}\n{_script('batch')}"}
+    return {"reserve": f"{direct}\n{plan}\n{reserve}\n"
+                       "return reserve(KEYS, 1, ARGV, 1, reserve_plan(KEYS, 3, #KEYS - 2, ARGV, 8))\n",
+            "settle": f"{direct}\n{plan}\n{settle}\n"
+                      "return settle(KEYS, 1, ARGV, 1, settle_plan(KEYS, 4, #KEYS - 3, ARGV, 13))\n",
+            "batch": f"{cached}\n{plan}\n{reserve}\n{settle}\n{_script('batch')}"}
 
 
 SCRIPTS = _assembled()
@@ -173,13 +179,15 @@ class _Coalescer:
             elif run:
                 keys, args, carried = [], [], {}        # id(tail) -> the call that carried it (1-based)
                 for i, (script, k, a, tail, _) in enumerate(run, 1):
-                    keys += k
                     first = carried.get(id(tail)) if tail else None
+                    kind = self._kinds[script]
                     if first is None:
-                        args += (self._kinds[script], len(k), len(a), len(tail), *a, *tail)
+                        keys += k
+                        args += (kind, len(k), len(a), len(tail), *a, *tail)
                         carried[id(tail)] = i
-                    else:
-                        args += (self._kinds[script], len(k), len(a), -first, *a)
+                    else:                               # its own keys; the plan's window keys were sent
+                        keys += k[:OWN_KEYS[kind]]
+                        args += (kind, OWN_KEYS[kind], len(a), -first, *a)
                 out.append((self._batch, keys, args, [fut for *_, fut in run]))
                 self.batched += len(run)
             run.clear()
