@@ -8,7 +8,8 @@ SCRIPTS) with a few source edits (VARIANTS below); every edit must match the tex
 that no longer applies fails loudly instead of measuring the baseline again. The calls are
 bench/batch_bench.py's (its plan: 11 counters in 3 window hashes, 5 limited), encoded exactly as
 the coalescer sends them. Per variant and batch size it prints the scripts' usec (INFO
-commandstats) per reserve and per commit, best and median of the rounds. Variants that drop a
+commandstats) per reserve and per commit, the median of the rounds (variants alternate batch by
+batch within a round, so a busy machine slows them alike), and per request its [min-max]. Variants that drop a
 write are not correct scripts: they only tell what that part costs.
 """
 
@@ -39,26 +40,25 @@ INFO = '["acme","alice",null,"chat","gpt-4o-mini","gpt-4o-mini","openai",0,null]
 VARIANTS: dict[str, list[tuple[str, str]]] = {
     "baseline": [],
     # the floor: EVALSHA with the batch's arguments, the script returns at once
-    "empty script": [("local results, sent, k, a, i = {}, {}, 1, 1, 0",
-                      "do return {} end\nlocal results, sent, k, a, i = {}, {}, 1, 1, 0"),
-                     ("local function reserve(KEYS, ARGV)", "local function reserve(KEYS, ARGV)\n  do return 1 end"),
-                     ("local function settle(KEYS, ARGV)", "local function settle(KEYS, ARGV)\n  do return 1 end")],
-    # batch.lua's argument walk and the pcall, the bodies return at once
-    "bodies return at once": [("local function reserve(KEYS, ARGV)", "local function reserve(KEYS, ARGV)\n  do return 1 end"),
-                              ("local function settle(KEYS, ARGV)", "local function settle(KEYS, ARGV)\n  do return 1 end")],
+    "empty script": [("local results, plans, k, a, i, nargs",
+                      "do return {} end\nlocal results, plans, k, a, i, nargs"),
+                     ("local function reserve(K, k, A, a, plan)\n", "local function reserve(K, k, A, a, plan)\n  do return 1 end\n"),
+                     ("local function settle(K, k, A, a, plan)\n", "local function settle(K, k, A, a, plan)\n  do return 1 end\n")],
+    # batch.lua's argument walk, the plans and the pcall; the bodies return at once
+    "bodies return at once": [("local function reserve(K, k, A, a, plan)\n", "local function reserve(K, k, A, a, plan)\n  do return 1 end\n"),
+                              ("local function settle(K, k, A, a, plan)\n", "local function settle(K, k, A, a, plan)\n  do return 1 end\n")],
     # the record: a short value instead of request + keys + counters
-    "record short": [("'\\n' .. ARGV[7] ..\n                    '\\n' .. table.concat(KEYS, ' ', 3) .. '\\n' .. ARGV[8], 'NX'",
-                      "'', 'NX'")],
+    "record short": [("'\\n' .. A[a + 6] ..\n                    record_tail(plan), 'NX'", "'\\n', 'NX'")],
     # no log entry at all
-    "no XADD": [("  redis.call('XADD', KEYS[3]", "  if false then redis.call('XADD', KEYS[3]"),
-                ("'c', ARGV[13])\nend", "'c', ARGV[13]) end\nend")],
+    "no XADD": [("  redis.call('XADD', K[k + 2]", "  if false then redis.call('XADD', K[k + 2]"),
+                ("'c', plan.A[plan.rec])\nend", "'c', plan.A[plan.rec]) end\nend")],
     # the log entry as one packed field
-    "XADD 1 field": [("'*', 'id', ARGV[1], 'o', outcome, 'ct', t, 'cd', d,\n             'u', ARGV[10], 'l', ARGV[11], 'i', info, 'w', table.concat(KEYS, ' ', 4), 'c', ARGV[13])",
-                      "'*', 'e', ARGV[1] .. '\\n' .. outcome .. '\\n' .. t .. '\\n' .. d .. '\\n' .. ARGV[10] .. '\\n' .. ARGV[11] .. '\\n' .. info .. '\\n' .. table.concat(KEYS, ' ', 4) .. '\\n' .. ARGV[13])")],
+    "XADD 1 field": [("'*', 'id', A[a], 'o', outcome, 'ct', t, 'cd', d,\n             'u', A[a + 9], 'l', A[a + 10], 'i', info, 'w', wkeys, 'c', plan.A[plan.rec])",
+                      "'*', 'e', A[a] .. '\\n' .. outcome .. '\\n' .. t .. '\\n' .. d .. '\\n' .. A[a + 9] .. '\\n' .. A[a + 10] .. '\\n' .. info .. '\\n' .. wkeys .. '\\n' .. plan.A[plan.rec])")],
     # the log entry without the window keys and counters (w, c)
-    "XADD no w/c": [(", 'w', table.concat(KEYS, ' ', 4), 'c', ARGV[13])", ")")],
+    "XADD no w/c": [(", 'w', wkeys, 'c', plan.A[plan.rec])", ")")],
     # XADD without MAXLEN ~ (no trimming check)
-    "XADD no MAXLEN": [("'XADD', KEYS[3], 'MAXLEN', '~', ARGV[12], '*'", "'XADD', KEYS[3], '*'")],
+    "XADD no MAXLEN": [("'XADD', K[k + 2], 'MAXLEN', '~', A[a + 11], '*'", "'XADD', K[k + 2], '*'")],
     # no ZADD / ZREM of the lease index
     "no lease": [("local function lease_add(key, deadline, id)\n  lease(key)[id] = deadline",
                   "local function lease_add(key, deadline, id)\n  do return end"),
@@ -71,14 +71,14 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     # reserve cut short: after the reads and checks; after the record's SET NX
     "reserve: reads+checks only": [("  -- The record is the first write, NX",
                                     "  do return {1, -1, 0, 0, 0, 0, seen} end\n  -- The record is the first write, NX")],
-    "reserve: + record, no writes": [("    return DUPLICATE\n  end\n  a = 9\n",
-                                      "    return DUPLICATE\n  end\n  do return {1, -1, 0, 0, 0, 0, seen} end\n  a = 9\n")],
+    "reserve: + record, no writes": [("    return DUPLICATE\n  end\n  for w = 1, plan.nw do\n",
+                                      "    return DUPLICATE\n  end\n  do return {1, -1, 0, 0, 0, 0, seen} end\n  for w = 1, plan.nw do\n")],
     # commit cut short: after the record's SET GET; + the reads; + the log entry
     "commit: record only": [("  if state == 'r' then\n", "  if state == 'r' then\n    do return 1 end\n")],
-    "commit: + reads": [("  if state == 'r' then\n    local fresh, reads = settle_read(KEYS, ARGV)\n",
-                         "  if state == 'r' then\n    local fresh, reads = settle_read(KEYS, ARGV)\n    do return 1 end\n")],
-    "commit: + log, no writes": [("    settle_log(KEYS, ARGV, ARGV[9], tokens, usd, rec)\n",
-                                  "    settle_log(KEYS, ARGV, ARGV[9], tokens, usd, rec)\n    do return 1 end\n")],
+    "commit: + reads": [("  if state == 'r' then\n    local fresh, reads = settle_read(plan)\n",
+                         "  if state == 'r' then\n    local fresh, reads = settle_read(plan)\n    do return 1 end\n")],
+    "commit: + log, no writes": [("    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n",
+                                  "    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n    do return 1 end\n")],
     # the seen reply of reserve: nothing
     "reserve no seen": [("      seen[ns + 1], seen[ns + 2], seen[ns + 3], seen[ns + 4], seen[ns + 5] = base + j - 1, t, tr, d, dr\n",
                          "")],
@@ -119,7 +119,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1,16")
     ap.add_argument("--batches", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", default="")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -144,11 +144,17 @@ async def main() -> None:
             for n in sizes:
                 await run(store, server, by_name[name], wire, n, 1)
         results = {(name, n): [] for name in names for n in sizes}
-        for _ in range(args.rounds):
+        for _ in range(args.rounds):                  # variants alternate batch by batch
             for n in sizes:
+                server.command("DEL", "{bp}:log")
+                sums = {name: [0.0, 0.0] for name in names}
+                for b in range(args.batches):
+                    for name in names[b % len(names):] + names[:b % len(names)]:     # rotated
+                        r, c = await run(store, server, by_name[name], wire, n, 1)
+                        sums[name][0] += r
+                        sums[name][1] += c
                 for name in names:
-                    server.command("DEL", "{bp}:log")
-                    results[name, n].append(await run(store, server, by_name[name], wire, n, args.batches))
+                    results[name, n].append((sums[name][0] / args.batches, sums[name][1] / args.batches))
         print("| variant | " + " | ".join(f"batch {n}: reserve | commit | sum" for n in sizes) + " |")
         print("|---|" + "---|---|---|" * len(sizes))
         for name in names:

@@ -31,7 +31,7 @@ from ..tasks import Tasks
 from ..keys import claim_key, leases_key, log_key, record_key
 from . import wire as fmt
 from .base import (LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
-                   ReserveOutcome, Seen, Status, Store, Totals)
+                   ReserveOutcome, Store, Totals)
 
 try:
     from hiredis import pack_command as _c_pack
@@ -345,10 +345,8 @@ class RedisStore(Store):
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS, "1" if force else "0", info]
-        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args, wire.reserve_tail, wire.alone)
-        seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
-        over = Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None
-        return ReserveOutcome(Status(st), over, seen)
+        reply = await self._calls.call(self._reserve, keys, args, wire.reserve_tail, wire.alone)
+        return fmt.outcome(reply, wire.limited)
 
     async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                      note: Note = Note("ok")) -> bool:

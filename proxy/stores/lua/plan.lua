@@ -11,11 +11,15 @@
 --   plan.first[w] A index of its first field (a scope field "<type>:<id>", see reserve.lua)
 --   plan.rec      A index of the record's counter text (the settle arguments, space-joined)
 --   plan.lim[w]   reserve only: {j, token limit, micro-USD limit, ...} as numbers, j = 1..n
---   plan.limited  reserve only: the number of limited counters (the size of reserve's seen)
+--   plan.reply    reserve only: a zero for every element of reserve's reply when admitted (6, and
+--                 4 per limited counter), unpacked into a table sized at once
+--   plan.fresh, plan.reads  scratch for the body running now (its window hashes' new-ness and
+--                 values between its reads and its writes): calls run one after the other, so
+--                 the calls of one plan reuse them instead of making two tables each
 
 local function plan_of(K, q, nw, A, p, limits)
   local keys, exp, n, first, lim = {}, {}, {}, {}, nil
-  local plan = {A = A, keys = keys, exp = exp, n = n, first = first, rec = p, nw = nw}
+  local plan = {A = A, keys = keys, exp = exp, n = n, first = first, rec = p, nw = nw, fresh = {}, reads = {}}
   if limits then lim = {}; plan.lim = lim end
   local a, limited = p + 1, 0
   for w = 1, nw do
@@ -31,7 +35,11 @@ local function plan_of(K, q, nw, A, p, limits)
       a = a + 1 + 3 * m
     end
   end
-  plan.limited = limited
+  if limits then
+    local reply = {1, -1, 0, 0, 0, 0}
+    for x = 7, 6 + 4 * limited do reply[x] = 0 end
+    plan.reply = reply
+  end
   return plan
 end
 

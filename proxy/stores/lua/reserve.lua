@@ -22,12 +22,14 @@
 --           < -1 = a leased allowance, cluster store only: the limit is what the field's "~<field>"
 --           holds, granted minus returned, see lend.lua; the field is then reported relative to
 --           it, used minus allowance, so that used + reserved + amount > 0 is exactly the shortfall)
--- Returns {status, index, used tokens, reserved tokens, used micro-USD, reserved micro-USD, seen}
+-- Returns {status, index, used tokens, reserved tokens, used micro-USD, reserved micro-USD, seen...}
 --   status 0 refused (nothing written), 1 admitted, 2 duplicate id (nothing written),
 --          3 over a limit but written anyway (force); index: the first counter over (0-based,
 --          counting fields in ARGV order).
---   seen: when admitted, {i, t, tr, d, dr, ...} for every limited counter i (0-based) as read
---         before this reservation, so the caller learns the balances without another round trip.
+--   seen...: when admitted or forced, t, tr, d, dr for every limited counter, in ARGV order, as
+--         read before this reservation, so the caller learns the balances without another round
+--         trip (it knows which counters are limited: wire.py Wire.limited). Flat in the reply,
+--         not a nested table of (index, values): 20 % fewer elements to build and reply.
 -- Record: "r <deadline> <tokens> <micro-USD>\n<ARGV[7]>\n<KEYS[3..] space-joined>\n<ARGV[8]>"
 --         (the request first: settle.lua reads it with an anchored pattern, not a scan).
 --
@@ -39,7 +41,7 @@
 -- Each window hash carries a marker field "_": read with the counters (no extra command), it
 -- says whether the hash is new, so PEXPIREAT runs once per window hash, not once per call.
 
-local DUPLICATE = {2, -1, 0, 0, 0, 0, {}}
+local DUPLICATE = {2, -1, 0, 0, 0, 0}
 
 -- The record's text after the request: "\n<window keys>\n<counters>", once per plan.
 local function record_tail(plan)
@@ -55,8 +57,8 @@ local function reserve(K, k, A, a, plan)
   local tokens, usd = tonumber(A[a + 1]), tonumber(A[a + 2])
   local force = A[a + 5] == '1'
   local P, keys, first, n, lim = plan.A, plan.keys, plan.first, plan.n, plan.lim
-  local over, seen, ns = nil, {}, 0
-  local reads, fresh = {}, {}
+  local over, out, ns = nil, {unpack(plan.reply)}, 6
+  local reads, fresh = plan.reads, plan.fresh
   local base = 0
 
   for w = 1, plan.nw do
@@ -73,12 +75,12 @@ local function reserve(K, k, A, a, plan)
         if tl < -1 then t, tl = t - (gt - rt), 0 end
         if dl < -1 then d, dl = d - (gd - rd), 0 end
       end
-      seen[ns + 1], seen[ns + 2], seen[ns + 3], seen[ns + 4], seen[ns + 5] = base + j - 1, t, tr, d, dr
-      ns = ns + 5
+      out[ns + 1], out[ns + 2], out[ns + 3], out[ns + 4] = t, tr, d, dr
+      ns = ns + 4
       if not over and ((tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl)) then
         if not force then
           if redis.call('EXISTS', K[k]) == 1 then return DUPLICATE end   -- a retry, once admitted
-          return {0, base + j - 1, t, tr, d, dr, {}}
+          return {0, base + j - 1, t, tr, d, dr}
         end
         over = {base + j - 1, t, tr, d, dr}
       end
@@ -105,7 +107,7 @@ local function reserve(K, k, A, a, plan)
   lease_add(K[k + 1], A[a + 3], A[a])
 
   if over then
-    return {3, over[1], over[2], over[3], over[4], over[5], seen}
+    out[1], out[2], out[3], out[4], out[5], out[6] = 3, over[1], over[2], over[3], over[4], over[5]
   end
-  return {1, -1, 0, 0, 0, 0, seen}
+  return out
 end

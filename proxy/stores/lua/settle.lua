@@ -40,7 +40,7 @@
 
 -- Every window hash as hash_read gives it: whether it is new, and its values, by window.
 local function settle_read(plan)
-  local fresh, reads = {}, {}
+  local fresh, reads = plan.fresh, plan.reads
   for w = 1, plan.nw do
     fresh[w], reads[w] = hash_read(plan, w)
   end
