@@ -70,18 +70,33 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
                   "local function lease_remove(key, id)\n  do return end")],
     # reserve cut short: after the reads and checks; after the record's SET NX
     "reserve: reads+checks only": [("  -- The record is the first write, NX",
-                                    "  do return {1, -1, 0, 0, 0, 0, seen} end\n  -- The record is the first write, NX")],
+                                    "  do return out end\n  -- The record is the first write, NX")],
     "reserve: + record, no writes": [("    return DUPLICATE\n  end\n  for w = 1, plan.nw do\n",
-                                      "    return DUPLICATE\n  end\n  do return {1, -1, 0, 0, 0, 0, seen} end\n  for w = 1, plan.nw do\n")],
+                                      "    return DUPLICATE\n  end\n  do return out end\n  for w = 1, plan.nw do\n")],
     # commit cut short: after the record's SET GET; + the reads; + the log entry
     "commit: record only": [("  if state == 'r' then\n", "  if state == 'r' then\n    do return 1 end\n")],
     "commit: + reads": [("  if state == 'r' then\n    local fresh, reads = settle_read(plan)\n",
                          "  if state == 'r' then\n    local fresh, reads = settle_read(plan)\n    do return 1 end\n")],
     "commit: + log, no writes": [("    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n",
                                   "    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n    do return 1 end\n")],
-    # the seen reply of reserve: nothing
-    "reserve no seen": [("      seen[ns + 1], seen[ns + 2], seen[ns + 3], seen[ns + 4], seen[ns + 5] = base + j - 1, t, tr, d, dr\n",
-                         "")],
+    # one part run twice: the difference to the baseline is what that part costs
+    "x2 reserve reads+checks": [("  for w = 1, plan.nw do\n    local is_new, vals = hash_read(plan, w)\n",
+                                 "  for rep = 1, 2 do base, ns = 0, 6\n  for w = 1, plan.nw do\n    local is_new, vals = hash_read(plan, w)\n"),
+                                ("    base = base + n[w]\n  end\n", "    base = base + n[w]\n  end\n  end\n")],
+    "x2 reserve writes": [("    return DUPLICATE\n  end\n  for w = 1, plan.nw do\n",
+                           "    return DUPLICATE\n  end\n  for rep = 1, 2 do\n  for w = 1, plan.nw do\n"),
+                          ("  lease_add(K[k + 1], A[a + 3], A[a])\n", "  end\n  lease_add(K[k + 1], A[a + 3], A[a])\n")],
+    "x2 commit reads": [("    local fresh, reads = settle_read(plan)\n    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n",
+                         "    local fresh, reads = settle_read(plan)\n    fresh, reads = settle_read(plan)\n    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n")],
+    "x2 commit log": [("    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n",
+                       "    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n")],
+    "x2 commit writes": [("    settle_write(plan, fresh, reads, tokens, usd, tonumber(res_t), tonumber(res_d))\n",
+                          "    settle_write(plan, fresh, reads, tokens, usd, tonumber(res_t), tonumber(res_d))\n    settle_write(plan, fresh, reads, 0, 0, 0, 0)\n")],
+    "x2 commit record match": [("  local state, _, res_t, res_d, info = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n([^\\n]*)')\n",
+                                "  local state, _, res_t, res_d, info = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n([^\\n]*)')\n  state, _, res_t, res_d, info = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n([^\\n]*)')\n")],
+    # reserve's reply without the limited counters' values
+    "reserve no seen": [("{unpack(plan.reply)}", "{1, -1, 0, 0, 0, 0}"),
+                        ("      out[ns + 1], out[ns + 2], out[ns + 3], out[ns + 4] = t, tr, d, dr\n", "")],
 }
 
 

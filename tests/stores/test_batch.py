@@ -14,6 +14,7 @@ import struct
 
 import pytest
 import redis as redis_sync
+from redis.exceptions import ResponseError
 
 from proxy.errors import StoreUnavailable
 from proxy.ledger import Amounts, Reservation, Scope
@@ -158,6 +159,56 @@ async def test_a_batch_reads_and_writes_each_window_hash_once(redis_server, redi
     spent = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0) and k != "info"}
     # The filler is one single reserve.lua call on its own (unlimited) hash: EVALSHA, HMGET, SET, HSET, ZADD.
     assert spent == {"evalsha": 1 + 1, "hmget": 2 + 1, "hset": 2 + 1, "set": n + 1, "zadd": 1 + 1}
+    await store.close()
+
+
+async def test_calls_of_one_plan_send_its_window_keys_and_counters_once_a_batch(redis_url):
+    # batch.lua reads a plan (window keys, counters, limits) once for every call of it in the
+    # batch: the calls after the first send only their own keys and arguments.
+    store = open_store(redis_url)
+    sent = []
+    round_trip = store._calls._round_trip
+
+    async def spy(commands):
+        sent.extend(commands)
+        return await round_trip(commands)
+    store._calls._round_trip = spy
+    other = [Counter("{bp}:w:day", "org:b", -1, -1, EXPIRE)]
+    out = await in_one_batch(store, [lambda: store.reserve("k1", LIMITED, 1, 1, NOW_MS, False),
+                                     lambda: store.reserve("k2", LIMITED, 1, 1, NOW_MS, False),
+                                     lambda: store.reserve("k3", other, 1, 1, NOW_MS, False),
+                                     lambda: store.commit("k1", LIMITED, 1, 1),
+                                     lambda: store.commit("k2", LIMITED, 1, 1)])
+    assert [getattr(o, "status", o) for o in out] == [Status.ADMITTED] * 3 + [True] * 2
+    _, _, numkeys, *rest = sent[-1]
+    assert rest[:numkeys] == ["{bp}:r:k1", "{bp}:leases", "{bp}:w:day", "{bp}:w:month",
+                              "{bp}:r:k2", "{bp}:leases",
+                              "{bp}:r:k3", "{bp}:leases", "{bp}:w:day",
+                              "{bp}:r:k1", "{bp}:leases", "{bp}:log", "{bp}:w:day", "{bp}:w:month",
+                              "{bp}:r:k2", "{bp}:leases", "{bp}:log"]
+    args = rest[numkeys:]
+    wire = store._wired(LIMITED)
+    assert args.count(wire.record) == 2                  # once for the reserves, once for the commits
+    assert args[args.index("k2") - 4:args.index("k2")] == ["r", 2, 7, -1]     # names call 1's plan
+    await store.close()
+
+
+async def test_a_call_whose_plan_cannot_be_read_fails_with_the_calls_naming_it_and_no_other(redis_url):
+    store = open_store(redis_url)
+    bad = ("0 1 f", str(EXPIRE), "not a number")        # the plan's field count is not a number
+    store._calls.MAX_IN_FLIGHT = 1
+
+    def bad_reserve(rid):
+        keys = [f"{{bp}}:r:{rid}", "{bp}:leases", "{bp}:w:day"]
+        return store._calls.call(store._reserve, keys, [rid, 1, 1, NOW_MS, NOW_MS + 1, "0", ""], bad)
+    filler = store.reserve("filler-bad", [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)], 0, 0, FILLER_DEADLINE, False)
+    out = await asyncio.gather(filler, bad_reserve("b1"), bad_reserve("b2"),
+                               store.reserve("good", LIMITED, 1, 1, NOW_MS, False), return_exceptions=True)
+    assert store._calls.batched == 3
+    assert all(isinstance(o, ResponseError) for o in out[1:3])
+    assert "bad arguments" in str(out[2])
+    assert out[3].status is Status.ADMITTED
+    assert await store._r.exists("{bp}:r:b1", "{bp}:r:b2") == 0
     await store.close()
 
 
