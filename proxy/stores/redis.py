@@ -105,6 +105,13 @@ class _Coalescer:
     """
 
     MAX_IN_FLIGHT = 4
+    # Under load (a batch is out, or calls wait) a call waits, and the queue goes out when fewer
+    # than FLUSH_BELOW round trips are out: the batches grow (≈ 2x at 32 connections), and with
+    # them what a request saves Redis and the client. Otherwise a call goes at once while fewer
+    # than MAX_IN_FLIGHT are out, so a few concurrent requests never wait for each other
+    # (bench/results/lua-percall.md: a flat cap of 2 made batches as large but cost throughput
+    # at 4 concurrent requests, which then waited for each other in batches of two).
+    FLUSH_BELOW = 2
     MAX_BATCH = 64          # sub-calls per batch script call: bounds how long one call holds Redis
 
     def __init__(self, client: aioredis.Redis, tasks: Tasks, batch: AsyncScript,
@@ -112,6 +119,7 @@ class _Coalescer:
         self._r = client
         self._group = group             # keys -> the group a call may be batched with (None: one)
         self._in_flight = 0
+        self._batches = 0               # flushes out (batch.lua calls, or queued calls sent)
         self._queue: list[tuple[AsyncScript, list, list, tuple, asyncio.Future]] = []
         self._tasks = tasks             # the flushes run there: the app drains them before closing us
         self._batch = batch
@@ -124,7 +132,7 @@ class _Coalescer:
         batch sends it once, later calls of the batch name the first that carried it. An
         `alone` call (its counters name one twice, `Wire.alone`) goes out at once, as its own
         script, never in a batch."""
-        if alone or self._in_flight < self.MAX_IN_FLIGHT:
+        if alone or (self._in_flight < self.MAX_IN_FLIGHT and not self._queue and not self._batches):
             self._in_flight += 1
             try:
                 return await self._one(script, keys, [*args, *tail] if tail else args)
@@ -136,9 +144,10 @@ class _Coalescer:
 
     def _done(self) -> None:
         self._in_flight -= 1
-        if self._queue and self._in_flight < self.MAX_IN_FLIGHT:
+        if self._queue and self._in_flight < min(self.FLUSH_BELOW, self.MAX_IN_FLIGHT):
             batch, self._queue = self._queue, []
             self._in_flight += 1
+            self._batches += 1
             self._tasks.spawn(self._flush(batch))
 
     async def _one(self, script: AsyncScript, keys: list, args: list):
@@ -240,6 +249,7 @@ class _Coalescer:
                     else:
                         fut.set_result(reply)
         finally:
+            self._batches -= 1
             self._done()
 
 

@@ -212,6 +212,69 @@ async def test_a_call_whose_plan_cannot_be_read_fails_with_the_calls_naming_it_a
     await store.close()
 
 
+async def test_calls_go_at_once_while_few_are_out_and_under_load_wait_until_fewer_than_two_are(redis_url):
+    # The coalescer (docs/store.md "Batches"): a call goes at once while fewer than
+    # MAX_IN_FLIGHT (4) round trips are out, unless calls wait or a batch is out; then it waits
+    # too, and the queue goes out as one batch when fewer than FLUSH_BELOW (2) are out.
+    store = open_store(redis_url)
+    calls = store._calls
+    assert (calls.MAX_IN_FLIGHT, calls.FLUSH_BELOW) == (4, 2)
+    round_trip, gates, sent = calls._round_trip, [], []
+
+    async def gated(commands):
+        sent.append(len(commands[0]) and commands[0][1])         # the script's sha
+        gate = asyncio.Event()
+        gates.append(gate)
+        await gate.wait()
+        return await round_trip(commands)
+    calls._round_trip = gated
+    limit = [Counter("{bp}:w:day", "org:q", -1, -1, EXPIRE)]
+
+    def reserve(i):
+        return asyncio.ensure_future(store.reserve(f"q{i}", limit, 1, 1, NOW_MS, False))
+
+    async def settle():
+        for _ in range(5):
+            await asyncio.sleep(0)
+    first = [reserve(i) for i in range(4)]           # 4 at once
+    await settle()
+    assert len(gates) == 4 and calls.batched == 0
+    waiting = [reserve(4), reserve(5)]               # 4 out: these wait
+    await settle()
+    assert len(gates) == 4
+    gates[0].set()
+    await first[0]
+    await settle()
+    waiting.append(reserve(6))                       # 3 out, but a queue: waits behind it
+    await settle()
+    assert len(gates) == 4
+    gates[1].set()
+    await first[1]
+    await settle()
+    assert len(gates) == 4                           # 2 out: the queue still waits
+    gates[2].set()
+    await first[2]
+    await settle()
+    assert len(gates) == 5 and calls.batched == 3    # 1 out: the queue goes as one batch
+    assert sent[4] == calls._batch.sha
+    waiting.append(reserve(7))                       # 2 out, no queue, but a batch: waits
+    await settle()
+    assert len(gates) == 5
+    gates[3].set()
+    gates[4].set()
+    await asyncio.gather(*first, *waiting[:3])
+    await settle()
+    assert len(gates) == 6 and sent[5] == store._reserve.sha     # the batch came back: the queue (of one) went
+    gates[5].set()
+    out = await asyncio.gather(*first, *waiting)
+    assert [o.status for o in out] == [Status.ADMITTED] * 8
+    late = reserve(8)                                # nothing out, no queue: at once, alone
+    await settle()
+    gates[-1].set()
+    assert (await late).status is Status.ADMITTED and sent[-1] == store._reserve.sha
+    await store.close()
+
+
 async def test_a_long_queue_goes_as_several_batches_in_order(redis_url):
     store = open_store(redis_url)
     store._calls.MAX_BATCH = 3
