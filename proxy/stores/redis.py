@@ -88,8 +88,9 @@ class _CPacked:
 
 
 class _Coalescer:
-    """Script calls made while MAX_IN_FLIGHT round trips are already out wait, and then go
-    together as ONE call of batch.lua, which runs them in order in one atomic script.
+    """Script calls made while MAX_IN_FLIGHT round trips are already out (or, under load, while
+    a batch is out or calls wait) wait, and then go together as ONE call of batch.lua, which
+    runs them in order in one atomic script.
 
     Idle or at one connection nothing waits: a call goes out at once, as its own script. Under
     load, a batch pays redis-py's per-call cost (pool checkout, retry wrapper, timeouts, packing)
@@ -105,12 +106,15 @@ class _Coalescer:
     """
 
     MAX_IN_FLIGHT = 4
-    # Under load (a batch is out, or calls wait) a call waits, and the queue goes out when fewer
-    # than FLUSH_BELOW round trips are out: the batches grow (≈ 2x at 32 connections), and with
-    # them what a request saves Redis and the client. Otherwise a call goes at once while fewer
-    # than MAX_IN_FLIGHT are out, so a few concurrent requests never wait for each other
-    # (bench/results/lua-percall.md: a flat cap of 2 made batches as large but cost throughput
-    # at 4 concurrent requests, which then waited for each other in batches of two).
+    # Under load (a batch is out, or calls wait) a call waits, and the queue goes out when a
+    # round trip comes back and fewer than FLUSH_BELOW are out: about one batch is out at a
+    # time, and it carries every call that came meanwhile (at 32 concurrent requests ~15 calls
+    # instead of ~5: fewer round trips, and less Redis and client time a request). Otherwise a
+    # call goes at once while fewer than MAX_IN_FLIGHT are out, so a few concurrent requests
+    # never wait for each other (bench/results/lua-percall.md: a flat cap of 2 cost throughput
+    # at 4 concurrent requests, which then waited for each other in batches of two). The price:
+    # under load, a round trip that hangs holds the queue until its socket timeout (1 s), where
+    # 3 other round trips could go on before.
     FLUSH_BELOW = 2
     MAX_BATCH = 64          # sub-calls per batch script call: bounds how long one call holds Redis
 
