@@ -84,9 +84,10 @@ local function hash_get(key, field)
   if x then return x[1], x[2], x[3], x[4] end
 end
 
--- A cached value is updated in place (value() hands out numbers, never the table).
+-- A cached value is updated in place (value() hands out numbers, never the table). The body
+-- read the hash (hash_read) before it writes it, so it is in the cache.
 local function hash_set(key, field, t, tr, d, dr)
-  local h = cached(key)
+  local h = hashes[key]
   local x = h.v[field]
   if x then
     x[1], x[2], x[3], x[4] = t, tr, d, dr

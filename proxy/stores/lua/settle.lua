@@ -50,7 +50,6 @@ end
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
 -- (a restart, or the window expired) gets the usage again, nothing to take back.
 local function settle_write(plan, fresh, reads, used_t, used_d, res_t, res_d)
-  local max = math.max
   local P, keys, first, n = plan.A, plan.keys, plan.first, plan.n
   for w = 1, plan.nw do
     local vals, key, f0 = reads[w], keys[w], first[w] - 1
@@ -58,11 +57,16 @@ local function settle_write(plan, fresh, reads, used_t, used_d, res_t, res_d)
     for j = 1, n[w] do
       local f = P[f0 + j]
       local t, tr, d, dr = value(vals, j, f)
-      if t then
-        hash_set(key, f, max(t + used_t, 0), max(tr - res_t, 0), max(d + used_d, 0), max(dr - res_d, 0))
+      if t then                                          -- each at least 0 (math.max, inline)
+        t, tr, d, dr = t + used_t, tr - res_t, d + used_d, dr - res_d
+        if t < 0 then t = 0 end
+        if tr < 0 then tr = 0 end
+        if d < 0 then d = 0 end
+        if dr < 0 then dr = 0 end
+        hash_set(key, f, t, tr, d, dr)
         written = true
       elseif used_t > 0 or used_d > 0 then
-        hash_set(key, f, max(used_t, 0), 0, max(used_d, 0), 0)
+        hash_set(key, f, used_t > 0 and used_t or 0, 0, used_d > 0 and used_d or 0, 0)
         written = true
       end
     end
