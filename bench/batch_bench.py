@@ -1,13 +1,16 @@
 """Redis server time per request by batch size: what one batch.lua call costs per sub-call.
 
-    python bench/batch_bench.py [--sizes 1,2,4,8,16,32] [--batches 20] [--rounds 5]
+    python bench/batch_bench.py [--sizes 1,2,4,8,16,32] [--batches 20] [--rounds 5] [--tree NAME=PATH …]
 
 Starts its own redis-server. For each size n: batches of n reserves, then batches of their n
 commits (bench/ledger_bench.py's plan: 5 scopes, 3 window hashes, 5 limited counters), encoded
 exactly as the Redis store's coalescer sends them (n = 1: the single scripts), sent one after
 the other from one connection, so nothing else runs on the server. Prints per request (reserve
 + commit) the scripts' usec (INFO commandstats) and commands, per size the best and median of
-the rounds. Under real load (bench/proxy_bench.py) the same work costs more wall time, as Redis
+the rounds. `--tree NAME=PATH` adds the store of another checkout (its proxy package imported
+under another name), run against the same redis-server and the same window hashes, every batch
+of every size alternating between the trees, so that a busy machine slows both alike (an A/B
+of the scripts; with --tree the figures are the median [min-max] over rounds). Under real load (bench/proxy_bench.py) the same work costs more wall time, as Redis
 shares its core; the per-size shape is the point here.
 """
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.resources
+import importlib.util
 import os
 import sys
 import time
@@ -46,6 +51,25 @@ async def plan_counters(store):
     return seen["counters"]
 
 
+def tree_store(name: str, path: str, url: str):
+    """A store of the checkout at `path`: its proxy package imported as `proxy_<name>` (its .lua
+    files read from there too: the store reads them as resources of "proxy.stores")."""
+    pkg = f"proxy_{name}"
+    spec = importlib.util.spec_from_file_location(pkg, os.path.join(path, "proxy", "__init__.py"),
+                                                  submodule_search_locations=[os.path.join(path, "proxy")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[pkg] = module
+    files = importlib.resources.files
+    importlib.resources.files = lambda anchor: files(f"{pkg}.stores" if anchor == "proxy.stores" else anchor)
+    try:
+        spec.loader.exec_module(module)
+        stores = importlib.import_module(f"{pkg}.stores")
+        importlib.import_module(f"{pkg}.stores.redis")      # open_store imports it later
+    finally:
+        importlib.resources.files = files
+    return stores.open_store(url)
+
+
 async def run_size(store, server, wire, n: int, batches: int) -> tuple[float, float]:
     """(script usec, commands) per request for `batches` batches of n reserves + n commits."""
     c = store._calls
@@ -74,13 +98,18 @@ async def main() -> None:
     ap.add_argument("--sizes", default="1,2,4,8,16,32")
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=PATH")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     server = RedisServer()
     server.start()
     try:
         store = open_store(server.url)
-        wire = store._wired(await plan_counters(store))
+        counters = await plan_counters(store)
+        if args.tree:
+            await compare(server, store, counters, args, sizes)
+            return
+        wire = store._wired(counters)
         for n in sizes:                                   # load every script once
             await run_size(store, server, wire, n, 1)
         results: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
@@ -94,6 +123,38 @@ async def main() -> None:
         await store.close()
     finally:
         server.stop()
+
+
+async def compare(server, store, counters, args, sizes) -> None:
+    """This tree's store against each --tree's, batch by batch, on one redis-server."""
+    stores = {"this": store}
+    for spec in args.tree:
+        name, _, path = spec.partition("=")
+        stores[name] = tree_store(name, path, server.url)
+    wires = {name: s._wired(counters) for name, s in stores.items()}
+    for name, s in stores.items():                    # load every script once
+        for n in sizes:
+            await run_size(s, server, wires[name], n, 1)
+    results = {(name, n): [] for name in stores for n in sizes}
+    for _ in range(args.rounds):
+        for n in sizes:
+            usec = {name: 0.0 for name in stores}
+            for _ in range(args.batches):
+                for name, s in stores.items():
+                    usec[name] += (await run_size(s, server, wires[name], n, 1))[0]
+            for name in stores:
+                results[name, n].append(usec[name] / args.batches)
+    print("script usec per request (reserve + commit), median [min-max] over rounds")
+    print("| batch size | " + " | ".join(stores) + " |")
+    print("|---|" + "---|" * len(stores))
+    for n in sizes:
+        cells = []
+        for name in stores:
+            u = sorted(results[name, n])
+            cells.append(f"{u[len(u) // 2]:.1f} [{u[0]:.1f}-{u[-1]:.1f}]")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    for s in stores.values():
+        await s.close()
 
 
 if __name__ == "__main__":

@@ -141,9 +141,8 @@ class ClusterStore(RedisStore):
         keys = [record_key(tag, rid), leases_key(tag), *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
                 "1" if force else "0", info]
-        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args, wire.reserve_tail, wire.alone)
-        seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
-        return ReserveOutcome(Status(st), Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None, seen)
+        reply = await self._calls.call(self._reserve, keys, args, wire.reserve_tail, wire.alone)
+        return fmt.outcome(reply, wire.limited)
 
     async def _draw_for(self, layout: _TenantLayout, over: Seen, tokens: int, usd: int) -> bool:
         """Borrow the shortfall of allowance `over` (plus an extra, see lend.lua) from its

@@ -31,12 +31,16 @@ from ..tasks import Tasks
 from ..keys import claim_key, leases_key, log_key, record_key
 from . import wire as fmt
 from .base import (LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
-                   ReserveOutcome, Seen, Status, Store, Totals)
+                   ReserveOutcome, Store, Totals)
 
 try:
     from hiredis import pack_command as _c_pack
 except ImportError:                             # hiredis is a dependency (pyproject); stay correct without it
     _c_pack = None
+
+# A batched call's own keys, before its plan's window keys: the record and the lease index, and
+# for settle the log. A call naming an earlier call's plan sends only these (batch.lua).
+OWN_KEYS = {"r": 2, "s": 3}
 
 _FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
@@ -50,11 +54,13 @@ def _assembled() -> dict[str, str]:
     files: reserve.lua and settle.lua define the bodies as functions over a few helpers, direct
     Redis commands for a single call (direct.lua), a per-batch cache in batch.lua (cached.lua);
     so the logic has one source and a batch runs exactly the single calls, in order."""
-    direct, cached = _script("direct"), _script("cached")
+    direct, cached, plan = _script("direct"), _script("cached"), _script("plan")
     reserve, settle = _script("reserve"), _script("settle")
-    return {"reserve": f"{direct}\n{reserve}\nreturn reserve(KEYS, ARGV)\n",
-            "settle": f"{direct}\n{settle}\nreturn settle(KEYS, ARGV)\n",
-            "batch": f"{cached}\n{reserve}\n{settle}\n{_script('batch')}"}
+    return {"reserve": f"{direct}\n{plan}\n{reserve}\n"
+                       "return reserve(KEYS, 1, ARGV, 1, reserve_plan(KEYS, 3, #KEYS - 2, ARGV, 8))\n",
+            "settle": f"{direct}\n{plan}\n{settle}\n"
+                      "return settle(KEYS, 1, ARGV, 1, settle_plan(KEYS, 4, #KEYS - 3, ARGV, 13))\n",
+            "batch": f"{cached}\n{plan}\n{reserve}\n{settle}\n{_script('batch')}"}
 
 
 SCRIPTS = _assembled()
@@ -82,8 +88,9 @@ class _CPacked:
 
 
 class _Coalescer:
-    """Script calls made while MAX_IN_FLIGHT round trips are already out wait, and then go
-    together as ONE call of batch.lua, which runs them in order in one atomic script.
+    """Script calls made while MAX_IN_FLIGHT round trips are already out (or, under load, while
+    a batch is out or calls wait) wait, and then go together as ONE call of batch.lua, which
+    runs them in order in one atomic script.
 
     Idle or at one connection nothing waits: a call goes out at once, as its own script. Under
     load, a batch pays redis-py's per-call cost (pool checkout, retry wrapper, timeouts, packing)
@@ -99,6 +106,16 @@ class _Coalescer:
     """
 
     MAX_IN_FLIGHT = 4
+    # Under load (a batch is out, or calls wait) a call waits, and the queue goes out when a
+    # round trip comes back and fewer than FLUSH_BELOW are out: about one batch is out at a
+    # time, and it carries every call that came meanwhile (at 32 concurrent requests ~15 calls
+    # instead of ~5: fewer round trips, and less Redis and client time a request). Otherwise a
+    # call goes at once while fewer than MAX_IN_FLIGHT are out, so a few concurrent requests
+    # never wait for each other (bench/results/lua-percall.md: a flat cap of 2 cost throughput
+    # at 4 concurrent requests, which then waited for each other in batches of two). The price:
+    # under load, a round trip that hangs holds the queue until its socket timeout (1 s), where
+    # 3 other round trips could go on before.
+    FLUSH_BELOW = 2
     MAX_BATCH = 64          # sub-calls per batch script call: bounds how long one call holds Redis
 
     def __init__(self, client: aioredis.Redis, tasks: Tasks, batch: AsyncScript,
@@ -106,6 +123,7 @@ class _Coalescer:
         self._r = client
         self._group = group             # keys -> the group a call may be batched with (None: one)
         self._in_flight = 0
+        self._batches = 0               # flushes out (batch.lua calls, or queued calls sent)
         self._queue: list[tuple[AsyncScript, list, list, tuple, asyncio.Future]] = []
         self._tasks = tasks             # the flushes run there: the app drains them before closing us
         self._batch = batch
@@ -118,7 +136,7 @@ class _Coalescer:
         batch sends it once, later calls of the batch name the first that carried it. An
         `alone` call (its counters name one twice, `Wire.alone`) goes out at once, as its own
         script, never in a batch."""
-        if alone or self._in_flight < self.MAX_IN_FLIGHT:
+        if alone or (self._in_flight < self.MAX_IN_FLIGHT and not self._queue and not self._batches):
             self._in_flight += 1
             try:
                 return await self._one(script, keys, [*args, *tail] if tail else args)
@@ -130,9 +148,10 @@ class _Coalescer:
 
     def _done(self) -> None:
         self._in_flight -= 1
-        if self._queue and self._in_flight < self.MAX_IN_FLIGHT:
+        if self._queue and self._in_flight < min(self.FLUSH_BELOW, self.MAX_IN_FLIGHT):
             batch, self._queue = self._queue, []
             self._in_flight += 1
+            self._batches += 1
             self._tasks.spawn(self._flush(batch))
 
     async def _one(self, script: AsyncScript, keys: list, args: list):
@@ -173,13 +192,15 @@ class _Coalescer:
             elif run:
                 keys, args, carried = [], [], {}        # id(tail) -> the call that carried it (1-based)
                 for i, (script, k, a, tail, _) in enumerate(run, 1):
-                    keys += k
                     first = carried.get(id(tail)) if tail else None
+                    kind = self._kinds[script]
                     if first is None:
-                        args += (self._kinds[script], len(k), len(a), len(tail), *a, *tail)
+                        keys += k
+                        args += (kind, len(k), len(a), len(tail), *a, *tail)
                         carried[id(tail)] = i
-                    else:
-                        args += (self._kinds[script], len(k), len(a), -first, *a)
+                    else:                               # its own keys; the plan's window keys were sent
+                        keys += k[:OWN_KEYS[kind]]
+                        args += (kind, OWN_KEYS[kind], len(a), -first, *a)
                 out.append((self._batch, keys, args, [fut for *_, fut in run]))
                 self.batched += len(run)
             run.clear()
@@ -232,6 +253,7 @@ class _Coalescer:
                     else:
                         fut.set_result(reply)
         finally:
+            self._batches -= 1
             self._done()
 
 
@@ -337,10 +359,8 @@ class RedisStore(Store):
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS, "1" if force else "0", info]
-        st, idx, t, tr, d, dr, flat = await self._calls.call(self._reserve, keys, args, wire.reserve_tail, wire.alone)
-        seen = tuple(Seen(flat[i], Totals(*flat[i + 1:i + 5])) for i in range(0, len(flat), 5))
-        over = Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None
-        return ReserveOutcome(Status(st), over, seen)
+        reply = await self._calls.call(self._reserve, keys, args, wire.reserve_tail, wire.alone)
+        return fmt.outcome(reply, wire.limited)
 
     async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                      note: Note = Note("ok")) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple, Sequence
 
-from .base import EMPTY, Counter, LogEntry, Totals
+from .base import EMPTY, Counter, LogEntry, ReserveOutcome, Seen, Status, Totals
 
 _VALUE = struct.Struct("<dddd")
 
@@ -25,6 +25,8 @@ class Wire(NamedTuple):
     reserve_tail: tuple[str, ...]      # reserve.lua's ARGV from 8 on: record, then `reserve`
     settle_tail: tuple[str, ...]       # settle.lua's ARGV from 13 on: record, then `settle`
     alone: bool                        # a counter named twice: its calls never go in a batch
+    limited: tuple[int, ...]           # the limited counters' positions, in order: what reserve's
+    #                                    reply reports 4 values for (its "seen")
 
 
 def wire(counters: Sequence[Counter]) -> Wire:
@@ -33,6 +35,8 @@ def wire(counters: Sequence[Counter]) -> Wire:
         groups.setdefault(c.window, []).append(c)
     reserve: list[str] = []
     settle: list[str] = []
+    positions: list[int] = []
+    base = 0
     for group in groups.values():
         head = (str(group[0].expire_at), str(len(group)), *(c.scope for c in group))
         settle += head
@@ -41,11 +45,22 @@ def wire(counters: Sequence[Counter]) -> Wire:
         reserve += (*head, str(len(limited)))
         for j, c in limited:
             reserve += (str(j), str(c.token_limit), str(c.usd_limit))
+            positions.append(base + j - 1)
+        base += len(group)
     record = " ".join(settle)
     # A sub-call of batch.lua reads the cached values that its own writes update in place, so a
     # counter it names twice would see its first write; the single call reads one HMGET reply.
     alone = len({(c.window, c.scope) for c in counters}) < len(counters)
-    return Wire(tuple(groups), tuple(reserve), tuple(settle), record, (record, *reserve), (record, *settle), alone)
+    return Wire(tuple(groups), tuple(reserve), tuple(settle), record, (record, *reserve), (record, *settle), alone,
+                tuple(positions))
+
+
+def outcome(reply: list, limited: tuple[int, ...]) -> ReserveOutcome:
+    """reserve.lua's reply: status, the first counter over (index and values, index -1: none),
+    then, admitted or forced, 4 values per limited counter (positions `limited`, Wire.limited)."""
+    st, idx, t, tr, d, dr = reply[:6]
+    seen = tuple(Seen(i, Totals(*reply[x:x + 4])) for i, x in zip(limited, range(6, len(reply), 4)))
+    return ReserveOutcome(Status(st), Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None, seen)
 
 
 def counters(keys: Sequence[str], settle: Sequence[str]) -> tuple[Counter, ...]:

@@ -14,6 +14,7 @@ import struct
 
 import pytest
 import redis as redis_sync
+from redis.exceptions import ResponseError
 
 from proxy.errors import StoreUnavailable
 from proxy.ledger import Amounts, Reservation, Scope
@@ -158,6 +159,119 @@ async def test_a_batch_reads_and_writes_each_window_hash_once(redis_server, redi
     spent = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0) and k != "info"}
     # The filler is one single reserve.lua call on its own (unlimited) hash: EVALSHA, HMGET, SET, HSET, ZADD.
     assert spent == {"evalsha": 1 + 1, "hmget": 2 + 1, "hset": 2 + 1, "set": n + 1, "zadd": 1 + 1}
+    await store.close()
+
+
+async def test_calls_of_one_plan_send_its_window_keys_and_counters_once_a_batch(redis_url):
+    # batch.lua reads a plan (window keys, counters, limits) once for every call of it in the
+    # batch: the calls after the first send only their own keys and arguments.
+    store = open_store(redis_url)
+    sent = []
+    round_trip = store._calls._round_trip
+
+    async def spy(commands):
+        sent.extend(commands)
+        return await round_trip(commands)
+    store._calls._round_trip = spy
+    other = [Counter("{bp}:w:day", "org:b", -1, -1, EXPIRE)]
+    out = await in_one_batch(store, [lambda: store.reserve("k1", LIMITED, 1, 1, NOW_MS, False),
+                                     lambda: store.reserve("k2", LIMITED, 1, 1, NOW_MS, False),
+                                     lambda: store.reserve("k3", other, 1, 1, NOW_MS, False),
+                                     lambda: store.commit("k1", LIMITED, 1, 1),
+                                     lambda: store.commit("k2", LIMITED, 1, 1)])
+    assert [getattr(o, "status", o) for o in out] == [Status.ADMITTED] * 3 + [True] * 2
+    _, _, numkeys, *rest = sent[-1]
+    assert rest[:numkeys] == ["{bp}:r:k1", "{bp}:leases", "{bp}:w:day", "{bp}:w:month",
+                              "{bp}:r:k2", "{bp}:leases",
+                              "{bp}:r:k3", "{bp}:leases", "{bp}:w:day",
+                              "{bp}:r:k1", "{bp}:leases", "{bp}:log", "{bp}:w:day", "{bp}:w:month",
+                              "{bp}:r:k2", "{bp}:leases", "{bp}:log"]
+    args = rest[numkeys:]
+    wire = store._wired(LIMITED)
+    assert args.count(wire.record) == 2                  # once for the reserves, once for the commits
+    assert args[args.index("k2") - 4:args.index("k2")] == ["r", 2, 7, -1]     # names call 1's plan
+    await store.close()
+
+
+async def test_a_call_whose_plan_cannot_be_read_fails_with_the_calls_naming_it_and_no_other(redis_url):
+    store = open_store(redis_url)
+    bad = ("0 1 f", str(EXPIRE), "not a number")        # the plan's field count is not a number
+    store._calls.MAX_IN_FLIGHT = 1
+
+    def bad_reserve(rid):
+        keys = [f"{{bp}}:r:{rid}", "{bp}:leases", "{bp}:w:day"]
+        return store._calls.call(store._reserve, keys, [rid, 1, 1, NOW_MS, NOW_MS + 1, "0", ""], bad)
+    filler = store.reserve("filler-bad", [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)], 0, 0, FILLER_DEADLINE, False)
+    out = await asyncio.gather(filler, bad_reserve("b1"), bad_reserve("b2"),
+                               store.reserve("good", LIMITED, 1, 1, NOW_MS, False), return_exceptions=True)
+    assert store._calls.batched == 3
+    assert all(isinstance(o, ResponseError) for o in out[1:3])
+    assert "bad arguments" in str(out[2])
+    assert out[3].status is Status.ADMITTED
+    assert await store._r.exists("{bp}:r:b1", "{bp}:r:b2") == 0
+    await store.close()
+
+
+async def test_calls_go_at_once_while_few_are_out_and_under_load_wait_until_fewer_than_two_are(redis_url):
+    # The coalescer (docs/store.md "Batches"): a call goes at once while fewer than
+    # MAX_IN_FLIGHT (4) round trips are out, unless calls wait or a batch is out; then it waits
+    # too, and the queue goes out as one batch when fewer than FLUSH_BELOW (2) are out.
+    store = open_store(redis_url)
+    calls = store._calls
+    assert (calls.MAX_IN_FLIGHT, calls.FLUSH_BELOW) == (4, 2)
+    round_trip, gates, sent = calls._round_trip, [], []
+
+    async def gated(commands):
+        sent.append(len(commands[0]) and commands[0][1])         # the script's sha
+        gate = asyncio.Event()
+        gates.append(gate)
+        await gate.wait()
+        return await round_trip(commands)
+    calls._round_trip = gated
+    limit = [Counter("{bp}:w:day", "org:q", -1, -1, EXPIRE)]
+
+    def reserve(i):
+        return asyncio.ensure_future(store.reserve(f"q{i}", limit, 1, 1, NOW_MS, False))
+
+    async def settle():
+        for _ in range(5):
+            await asyncio.sleep(0)
+    first = [reserve(i) for i in range(4)]           # 4 at once
+    await settle()
+    assert len(gates) == 4 and calls.batched == 0
+    waiting = [reserve(4), reserve(5)]               # 4 out: these wait
+    await settle()
+    assert len(gates) == 4
+    gates[0].set()
+    await first[0]
+    await settle()
+    waiting.append(reserve(6))                       # 3 out, but a queue: waits behind it
+    await settle()
+    assert len(gates) == 4
+    gates[1].set()
+    await first[1]
+    await settle()
+    assert len(gates) == 4                           # 2 out: the queue still waits
+    gates[2].set()
+    await first[2]
+    await settle()
+    assert len(gates) == 5 and calls.batched == 3    # 1 out: the queue goes as one batch
+    assert sent[4] == calls._batch.sha
+    waiting.append(reserve(7))                       # 2 out, no queue, but a batch: waits
+    await settle()
+    assert len(gates) == 5
+    gates[3].set()
+    gates[4].set()
+    await asyncio.gather(*first, *waiting[:3])
+    await settle()
+    assert len(gates) == 6 and sent[5] == store._reserve.sha     # the batch came back: the queue (of one) went
+    gates[5].set()
+    out = await asyncio.gather(*first, *waiting)
+    assert [o.status for o in out] == [Status.ADMITTED] * 8
+    late = reserve(8)                                # nothing out, no queue: at once, alone
+    await settle()
+    gates[-1].set()
+    assert (await late).status is Status.ADMITTED and sent[-1] == store._reserve.sha
     await store.close()
 
 

@@ -78,8 +78,9 @@ async def test_calls_of_orgs_on_different_nodes_batch_per_org_never_crossslot(cl
     out = await in_one_batch(store, calls, tenants=("", first, second))
     # Interleaved in the queue, out as one batch call per org: 3 of 30 fit each org's 100.
     assert [o.status for o in out] == [Status.ADMITTED] * 6 + [Status.REFUSED] * 2
-    # The filler alone (3 keys), then one flush: two batch calls of 4 reserves (3 keys each).
-    assert sent == [[3], [4 * 3, 4 * 3]]
+    # The filler alone (3 keys), then one flush: two batch calls of 4 reserves of one plan each
+    # (the first with its 3 keys, the others only their own 2: the plan's window key is sent once).
+    assert sent == [[3], [3 + 3 * 2, 3 + 3 * 2]]
     assert await store.snapshot(plans[first][:1]) == await store.snapshot(plans[second][:1]) == [(0, 90, 0, 3)]
     await store.close()
 

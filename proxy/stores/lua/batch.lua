@@ -1,17 +1,20 @@
 -- Run several reserve and settle calls as one script call, in order, atomically.
 --
 -- Assembled once at start-up (proxy/stores/redis.py): cached.lua (the helpers over a per-batch
--- cache, and flush), reserve.lua, settle.lua (the same bodies the single calls run), then this.
+-- cache, and flush), plan.lua, reserve.lua, settle.lua (the same bodies the single calls run),
+-- then this.
 -- Under load the Redis store's coalescer sends the calls that waited while others were out as
 -- one batch: one EVALSHA instead of N, each window hash read once (HMGET) and written once
 -- (HSET) per batch instead of once per call, one ZADD and one ZREM for the lease index.
 --
--- KEYS: the sub-calls' KEYS, one after the other.
--- ARGV: per sub-call, in order: kind ("r" reserve.lua, "s" settle.lua), its number of keys, o its
---       number of own arguments, t, then its own arguments (its ARGV[1..o]); t >= 0: t more
---       arguments follow (the rest of its ARGV); t < 0: the rest of its ARGV is that of sub-call
---       -t (same kind: calls of one plan share everything after their own arguments: the
---       record's counters, the limits, the expiries), sent once a batch.
+-- KEYS: the sub-calls' KEYS, one after the other: all of them for a sub-call that carries its
+--       plan; only its own (record, leases, and for settle the log) for one that names another's.
+-- ARGV: per sub-call, in order: kind ("r" reserve.lua, "s" settle.lua), nk its number of keys
+--       here, o its number of own arguments, t, then its own arguments (its ARGV[1..o]); t >= 0:
+--       t more arguments follow (the rest of its ARGV) and its plan (plan.lua: its window keys,
+--       the rest of its ARGV) is read from them; t < 0: its plan is that of sub-call -t (same
+--       kind: calls of one plan share their window keys and everything after their own
+--       arguments: the record's counters, the limits, the expiries), sent and read once a batch.
 -- Returns one reply per sub-call, in order: what the single call returns, or an error reply.
 --
 -- Each sub-call sees exactly what it would see run alone after the ones before it (the cache
@@ -22,27 +25,35 @@
 -- record, the log) before their first helper write, so it left nothing in the cache and the
 -- other sub-calls run on. The writes are sent once every sub-call has run (flush, cached.lua).
 
-local results, sent, k, a, i = {}, {}, 1, 1, 0
-while a <= #ARGV do
-  local kind, nk, own, tail = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local args
-  a = a + 4
-  i = i + 1
+local results, plans, k, a, i, nargs = {}, {}, 1, 1, 0, #ARGV
+
+-- One sub-call: its plan read from the arguments it carries (kept for the later calls naming it)
+-- or the one it names; then its body. Inside pcall, so a bad plan fails only its calls.
+local function run(kind, nk, own, tail, k, a, i)
+  local body, plan = reserve, nil
+  if kind ~= 'r' then body = settle end
   if tail >= 0 then
-    args = {unpack(ARGV, a, a + own + tail - 1)}
-    sent[i] = args
-    a = a + own + tail
+    local mine = kind == 'r' and 2 or 3              -- its own keys: record, leases (, log)
+    plan = (kind == 'r' and reserve_plan or settle_plan)(KEYS, k + mine, nk - mine, ARGV, a + own)
+    plans[i] = plan
   else
-    args = {unpack(sent[-tail])}       -- sized at once; its own arguments overwritten below
-    for x = 1, own do args[x] = ARGV[a + x - 1] end
-    a = a + own
+    plan = plans[-tail]
+    if not plan then error('the call carrying its plan had bad arguments') end
   end
-  local ok, res = pcall(kind == 'r' and reserve or settle, {unpack(KEYS, k, k + nk - 1)}, args)
+  return body(KEYS, k, ARGV, a, plan)
+end
+
+while a <= nargs do
+  local kind, nk, own, tail = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  i = i + 1
+  local ok, res = pcall(run, kind, nk, own, tail, k, a + 4, i)
   if ok then
     results[i] = res
   else                               -- redis.call raises {err = ...}; Lua itself, a string
     results[i] = redis.error_reply(type(res) == 'table' and res.err or tostring(res))
   end
+  a = a + 4 + own
+  if tail > 0 then a = a + tail end
   k = k + nk
 end
 flush()

@@ -21,18 +21,6 @@ local hashes, hash_order = {}, {}      -- key -> {v = field -> value | false, di
 local leases, lease_order = {}, {}     -- key -> member -> deadline | false (removed)
 local now_ms                           -- the server's clock, read once, only if an expiry is set
 
--- An argument as a number: the sub-calls of a batch share most of their arguments (the same
--- counters, limits and expiries), and tonumber is one of the dearest calls in these scripts.
-local numbers = {}
-local function num(s)
-  local x = numbers[s]
-  if x == nil then
-    x = tonumber(s)
-    numbers[s] = x
-  end
-  return x
-end
-
 local function cached(key)
   local h = hashes[key]
   if not h then
@@ -66,15 +54,28 @@ local function load(key, h, A, first, last)
   return v
 end
 
-local function hash_read(key, A, first, n)
-  local v = load(key, cached(key), A, first, first + n - 1)
-  local vals = {v['_']}
-  for j = 1, n do vals[j + 1] = v[A[first + j - 1]] end
-  return not vals[1], vals
+-- Window hash w of the plan (plan.lua): fresh (no marker "_") and the cached values by field
+-- name, what value(vals, j, field) reads. The plan remembers (loaded) which value table it filled
+-- its fields into, so its later calls in the batch skip the check: a table is only replaced
+-- when the hash is deleted (hash_expire in the past), and then the plan loads again.
+local function hash_read(plan, w)
+  local key = plan.keys[w]
+  local h = hashes[key] or cached(key)
+  local v, loaded = h.v, plan.loaded
+  if not loaded then
+    loaded = {}
+    plan.loaded = loaded
+  end
+  if loaded[w] ~= v then
+    local first = plan.first[w]
+    load(key, h, plan.A, first, first + plan.n[w] - 1)
+    loaded[w] = v
+  end
+  return not v['_'], v
 end
 
-local function value(vals, j)
-  local x = vals[j + 1]
+local function value(vals, j, field)
+  local x = vals[field]
   if x then return x[1], x[2], x[3], x[4] end
 end
 
@@ -83,9 +84,10 @@ local function hash_get(key, field)
   if x then return x[1], x[2], x[3], x[4] end
 end
 
--- A cached value is updated in place (value() hands out numbers, never the table).
+-- A cached value is updated in place (value() hands out numbers, never the table). The body
+-- read the hash (hash_read) before it writes it, so it is in the cache.
 local function hash_set(key, field, t, tr, d, dr)
-  local h = cached(key)
+  local h = hashes[key]
   local x = h.v[field]
   if x then
     x[1], x[2], x[3], x[4] = t, tr, d, dr

@@ -1,24 +1,25 @@
 -- Store access for a single call: reserve.lua or settle.lua run alone, one EVALSHA per call.
 --
--- The two scripts are assembled once at start-up (proxy/stores/redis.py): this file, then the
--- body (reserve.lua or settle.lua, which define `reserve(KEYS, ARGV)` / `settle(KEYS, ARGV)`),
--- then `return reserve(KEYS, ARGV)`. The bodies touch window hashes and the lease index only
--- through these helpers (and read numeric arguments with num); batch.lua runs the same bodies
+-- The two scripts are assembled once at start-up (proxy/stores/redis.py): this file, plan.lua,
+-- then the body (reserve.lua or settle.lua, which define `reserve(K, k, A, a, plan)` /
+-- `settle(...)`), then the call of the body on this call's plan. The bodies touch window hashes
+-- and the lease index only through these helpers; batch.lua runs the same bodies
 -- over cache-backed ones (cached.lua). Here each helper is the one Redis command it names;
 -- values are packed and unpacked here (struct "<dddd", see reserve.lua): the bodies see numbers.
 
 local unpack, sunpack, spack = unpack, struct.unpack, struct.pack
-local num = tonumber                   -- an argument as a number (a batch remembers them, cached.lua)
 
--- The hash's marker "_" and fields A[first .. first + n - 1] (one HMGET): fresh (no marker: the
--- hash is new) and what value(vals, j) reads field j from: here the HMGET reply itself.
-local function hash_read(key, A, first, n)
-  local got = redis.call('HMGET', key, '_', unpack(A, first, first + n - 1))
+-- Window hash w of the plan (plan.lua): its marker "_" and its fields (one HMGET); fresh (no
+-- marker: the hash is new) and what value(vals, j, field) reads field j from: the HMGET reply.
+local function hash_read(plan, w)
+  local first = plan.first[w]
+  local got = redis.call('HMGET', plan.keys[w], '_', unpack(plan.A, first, first + plan.n[w] - 1))
   return not got[1], got
 end
 
--- Field j's value: tokens used, tokens reserved, micro-USD used, micro-USD reserved; nil if absent.
-local function value(vals, j)
+-- Field j's value (named `field`; here the reply's position is enough): tokens used, tokens
+-- reserved, micro-USD used, micro-USD reserved; nil if absent.
+local function value(vals, j, field)
   local v = vals[j + 1]
   if v then return sunpack('<dddd', v) end
 end

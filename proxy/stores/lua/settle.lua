@@ -1,8 +1,11 @@
 -- Settle a reservation: commit (reserved -> used at the actual amounts), release (nothing used),
 -- or expire (the sweeper, for a lease whose deadline has passed).
 --
--- Defines settle(KEYS, ARGV); run alone as direct.lua .. this .. "return settle(KEYS, ARGV)",
--- or as one sub-call of batch.lua (see there). Window hashes and the lease index are touched
+-- Defines settle(K, k, A, a, plan): the call's keys are K[k .. k + 2] (KEYS[1..3] below), its
+-- own arguments A[a .. a + 11] (ARGV[1..12]), its window hashes and counters the plan (plan.lua:
+-- KEYS[4..] and ARGV[13..], read once). Run alone as direct.lua .. plan.lua .. this ..
+-- "return settle(KEYS, 1, ARGV, 1, settle_plan(KEYS, 4, #KEYS - 3, ARGV, 13))", or as one
+-- sub-call of batch.lua (see there). Window hashes and the lease index are touched
 -- only through the helpers hash_read + value, hash_set + hash_commit, hash_expire and
 -- lease_remove (direct.lua, cached.lua); the record's GET / SET and the log's XADD are Redis
 -- commands in both forms.
@@ -35,97 +38,102 @@
 -- the sweeper, kept so that the late commit or release of a live request corrects the charge to
 -- its actual amounts, once; "c" settled.
 
--- Every window hash as hash_read gives it: whether it is new, and its values, by KEYS index.
-local function settle_read(KEYS, ARGV)
-  local num = num
-  local fresh, reads, a = {}, {}, 14
-  for w = 4, #KEYS do
-    local n = num(ARGV[a + 1])
-    fresh[w], reads[w] = hash_read(KEYS[w], ARGV, a + 2, n)
-    a = a + 2 + n
+-- Every window hash as hash_read gives it: whether it is new, and its values, by window.
+local function settle_read(plan)
+  local fresh, reads = plan.fresh, plan.reads
+  for w = 1, plan.nw do
+    fresh[w], reads[w] = hash_read(plan, w)
   end
   return fresh, reads
 end
 
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
 -- (a restart, or the window expired) gets the usage again, nothing to take back.
-local function settle_write(KEYS, ARGV, fresh, reads, used_t, used_d, res_t, res_d)
-  local num, max = num, math.max
-  local a = 14
-  for w = 4, #KEYS do
-    local n = num(ARGV[a + 1])
-    local first, vals, key = a + 2, reads[w], KEYS[w]
+local function settle_write(plan, fresh, reads, used_t, used_d, res_t, res_d)
+  local P, keys, first, n = plan.A, plan.keys, plan.first, plan.n
+  for w = 1, plan.nw do
+    local vals, key, f0 = reads[w], keys[w], first[w] - 1
     local written = false
-    for j = 1, n do
-      local t, tr, d, dr = value(vals, j)
-      if t then
-        hash_set(key, ARGV[first + j - 1], max(t + used_t, 0), max(tr - res_t, 0),
-                 max(d + used_d, 0), max(dr - res_d, 0))
+    for j = 1, n[w] do
+      local f = P[f0 + j]
+      local t, tr, d, dr = value(vals, j, f)
+      if t then                                          -- each at least 0 (math.max, inline)
+        t, tr, d, dr = t + used_t, tr - res_t, d + used_d, dr - res_d
+        if t < 0 then t = 0 end
+        if tr < 0 then tr = 0 end
+        if d < 0 then d = 0 end
+        if dr < 0 then dr = 0 end
+        hash_set(key, f, t, tr, d, dr)
         written = true
       elseif used_t > 0 or used_d > 0 then
-        hash_set(key, ARGV[first + j - 1], max(used_t, 0), 0, max(used_d, 0), 0)
+        hash_set(key, f, used_t > 0 and used_t or 0, 0, used_d > 0 and used_d or 0, 0)
         written = true
       end
     end
     if written then
       hash_commit(key)
-      if fresh[w] then hash_expire(key, ARGV[a]) end     -- a new hash (its marker "_" was absent)
+      if fresh[w] then hash_expire(key, P[plan.exp[w]]) end     -- a new hash (its marker "_" was absent)
     end
-    a = first + n
   end
 end
 
--- Amounts go to XADD as Lua numbers: Redis 7 writes integers below 2^53 exactly.
-local function settle_log(KEYS, ARGV, outcome, t, d, rec)
-  local info = rec and string.match(rec, '^[^\n]*\n([^\n]*)') or ''
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[12], '*', 'id', ARGV[1], 'o', outcome, 'ct', t, 'cd', d,
-             'u', ARGV[10], 'l', ARGV[11], 'i', info, 'w', table.concat(KEYS, ' ', 4), 'c', ARGV[13])
+-- Amounts go to XADD as given: the caller's own argument text, or a Lua number (a delta), which
+-- Redis 7 writes exactly below 2^53. The window keys are joined once per plan.
+local function settle_log(K, k, A, a, plan, outcome, t, d, info)
+  local wkeys = plan.wkeys
+  if not wkeys then
+    wkeys = table.concat(plan.keys, ' ')
+    plan.wkeys = wkeys
+  end
+  redis.call('XADD', K[k + 2], 'MAXLEN', '~', A[a + 11], '*', 'id', A[a], 'o', outcome, 'ct', t, 'cd', d,
+             'u', A[a + 9], 'l', A[a + 10], 'i', info, 'w', wkeys, 'c', plan.A[plan.rec])
 end
 
-local function settle(KEYS, ARGV)
+local function settle(K, k, A, a, plan)
   local tonumber = tonumber
-  local mode = ARGV[2]
+  local mode = A[a + 1]
 
   if mode == 'expire' then
-    local rec = redis.call('GET', KEYS[1])
+    local rec = redis.call('GET', K[k])
     if not rec then
-      lease_remove(KEYS[2], ARGV[1])                     -- forgotten: nothing left to settle
+      lease_remove(K[k + 1], A[a])                       -- forgotten: nothing left to settle
       return 0
     end
     local state, deadline, res_t, res_d, rest = string.match(rec, '^(%a) (%d+) (%d+) (%d+)(.*)$')
-    if state ~= 'r' or tonumber(deadline) > tonumber(ARGV[6]) then return 0 end
+    if state ~= 'r' or tonumber(deadline) > tonumber(A[a + 5]) then return 0 end
     res_t, res_d = tonumber(res_t), tonumber(res_d)
     local t, d = 0, 0
-    if ARGV[7] == '1' then t, d = res_t, res_d end
-    local fresh, reads = settle_read(KEYS, ARGV)
-    settle_log(KEYS, ARGV, 'expired', t, d, rec)
-    redis.call('SET', KEYS[1], 'x ' .. deadline .. ' ' .. string.format('%d %d', t, d) .. rest, 'PXAT', ARGV[8])
-    settle_write(KEYS, ARGV, fresh, reads, t, d, res_t, res_d)
-    lease_remove(KEYS[2], ARGV[1])
+    if A[a + 6] == '1' then t, d = res_t, res_d end
+    local fresh, reads = settle_read(plan)
+    settle_log(K, k, A, a, plan, 'expired', t, d, string.match(rest, '^\n([^\n]*)') or '')
+    redis.call('SET', K[k], 'x ' .. deadline .. ' ' .. string.format('%d %d', t, d) .. rest, 'PXAT', A[a + 7])
+    settle_write(plan, fresh, reads, t, d, res_t, res_d)
+    lease_remove(K[k + 1], A[a])
     return 1
   end
 
   -- commit or release: whatever the state was, the record ends settled ("c").
-  local tokens, usd = tonumber(ARGV[3]), tonumber(ARGV[4])
-  local rec = redis.call('SET', KEYS[1], 'c', 'PX', ARGV[5], 'GET')
+  local tokens, usd = tonumber(A[a + 2]), tonumber(A[a + 3])
+  local rec = redis.call('SET', K[k], 'c', 'PX', A[a + 4], 'GET')
   if not rec then                                        -- the store lost the record; usage is real
-    local fresh, reads = settle_read(KEYS, ARGV)
-    settle_log(KEYS, ARGV, ARGV[9], tokens, usd, nil)
-    settle_write(KEYS, ARGV, fresh, reads, tokens, usd, 0, 0)
+    local fresh, reads = settle_read(plan)
+    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], '')
+    settle_write(plan, fresh, reads, tokens, usd, 0, 0)
     return 1
   end
-  local state, _, res_t, res_d = string.match(rec, '^(%a) (%d+) (%d+) (%d+)')
+  -- One match: the state, the amounts reserved (or charged by the sweeper), the request.
+  local state, _, res_t, res_d, info = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\n([^\n]*)')
   if state == 'r' then
-    local fresh, reads = settle_read(KEYS, ARGV)
-    settle_log(KEYS, ARGV, ARGV[9], tokens, usd, rec)
-    settle_write(KEYS, ARGV, fresh, reads, tokens, usd, tonumber(res_t), tonumber(res_d))
-    lease_remove(KEYS[2], ARGV[1])
+    local fresh, reads = settle_read(plan)
+    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)
+    settle_write(plan, fresh, reads, tokens, usd, tonumber(res_t), tonumber(res_d))
+    lease_remove(K[k + 1], A[a])
     return 1
   elseif state == 'x' then                               -- late: correct the sweeper's charge
     local t, d = tokens - tonumber(res_t), usd - tonumber(res_d)
-    local fresh, reads = settle_read(KEYS, ARGV)
-    settle_log(KEYS, ARGV, 'corrected', t, d, rec)
-    settle_write(KEYS, ARGV, fresh, reads, t, d, 0, 0)
+    local fresh, reads = settle_read(plan)
+    settle_log(K, k, A, a, plan, 'corrected', t, d, info)
+    settle_write(plan, fresh, reads, t, d, 0, 0)
     return 1
   end
   return 0                                               -- already settled
