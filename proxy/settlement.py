@@ -8,7 +8,10 @@ answer is charged its prompt; one that cannot have reached it is released.
 
 Every settlement is claimed synchronously (so no path can settle twice, and the handler's
 last-resort `ensure_settled` knows whether one is under way) and then runs in a tracked task that
-retries while the store is unreachable: a cancelled handler never cuts a settlement short.
+retries while the store is unreachable: a cancelled handler never cuts a settlement short. On a
+store whose calls never wait (the memory store: `Ledger.inline`) it runs at once instead, to its
+end, in the handler (`Tasks.start`): no task, and nothing left to cancel or drain; if it must
+wait after all (a retry's back-off), the rest goes on in a tracked task as before.
 While open, the lease is extended every third of its length (by the task tracker's `Renewals`: one
 loop timer for every open request).
 """
@@ -33,6 +36,9 @@ from .tasks import Tasks
 log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4      # for output we could not count: English text averages about 4 characters a token
+# A whole answer larger than this is parsed for its usage in a task, after the reply went out,
+# even on an inline store: parsing a large embeddings answer must not hold the reply back.
+INLINE_BODY_BYTES = 16_384
 
 
 class Flight:
@@ -51,6 +57,8 @@ class Flight:
         self.observer = observer    # told of the commit (metrics, alerts); None in unit tests
         self.org = org
         self._settled = res is None
+        # Settlements run at once where the store never waits, else in a task (module docstring).
+        self._run = tasks.start if ledger is not None and ledger.inline else tasks.spawn
         if res is not None:
             tasks.renewals.add(self, self._first_period(res), self._renew)
 
@@ -104,13 +112,11 @@ class Flight:
     def release_soon(self, outcome: str = "released") -> None:
         """Nothing was used (the upstream was never reached, or refused before any output)."""
         if self._claim():
-            res, latency = self.res, self.latency_ms
-            self.tasks.spawn(retry.until_stored(
-                lambda: self._timed("release", self.ledger.release(res, outcome, latency)), f"release of {res.id}"))
+            self._run(self._release(outcome))
 
     def commit_soon(self, usage: pricing.Usage, outcome: str = "ok") -> None:
         if self._claim():
-            self.tasks.spawn(self._commit(usage, outcome))
+            self._run(self._commit(usage, outcome))
 
     def charge_prompt_soon(self, outcome: str = "upstream_error") -> None:
         """The upstream may have read (and will bill) the prompt, but answered nothing."""
@@ -148,9 +154,10 @@ class Flight:
             self.commit_soon(known._replace(output=estimate), ended)
 
     def settle_body(self, data: bytes) -> None:
-        """Settle from a whole response body; parsing it happens in the task, after the reply."""
+        """Settle from a whole response body: at once on an inline store when it is small, else
+        in a task, after the reply."""
         if self._claim():
-            self.tasks.spawn(self._settle_body(data))
+            (self._run if len(data) <= INLINE_BODY_BYTES else self.tasks.spawn)(self._settle_body(data))
 
     async def _settle_body(self, data: bytes) -> None:
         try:
@@ -167,14 +174,28 @@ class Flight:
         actual = Amounts(usage.total_tokens, self.model.charge(usage))
         logged = TokenCounts(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning)
         res, latency = self.res, self.latency_ms
-        stored = await retry.until_stored(
-            lambda: self._timed("commit", self.ledger.commit(res, actual, logged, outcome, latency)),
-            f"commit of {res.id}")
+        try:            # the first attempt without retry's layers (a lambda and two coroutines)
+            with metrics.Timer(metrics.STORE["commit"]):
+                await self.ledger.commit(res, actual, logged, outcome, latency)
+            stored = True
+        except StoreUnavailable as exc:
+            stored = await _retried(lambda: self._timed("commit", self.ledger.commit(res, actual, logged, outcome,
+                                                                                     latency)),
+                                    f"commit of {res.id}", exc)
         if not stored:
             metrics.JOB_FAILURES.labels("settlement").inc()
         elif self.observer is not None:
             self.observer.committed(res, actual, self.org, self.model.name, usage.prompt_tokens,
                                     usage.cached_tokens, usage.completion_tokens)
+
+    async def _release(self, outcome: str) -> None:
+        res, latency = self.res, self.latency_ms
+        try:
+            with metrics.Timer(metrics.STORE["release"]):
+                await self.ledger.release(res, outcome, latency)
+        except StoreUnavailable as exc:
+            await _retried(lambda: self._timed("release", self.ledger.release(res, outcome, latency)),
+                           f"release of {res.id}", exc)
 
     @staticmethod
     async def _timed(operation: str, call):
@@ -185,3 +206,13 @@ class Flight:
         if not self.endpoint.output or not isinstance(obj, dict):
             return 0
         return sum(self.count(t) for t in self.endpoint.output_texts(obj) if isinstance(t, str))
+
+
+async def _retried(call: Callable[[], Any], what: str, failed: StoreUnavailable) -> bool:
+    """retry.until_stored's other attempts, after a first that failed with `failed`: the same
+    count in all (the back-off starts again from its shortest once)."""
+    if retry.ATTEMPTS <= 1:
+        log.error("%s failed %d times, leaving it to lease expiry: %s", what, retry.ATTEMPTS, failed)
+        return False
+    await asyncio.sleep(retry.backoff(0))
+    return await retry.until_stored(call, what, retry.ATTEMPTS - 1)
