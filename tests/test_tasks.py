@@ -90,3 +90,74 @@ async def test_a_key_with_a_shorter_period_never_postpones_a_due_renewal():
     assert calls and calls[0] - start < 0.8 + 0.2 + 0.6
     for key in ["lease", *range(1, 26)]:
         tasks.renewals.discard(key)
+
+
+# --- Tasks.start: work run at once, a task only for what waits ------------------------------
+
+
+async def test_started_work_that_never_waits_runs_at_once_without_a_task():
+    tasks = Tasks()
+    done = []
+
+    async def work() -> None:
+        done.append(1)
+    assert tasks.start(work()) is None
+    assert done == [1] and len(tasks) == 0           # finished before start returned
+
+
+async def test_started_work_that_waits_goes_on_in_a_tracked_task_to_its_end():
+    tasks = Tasks()
+    gate = asyncio.get_running_loop().create_future()
+    steps = []
+
+    async def work() -> str:
+        steps.append("before")
+        got = await gate
+        steps.append(got)
+        await asyncio.sleep(0)                       # a bare yield too
+        steps.append("after")
+        return "result"
+    task = tasks.start(work())
+    assert steps == ["before"] and task is not None and len(tasks) == 1
+    gate.set_result("value")
+    assert await task == "result"
+    assert steps == ["before", "value", "after"] and len(tasks) == 0
+
+
+async def test_a_started_task_is_drained_at_shutdown_and_cancelled_past_the_bound():
+    tasks = Tasks()
+    cleaned = []
+
+    async def work() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cleaned.append(1)                        # the cancellation reached the work itself
+    task = tasks.start(work())
+    await tasks.drain(0.05)
+    assert task.cancelled() and cleaned == [1]
+
+
+async def test_a_failure_passed_into_started_work_can_be_handled_by_it():
+    tasks = Tasks()
+    gate = asyncio.get_running_loop().create_future()
+
+    async def work() -> str:
+        try:
+            await gate
+        except KeyError:
+            await asyncio.sleep(0)
+            return "handled"
+        return "not raised"
+    task = tasks.start(work())
+    gate.set_exception(KeyError("x"))
+    assert await task == "handled"
+
+
+async def test_started_work_that_fails_before_waiting_is_logged_not_raised(caplog):
+    tasks = Tasks()
+
+    async def work() -> None:
+        raise RuntimeError("boom")
+    assert tasks.start(work()) is None
+    assert "boom" in caplog.text and len(tasks) == 0
