@@ -31,7 +31,6 @@ from .errors import AuditIncomplete, StoreUnavailable
 from .settlement_log import OUTCOMES, Drift, RequestInfo, SettlementRecord, TokenCounts, audit, record
 from .stores import Counter, ReserveOutcome, Seen, Status, Store
 from .stores.base import Note
-from .stores.memory import MemoryStore
 from . import retry
 from .tasks import Tasks
 from .windows import WINDOWS, Window, windows_at
@@ -133,10 +132,6 @@ class Ledger:
         self._layouts: dict[tuple[Scope, ...], Layout] = {}   # for the current windows and policy
         self._layouts_for: tuple = (None, None)
         self.tasks = tasks or Tasks()   # runs undos of lost reserves; the app's, drained at shutdown
-        # The memory store's calls never wait, nor start a timeout: a settlement may run to its
-        # end in the handler instead of a task (settlement.Flight, Tasks.start). Not Redis: its
-        # reads start a timeout in whichever task runs them, which must be the settlement's own.
-        self.inline = isinstance(store, MemoryStore)
 
     def now(self) -> float:
         """The ledger's clock (epoch seconds): windows and lease deadlines are read from it."""

@@ -8,10 +8,9 @@ answer is charged its prompt; one that cannot have reached it is released.
 
 Every settlement is claimed synchronously (so no path can settle twice, and the handler's
 last-resort `ensure_settled` knows whether one is under way) and then runs in a tracked task that
-retries while the store is unreachable: a cancelled handler never cuts a settlement short. On a
-store whose calls never wait (the memory store: `Ledger.inline`) it runs at once instead, to its
-end, in the handler (`Tasks.start`): no task, and nothing left to cancel or drain; if it must
-wait after all (a retry's back-off), the rest goes on in a tracked task as before.
+retries while the store is unreachable: a cancelled handler never cuts a settlement short. (Not
+run in the handler even where the store never waits: under load that cost more CPU per request
+than the task, whose settlements run together after the loop's handlers; bench/results/hotpath-3.md.)
 While open, the lease is extended every third of its length (by the task tracker's `Renewals`: one
 loop timer for every open request).
 """
@@ -36,9 +35,6 @@ from .tasks import Tasks
 log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4      # for output we could not count: English text averages about 4 characters a token
-# A whole answer larger than this is parsed for its usage in a task, after the reply went out,
-# even on an inline store: parsing a large embeddings answer must not hold the reply back.
-INLINE_BODY_BYTES = 16_384
 
 
 class Flight:
@@ -57,8 +53,6 @@ class Flight:
         self.observer = observer    # told of the commit (metrics, alerts); None in unit tests
         self.org = org
         self._settled = res is None
-        # Settlements run at once where the store never waits, else in a task (module docstring).
-        self._run = tasks.start if ledger is not None and ledger.inline else tasks.spawn
         if res is not None:
             tasks.renewals.add(self, self._first_period(res), self._renew)
 
@@ -112,11 +106,11 @@ class Flight:
     def release_soon(self, outcome: str = "released") -> None:
         """Nothing was used (the upstream was never reached, or refused before any output)."""
         if self._claim():
-            self._run(self._release(outcome))
+            self.tasks.spawn(self._release(outcome))
 
     def commit_soon(self, usage: pricing.Usage, outcome: str = "ok") -> None:
         if self._claim():
-            self._run(self._commit(usage, outcome))
+            self.tasks.spawn(self._commit(usage, outcome))
 
     def charge_prompt_soon(self, outcome: str = "upstream_error") -> None:
         """The upstream may have read (and will bill) the prompt, but answered nothing."""
@@ -154,10 +148,9 @@ class Flight:
             self.commit_soon(known._replace(output=estimate), ended)
 
     def settle_body(self, data: bytes) -> None:
-        """Settle from a whole response body: at once on an inline store when it is small, else
-        in a task, after the reply."""
+        """Settle from a whole response body; parsing it happens in the task, after the reply."""
         if self._claim():
-            (self._run if len(data) <= INLINE_BODY_BYTES else self.tasks.spawn)(self._settle_body(data))
+            self.tasks.spawn(self._settle_body(data))
 
     async def _settle_body(self, data: bytes) -> None:
         try:

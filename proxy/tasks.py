@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +34,6 @@ class Tasks:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def start(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task | None:
-        """Run `work` now, in the caller, up to its first wait; only work that waits goes on in
-        a tracked task (as `spawn`'s would). Work that never waits (a settlement on the memory
-        store) then costs no task and no loop iteration: 1.6 -> 0.3 µs (bench/results/hotpath-3.md).
-
-        Only for work that neither starts a timeout nor asks which task it runs in before its
-        first wait (`asyncio.timeout`, redis-py's reads do): that part runs in the caller's
-        task. A failure before the first wait is logged, as a task's would be."""
-        try:
-            waiting = work.send(None)
-        except StopIteration:
-            return None
-        except Exception:       # noqa: BLE001 - what a task would keep and report
-            log.exception("background work failed")
-            return None
-        return self.spawn(_finish(_Started(work, waiting)))
-
     def pending(self) -> list[asyncio.Task]:
         return list(self._tasks)
 
@@ -68,36 +51,6 @@ class Tasks:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.wait(list(self._tasks), timeout=1)
-
-
-class _Started:
-    """A coroutine already run up to its first wait (`Tasks.start`), awaited to its end: the
-    task waits on what it was waiting on, then resumes it, as an `await` of it would."""
-
-    __slots__ = ("_coro", "_waiting")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], waiting: Any) -> None:
-        self._coro, self._waiting = coro, waiting
-
-    def __await__(self):
-        coro, waiting = self._coro, self._waiting
-        while True:
-            try:
-                value = yield waiting
-            except BaseException as exc:        # noqa: BLE001 - cancellation included: passed on
-                try:
-                    waiting = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    waiting = coro.send(value)
-                except StopIteration as stop:
-                    return stop.value
-
-
-async def _finish(started: _Started) -> Any:
-    return await started
 
 
 class Renewals:

@@ -148,61 +148,45 @@ async def test_the_first_renewal_follows_the_lease_the_reservation_holds(ledger)
     await asyncio.sleep(2.4)                  # a third of 3 s, a tick late at most, slack for a loaded machine
     assert f.res.deadline_ms > res.deadline_ms      # renewed before the 3 s lease ran out
     f.settle_body(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}')
-    if len(tasks):                            # none on the memory store: settled at once
-        await asyncio.wait(tasks.pending(), timeout=5)
+    await asyncio.wait(tasks.pending(), timeout=5)
 
 
-# --- where a settlement runs: at once on the memory store, else in a task ---------------------
+# --- a settlement's store call: the first attempt direct, the others retried -------------------
 
 USAGE_BODY = b'{"usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}'
 
 
-async def test_on_the_memory_store_a_whole_answer_is_settled_before_settle_body_returns(ledger):
-    tasks = Tasks()
-    f = await admitted(ledger, tasks)
-    f.settle_body(USAGE_BODY)
-    assert len(tasks) == 0                          # no task: nothing to drain or cancel
-    b = next(b for b in await ledger.snapshot(SCOPES)          # a memory call: no loop turn in between
-             if b.scope.type == "org" and b.window == "day" and b.unit == "tokens")
-    assert (b.used, b.reserved) == (12, 0)
-    f.settle_body(USAGE_BODY)                       # still exactly once
-    f.ensure_settled()
-    assert await org_day(ledger, tasks) == (12, 0)
-
-
-async def test_a_large_answer_is_still_parsed_in_a_task_after_the_reply(ledger):
-    tasks = Tasks()
-    f = await admitted(ledger, tasks)
-    big = b'{"data": "' + b"x" * 20_000 + b'", ' + USAGE_BODY[1:]
-    f.settle_body(big)
-    assert len(tasks) == 1                          # the handler returns first
-    assert await org_day(ledger, tasks) == (12, 0)
-
-
-async def test_a_settlement_whose_first_attempt_finds_the_store_away_is_retried_in_a_task(ledger):
+def flaky_ledger(policy, failures: int) -> Ledger:
+    """A memory store whose first `failures` commits and releases find the store away."""
     from proxy.errors import StoreUnavailable
 
     class Flaky(MemoryStore):
-        failures = 1
+        left = failures
+
+        def _away(self) -> None:
+            if self.left:
+                self.left -= 1
+                raise StoreUnavailable("down for a moment")
 
         async def commit(self, *args, **kwargs):
-            if self.failures:
-                self.failures -= 1
-                raise StoreUnavailable("down for a moment")
+            self._away()
             return await super().commit(*args, **kwargs)
-    flaky = Ledger(Flaky(), ledger.policy)
-    tasks = Tasks()
-    f = await admitted(flaky, tasks)
-    f.settle_body(USAGE_BODY)
-    assert len(tasks) == 1                          # waiting out the back-off, tracked
-    assert await org_day(flaky, tasks) == (12, 0)
+
+        async def release(self, *args, **kwargs):
+            self._away()
+            return await super().release(*args, **kwargs)
+    return Ledger(Flaky(), policy)
 
 
-async def test_only_the_memory_store_settles_in_the_handler(ledger):
-    from proxy.stores import open_store
-    assert ledger.inline
-    redis = open_store("redis://127.0.0.1:1/0")     # never contacted
-    try:
-        assert not Ledger(redis, ledger.policy).inline
-    finally:
-        await redis.close()
+@pytest.mark.parametrize("settle", ["commit", "release"])
+async def test_a_settlement_is_tried_as_often_as_retry_says_whatever_fails_first(ledger, monkeypatch, settle):
+    from proxy import retry
+    monkeypatch.setattr(retry, "backoff", lambda attempt: 0)
+    for failures, stored in ((retry.ATTEMPTS - 1, True), (retry.ATTEMPTS, False)):
+        flaky = flaky_ledger(ledger.policy, failures)
+        tasks = Tasks()
+        f = await admitted(flaky, tasks)
+        f.settle_body(USAGE_BODY) if settle == "commit" else f.release_soon()
+        await org_day(flaky, tasks)
+        assert flaky.store.left == 0
+        assert (await flaky.open_reservations() == []) is stored, (failures, stored)
