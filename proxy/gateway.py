@@ -160,7 +160,7 @@ class Gateway:
         if c.model != models[0].name:
             self.stats["downgraded"] += 1
         self.observer.admitted(res, models[0].name, c.model)
-        model = next(m for m in models if m.name == c.model)
+        model = _named(models, c.model)
         cap = c.cap if self.ledger.policy.send_cap_upstream else None
         return Admitted(self._flight(res, model, call, prompt, who),
                         budget_headers(c.model, models[0].name, res.balances), cap)
@@ -299,11 +299,17 @@ def _json_object(data: bytes) -> bool:
     return data[start:start + 1] == b"{" and data[end - 1:end] == b"}"
 
 
+def _named(models: Sequence[Model], name: str) -> Model:
+    """The candidate called `name`: nearly always the first (no generator for it, 0.4 µs)."""
+    first = models[0]
+    return first if first.name == name else next(m for m in models if m.name == name)
+
+
 def _info(call: body.ApiCall, who: auth.Caller, models: Sequence[Model], model: str) -> RequestInfo:
     """What the settlement log records of this request (kept with its reservation): the model
     name the client sent (a route or a model), the model used, and the first candidate when it
     was downgraded from it."""
     asked = models[0]
-    used = next(m for m in models if m.name == model)
+    used = _named(models, model)
     return RequestInfo(who.org, who.user, call.end_user, call.endpoint.kind, call.model, model, used.provider,
                        call.stream, asked.name if model != asked.name else None)

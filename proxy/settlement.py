@@ -8,7 +8,9 @@ answer is charged its prompt; one that cannot have reached it is released.
 
 Every settlement is claimed synchronously (so no path can settle twice, and the handler's
 last-resort `ensure_settled` knows whether one is under way) and then runs in a tracked task that
-retries while the store is unreachable: a cancelled handler never cuts a settlement short.
+retries while the store is unreachable: a cancelled handler never cuts a settlement short. (Not
+run in the handler even where the store never waits: under load that cost more CPU per request
+than the task, whose settlements run together after the loop's handlers; bench/results/hotpath-3.md.)
 While open, the lease is extended every third of its length (by the task tracker's `Renewals`: one
 loop timer for every open request).
 """
@@ -104,9 +106,7 @@ class Flight:
     def release_soon(self, outcome: str = "released") -> None:
         """Nothing was used (the upstream was never reached, or refused before any output)."""
         if self._claim():
-            res, latency = self.res, self.latency_ms
-            self.tasks.spawn(retry.until_stored(
-                lambda: self._timed("release", self.ledger.release(res, outcome, latency)), f"release of {res.id}"))
+            self.tasks.spawn(self._release(outcome))
 
     def commit_soon(self, usage: pricing.Usage, outcome: str = "ok") -> None:
         if self._claim():
@@ -167,14 +167,28 @@ class Flight:
         actual = Amounts(usage.total_tokens, self.model.charge(usage))
         logged = TokenCounts(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning)
         res, latency = self.res, self.latency_ms
-        stored = await retry.until_stored(
-            lambda: self._timed("commit", self.ledger.commit(res, actual, logged, outcome, latency)),
-            f"commit of {res.id}")
+        try:            # the first attempt without retry's layers (a lambda and two coroutines)
+            with metrics.Timer(metrics.STORE["commit"]):
+                await self.ledger.commit(res, actual, logged, outcome, latency)
+            stored = True
+        except StoreUnavailable as exc:
+            stored = await _retried(lambda: self._timed("commit", self.ledger.commit(res, actual, logged, outcome,
+                                                                                     latency)),
+                                    f"commit of {res.id}", exc)
         if not stored:
             metrics.JOB_FAILURES.labels("settlement").inc()
         elif self.observer is not None:
             self.observer.committed(res, actual, self.org, self.model.name, usage.prompt_tokens,
                                     usage.cached_tokens, usage.completion_tokens)
+
+    async def _release(self, outcome: str) -> None:
+        res, latency = self.res, self.latency_ms
+        try:
+            with metrics.Timer(metrics.STORE["release"]):
+                await self.ledger.release(res, outcome, latency)
+        except StoreUnavailable as exc:
+            await _retried(lambda: self._timed("release", self.ledger.release(res, outcome, latency)),
+                           f"release of {res.id}", exc)
 
     @staticmethod
     async def _timed(operation: str, call):
@@ -185,3 +199,13 @@ class Flight:
         if not self.endpoint.output or not isinstance(obj, dict):
             return 0
         return sum(self.count(t) for t in self.endpoint.output_texts(obj) if isinstance(t, str))
+
+
+async def _retried(call: Callable[[], Any], what: str, failed: StoreUnavailable) -> bool:
+    """retry.until_stored's other attempts, after a first that failed with `failed`: the same
+    count in all (the back-off starts again from its shortest once)."""
+    if retry.ATTEMPTS <= 1:
+        log.error("%s failed %d times, leaving it to lease expiry: %s", what, retry.ATTEMPTS, failed)
+        return False
+    await asyncio.sleep(retry.backoff(0))
+    return await retry.until_stored(call, what, retry.ATTEMPTS - 1)

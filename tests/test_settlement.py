@@ -149,3 +149,44 @@ async def test_the_first_renewal_follows_the_lease_the_reservation_holds(ledger)
     assert f.res.deadline_ms > res.deadline_ms      # renewed before the 3 s lease ran out
     f.settle_body(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}')
     await asyncio.wait(tasks.pending(), timeout=5)
+
+
+# --- a settlement's store call: the first attempt direct, the others retried -------------------
+
+USAGE_BODY = b'{"usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}'
+
+
+def flaky_ledger(policy, failures: int) -> Ledger:
+    """A memory store whose first `failures` commits and releases find the store away."""
+    from proxy.errors import StoreUnavailable
+
+    class Flaky(MemoryStore):
+        left = failures
+
+        def _away(self) -> None:
+            if self.left:
+                self.left -= 1
+                raise StoreUnavailable("down for a moment")
+
+        async def commit(self, *args, **kwargs):
+            self._away()
+            return await super().commit(*args, **kwargs)
+
+        async def release(self, *args, **kwargs):
+            self._away()
+            return await super().release(*args, **kwargs)
+    return Ledger(Flaky(), policy)
+
+
+@pytest.mark.parametrize("settle", ["commit", "release"])
+async def test_a_settlement_is_tried_as_often_as_retry_says_whatever_fails_first(ledger, monkeypatch, settle):
+    from proxy import retry
+    monkeypatch.setattr(retry, "backoff", lambda attempt: 0)
+    for failures, stored in ((retry.ATTEMPTS - 1, True), (retry.ATTEMPTS, False)):
+        flaky = flaky_ledger(ledger.policy, failures)
+        tasks = Tasks()
+        f = await admitted(flaky, tasks)
+        f.settle_body(USAGE_BODY) if settle == "commit" else f.release_soon()
+        await org_day(flaky, tasks)
+        assert flaky.store.left == 0
+        assert (await flaky.open_reservations() == []) is stored, (failures, stored)

@@ -550,3 +550,27 @@ async def test_the_json_size_of_a_body_bounds_its_text_so_a_small_one_is_never_w
     await counter.estimate("completion", small, "gpt-4o", json_bytes=tokens.INLINE_THRESHOLD_CHARS + 1)
     await counter.estimate("completion", small, "gpt-4o")
     assert walked == [small, small]
+
+
+def test_short_strings_counts_are_remembered_per_encoding_and_bounded(monkeypatch):
+    counter = TokenCounter.load()
+    o200k, cl100k = counter._encoding_for("gpt-4o"), counter._encoding_for("gpt-4")
+    calls = []
+    monkeypatch.setattr(tokens, "SHORT_COUNTS", 3)
+    exact = {enc: enc.encode_ordinary for enc in (o200k, cl100k)}
+    for enc, real in exact.items():
+        monkeypatch.setattr(enc, "encode_ordinary", lambda text, real=real: calls.append(text) or real(text))
+    text = "Say hello in one word. \u00e9\u00e8 <|endoftext|>"
+    assert counter.count(text, "gpt-4o") == len(exact[o200k](text))
+    assert counter.count(text, "gpt-4o") == len(exact[o200k](text))
+    assert calls.count(text) == 1                          # the second count was remembered
+    counter.count(text, "gpt-4")                           # another encoding: its own count
+    assert calls.count(text) == 2
+    long = "word " * 20                                    # over SHORT_CHARS: never remembered
+    counter.count(long, "gpt-4o")
+    counter.count(long, "gpt-4o")
+    assert calls.count(long) == 2
+    for word in ("a", "b", "c", "d"):                      # past SHORT_COUNTS: emptied, not grown
+        counter.count(word, "gpt-4o")
+    assert len(counter._short[o200k]) <= 3
+    assert counter.count(text, "gpt-4o") == len(exact[o200k](text))
