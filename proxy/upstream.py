@@ -80,8 +80,12 @@ class Upstreams:
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
                                          keepalive_timeout=60, enable_cleanup_closed=True)
+        # No cookie jar: one session serves every tenant, and a cookie an upstream sets on one
+        # tenant's answer (OpenAI's edge sets __cf_bm and _cfuvid) must not ride along on the
+        # next tenant's request. (The client still gets its Set-Cookie headers: passed_headers.)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent",))
+                                             skip_auto_headers=("User-Agent",),
+                                             cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self.session is not None:

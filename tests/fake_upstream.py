@@ -63,10 +63,15 @@ class FakeOpenAI:
     cached_prompt: int = 0            # chat/completions: prompt tokens reported as cached
     reported_messages: list[dict] = field(default_factory=list)   # Anthropic usage objects it reported
     stored: dict = field(default_factory=dict)                    # response id -> (response, input items)
+    cookie: str | None = None         # set on every answer (OpenAI's edge sets __cf_bm, _cfuvid)
     _ids: object = field(default_factory=itertools.count)
 
     def app(self) -> web.Application:
         app = web.Application()
+        async def set_cookie(request, response) -> None:
+            if self.cookie is not None:
+                response.headers.add("Set-Cookie", f"{self.cookie}; Path=/; HttpOnly")
+        app.on_response_prepare.append(set_cookie)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)

@@ -7,6 +7,7 @@ what the upstream reported (tests that cut a stream check their estimate instead
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 
@@ -44,6 +45,22 @@ async def test_plain_chat_is_proxied_and_charged_what_upstream_reported(proxy):
     seen = proxy.fake.seen[0]
     assert seen.headers["Authorization"] == "Bearer sk-upstream-test"      # never the client's key
     assert harness.CLIENT_KEY not in json.dumps(seen.headers)
+
+
+async def test_an_upstream_cookie_never_rides_on_another_request(proxy):
+    # One upstream session serves every tenant: a cookie set on one answer is not sent back. The
+    # upstream is named by host name (aiohttp's jar ignores cookies of bare IP addresses).
+    gateway = proxy.gateway
+    openai_ = gateway.config.providers["openai"]
+    local = openai_.base_url.replace("127.0.0.1", "localhost")
+    gateway.reconfigure(dataclasses.replace(gateway.config, providers={
+        **gateway.config.providers, "openai": dataclasses.replace(openai_, base_url=local)}))
+    proxy.fake.cookie = "__cf_bm=tenant-a-edge-session"
+    client = proxy.client()
+    for _ in range(2):
+        await client.chat.completions.create(model="gpt-4o", messages=MSGS)
+    assert len(proxy.fake.seen) == 2
+    assert [s.headers.get("Cookie") for s in proxy.fake.seen] == [None, None]
 
 
 async def stream_chunks(client, **kw):
