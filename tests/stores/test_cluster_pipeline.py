@@ -176,6 +176,15 @@ async def test_moved_slots_patch_the_map_without_closing_the_connections_in_use(
     await store.close()
 
 
+def only_the_victim_s_calls_failed(out: list, homes: dict, victim) -> None:
+    """The calls of orgs homed on `victim` failed with StoreUnavailable; every other org's stood."""
+    for org, res in zip(ORGS, out):
+        if homes[org] == victim:
+            assert isinstance(res, StoreUnavailable), (org, res)
+        else:
+            assert res.status is Status.ADMITTED, (org, res)
+
+
 async def test_a_node_killed_mid_flush_fails_its_calls_and_not_the_other_nodes(own_cluster, monkeypatch):
     store = open_store(own_cluster.url)
     await open_for(store, ORGS)                     # connections pooled on every node
@@ -200,11 +209,7 @@ async def test_a_node_killed_mid_flush_fails_its_calls_and_not_the_other_nodes(o
         out = await queued(store, [lambda org=org: store.reserve(f"after-{round_}-{org}", plan(org), 10, 1, NOW_MS, False)
                                    for org in ORGS], tenants=())
         assert killed
-        for org, res in zip(ORGS, out):
-            if homes[org] == victim:
-                assert isinstance(res, StoreUnavailable), (org, res)
-            else:
-                assert res.status is Status.ADMITTED, (org, res)
+        only_the_victim_s_calls_failed(out, homes, victim)
     await store.close()
 
 
@@ -237,11 +242,7 @@ async def test_a_reply_lost_after_the_write_fails_its_calls_and_is_not_sent_agai
     # Every call of that write lost its reply: each fails (its caller undoes it by id), none is
     # sent again (a resend would answer DUPLICATE for a reserve that ran); other nodes' stand.
     assert carried == [victim]
-    for org, res in zip(ORGS, out):
-        if homes[org] == victim:
-            assert isinstance(res, StoreUnavailable), (org, res)
-        else:
-            assert res.status is Status.ADMITTED, (org, res)
+    only_the_victim_s_calls_failed(out, homes, victim)
     await store.close()
 
 
