@@ -258,3 +258,41 @@ def test_the_flusher_does_nothing_in_one_process():
     assert not metrics.MULTIPROCESS
     stop = asyncio.Event()
     assert asyncio.run(asyncio.wait_for(metrics.flusher(stop), 1)) is None
+
+
+STOPPING_WORKER = """
+import asyncio, os, sys
+from proxy import metrics
+from proxy.app import TASKS
+from proxy.tokens import TokenCounter
+from tests import harness
+
+async def main():
+    h = await harness.start("memory://", {"defaults": {"org": {"day": {"tokens": 1000}}}}, TokenCounter.load())
+    tasks = h.proxy.app[TASKS]
+
+    async def settling():                # a settlement still running when the worker stops
+        await tasks.closing.wait()       # set by the drain, after the background jobs stopped
+        metrics.requests("/v1/chat/completions", "200").inc(5)
+    tasks.spawn(settling())
+    await h.proxy.close()                # cleanup: the flusher's last round, then the drain
+    await h.upstream.close()
+    sys.stdout.write("stopped")
+    sys.stdout.flush()
+    os._exit(0)                          # as a forked worker ends: no atexit
+
+asyncio.run(main())
+"""
+
+
+def test_what_the_shutdown_drain_counts_reaches_the_metrics_dir(tmp_path, monkeypatch):
+    # A worker's flusher writes its last round when the background jobs stop, before the
+    # settlements still running are drained; what those count must still reach the files (the
+    # app's last cleanup step), since a forked worker ends with os._exit (no atexit).
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", STOPPING_WORKER], env=env, check=True, timeout=120,
+                         capture_output=True, text=True)
+    assert run.stdout == "stopped", run.stderr
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    got = samples(metrics.render().decode())
+    assert requests_total(got, "/v1/chat/completions", "200") == 5
