@@ -145,7 +145,16 @@ class Direct(_Coalescer):
     slot: never CROSSSLOT), and a round trip's script calls go out per node: each node's calls
     as one pipelined write on one of its connections, the nodes at once. With many orgs a flush
     is many single-org calls; one exchange per node pays redis-py's per-call cost and a round
-    trip once per node instead of once per call. GatedCluster bounds the connections in use."""
+    trip once per node instead of once per call. GatedCluster bounds the connections in use.
+
+    The plain in-flight rule (FLUSH_BELOW = MAX_IN_FLIGHT), not the single store's "one batch out
+    under load": a flush answers its callers when every node's exchange has ended, so with one
+    frozen node (a partition, a paused VM, before failover) a rule that holds every new call
+    behind the batch out held every org's calls for the frozen node's timeouts (up to 20 s,
+    bench/frozen_node.py); with the plain rule, calls made meanwhile go at once while fewer than
+    MAX_IN_FLIGHT are out (tests/stores/test_cluster_pipeline.py, the frozen-node test)."""
+
+    FLUSH_BELOW = _Coalescer.MAX_IN_FLIGHT
 
     def __init__(self, client: RedisCluster, tasks, batch, kinds) -> None:
         super().__init__(client, tasks, batch, kinds, group=tenant_of)
@@ -163,9 +172,12 @@ class Direct(_Coalescer):
         command the map sent to the wrong node (a redirection or CLUSTERDOWN reply: it did not
         run) or that could not be sent (no connection) goes again through execute_command,
         which follows redirections, refreshes the map and retries. A command whose reply was
-        lost (the connection failed after the write) may have run: it is not resent but fails
-        with that error (StoreUnavailable to its caller), as on the single-node store, whose
-        callers undo a lost reserve by id and retry a lost settle (idempotent by id)."""
+        lost (the connection failed after the write) may have run: in a node's exchange it is
+        not resent but fails with that error (StoreUnavailable to its caller), as on the
+        single-node store, whose callers undo a lost reserve by id and retry a lost settle
+        (idempotent by id). A command sent through execute_command (the cases above, and every
+        command while the client re-learns its slot map) is resent by redis-py's own retry after
+        a timeout; still exact: a reserve that ran answers DUPLICATE, a settle that ran 0."""
         replies: list = [None] * len(commands)
         again: list[int] = []
         if self._r._initialize:         # redis-py dropped its slot map (a failed node): rebuild first

@@ -114,7 +114,9 @@ class _Coalescer:
     # never wait for each other (bench/results/lua-percall.md: a flat cap of 2 cost throughput
     # at 4 concurrent requests, which then waited for each other in batches of two). The price:
     # under load, a round trip that hangs holds the queue until its socket timeout (1 s), where
-    # 3 other round trips could go on before.
+    # 3 other round trips could go on before. FLUSH_BELOW = MAX_IN_FLIGHT is the plain rule (a
+    # call goes at once while fewer than MAX_IN_FLIGHT are out, nothing waits otherwise): the
+    # cluster's, where one frozen node must not hold every org's calls (cluster_client.Direct).
     FLUSH_BELOW = 2
     MAX_BATCH = 64          # sub-calls per batch script call: bounds how long one call holds Redis
 
@@ -136,7 +138,8 @@ class _Coalescer:
         batch sends it once, later calls of the batch name the first that carried it. An
         `alone` call (its counters name one twice, `Wire.alone`) goes out at once, as its own
         script, never in a batch."""
-        if alone or (self._in_flight < self.MAX_IN_FLIGHT and not self._queue and not self._batches):
+        loaded = self.FLUSH_BELOW < self.MAX_IN_FLIGHT and (self._queue or self._batches)
+        if alone or (self._in_flight < self.MAX_IN_FLIGHT and not loaded):
             self._in_flight += 1
             try:
                 return await self._one(script, keys, [*args, *tail] if tail else args)
