@@ -1,6 +1,7 @@
 """A frozen cluster primary (SIGSTOP: a partition or a paused VM, before a failover): how the
-orgs on the OTHER nodes fare. Review tool for tests/stores/test_cluster_pipeline.py's xfail
-`test_a_frozen_node_does_not_hold_the_calls_of_orgs_on_other_nodes`.
+orgs on the OTHER nodes fare (bench/results/cluster-frozen.md); under load, what
+tests/stores/test_cluster_pipeline.py's `test_a_frozen_node_does_not_hold_the_calls_of_orgs_on_other_nodes`
+checks for one call.
 
     PYTHONPATH=TREE python bench/frozen_node.py LABEL       # run from TREE, for each tree to compare
 
