@@ -90,6 +90,19 @@ def test_every_metric_is_prefixed_and_documented_in_the_readme():
         "budget_proxy_upstream_seconds", "budget_proxy_background_failures", "budget_proxy_alerts"}
 
 
+def counted_by(tmp_path, monkeypatch, code: str, *argvs: tuple[str, ...], says: str | None = None) -> dict:
+    """Run `code` as worker processes in multiprocess mode (one per argv, or one), each ending by
+    writing `says` when given; then the samples a scrape in this process reads from their files."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for argv in argvs or ((),):
+        run = subprocess.run([sys.executable, "-c", code, *argv], env=env, check=True, timeout=120,
+                             capture_output=True, text=True)
+        if says is not None:
+            assert run.stdout == says, run.stderr
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    return samples(metrics.render().decode())
+
+
 WORKER = """
 import sys
 from proxy import metrics, pricing
@@ -100,11 +113,7 @@ metrics.SPEND_USD.labels("acme", "gpt-4o").inc(float(sys.argv[1]) / 100)
 
 
 def test_several_worker_processes_are_summed_in_multiprocess_mode(tmp_path, monkeypatch):
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    for n in ("3", "4"):
-        subprocess.run([sys.executable, "-c", WORKER, n], env=env, check=True, timeout=60)
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    got = samples(metrics.render().decode())
+    got = counted_by(tmp_path, monkeypatch, WORKER, ("3",), ("4",))
     assert got[("budget_proxy_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))] == 7
     assert abs(got[("budget_proxy_spend_usd_total", (("model", "gpt-4o"), ("org", "acme")))] - 0.07) < 1e-9
 
@@ -211,10 +220,7 @@ metrics.upstream("openai").observe(0.3)
 def test_a_worker_s_hook_counts_reach_the_metrics_dir_without_a_scrape_of_its_own(tmp_path, monkeypatch):
     # With several workers, a scrape answered by one reads the others' files: what the per-request
     # hooks count must get there without a scrape of the counting process (here: at its exit).
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    subprocess.run([sys.executable, "-c", HOOKS], env=env, check=True, timeout=60)
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    got = samples(metrics.render().decode())
+    got = counted_by(tmp_path, monkeypatch, HOOKS)
     assert requests_total(got, "/v1/chat/completions", "200") == 1
     assert value(got, "budget_proxy_reservations_total", outcome="admitted") == 2
     assert value(got, "budget_proxy_store_seconds_count", operation="reserve") == 1
@@ -243,12 +249,7 @@ asyncio.run(main())
 
 def test_a_live_worker_s_counts_reach_the_metrics_dir_within_a_flush_period(tmp_path, monkeypatch):
     # A running worker never exits between scrapes: its flusher job must write its tallies on its own.
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-c", LIVE_WORKER], env=env, check=True, timeout=60,
-                         capture_output=True, text=True)
-    assert run.stdout == "counted"
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    got = samples(metrics.render().decode())
+    got = counted_by(tmp_path, monkeypatch, LIVE_WORKER, says="counted")
     assert requests_total(got, "/v1/chat/completions", "200") == 3
     assert value(got, "budget_proxy_upstream_seconds_sum", provider="openai") == 0.3
 
@@ -289,10 +290,5 @@ def test_what_the_shutdown_drain_counts_reaches_the_metrics_dir(tmp_path, monkey
     # A worker's flusher writes its last round when the background jobs stop, before the
     # settlements still running are drained; what those count must still reach the files (the
     # app's last cleanup step), since a forked worker ends with os._exit (no atexit).
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-c", STOPPING_WORKER], env=env, check=True, timeout=120,
-                         capture_output=True, text=True)
-    assert run.stdout == "stopped", run.stderr
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    got = samples(metrics.render().decode())
+    got = counted_by(tmp_path, monkeypatch, STOPPING_WORKER, says="stopped")
     assert requests_total(got, "/v1/chat/completions", "200") == 5
