@@ -25,6 +25,28 @@ class StoreUnavailable(BudgetProxyError):
     """The budget store could not be reached or answered with an error."""
 
 
+class UpstreamIOError(BudgetProxyError):
+    """The exchange with an upstream provider broke off (proxy/http1.py). The gateway turns it
+    into a 502/504 (`UpstreamFailed`) and decides what is charged by which kind it is."""
+
+
+class UpstreamUnsent(UpstreamIOError):
+    """The request never left: no connection (refused, DNS, TLS handshake). Nothing to charge."""
+
+
+class UpstreamConnectTimeout(UpstreamUnsent, TimeoutError):
+    """Connecting took longer than the provider's connect_timeout; the request never left."""
+
+
+class UpstreamBroken(UpstreamIOError):
+    """The request was sent and the answer broke off or cannot be read: the upstream may have
+    received the prompt and may bill it."""
+
+
+class UpstreamTimeout(UpstreamBroken, TimeoutError):
+    """No byte from the upstream for the provider's read_timeout, after the request was sent."""
+
+
 class ApiError(BudgetProxyError):
     """An error answered to the client in OpenAI's error shape."""
 

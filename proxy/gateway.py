@@ -20,18 +20,18 @@ import time
 from collections import Counter
 from typing import NamedTuple, Sequence
 
-import aiohttp
 from aiohttp import web
 
 from . import auth, body, metrics, planner
 from .config import Config, Model
 from .endpoints import ENDPOINTS, models_for
-from .errors import ServiceUnavailable, StoreUnavailable, UpstreamFailed
+from .errors import ServiceUnavailable, StoreUnavailable, UpstreamFailed, UpstreamIOError, UpstreamUnsent
 from .ledger import Ledger, Refusal, RequestInfo, Reservation
 from .observer import Observer
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
 from .tasks import Tasks
+from .http1 import Response as Answer
 from .upstream import Upstreams, check_credentials, passed_headers, redacted, unreachable
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,10 @@ class Gateway:
             with metrics.Timer(metrics.upstream(model.provider)):
                 up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None,
                                                request.headers)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectionRefusedError) as exc:
+        except UpstreamUnsent as exc:
             flight.release_soon("upstream_error")   # never reached the upstream: nothing to pay
             raise unreachable(model.provider, exc) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except UpstreamIOError as exc:
             flight.charge_prompt_soon()
             raise unreachable(model.provider, exc) from None
         try:
@@ -223,15 +223,15 @@ class Gateway:
         provider = flight.model.provider
         try:
             data = await up.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except UpstreamIOError as exc:
             raise unreachable(provider, exc) from None
         check_credentials(provider, up.status)
         return web.Response(status=up.status, body=redacted(self.upstreams.routes[provider], data), headers=headers)
 
-    async def _whole(self, up: aiohttp.ClientResponse, headers, flight: Flight) -> web.Response:
+    async def _whole(self, up: Answer, headers, flight: Flight) -> web.Response:
         try:
             data = await up.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except UpstreamIOError as exc:
             flight.charge_prompt_soon()
             raise unreachable(flight.model.provider, exc) from None
         if not _json_object(data):
@@ -247,12 +247,12 @@ class Gateway:
         flight.settle_body(data)
         return web.Response(status=up.status, body=data, headers=headers)
 
-    async def _stream(self, request: web.Request, up: aiohttp.ClientResponse, headers, flight: Flight,
+    async def _stream(self, request: web.Request, up: Answer, headers, flight: Flight,
                       tap) -> web.StreamResponse:
         resp = web.StreamResponse(status=up.status, headers=headers)
         try:
             await resp.prepare(request)
-            async for chunk in up.content.iter_any():
+            async for chunk in up.iter_any():
                 await _write(resp, tap.feed(chunk))
             await _write(resp, tap.close())
             await resp.write_eof()
@@ -261,7 +261,7 @@ class Gateway:
             self.stats["client_disconnects"] += 1
             flight.settle_stream(tap, "client_gone")
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (UpstreamIOError, ConnectionError) as exc:
             # Either side broke: the client (a write failed) or the upstream (a read failed).
             client_gone = request.transport is None or request.transport.is_closing()
             up.close()

@@ -16,28 +16,27 @@ the proxy's upstream credentials becomes a 502 of our own.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
 
-import aiohttp
 from aiohttp import web
 
 from . import auth, body
 from .config import Config
 from .endpoints import ENDPOINTS, models_for
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, NotFound, UpstreamIOError
+from .http1 import Response as Answer
 from .upstream import Upstreams, check_credentials, passed_headers, redacted, unreachable
 
 log = logging.getLogger(__name__)
 _RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
 
-async def _relay(up: aiohttp.ClientResponse, upstreams: Upstreams, provider: str) -> web.Response:
+async def _relay(up: Answer, upstreams: Upstreams, provider: str) -> web.Response:
     try:
         data = await up.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except UpstreamIOError as exc:
         raise unreachable(provider, exc) from None
     check_credentials(provider, up.status)
     if up.status >= 400:
@@ -46,10 +45,10 @@ async def _relay(up: aiohttp.ClientResponse, upstreams: Upstreams, provider: str
 
 
 async def _call(upstreams: Upstreams, method: str, provider: str, path: str, payload: bytes | None,
-                request: web.Request) -> aiohttp.ClientResponse:
+                request: web.Request) -> Answer:
     try:
         return await upstreams.request(method, provider, path, payload, request.headers)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except UpstreamIOError as exc:
         raise unreachable(provider, exc) from None
 
 

@@ -1,9 +1,11 @@
-"""Talking to upstream providers: one pooled client session, per-provider headers and timeouts.
+"""Talking to upstream providers: one pooled HTTP/1.1 client, per-provider heads and timeouts.
 
-Everything per provider (URL prefix, auth header, timeouts) is computed once at start-up. The
-upstream key is read from the environment variable the config names, once; the client's own key
-is never forwarded. We ask upstream for identity encoding so the bytes we stream are the bytes
-we parse (the client still gets them untouched).
+Everything per provider (URLs, auth header, timeouts) is computed once at start-up, down to the
+bytes of each endpoint's request head: per request only a Content-Length (and a forwarded
+`anthropic-beta`) is added (proxy/http1.py says why the proxy has its own client). The upstream
+key is read from the environment variable the config names, once; the client's own key is never
+forwarded. We ask upstream for identity encoding so the bytes we stream are the bytes we parse
+(the client still gets them untouched).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-import aiohttp
 from multidict import CIMultiDict
 
+from . import http1
 from .config import Config, Provider
 from .endpoints import ENDPOINTS, Endpoint
 from .errors import UpstreamFailed
@@ -34,16 +36,21 @@ _API_PREFIX = {"openai": "", "anthropic": "/v1"}
 # Request headers a client may send on to the upstream: Anthropic's opt-in to beta features
 # (e.g. extended cache TTLs); the proxy sets everything else itself.
 FORWARDED = ("anthropic-beta",)
+SSE = "text/event-stream"
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     urls: Mapping[str, str]            # endpoint kind -> full URL, for the endpoints this API serves
     root: str                          # the API's URL prefix, for pass-through paths below /v1
-    headers: Mapping[str, str]
-    timeout: aiohttp.ClientTimeout
+    headers: Mapping[str, str] = field(repr=False)
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0
     key: str | None = field(default=None, repr=False)    # to redact it from relayed errors
     cap_fields: Mapping[str, str] = field(default_factory=dict)   # endpoint kind -> where a completion cap goes
+    targets: Mapping[str, http1.Url] = field(default_factory=dict)  # endpoint kind -> its URL, split
+    # (endpoint kind, Accept or None) -> the request's head, auth included: never in a repr
+    heads: Mapping[tuple[str, str | None], bytes] = field(default_factory=dict, repr=False)
 
 
 def _auth(p: Provider) -> dict[str, str]:
@@ -63,55 +70,64 @@ def _route(p: Provider) -> Route:
     urls = {kind: root + e.path for kind, e in ENDPOINTS.items() if e.api == p.kind}
     caps = {kind: p.chat_max_tokens_field if kind == "chat" else e.cap_field
             for kind, e in ENDPOINTS.items() if e.api == p.kind and e.cap_field}
-    return Route(MappingProxyType(urls), root, MappingProxyType(headers),
-                 aiohttp.ClientTimeout(total=None, sock_connect=p.connect_timeout, sock_read=p.read_timeout),
-                 p.api_key, MappingProxyType(caps))
+    targets = {kind: http1.Url.parse(url) for kind, url in urls.items()}
+    heads = {(kind, accept): url.head("POST", {**headers, "Accept": accept} if accept else headers)
+             for kind, url in targets.items() for accept in (None, SSE)}
+    return Route(MappingProxyType(urls), root, MappingProxyType(headers), p.connect_timeout, p.read_timeout,
+                 p.api_key, MappingProxyType(caps), MappingProxyType(targets), MappingProxyType(heads))
 
 
 class Upstreams:
     def __init__(self, config: Config) -> None:
         self.routes = {name: _route(p) for name, p in config.providers.items()}
-        self.session: aiohttp.ClientSession | None = None
+        self.client: http1.Client | None = None
 
     def reconfigure(self, config: Config) -> None:
         """New providers (a reloaded config): swapped whole; pooled connections are kept."""
         self.routes = {name: _route(p) for name, p in config.providers.items()}
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
-                                         keepalive_timeout=60, enable_cleanup_closed=True)
-        # No cookie jar: one session serves every tenant, and a cookie an upstream sets on one
-        # tenant's answer (OpenAI's edge sets __cf_bm and _cfuvid) must not ride along on the
-        # next tenant's request. (The client still gets its Set-Cookie headers: passed_headers.)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent",),
-                                             cookie_jar=aiohttp.DummyCookieJar())
+        # One pool for every tenant. It keeps no cookies: a cookie an upstream sets on one
+        # tenant's answer (OpenAI's edge sets __cf_bm and _cfuvid) must never ride along on the
+        # next tenant's request (the client still gets its Set-Cookie headers: passed_headers).
+        self.client = http1.Client(keepalive=60)
+        self.client.tls()                  # the CA file read now, not on the first https request
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.client is not None:
+            await self.client.close()
 
-    def post(self, provider: str, endpoint: Endpoint, payload: bytes, accept: str | None,
-             client_headers: Mapping[str, str] | None = None):
+    async def post(self, provider: str, endpoint: Endpoint, payload: bytes, accept: str | None,
+                   client_headers: Mapping[str, str] | None = None) -> http1.Response:
         route = self.routes[provider]
-        headers = _headers(route, accept, client_headers)
-        assert self.session is not None
-        return self.session.post(route.urls[endpoint.kind], data=payload, headers=headers, timeout=route.timeout)
+        head = route.heads[endpoint.kind, accept]
+        if client_headers:
+            head += _forwarded(client_headers)
+        assert self.client is not None
+        return await self.client.send(route.targets[endpoint.kind], head, payload, route.connect_timeout,
+                                      route.read_timeout)
 
-    def request(self, method: str, provider: str, path: str, payload: bytes | None,
-                client_headers: Mapping[str, str] | None = None):
+    async def request(self, method: str, provider: str, path: str, payload: bytes | None,
+                      client_headers: Mapping[str, str] | None = None) -> http1.Response:
         """A pass-through call to `path` below the provider's API root (e.g. /responses/ID)."""
         route = self.routes[provider]
-        assert self.session is not None
-        return self.session.request(method, route.root + path, data=payload,
-                                    headers=_headers(route, None, client_headers), timeout=route.timeout)
+        url = http1.Url.parse(route.root + path)
+        head = url.head(method, route.headers) + (_forwarded(client_headers) if client_headers else b"")
+        assert self.client is not None
+        return await self.client.send(url, head, payload, route.connect_timeout, route.read_timeout)
 
 
-def _headers(route: Route, accept: str | None, client: Mapping[str, str] | None) -> Mapping[str, str]:
-    extra = {name: client[name] for name in FORWARDED if name in client} if client else {}
-    if accept is not None:
-        extra["Accept"] = accept
-    return {**route.headers, **extra} if extra else route.headers
+def _forwarded(client: Mapping[str, str]) -> bytes:
+    """The client's headers that go on to the upstream (FORWARDED), as header lines."""
+    lines = b""
+    for name in FORWARDED:
+        value = client.get(name)
+        if value is not None:
+            try:
+                lines += http1.header_line(name, value)
+            except ValueError:       # aiohttp's parser refuses these already; never sent on
+                log.warning("a client's %s header holds a control character; not forwarded", name)
+    return lines
 
 
 def redacted(route: Route, data: bytes) -> bytes:
@@ -120,10 +136,10 @@ def redacted(route: Route, data: bytes) -> bytes:
     return data.replace(key.encode(), b"[redacted]") if key and key.encode() in data else data
 
 
-def passed_headers(resp: aiohttp.ClientResponse) -> CIMultiDict:
+def passed_headers(resp: http1.Response) -> CIMultiDict:
     out: CIMultiDict = CIMultiDict()
     passes = _passes
-    for name, value in resp.headers.items():
+    for name, value in resp.headers:
         keep = passes.get(name)
         if keep is None:
             keep = _decide(name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proxy import config
-from proxy.upstream import Route, _headers, _route, redacted
+from proxy.upstream import SSE, Route, _forwarded, _route, redacted
 
 ENV = {"OAI": "sk-openai", "ANT": "sk-ant-secret"}
 CFG = config.parse({
@@ -30,17 +30,30 @@ def test_an_anthropic_provider_gets_its_key_as_x_api_key_and_its_version():
     assert "Authorization" not in r.headers
 
 
-def test_only_anthropic_beta_is_forwarded_from_the_client():
+def test_each_endpoint_has_its_request_head_built_at_start_up():
     r = _route(CFG.providers["ant"])
+    head = r.heads["messages", SSE].decode()
+    lines = head.split("\r\n")
+    assert lines[0] == "POST /v1/messages HTTP/1.1" and lines[1] == "Host: api.anthropic.com"
+    assert {"x-api-key: sk-ant-secret", "anthropic-version: 2024-01-01", "Accept: text/event-stream",
+            "Accept-Encoding: identity", "Content-Type: application/json"} <= set(lines)
+    assert head.endswith("\r\n") and not head.endswith("\r\n\r\n")   # Content-Length follows
+    assert "Accept:" not in r.heads["messages", None].decode()
+    assert "sk-ant-secret" not in repr(r)
+
+
+def test_only_anthropic_beta_is_forwarded_from_the_client():
     client = {"anthropic-beta": "x", "x-api-key": "proxy-key", "Authorization": "Bearer proxy-key"}
-    sent = _headers(r, "text/event-stream", client)
-    assert sent["anthropic-beta"] == "x" and sent["Accept"] == "text/event-stream"
-    assert sent["x-api-key"] == "sk-ant-secret" and "Authorization" not in sent
-    assert _headers(r, None, {}) is r.headers           # nothing to add: no copy per request
+    assert _forwarded(client) == b"anthropic-beta: x\r\n"
+    assert _forwarded({"Authorization": "Bearer proxy-key"}) == b""
+
+
+def test_a_forwarded_value_cannot_add_headers_of_its_own():
+    assert _forwarded({"anthropic-beta": "x\r\nx-api-key: mine"}) == b""
 
 
 def test_the_proxy_key_is_redacted_from_relayed_errors():
-    r = Route({}, "", {}, None, key="sk-ant-secret")
+    r = Route({}, "", {}, key="sk-ant-secret")
     assert redacted(r, b'{"message": "bad key sk-ant-secret"}') == b'{"message": "bad key [redacted]"}'
 
 
@@ -56,7 +69,7 @@ def test_only_the_headers_a_client_relies_on_are_passed_on_whatever_their_case()
         ("openai-processing-ms", "10"), ("x-ratelimit-remaining-tokens", "99"), ("X-RateLimit-Reset", "1s"),
         ("anthropic-ratelimit-requests-limit", "5"), ("x-ratelimiter", "no"), ("retry-after", "3")]))
     for _ in range(2):                                   # the second time from the decisions made the first
-        out = passed_headers(SimpleNamespace(headers=got))
+        out = passed_headers(SimpleNamespace(headers=list(got.items())))
         assert list(out.items()) == [
             ("Content-Type", "application/json"), ("x-request-id", "req_1"), ("X-Request-ID", "req_2"),
             ("openai-processing-ms", "10"), ("x-ratelimit-remaining-tokens", "99"), ("X-RateLimit-Reset", "1s"),
