@@ -114,12 +114,16 @@ class Client:
         else:
             head += b"\r\n"
         transport = conn.transport
-        if length and length < 16384:
-            transport.write(head + body)            # one segment for the usual small JSON body
-        elif length:
-            transport.writelines((head, body))
-        else:
-            transport.write(head)
+        try:
+            if length and length < 16384:
+                transport.write(head + body)        # one segment for the usual small JSON body
+            elif length:
+                transport.writelines((head, body))
+            else:
+                transport.write(head)
+        except (OSError, RuntimeError) as exc:      # part of it may have left
+            resp.close()
+            raise UpstreamBroken(f"sending the request failed: {type(exc).__name__}") from None
         resp._arm()
         try:
             return await resp._head_ready()
@@ -420,6 +424,9 @@ class Response:
         except UpstreamBroken as exc:
             self._fail(exc)
             return
+        except Exception as exc:         # a parser bug must still end the answer, not the loop
+            self._fail(UpstreamBroken(f"the upstream's answer could not be read: {type(exc).__name__}"))
+            return
         if self._pieces or self._state != _HEAD:
             self._wake()
 
@@ -454,16 +461,21 @@ class Response:
         """Collect the status line and headers; on the blank line that ends them, read them and
         return the bytes after it (the body's first), else None."""
         buf = self._buf
-        start = max(0, len(buf) - 3)
-        buf += data
-        end = buf.find(b"\r\n\r\n", start)
-        if end < 0:
-            if len(buf) > MAX_HEAD:
-                raise UpstreamBroken("the answer's headers are too large")
-            return None
-        head = bytes(buf[:end])
-        rest = bytes(buf[end + 4:])
-        buf.clear()
+        if not buf and (end := data.find(b"\r\n\r\n")) >= 0:
+            head, rest = data[:end], data[end + 4:]      # the usual case: a head in one read
+        else:
+            start = max(0, len(buf) - 3)
+            buf += data
+            end = buf.find(b"\r\n\r\n", start)
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise UpstreamBroken("the answer's headers are too large")
+                return None
+            head = bytes(buf[:end])
+            rest = bytes(buf[end + 4:])
+            buf.clear()
+        if end > MAX_HEAD:
+            raise UpstreamBroken("the answer's headers are too large")
         self._read_head(head)
         if self._state == _HEAD:         # a 1xx answer: the real one follows
             return self._parse_head(rest) if rest else None
