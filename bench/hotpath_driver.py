@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -40,6 +41,14 @@ ANSWER = json.dumps({
     "usage": {"prompt_tokens": 13, "completion_tokens": 2, "total_tokens": 15}}, separators=(",", ":")).encode()
 
 
+class _Pairs(list):
+    def items(self):
+        return self
+
+
+_HTTP1 = False      # set by _drive: does the checkout under test have proxy/http1.py?
+
+
 class _Answer:
     """What the gateway reads of an upstream response."""
     status = 200
@@ -47,9 +56,10 @@ class _Answer:
 
     def __init__(self) -> None:
         from multidict import CIMultiDict, CIMultiDictProxy
-        self.headers = CIMultiDictProxy(CIMultiDict({
-            "Content-Type": "application/json", "Content-Length": str(len(ANSWER)),
-            "Date": "Sun, 29 Nov 2026 02:00:00 GMT", "Server": "fast"}))
+        pairs = [("Content-Type", "application/json"), ("Content-Length", str(len(ANSWER))),
+                 ("Date", "Sun, 29 Nov 2026 02:00:00 GMT"), ("Server", "fast")]
+        # proxy/http1.py's answers hold (name, value) pairs; aiohttp's (older trees) a multidict
+        self.headers = _Pairs(pairs) if _HTTP1 else CIMultiDictProxy(CIMultiDict(pairs))
 
     async def read(self) -> bytes:
         return ANSWER
@@ -70,6 +80,8 @@ async def _drive(requests: int, rounds: int) -> list[float]:
     from aiohttp.test_utils import make_mocked_request
 
     from proxy import app as app_mod
+    global _HTTP1
+    _HTTP1 = importlib.util.find_spec("proxy.http1") is not None
     sys.path.insert(0, HERE)
     import proxy_bench as pb
     tmp = tempfile.mkdtemp(prefix="bp-driver-")

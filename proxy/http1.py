@@ -35,6 +35,7 @@ MAX_LINE = 4 * 1024             # a chunk-size or trailer line
 PAUSE_AT = 256 * 1024           # unread body bytes at which the socket stops being read ...
 RESUME_AT = 64 * 1024           # ... and below which it is read again
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_CHUNK = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")       # a chunk's size line without extensions
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _NO_BODY = frozenset({204, 304})
 _UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")     # in a header or on the request line
@@ -541,6 +542,17 @@ class Response:
         i, n = 0, len(data)
         state = self._state
         while i < n:
+            if state == _SIZE and not self._buf:
+                # The usual case, a whole chunk in this read: one match for its size line, one
+                # slice for its data. Anything else (split, extensions) takes the general path.
+                m = _CHUNK.match(data, i)
+                if m is not None:
+                    start = m.end()
+                    end = start + int(m.group(1), 16)
+                    if start < end and data[end:end + 2] == b"\r\n":
+                        self._body(data[start:end])
+                        i = end + 2
+                        continue
             if state == _DATA:
                 take = min(self._left, n - i)
                 self._body(data if take == n else data[i:i + take])
