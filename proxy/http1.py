@@ -387,6 +387,9 @@ class Response:
         self.conn = None
         if conn is not None:
             conn.response = None
+            if self._paused:             # the read that paused a slow reader also ended the answer
+                self._paused = False
+                conn.transport.resume_reading()
             if self._keep and not rest and conn.usable():
                 conn.client._idle_again(conn)
             else:

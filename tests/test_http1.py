@@ -312,3 +312,18 @@ async def test_https_is_verified_and_pooled(tls_files, monkeypatch):
     assert srv.connections == 1                           # two requests, one pooled connection
     await trusting.close()
     await srv.stop()
+
+
+async def test_a_connection_paused_by_a_slow_reader_is_pooled_reading_again(client):
+    """The read that pauses a slow reader's socket may also end the answer: the connection then
+    goes back to the pool, and the next request on it must not wait on a paused socket."""
+    size = http1.PAUSE_AT + 40_000
+    srv = await Server([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size, OK]).start()
+    url = srv.url()
+    resp = await _post(client, url)
+    await asyncio.sleep(0.3)                 # the whole body arrives, unread
+    assert await resp.read() == b"x" * size
+    resp.release()
+    assert await _read(client, url, read_timeout=1.0) == (200, b"{}")
+    assert srv.connections == 1
+    await srv.stop()
