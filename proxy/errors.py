@@ -8,6 +8,8 @@ into a response in exactly one place.
 
 from __future__ import annotations
 
+import asyncio   # its TimeoutError: the builtin one from Python 3.11, its own on 3.10
+
 
 class BudgetProxyError(Exception):
     """Base of every error the project raises on purpose."""
@@ -34,7 +36,7 @@ class UpstreamUnsent(UpstreamIOError):
     """The request never left: no connection (refused, DNS, TLS handshake). Nothing to charge."""
 
 
-class UpstreamConnectTimeout(UpstreamUnsent, TimeoutError):
+class UpstreamConnectTimeout(UpstreamUnsent, asyncio.TimeoutError):
     """Connecting took longer than the provider's connect_timeout; the request never left."""
 
 
@@ -43,7 +45,7 @@ class UpstreamBroken(UpstreamIOError):
     received the prompt and may bill it."""
 
 
-class UpstreamTimeout(UpstreamBroken, TimeoutError):
+class UpstreamTimeout(UpstreamBroken, asyncio.TimeoutError):
     """No byte from the upstream for the provider's read_timeout, after the request was sent."""
 
 

@@ -147,12 +147,11 @@ class Client:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
         tls = self.tls() if scheme == "https" else None
-        try:
-            async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self, origin), host, port, ssl=tls,
-                    server_hostname=host if tls else None)
-        except TimeoutError:
+        try:                            # (wait_for, not asyncio.timeout: Python 3.10 is supported)
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: _Connection(self, origin), host, port, ssl=tls,
+                server_hostname=host if tls else None), timeout)
+        except asyncio.TimeoutError:
             raise UpstreamConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:          # refused, unreachable, DNS (gaierror), TLS (SSLError)
             raise UpstreamUnsent(f"could not connect to {host}:{port}: {type(exc).__name__}") from exc
