@@ -84,6 +84,10 @@ def header_line(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
 
 
+class _Unanswered(UpstreamBroken):
+    """The connection ended (or could not be written) before a byte of the answer came."""
+
+
 class Client:
     """Pooled connections per origin (scheme, host, port). Idle connections are reused most
     recent first and closed after `keepalive` seconds unused."""
@@ -105,26 +109,39 @@ class Client:
                    read_timeout: float) -> "Response":
         """Send one request (`head` from `Url.head`, plus any `header_line`s) and return its answer
         once the status and headers are in. Raises UpstreamUnsent when the request never left
-        (nothing reached the upstream), UpstreamTimeout or UpstreamBroken after it may have."""
-        conn = self._reuse(url.origin) or await self._connect(url.origin, connect_timeout)
+        (nothing reached the upstream), UpstreamTimeout or UpstreamBroken after it may have.
+
+        A pooled connection the upstream closes without a byte of answer is the upstream ending
+        an idle connection as the request went out (uvicorn, behind LiteLLM, closes them after
+        5 s): the request is sent once more, on a new connection. A server that does that has
+        not read it; one that read it and then died without a byte would be billed twice, as
+        it would be by the client's own retry of the 502 it would otherwise get (browsers
+        resend in this case too)."""
+        head += b"Content-Length: %d\r\n\r\n" % len(body) if body is not None else b"\r\n"
+        conn = self._reuse(url.origin)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, head, body, read_timeout)
+            except _Unanswered:
+                pass
+        conn = await self._connect(url.origin, connect_timeout)
+        return await self._exchange(conn, head, body, read_timeout)
+
+    async def _exchange(self, conn: "_Connection", head: bytes, body: bytes | None,
+                        read_timeout: float) -> "Response":
         resp = Response(conn, read_timeout)
         conn.response = resp
-        length = len(body) if body else 0
-        if length or body is not None:
-            head += b"Content-Length: %d\r\n\r\n" % length
-        else:
-            head += b"\r\n"
         transport = conn.transport
         try:
-            if length and length < 16384:
-                transport.write(head + body)        # one segment for the usual small JSON body
-            elif length:
-                transport.writelines((head, body))
-            else:
+            if not body:
                 transport.write(head)
+            elif len(body) < 16384:
+                transport.write(head + body)        # one segment for the usual small JSON body
+            else:
+                transport.writelines((head, body))
         except (OSError, RuntimeError) as exc:      # part of it may have left
             resp.close()
-            raise UpstreamBroken(f"sending the request failed: {type(exc).__name__}") from None
+            raise _Unanswered(f"sending the request failed: {type(exc).__name__}") from None
         resp._arm()
         try:
             return await resp._head_ready()
@@ -268,6 +285,7 @@ class Response:
     _last: float = 0.0
     _timer: asyncio.TimerHandle | None = None
     _loop: asyncio.AbstractEventLoop | None = None
+    _got: bool = False               # any byte of the answer arrived
 
     # --- the caller's side ---------------------------------------------------------------
 
@@ -398,6 +416,8 @@ class Response:
     def _eof(self) -> None:
         if self._state == _TO_EOF:
             self._done(0)
+        elif self._state == _HEAD and not self._got:
+            self._fail(_Unanswered("the upstream closed the connection without answering"))
         elif self._state != _DONE:
             self._fail(UpstreamBroken("the upstream closed the connection before the answer was complete"))
 
@@ -422,6 +442,7 @@ class Response:
 
     def _feed(self, data: bytes) -> None:
         self._last = self._loop.time()
+        self._got = True
         try:
             self._parse(data)
         except UpstreamBroken as exc:

@@ -327,3 +327,54 @@ async def test_a_connection_paused_by_a_slow_reader_is_pooled_reading_again(clie
     assert await _read(client, url, read_timeout=1.0) == (200, b"{}")
     assert srv.connections == 1
     await srv.stop()
+
+
+class _ClosesSecondRequest(Server):
+    """Answers the first request on a connection and closes the connection at the second, as a
+    server whose idle timeout fires while that request is on its way."""
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                self.requests.append(head + await reader.readexactly(length))
+                if served == 1:
+                    break
+                writer.write(self.answers[0])
+                await writer.drain()
+                served += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_pooled_connection_closed_as_the_request_went_out_is_retried_once(client):
+    srv = await _ClosesSecondRequest([OK]).start()
+    url = srv.url()
+    assert await _read(client, url) == (200, b"{}")
+    assert await _read(client, url) == (200, b"{}")      # closed unanswered, then sent anew
+    assert (srv.connections, len(srv.requests)) == (2, 3)
+    await srv.stop()
+
+
+async def test_a_new_connection_closed_without_an_answer_is_not_retried(client):
+    srv = await Server([b""], close_after={0}).start()
+    with pytest.raises(UpstreamBroken):
+        await _post(client, srv.url())
+    assert (srv.connections, len(srv.requests)) == (1, 1)
+    await srv.stop()
+
+
+async def test_a_pooled_connection_cut_after_part_of_an_answer_is_not_retried(client):
+    srv = await Server([OK, b"HTTP/1.1 200 OK\r\nContent-"], close_after={1}).start()
+    url = srv.url()
+    assert await _read(client, url) == (200, b"{}")
+    with pytest.raises(UpstreamBroken):
+        await _post(client, url)
+    assert len(srv.requests) == 2
+    await srv.stop()
