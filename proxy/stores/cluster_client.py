@@ -143,16 +143,17 @@ class Direct(_Coalescer):
     """The Redis store's coalescer on a cluster: the same in-flight rule, batches, NOSCRIPT
     handling and error fan-out, but a batch only holds calls of one org (one hash tag, so one
     slot: never CROSSSLOT), and a round trip's script calls go out per node: each node's calls
-    as one pipelined write on one of its connections, the nodes at once. With many orgs a flush
-    is many single-org calls; one exchange per node pays redis-py's per-call cost and a round
-    trip once per node instead of once per call. GatedCluster bounds the connections in use.
+    as one pipelined write on one of its connections, the nodes at once, each node's callers
+    answered as soon as its replies are read. With many orgs a flush is many single-org calls;
+    one exchange per node pays redis-py's per-call cost and a round trip once per node instead
+    of once per call. GatedCluster bounds the connections in use.
 
     The plain in-flight rule (FLUSH_BELOW = MAX_IN_FLIGHT), not the single store's "one batch out
-    under load": a flush answers its callers when every node's exchange has ended, so with one
-    frozen node (a partition, a paused VM, before failover) a rule that holds every new call
+    under load": a flush holds its in-flight slot until every node's exchange has ended, so with
+    one frozen node (a partition, a paused VM, before failover) a rule that holds every new call
     behind the batch out held every org's calls for the frozen node's timeouts (up to 20 s,
     bench/frozen_node.py); with the plain rule, calls made meanwhile go at once while fewer than
-    MAX_IN_FLIGHT are out (tests/stores/test_cluster_pipeline.py, the frozen-node test)."""
+    MAX_IN_FLIGHT are out (tests/stores/test_cluster_pipeline.py, the frozen-node tests)."""
 
     FLUSH_BELOW = _Coalescer.MAX_IN_FLIGHT
 
@@ -166,66 +167,69 @@ class Direct(_Coalescer):
             await self._start()
         return await super().call(script, keys, args, tail, alone)
 
-    async def _round_trip(self, commands: list[tuple]) -> list:
-        """The replies to `commands` (an error as its exception, in its place): grouped by the
-        node the client's slot map gives their first key's slot, one exchange per node. A
-        command the map sent to the wrong node (a redirection or CLUSTERDOWN reply: it did not
-        run) or that could not be sent (no connection) goes again through execute_command,
-        which follows redirections, refreshes the map and retries. A command whose reply was
-        lost (the connection failed after the write) may have run: in a node's exchange it is
-        not resent but fails with that error (StoreUnavailable to its caller), as on the
-        single-node store, whose callers undo a lost reserve by id and retry a lost settle
-        (idempotent by id). A command sent through execute_command (the cases above, and every
-        command while the client re-learns its slot map) is resent by redis-py's own retry after
-        a timeout; still exact: a reserve that ran answers DUPLICATE, a settle that ran 0."""
-        replies: list = [None] * len(commands)
-        again: list[int] = []
-        if self._r._initialize:         # redis-py dropped its slot map (a failed node): rebuild first
-            again = list(range(len(commands)))
-        else:
-            by_node: dict = {}
-            slots = self._r.nodes_manager
-            for i, c in enumerate(commands):
-                try:
-                    node = slots.get_node_from_slot(self._r.keyslot(c[3])) if c[0] == "EVALSHA" and c[2] else None
-                except RedisClusterException:          # the slot is not covered (yet)
-                    node = None
-                if node is None:
-                    again.append(i)
-                else:
-                    by_node.setdefault(node, []).append(i)
-            await asyncio.gather(*(self._on_node(node, at, commands, replies, again)
-                                   for node, at in by_node.items()))
-        if again:
-            redone = await asyncio.gather(*(self._r.execute_command(*commands[i]) for i in again),
-                                          return_exceptions=True)
-            for i, reply in zip(again, redone):
-                replies[i] = reply
-        return replies
+    def _routes(self, commands: list[tuple]) -> list[tuple[ClusterNode | None, list[int]]]:
+        """`commands` grouped by the node the client's slot map gives their first key's slot;
+        None: the commands to send through execute_command (the slot is not covered, or the
+        client dropped its map after a failed node and must rebuild it first)."""
+        if self._r._initialize:
+            return [(None, list(range(len(commands))))]
+        by_node: dict = {}
+        slots = self._r.nodes_manager
+        for i, c in enumerate(commands):
+            try:
+                node = slots.get_node_from_slot(self._r.keyslot(c[3])) if c[0] == "EVALSHA" and c[2] else None
+            except RedisClusterException:              # the slot is not covered (yet)
+                node = None
+            by_node.setdefault(node, []).append(i)
+        return list(by_node.items())
 
-    async def _on_node(self, node: ClusterNode, at: list[int], commands: list[tuple], replies: list,
-                       again: list[int]) -> None:
-        """One node's exchange for the commands at positions `at`; replies in place, the
-        commands to send again appended to `again`."""
-        got: list = []
+    async def _part(self, node: ClusterNode | None, commands: list[tuple]) -> list:
+        """The replies to `commands` (an error as its exception, in its place): one exchange
+        with `node`. A command the map sent to the wrong node (a redirection or CLUSTERDOWN
+        reply: it did not run) or that could not be sent (no connection; no node) goes again
+        through execute_command, which follows redirections, refreshes the map and retries. A
+        command whose reply was lost (the connection failed after the write) may have run: it
+        is not resent but fails with that error (StoreUnavailable to its caller), as on the
+        single-node store, whose callers undo a lost reserve by id and retry a lost settle
+        (idempotent by id). A command sent through execute_command is resent by redis-py's own
+        retry after a timeout; still exact: a reserve that ran answers DUPLICATE, a settle that
+        ran 0. The flush answers each node's callers when this returns (_Coalescer._answer_part),
+        so a frozen node holds only its own."""
+        if node is None:
+            return await self._resent(commands)
+        replies: list = []
         lost = None
         try:
-            await self._r.exchange(node, [commands[i] for i in at], got)
+            await self._r.exchange(node, commands, replies)
         except Unsent:
-            again.extend(at)
-            return
+            return await self._resent(commands)
         except Exception as exc:                         # noqa: BLE001 - given to the unanswered calls
             lost = exc
             # As redis-py does on a failed node: its other connections are suspect, reconnect them.
             node.update_active_connections_for_reconnect()
             await node.disconnect_free_connections()
-        for i, reply in zip(at, got):
-            if isinstance(reply, _ELSEWHERE):
-                again.append(i)
-            else:
+        again = [i for i, reply in enumerate(replies) if isinstance(reply, _ELSEWHERE)]
+        replies += [lost] * (len(commands) - len(replies))
+        if again:
+            for i, reply in zip(again, await self._resent([commands[i] for i in again])):
                 replies[i] = reply
-        for i in at[len(got):]:
-            replies[i] = lost
+        return replies
+
+    async def _resent(self, commands: list[tuple]) -> list:
+        return await asyncio.gather(*(self._r.execute_command(*c) for c in commands), return_exceptions=True)
+
+    async def _round_trip(self, commands: list[tuple]) -> list:
+        """The replies to `commands` (a single call's, `_one`): each node's part at once."""
+        routes = self._routes(commands)
+        if len(routes) == 1:
+            return await self._part(routes[0][0], commands)
+        replies: list = [None] * len(commands)
+
+        async def part(node, at: list[int]) -> None:
+            for i, reply in zip(at, await self._part(node, [commands[i] for i in at])):
+                replies[i] = reply
+        await asyncio.gather(*(part(node, at) for node, at in routes))
+        return replies
 
     async def ready(self) -> None:
         if not self._ready:
