@@ -5,7 +5,8 @@ MOVED/ASK redirections. redis-py refuses EVALSHA inside a cluster pipeline, so s
 out through `Direct`: batched per org under load, and a flush's calls pipelined per node on one
 of that node's pooled connections (one write, one read), routed by the client's slot map;
 whatever the slot map got wrong (a redirection, a connection that could not be made) goes again
-through the client's own redirect-following path.
+through the client's own redirect-following path, but an ASK to the importing node with ASKING
+in the same write (`Direct._part`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from urllib.parse import unquote
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AskError, ClusterDownError, RedisClusterException, ResponseError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, MovedError, RedisClusterException, ResponseError, TryAgainError
 
 from .redis import _FAILURES, _c_pack, _Coalescer
 
@@ -127,6 +128,11 @@ def _packed(conn, commands: list[tuple]) -> list[bytes]:
     return conn.pack_commands(commands)
 
 
+def _asking(commands: list[tuple]) -> list[tuple]:
+    """Each command after an ASKING, which lets the importing node of a migrating slot run it."""
+    return [c for command in commands for c in (("ASKING",), command)]
+
+
 def tenant_of(keys: list) -> str:
     """The hash tag of a call's first key (`{<tag>}:…`): every key of a cluster store's reserve
     or settle call carries its org's tag (cluster.py), so calls with one tag share a slot."""
@@ -183,12 +189,18 @@ class Direct(_Coalescer):
             by_node.setdefault(node, []).append(i)
         return list(by_node.items())
 
-    async def _part(self, node: ClusterNode | None, commands: list[tuple]) -> list:
+    async def _part(self, node: ClusterNode | None, commands: list[tuple], asking: bool = False) -> list:
         """The replies to `commands` (an error as its exception, in its place): one exchange
         with `node`. A command the map sent to the wrong node (a redirection or CLUSTERDOWN
         reply: it did not run) or that could not be sent (no connection; no node) goes again
-        through execute_command, which follows redirections, refreshes the map and retries. A
-        command whose reply was lost (the connection failed after the write) may have run: it
+        through execute_command, which follows redirections, refreshes the map and retries;
+        but an ASK (its slot is migrating and its keys are on the importing node) goes to that
+        node with ASKING before it in the same write (`asking`), as ASKING admits only the next
+        command on its connection: redis-py's execute_command sends the two on two of the
+        node's pooled connections when it has several free, and the importing node then
+        answers MOVED until the request's TTL runs out (redis-py 8.1).
+
+        A command whose reply was lost (the connection failed after the write) may have run: it
         is not resent but fails with that error (StoreUnavailable to its caller), as on the
         single-node store, whose callers undo a lost reserve by id and retry a lost settle
         (idempotent by id). A command sent through execute_command is resent by redis-py's own
@@ -200,7 +212,7 @@ class Direct(_Coalescer):
         replies: list = []
         lost = None
         try:
-            await self._r.exchange(node, commands, replies)
+            await self._r.exchange(node, _asking(commands) if asking else commands, replies)
         except Unsent:
             return await self._resent(commands)
         except Exception as exc:                         # noqa: BLE001 - given to the unanswered calls
@@ -208,12 +220,28 @@ class Direct(_Coalescer):
             # As redis-py does on a failed node: its other connections are suspect, reconnect them.
             node.update_active_connections_for_reconnect()
             await node.disconnect_free_connections()
-        again = [i for i, reply in enumerate(replies) if isinstance(reply, _ELSEWHERE)]
+        if asking:
+            replies = replies[1::2]                      # each command's reply, after its ASKING's OK
+        redirected: dict = {}
+        for i, reply in enumerate(replies):
+            if isinstance(reply, _ELSEWHERE):            # None: execute_command (so too after an ASKING)
+                redirected.setdefault(None if asking else self._asked(reply), []).append(i)
         replies += [lost] * (len(commands) - len(replies))
-        if again:
-            for i, reply in zip(again, await self._resent([commands[i] for i in again])):
-                replies[i] = reply
+        if redirected:
+            again = await asyncio.gather(*(self._part(to, [commands[i] for i in at], asking=to is not None)
+                                           for to, at in redirected.items()))
+            for at, got in zip(redirected.values(), again):
+                for i, reply in zip(at, got):
+                    replies[i] = reply
         return replies
+
+    def _asked(self, reply: Exception) -> ClusterNode | None:
+        """The node an ASK reply sends its command to; None for any other redirection (MOVED,
+        which execute_command follows and patches the map with) or a node the client does not
+        know."""
+        if isinstance(reply, MovedError) or not isinstance(reply, AskError):
+            return None
+        return self._r.get_node(reply.host, reply.port)
 
     async def _resent(self, commands: list[tuple]) -> list:
         return await asyncio.gather(*(self._r.execute_command(*c) for c in commands), return_exceptions=True)
