@@ -17,7 +17,8 @@ from urllib.parse import unquote
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AskError, ClusterDownError, MovedError, RedisClusterException, ResponseError, TryAgainError
+from redis.exceptions import (AskError, ClusterDownError, MovedError, NoScriptError, RedisClusterException, ResponseError,
+                              TryAgainError)
 
 from .redis import _FAILURES, _c_pack, _Coalescer
 
@@ -96,6 +97,14 @@ class GatedCluster(RedisCluster):
                 node.release(conn)
 
 
+class _NoScriptOn(NoScriptError):
+    """A NOSCRIPT reply and the node that gave it (asked: after an ASKING)."""
+
+    def __init__(self, node: ClusterNode, asking: bool, reply: NoScriptError) -> None:
+        super().__init__(*reply.args)
+        self.node, self.asking = node, asking
+
+
 class Unsent(Exception):
     """No connection to the node could be made: nothing of an exchange was written."""
 
@@ -146,13 +155,14 @@ _ELSEWHERE = (AskError, TryAgainError, ClusterDownError)        # AskError cover
 
 
 class Direct(_Coalescer):
-    """The Redis store's coalescer on a cluster: the same in-flight rule, batches, NOSCRIPT
-    handling and error fan-out, but a batch only holds calls of one org (one hash tag, so one
-    slot: never CROSSSLOT), and a round trip's script calls go out per node: each node's calls
-    as one pipelined write on one of its connections, the nodes at once, each node's callers
-    answered as soon as its replies are read. With many orgs a flush is many single-org calls;
-    one exchange per node pays redis-py's per-call cost and a round trip once per node instead
-    of once per call. GatedCluster bounds the connections in use.
+    """The Redis store's coalescer on a cluster: the same in-flight rule, batches and error
+    fan-out, but a batch only holds calls of one org (one hash tag, so one slot: never
+    CROSSSLOT), a NOSCRIPT loads the script on the call's node only, and a round trip's script
+    calls go out per node: each node's calls as one pipelined write on one of its connections,
+    the nodes at once, each node's callers answered as soon as its replies are read. With many
+    orgs a flush is many single-org calls; one exchange per node pays redis-py's per-call cost
+    and a round trip once per node instead of once per call. GatedCluster bounds the
+    connections in use.
 
     The plain in-flight rule (FLUSH_BELOW = MAX_IN_FLIGHT), not the single store's "one batch out
     under load": a flush holds its in-flight slot until every node's exchange has ended, so with
@@ -180,14 +190,17 @@ class Direct(_Coalescer):
         if self._r._initialize:
             return [(None, list(range(len(commands))))]
         by_node: dict = {}
-        slots = self._r.nodes_manager
         for i, c in enumerate(commands):
-            try:
-                node = slots.get_node_from_slot(self._r.keyslot(c[3])) if c[0] == "EVALSHA" and c[2] else None
-            except RedisClusterException:              # the slot is not covered (yet)
-                node = None
-            by_node.setdefault(node, []).append(i)
+            by_node.setdefault(self._node(c), []).append(i)
         return list(by_node.items())
+
+    def _node(self, command: tuple) -> ClusterNode | None:
+        """The node the client's slot map gives a script call's first key (None: not covered)."""
+        try:
+            return self._r.nodes_manager.get_node_from_slot(self._r.keyslot(command[3])) \
+                if command[0] == "EVALSHA" and command[2] else None
+        except RedisClusterException:                  # the slot is not covered (yet)
+            return None
 
     async def _part(self, node: ClusterNode | None, commands: list[tuple], asking: bool = False) -> list:
         """The replies to `commands` (an error as its exception, in its place): one exchange
@@ -226,6 +239,8 @@ class Direct(_Coalescer):
         for i, reply in enumerate(replies):
             if isinstance(reply, _ELSEWHERE):            # None: execute_command (so too after an ASKING)
                 redirected.setdefault(None if asking else self._asked(reply), []).append(i)
+            elif isinstance(reply, NoScriptError):       # where to load the script (_reload)
+                replies[i] = _NoScriptOn(node, asking, reply)
         replies += [lost] * (len(commands) - len(replies))
         if redirected:
             again = await asyncio.gather(*(self._part(to, [commands[i] for i in at], asking=to is not None)
@@ -242,6 +257,22 @@ class Direct(_Coalescer):
         if isinstance(reply, MovedError) or not isinstance(reply, AskError):
             return None
         return self._r.get_node(reply.host, reply.port)
+
+    async def _reload(self, script, keys: list, args: list, reply: NoScriptError):
+        """A call answered NOSCRIPT (a failover to a fresh replica, SCRIPT FLUSH): the script
+        loaded on the node that answered only, and the call sent there again (with ASKING if it
+        was asked). redis-py's script object loads it on every primary and waits for each, so
+        one frozen primary failed every node's reload; it still takes a NOSCRIPT that came
+        through execute_command (the node is not known) or a second one."""
+        if not isinstance(reply, _NoScriptOn):
+            return await script(keys=keys, args=args)
+        await self._r.execute_command("SCRIPT LOAD", script.script, target_nodes=reply.node)
+        reply, = await self._part(reply.node, [("EVALSHA", script.sha, len(keys), *keys, *args)], reply.asking)
+        if isinstance(reply, NoScriptError):
+            return await script(keys=keys, args=args)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
     async def _resent(self, commands: list[tuple]) -> list:
         return await asyncio.gather(*(self._r.execute_command(*c) for c in commands), return_exceptions=True)

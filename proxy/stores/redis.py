@@ -162,10 +162,15 @@ class _Coalescer:
         run) goes to redis-py's script object, which loads the script and runs the call again."""
         reply, = await self._round_trip([("EVALSHA", script.sha, len(keys), *keys, *args)])
         if isinstance(reply, NoScriptError):
-            return await script(keys=keys, args=args)
+            return await self._reload(script, keys, args, reply)
         if isinstance(reply, BaseException):
             raise reply
         return reply
+
+    async def _reload(self, script: AsyncScript, keys: list, args: list, reply: NoScriptError):
+        """A call answered NOSCRIPT (`reply`; SCRIPT FLUSH, failover: it did not run), run by
+        redis-py's script object, which loads the script and runs the call again."""
+        return await script(keys=keys, args=args)
 
     async def _round_trip(self, commands: list[tuple]) -> list:
         """The replies to `commands`, sent together on one pooled connection (an error reply as
@@ -269,7 +274,7 @@ class _Coalescer:
             script, keys, args, futs = calls[i]
             if isinstance(res, NoScriptError):                 # SCRIPT FLUSH, failover: load, rerun
                 try:
-                    res = await script(keys=keys, args=args)
+                    res = await self._reload(script, keys, args, res)
                 except BaseException as exc:                   # noqa: BLE001
                     res = exc
             # A batch answers one reply per call (an error reply for a call that failed);

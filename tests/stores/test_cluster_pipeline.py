@@ -265,3 +265,35 @@ async def test_a_healthy_node_s_caller_is_answered_before_a_frozen_node_s_call_i
     assert (await frozen).status is Status.ADMITTED
     assert await store.snapshot(plan(frozen_org)[:1]) == [(0, 1, 0, 1)]
     await store.close()
+
+
+async def test_a_script_reload_does_not_wait_for_a_frozen_primary(own_cluster):
+    # After a failover to a fresh replica (or SCRIPT FLUSH) a node answers NOSCRIPT: the script
+    # is loaded on that node only and the call runs again. redis-py's script object loads it on
+    # every primary, so with another primary frozen every reload waited for its timeout.
+    store = open_store(own_cluster.url)
+    await open_for(store, ())
+    homes = {org: home(store, org) for org in ORGS}
+    victim = next(port for port in own_cluster.ports if port != home(store, ""))   # not the filler's node
+    healthy = [port for port in own_cluster.ports if port != victim]
+    orgs = [next(org for org in ORGS if homes[org] == port) for port in healthy]
+    proc = own_cluster.procs[own_cluster.ports.index(victim)]
+    for port in healthy:
+        assert own_cluster.command(port, "SCRIPT", "FLUSH") == "OK"
+    timeout = store._r.get_node("127.0.0.1", victim).connection_kwargs["socket_timeout"]
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        # The filler alone (a single call), then one flush: a batch for the first org, a single
+        # call for the other; each answered NOSCRIPT by its node.
+        out = await asyncio.wait_for(queued(store, [
+            lambda: store.reserve("a1", plan(orgs[0]), 1, 1, NOW_MS, False),
+            lambda: store.reserve("a2", plan(orgs[0]), 1, 1, NOW_MS, False),
+            lambda: store.reserve("b1", plan(orgs[1]), 1, 1, NOW_MS, False)], tenants=()), timeout / 2)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert [o.status for o in out] == [Status.ADMITTED] * 3
+    assert [await store.snapshot(plan(org)[:1]) for org in orgs] == [[(0, 2, 0, 2)], [(0, 1, 0, 1)]]
+    # Loaded where a call needed it (the batch script: the first org's node), not on every primary.
+    sha = store._calls._batch.sha
+    assert [own_cluster.command(port, "SCRIPT", "EXISTS", sha) for port in healthy] == ["1", "0"]
+    await store.close()

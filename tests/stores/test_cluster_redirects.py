@@ -11,6 +11,7 @@ import asyncio
 
 from proxy.stores import Status, open_store
 from proxy.stores.base import Note
+from proxy.stores.redis import SCRIPTS
 
 from .batches import NOW_MS
 from .clusters import ORGS, begin_migration, end_migration, home, migrate_keys, open_for, plan, queued
@@ -29,6 +30,7 @@ def slot_of(store, org: str) -> int:
 async def test_a_call_answered_ask_runs_once_on_the_importing_node_with_asking_on_its_connection(own_cluster, writes):
     store = open_store(own_cluster.url)
     await open_for(store, ORGS)                     # pre-<org>: 40 tokens reserved for every org
+    await store._r.script_load(SCRIPTS["settle"])   # no NOSCRIPT on the importing node
     moving = ORGS[0]
     assert await store.commit(f"pre-{moving}", plan(moving), 20, 2, Note("ok"))     # its log exists
     assert (await store.reserve("open", plan(moving), 30, 3, NOW_MS, False)).status is Status.ADMITTED
