@@ -286,6 +286,7 @@ class _Coalescer:
 
 
 def _answer(futs: list[asyncio.Future], replies: list) -> None:
+    """Each caller's reply (an exception raised in it), but not to a caller that went away."""
     for fut, reply in zip(futs, replies):
         if fut.done():                                         # its caller went away
             continue
