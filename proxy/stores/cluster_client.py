@@ -5,7 +5,8 @@ MOVED/ASK redirections. redis-py refuses EVALSHA inside a cluster pipeline, so s
 out through `Direct`: batched per org under load, and a flush's calls pipelined per node on one
 of that node's pooled connections (one write, one read), routed by the client's slot map;
 whatever the slot map got wrong (a redirection, a connection that could not be made) goes again
-through the client's own redirect-following path.
+through the client's own redirect-following path, but an ASK to the importing node with ASKING
+in the same write (`Direct._part`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from urllib.parse import unquote
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AskError, ClusterDownError, RedisClusterException, ResponseError, TryAgainError
+from redis.exceptions import (AskError, ClusterDownError, MovedError, NoScriptError, RedisClusterException, ResponseError,
+                              TryAgainError)
 
 from .redis import _FAILURES, _c_pack, _Coalescer
 
@@ -95,6 +97,14 @@ class GatedCluster(RedisCluster):
                 node.release(conn)
 
 
+class _NoScriptOn(NoScriptError):
+    """A NOSCRIPT reply and the node that gave it (asked: after an ASKING)."""
+
+    def __init__(self, node: ClusterNode, asking: bool, reply: NoScriptError) -> None:
+        super().__init__(*reply.args)
+        self.node, self.asking = node, asking
+
+
 class Unsent(Exception):
     """No connection to the node could be made: nothing of an exchange was written."""
 
@@ -127,6 +137,11 @@ def _packed(conn, commands: list[tuple]) -> list[bytes]:
     return conn.pack_commands(commands)
 
 
+def _asking(commands: list[tuple]) -> list[tuple]:
+    """Each command after an ASKING, which lets the importing node of a migrating slot run it."""
+    return [c for command in commands for c in (("ASKING",), command)]
+
+
 def tenant_of(keys: list) -> str:
     """The hash tag of a call's first key (`{<tag>}:…`): every key of a cluster store's reserve
     or settle call carries its org's tag (cluster.py), so calls with one tag share a slot."""
@@ -140,19 +155,21 @@ _ELSEWHERE = (AskError, TryAgainError, ClusterDownError)        # AskError cover
 
 
 class Direct(_Coalescer):
-    """The Redis store's coalescer on a cluster: the same in-flight rule, batches, NOSCRIPT
-    handling and error fan-out, but a batch only holds calls of one org (one hash tag, so one
-    slot: never CROSSSLOT), and a round trip's script calls go out per node: each node's calls
-    as one pipelined write on one of its connections, the nodes at once. With many orgs a flush
-    is many single-org calls; one exchange per node pays redis-py's per-call cost and a round
-    trip once per node instead of once per call. GatedCluster bounds the connections in use.
+    """The Redis store's coalescer on a cluster: the same in-flight rule, batches and error
+    fan-out, but a batch only holds calls of one org (one hash tag, so one slot: never
+    CROSSSLOT), a NOSCRIPT loads the script on the call's node only, and a round trip's script
+    calls go out per node: each node's calls as one pipelined write on one of its connections,
+    the nodes at once, each node's callers answered as soon as its replies are read. With many
+    orgs a flush is many single-org calls; one exchange per node pays redis-py's per-call cost
+    and a round trip once per node instead of once per call. GatedCluster bounds the
+    connections in use.
 
     The plain in-flight rule (FLUSH_BELOW = MAX_IN_FLIGHT), not the single store's "one batch out
-    under load": a flush answers its callers when every node's exchange has ended, so with one
-    frozen node (a partition, a paused VM, before failover) a rule that holds every new call
+    under load": a flush holds its in-flight slot until every node's exchange has ended, so with
+    one frozen node (a partition, a paused VM, before failover) a rule that holds every new call
     behind the batch out held every org's calls for the frozen node's timeouts (up to 20 s,
     bench/frozen_node.py); with the plain rule, calls made meanwhile go at once while fewer than
-    MAX_IN_FLIGHT are out (tests/stores/test_cluster_pipeline.py, the frozen-node test)."""
+    MAX_IN_FLIGHT are out (tests/stores/test_cluster_pipeline.py, the frozen-node tests)."""
 
     FLUSH_BELOW = _Coalescer.MAX_IN_FLIGHT
 
@@ -166,66 +183,112 @@ class Direct(_Coalescer):
             await self._start()
         return await super().call(script, keys, args, tail, alone)
 
-    async def _round_trip(self, commands: list[tuple]) -> list:
-        """The replies to `commands` (an error as its exception, in its place): grouped by the
-        node the client's slot map gives their first key's slot, one exchange per node. A
-        command the map sent to the wrong node (a redirection or CLUSTERDOWN reply: it did not
-        run) or that could not be sent (no connection) goes again through execute_command,
-        which follows redirections, refreshes the map and retries. A command whose reply was
-        lost (the connection failed after the write) may have run: in a node's exchange it is
-        not resent but fails with that error (StoreUnavailable to its caller), as on the
-        single-node store, whose callers undo a lost reserve by id and retry a lost settle
-        (idempotent by id). A command sent through execute_command (the cases above, and every
-        command while the client re-learns its slot map) is resent by redis-py's own retry after
-        a timeout; still exact: a reserve that ran answers DUPLICATE, a settle that ran 0."""
-        replies: list = [None] * len(commands)
-        again: list[int] = []
-        if self._r._initialize:         # redis-py dropped its slot map (a failed node): rebuild first
-            again = list(range(len(commands)))
-        else:
-            by_node: dict = {}
-            slots = self._r.nodes_manager
-            for i, c in enumerate(commands):
-                try:
-                    node = slots.get_node_from_slot(self._r.keyslot(c[3])) if c[0] == "EVALSHA" and c[2] else None
-                except RedisClusterException:          # the slot is not covered (yet)
-                    node = None
-                if node is None:
-                    again.append(i)
-                else:
-                    by_node.setdefault(node, []).append(i)
-            await asyncio.gather(*(self._on_node(node, at, commands, replies, again)
-                                   for node, at in by_node.items()))
-        if again:
-            redone = await asyncio.gather(*(self._r.execute_command(*commands[i]) for i in again),
-                                          return_exceptions=True)
-            for i, reply in zip(again, redone):
-                replies[i] = reply
-        return replies
+    def _routes(self, commands: list[tuple]) -> list[tuple[ClusterNode | None, list[int]]]:
+        """`commands` grouped by the node the client's slot map gives their first key's slot;
+        None: the commands to send through execute_command (the slot is not covered, or the
+        client dropped its map after a failed node and must rebuild it first)."""
+        if self._r._initialize:
+            return [(None, list(range(len(commands))))]
+        by_node: dict = {}
+        for i, c in enumerate(commands):
+            by_node.setdefault(self._node(c), []).append(i)
+        return list(by_node.items())
 
-    async def _on_node(self, node: ClusterNode, at: list[int], commands: list[tuple], replies: list,
-                       again: list[int]) -> None:
-        """One node's exchange for the commands at positions `at`; replies in place, the
-        commands to send again appended to `again`."""
-        got: list = []
+    def _node(self, command: tuple) -> ClusterNode | None:
+        """The node the client's slot map gives a script call's first key (None: not covered)."""
+        try:
+            return self._r.nodes_manager.get_node_from_slot(self._r.keyslot(command[3])) \
+                if command[0] == "EVALSHA" and command[2] else None
+        except RedisClusterException:                  # the slot is not covered (yet)
+            return None
+
+    async def _part(self, node: ClusterNode | None, commands: list[tuple], asking: bool = False) -> list:
+        """The replies to `commands` (an error as its exception, in its place): one exchange
+        with `node`. A command the map sent to the wrong node (a redirection or CLUSTERDOWN
+        reply: it did not run) or that could not be sent (no connection; no node) goes again
+        through execute_command, which follows redirections, refreshes the map and retries;
+        but an ASK (its slot is migrating and its keys are on the importing node) goes to that
+        node with ASKING before it in the same write (`asking`), as ASKING admits only the next
+        command on its connection: redis-py's execute_command sends the two on two of the
+        node's pooled connections when it has several free, and the importing node then
+        answers MOVED until the request's TTL runs out (redis-py 8.1).
+
+        A command whose reply was lost (the connection failed after the write) may have run: it
+        is not resent but fails with that error (StoreUnavailable to its caller), as on the
+        single-node store, whose callers undo a lost reserve by id and retry a lost settle
+        (idempotent by id). A command sent through execute_command is resent by redis-py's own
+        retry after a timeout; still exact: a reserve that ran answers DUPLICATE, a settle that
+        ran 0. The flush answers each node's callers when this returns (_Coalescer._answer_part),
+        so a frozen node holds only its own."""
+        if node is None:
+            return await self._resent(commands)
+        replies: list = []
         lost = None
         try:
-            await self._r.exchange(node, [commands[i] for i in at], got)
+            await self._r.exchange(node, _asking(commands) if asking else commands, replies)
         except Unsent:
-            again.extend(at)
-            return
+            return await self._resent(commands)
         except Exception as exc:                         # noqa: BLE001 - given to the unanswered calls
             lost = exc
             # As redis-py does on a failed node: its other connections are suspect, reconnect them.
             node.update_active_connections_for_reconnect()
             await node.disconnect_free_connections()
-        for i, reply in zip(at, got):
-            if isinstance(reply, _ELSEWHERE):
-                again.append(i)
-            else:
+        if asking:
+            replies = replies[1::2]                      # each command's reply, after its ASKING's OK
+        redirected: dict = {}
+        for i, reply in enumerate(replies):
+            if isinstance(reply, _ELSEWHERE):            # None: execute_command (so too after an ASKING)
+                redirected.setdefault(None if asking else self._asked(reply), []).append(i)
+            elif isinstance(reply, NoScriptError):       # where to load the script (_reload)
+                replies[i] = _NoScriptOn(node, asking, reply)
+        replies += [lost] * (len(commands) - len(replies))
+        if redirected:
+            again = await asyncio.gather(*(self._part(to, [commands[i] for i in at], asking=to is not None)
+                                           for to, at in redirected.items()))
+            for at, got in zip(redirected.values(), again):
+                for i, reply in zip(at, got):
+                    replies[i] = reply
+        return replies
+
+    def _asked(self, reply: Exception) -> ClusterNode | None:
+        """The node an ASK reply sends its command to; None for any other redirection (MOVED,
+        which execute_command follows and patches the map with) or a node the client does not
+        know."""
+        if isinstance(reply, MovedError) or not isinstance(reply, AskError):
+            return None
+        return self._r.get_node(reply.host, reply.port)
+
+    async def _reload(self, script, keys: list, args: list, reply: NoScriptError):
+        """A call answered NOSCRIPT (a failover to a fresh replica, SCRIPT FLUSH): the script
+        loaded on the node that answered only, and the call sent there again (with ASKING if it
+        was asked). redis-py's script object loads it on every primary and waits for each, so
+        one frozen primary failed every node's reload; it still takes a NOSCRIPT that came
+        through execute_command (the node is not known) or a second one."""
+        if not isinstance(reply, _NoScriptOn):
+            return await script(keys=keys, args=args)
+        await self._r.execute_command("SCRIPT LOAD", script.script, target_nodes=reply.node)
+        reply, = await self._part(reply.node, [("EVALSHA", script.sha, len(keys), *keys, *args)], reply.asking)
+        if isinstance(reply, NoScriptError):
+            return await script(keys=keys, args=args)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    async def _resent(self, commands: list[tuple]) -> list:
+        return await asyncio.gather(*(self._r.execute_command(*c) for c in commands), return_exceptions=True)
+
+    async def _round_trip(self, commands: list[tuple]) -> list:
+        """The replies to `commands` (a single call's, `_one`): each node's part at once."""
+        routes = self._routes(commands)
+        if len(routes) == 1:
+            return await self._part(routes[0][0], commands)
+        replies: list = [None] * len(commands)
+
+        async def part(node, at: list[int]) -> None:
+            for i, reply in zip(at, await self._part(node, [commands[i] for i in at])):
                 replies[i] = reply
-        for i in at[len(got):]:
-            replies[i] = lost
+        await asyncio.gather(*(part(node, at) for node, at in routes))
+        return replies
 
     async def ready(self) -> None:
         if not self._ready:

@@ -162,10 +162,15 @@ class _Coalescer:
         run) goes to redis-py's script object, which loads the script and runs the call again."""
         reply, = await self._round_trip([("EVALSHA", script.sha, len(keys), *keys, *args)])
         if isinstance(reply, NoScriptError):
-            return await script(keys=keys, args=args)
+            return await self._reload(script, keys, args, reply)
         if isinstance(reply, BaseException):
             raise reply
         return reply
+
+    async def _reload(self, script: AsyncScript, keys: list, args: list, reply: NoScriptError):
+        """A call answered NOSCRIPT (`reply`; SCRIPT FLUSH, failover: it did not run), run by
+        redis-py's script object, which loads the script and runs the call again."""
+        return await script(keys=keys, args=args)
 
     async def _round_trip(self, commands: list[tuple]) -> list:
         """The replies to `commands`, sent together on one pooled connection (an error reply as
@@ -229,35 +234,66 @@ class _Coalescer:
             parts.setdefault(self._group(item[1]), []).append(item)
         return list(parts.values())
 
+    def _routes(self, commands: list[tuple]) -> list[tuple[object, list[int]]]:
+        """`commands` split into the parts that travel apart, each (its route, its positions):
+        on one Redis, one part, the whole flush on one connection (cluster_client.Direct: one
+        part per node)."""
+        return [(None, list(range(len(commands))))]
+
+    async def _part(self, route, commands: list[tuple]) -> list:
+        """The replies to one part's `commands` (see `_routes`)."""
+        return await self._round_trip(commands)
+
     async def _flush(self, batch) -> None:
         try:
             calls = self._calls(batch)
+            commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in calls]
             try:
-                results = await self._round_trip([("EVALSHA", script.sha, len(keys), *keys, *args)
-                                                  for script, keys, args, _ in calls])
+                routes = self._routes(commands)
             except BaseException as exc:                       # noqa: BLE001 - handed to every caller
-                results = [exc] * len(calls)
-            for (script, keys, args, futs), res in zip(calls, results):
-                if isinstance(res, NoScriptError):             # SCRIPT FLUSH, failover: load, rerun
-                    try:
-                        res = await script(keys=keys, args=args)
-                    except BaseException as exc:               # noqa: BLE001
-                        res = exc
-                # A batch answers one reply per call (an error reply for a call that failed);
-                # an error of the whole call goes to each of its callers.
-                replies = res if script is self._batch and isinstance(res, list) else [res] * len(futs)
-                if len(replies) != len(futs):
-                    replies = [ResponseError(f"batch answered {len(replies)} replies for {len(futs)} calls")] * len(futs)
-                for fut, reply in zip(futs, replies):
-                    if fut.done():                             # its caller went away
-                        continue
-                    if isinstance(reply, BaseException):
-                        fut.set_exception(reply)
-                    else:
-                        fut.set_result(reply)
+                for *_, futs in calls:
+                    _answer(futs, [exc] * len(futs))
+                return
+            if len(routes) == 1:
+                await self._answer_part(calls, commands, *routes[0])
+            else:
+                await asyncio.gather(*(self._answer_part(calls, commands, route, at) for route, at in routes))
         finally:
             self._batches -= 1
             self._done()
+
+    async def _answer_part(self, calls, commands: list[tuple], route, at: list[int]) -> None:
+        """Send the calls at positions `at` by `route` and answer their callers as soon as
+        their replies are read: a part never waits for another (a frozen cluster node holds
+        only its own callers)."""
+        try:
+            results = await self._part(route, [commands[i] for i in at])
+        except BaseException as exc:                           # noqa: BLE001 - handed to every caller
+            results = [exc] * len(at)
+        for i, res in zip(at, results):
+            script, keys, args, futs = calls[i]
+            if isinstance(res, NoScriptError):                 # SCRIPT FLUSH, failover: load, rerun
+                try:
+                    res = await self._reload(script, keys, args, res)
+                except BaseException as exc:                   # noqa: BLE001
+                    res = exc
+            # A batch answers one reply per call (an error reply for a call that failed);
+            # an error of the whole call goes to each of its callers.
+            replies = res if script is self._batch and isinstance(res, list) else [res] * len(futs)
+            if len(replies) != len(futs):
+                replies = [ResponseError(f"batch answered {len(replies)} replies for {len(futs)} calls")] * len(futs)
+            _answer(futs, replies)
+
+
+def _answer(futs: list[asyncio.Future], replies: list) -> None:
+    """Each caller's reply (an exception raised in it), but not to a caller that went away."""
+    for fut, reply in zip(futs, replies):
+        if fut.done():                                         # its caller went away
+            continue
+        if isinstance(reply, BaseException):
+            fut.set_exception(reply)
+        else:
+            fut.set_result(reply)
 
 
 async def _exchange(conn, commands: list[tuple]) -> list:

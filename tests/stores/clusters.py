@@ -1,7 +1,7 @@
 """What the Redis Cluster tests share (tests/stores/test_cluster.py, test_cluster_batch.py,
-test_cluster_pipeline.py): the orgs and scopes they reserve for, finding orgs whose slots live
-on different nodes, queueing calls behind a filler so they go out in one flush, and every node's
-keys."""
+test_cluster_pipeline.py, test_cluster_redirects.py): the orgs and scopes they reserve for,
+finding orgs whose slots live on different nodes, queueing calls behind a filler so they go out
+in one flush, every node's keys, and migrating a slot as an operator would."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import redis as redis_sync
 
 from proxy.keys import leases_key, tenant_tag
 from proxy.ledger import Scope
-from proxy.stores import Counter
+from proxy.stores import Counter, Status
+from proxy.stores.redis import SCRIPTS
 
+from ..redis_cluster import RedisCluster
 from ..redis_server import dump_keys
-from .batches import EXPIRE, FILLER_DEADLINE, _fillers
+from .batches import EXPIRE, FILLER_DEADLINE, NOW_MS, _fillers
 
 ORGS = [f"org{i}" for i in range(12)]
 
@@ -86,3 +88,52 @@ def dump(redis_cluster) -> dict:
         out.update(dump_keys(client, skip=lambda key: b"filler" in key))
         client.close()
     return out
+
+
+def plan(org: str) -> list[Counter]:
+    """Counters in the org's slot only (no shared limited scope: no lending calls)."""
+    return [Counter("{bp}:w:day", f"org:{org}", 100, -1, EXPIRE), Counter("{bp}:w:day", f"user:{org}/u", -1, -1, EXPIRE)]
+
+
+def home(store, org: str) -> int:
+    """The port of the node the store's client maps the org's slot to."""
+    return store._r.nodes_manager.get_node_from_slot(store._r.keyslot(f"{{bp:{org}}}")).port
+
+
+async def open_for(store, orgs) -> None:
+    """Reservations the many-orgs calls settle; every tenant registered and batch.lua loaded on
+    every node (no SADD or NOSCRIPT in the flush)."""
+    await store._r.script_load(SCRIPTS["batch"])
+    for org in ("", *ORGS):
+        await store._register(org)
+    for org in orgs:
+        assert (await store.reserve(f"pre-{org}", plan(org), 40, 4, NOW_MS, False)).status is Status.ADMITTED
+
+
+def move_slot(cluster: RedisCluster, slot: int, src: int, dst: int) -> None:
+    """Migrate `slot` with its keys from node `src` to node `dst` (redis-cli, as an operator
+    would), and tell every node the new owner."""
+    begin_migration(cluster, slot, src, dst)
+    migrate_keys(cluster, slot, src, dst)
+    end_migration(cluster, slot, dst)
+
+
+def begin_migration(cluster: RedisCluster, slot: int, src: int, dst: int) -> None:
+    """`slot` IMPORTING on `dst` and MIGRATING on `src`: from now on `src` answers ASK for a key
+    it no longer holds, and TRYAGAIN for a multi-key command of which it holds only some."""
+    cluster.command(dst, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", cluster.command(src, "CLUSTER", "MYID"))
+    cluster.command(src, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", cluster.command(dst, "CLUSTER", "MYID"))
+
+
+def migrate_keys(cluster: RedisCluster, slot: int, src: int, dst: int, keys: list[str] | None = None) -> None:
+    """Move `keys` (default: every key of `slot` on `src`) to `dst` (MIGRATE)."""
+    keys = cluster.command(src, "CLUSTER", "GETKEYSINSLOT", str(slot), "1000").split() if keys is None else keys
+    if keys:
+        assert cluster.command(src, "MIGRATE", "127.0.0.1", str(dst), "", "0", "5000", "KEYS", *keys) == "OK"
+
+
+def end_migration(cluster: RedisCluster, slot: int, dst: int) -> None:
+    """Every node told that `dst` owns `slot` (the importing node first, as redis-cli does)."""
+    owner = cluster.command(dst, "CLUSTER", "MYID")
+    for port in (dst, *cluster.ports):
+        cluster.command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", owner)

@@ -69,12 +69,12 @@ async def test_calls_of_orgs_on_different_nodes_batch_per_org_never_crossslot(cl
     calls = [lambda i=i, org=org: store.reserve(f"{org}-{i}", plans[org], 30, 1, NOW_MS, False)
              for i in range(4) for org in (first, second)]
     sent = []
-    round_trip = store._calls._round_trip
+    routes = store._calls._routes
 
-    async def spy(commands):
+    def spy(commands):                                  # every round trip's commands, a flush's at once
         sent.append([c[2] for c in commands])           # EVALSHA sha numkeys …
-        return await round_trip(commands)
-    store._calls._round_trip = spy
+        return routes(commands)
+    store._calls._routes = spy
     out = await in_one_batch(store, calls, tenants=("", first, second))
     # Interleaved in the queue, out as one batch call per org: 3 of 30 fit each org's 100.
     assert [o.status for o in out] == [Status.ADMITTED] * 6 + [Status.REFUSED] * 2

@@ -10,63 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
-import pytest
 from redis.asyncio.connection import Connection
 
 from proxy.errors import StoreUnavailable
-from proxy.stores import Counter, Status, open_store
+from proxy.stores import Status, open_store
 from proxy.stores.base import Note
 from proxy.stores.redis import SCRIPTS
 
-from ..redis_cluster import RedisCluster
-from .batches import EXPIRE, NOW_MS, one_by_one, outcome
-from .clusters import ORGS, dump, queued
+from .batches import NOW_MS, one_by_one, outcome
+from .clusters import FILLER, ORGS, dump, home, move_slot, open_for, plan, queued
 
 SCRIPT = b"$7\r\nEVALSHA\r\n"        # how each packed script call starts on the wire
-
-
-def plan(org: str) -> list[Counter]:
-    """Counters in the org's slot only (no shared limited scope: no lending calls)."""
-    return [Counter("{bp}:w:day", f"org:{org}", 100, -1, EXPIRE), Counter("{bp}:w:day", f"user:{org}/u", -1, -1, EXPIRE)]
-
-
-def home(store, org: str) -> int:
-    """The port of the node the store's client maps the org's slot to."""
-    return store._r.nodes_manager.get_node_from_slot(store._r.keyslot(f"{{bp:{org}}}")).port
-
-
-@pytest.fixture
-def writes(monkeypatch):
-    """Every write on a redis-py asyncio connection: (port, bytes)."""
-    seen: list[tuple[int, bytes]] = []
-    send = Connection.send_packed_command
-
-    async def spy(self, command, check_health=True):
-        data = command.encode() if isinstance(command, str) else command if isinstance(command, bytes) else b"".join(command)
-        seen.append((self.port, data))
-        return await send(self, command, check_health)
-    monkeypatch.setattr(Connection, "send_packed_command", spy)
-    return seen
-
-
-@pytest.fixture
-def own_cluster():
-    """A cluster of the test's own, for the tests that move a slot or kill a node."""
-    cluster = RedisCluster()
-    cluster.start()
-    yield cluster
-    cluster.stop()
-
-
-async def open_for(store, orgs) -> None:
-    """Reservations the many-orgs calls settle; every tenant registered and batch.lua loaded on
-    every node (no SADD or NOSCRIPT in the flush)."""
-    await store._r.script_load(SCRIPTS["batch"])
-    for org in ("", *ORGS):
-        await store._register(org)
-    for org in orgs:
-        assert (await store.reserve(f"pre-{org}", plan(org), 40, 4, NOW_MS, False)).status is Status.ADMITTED
 
 
 SETTLED = ORGS[:4] + ORGS[8:]
@@ -111,19 +67,6 @@ async def test_a_flush_over_many_orgs_is_one_write_per_node_and_does_what_its_ca
     calls = [(port, data.count(SCRIPT)) for port, data in writes]
     assert calls[0][1] == 1
     assert sorted(calls[1:]) == sorted((port, sum(h == port for h in homes.values())) for port in set(homes.values()))
-
-
-def move_slot(cluster: RedisCluster, slot: int, src: int, dst: int) -> None:
-    """Migrate `slot` with its keys from node `src` to node `dst` (redis-cli, as an operator
-    would), and tell every node the new owner."""
-    ids = {port: cluster.command(port, "CLUSTER", "MYID") for port in cluster.ports}
-    cluster.command(dst, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[src])
-    cluster.command(src, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[dst])
-    keys = cluster.command(src, "CLUSTER", "GETKEYSINSLOT", str(slot), "1000").split()
-    if keys:
-        assert cluster.command(src, "MIGRATE", "127.0.0.1", str(dst), "", "0", "5000", "KEYS", *keys) == "OK"
-    for port in (dst, src, *cluster.ports):
-        cluster.command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[dst])
 
 
 async def test_a_call_whose_slot_moved_is_redirected_and_the_others_stay_pipelined(own_cluster, writes):
@@ -286,3 +229,71 @@ async def test_a_frozen_node_does_not_hold_the_calls_of_orgs_on_other_nodes(own_
         await store.close()
     assert isinstance(out[0], StoreUnavailable) and out[1].status is Status.ADMITTED
     assert outcome == (True, False)                          # the other node's org answered first
+
+
+async def test_a_healthy_node_s_caller_is_answered_before_a_frozen_node_s_call_in_the_same_flush(own_cluster):
+    # One flush carries a call for an org on a frozen primary and one for an org on a healthy
+    # node: each node's callers are answered when that node's replies are read, so the healthy
+    # org's caller does not wait for the frozen node's exchange (its socket timeout, 5 s).
+    store = open_store(own_cluster.url)
+    await open_for(store, ())
+    await store._r.script_load(SCRIPTS["reserve"])          # a single call's script, on every node
+    homes = {org: home(store, org) for org in ORGS}
+    victim = next(port for port in own_cluster.ports if port != home(store, ""))   # not the filler's node
+    frozen_org = next(org for org in ORGS if homes[org] == victim)
+    healthy_org = next(org for org in ORGS if homes[org] != victim)
+    proc = own_cluster.procs[own_cluster.ports.index(victim)]
+
+    def reserve(rid: str, counters):
+        return asyncio.ensure_future(store.reserve(rid, counters, 1, 1, NOW_MS, False))
+    store._calls.MAX_IN_FLIGHT = 1
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        filler = reserve("filler", FILLER)                  # takes the one slot; the others queue
+        frozen, healthy = reserve("frozen", plan(frozen_org)), reserve("healthy", plan(healthy_org))
+        await filler
+        assert store._calls._batches == 1 and not store._calls._queue      # both in the flush out
+        started = time.monotonic()
+        done, _ = await asyncio.wait({frozen, healthy}, return_when=asyncio.FIRST_COMPLETED)
+        waited = time.monotonic() - started
+        assert done == {healthy}
+        assert healthy.result().status is Status.ADMITTED
+        assert waited < store._r.get_node("127.0.0.1", victim).connection_kwargs["socket_timeout"] / 2
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    # The frozen node's call was only late: answered once the node wakes, counted once.
+    assert (await frozen).status is Status.ADMITTED
+    assert await store.snapshot(plan(frozen_org)[:1]) == [(0, 1, 0, 1)]
+    await store.close()
+
+
+async def test_a_script_reload_does_not_wait_for_a_frozen_primary(own_cluster):
+    # After a failover to a fresh replica (or SCRIPT FLUSH) a node answers NOSCRIPT: the script
+    # is loaded on that node only and the call runs again. redis-py's script object loads it on
+    # every primary, so with another primary frozen every reload waited for its timeout.
+    store = open_store(own_cluster.url)
+    await open_for(store, ())
+    homes = {org: home(store, org) for org in ORGS}
+    victim = next(port for port in own_cluster.ports if port != home(store, ""))   # not the filler's node
+    healthy = [port for port in own_cluster.ports if port != victim]
+    orgs = [next(org for org in ORGS if homes[org] == port) for port in healthy]
+    proc = own_cluster.procs[own_cluster.ports.index(victim)]
+    for port in healthy:
+        assert own_cluster.command(port, "SCRIPT", "FLUSH") == "OK"
+    timeout = store._r.get_node("127.0.0.1", victim).connection_kwargs["socket_timeout"]
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        # The filler alone (a single call), then one flush: a batch for the first org, a single
+        # call for the other; each answered NOSCRIPT by its node.
+        out = await asyncio.wait_for(queued(store, [
+            lambda: store.reserve("a1", plan(orgs[0]), 1, 1, NOW_MS, False),
+            lambda: store.reserve("a2", plan(orgs[0]), 1, 1, NOW_MS, False),
+            lambda: store.reserve("b1", plan(orgs[1]), 1, 1, NOW_MS, False)], tenants=()), timeout / 2)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert [o.status for o in out] == [Status.ADMITTED] * 3
+    assert [await store.snapshot(plan(org)[:1]) for org in orgs] == [[(0, 2, 0, 2)], [(0, 1, 0, 1)]]
+    # Loaded where a call needed it (the batch script: the first org's node), not on every primary.
+    sha = store._calls._batch.sha
+    assert [own_cluster.command(port, "SCRIPT", "EXISTS", sha) for port in healthy] == ["1", "0"]
+    await store.close()
