@@ -408,6 +408,9 @@ class Response:
                 self._paused = False
                 conn.transport.resume_reading()
             if self._keep and not rest and conn.usable():
+                if self._paused:         # paused by a slow caller on this very read: the next
+                    self._paused = False  # answer on the connection must be read
+                    conn.transport.resume_reading()
                 conn.client._idle_again(conn)
             else:
                 conn.abort()

@@ -1,0 +1,159 @@
+"""Adversarial review of proxy/http1.py on real sockets, under both event loops the proxy runs on
+(`serve` picks uvloop when it is installed): each test scripts a raw upstream connection by
+connection, so what the client sees (and when) is exact."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+
+import pytest
+
+from proxy import http1
+from proxy.errors import UpstreamIOError
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+
+
+@pytest.fixture(params=LOOPS)
+def run(request):
+    """Run a scenario coroutine on a fresh loop of the parametrised kind."""
+    def factory():
+        if request.param == "uvloop":
+            import uvloop
+            return uvloop.new_event_loop()
+        return asyncio.new_event_loop()
+
+    async def scenario_then_cleanup(scenario, args):
+        client = http1.Client()
+        try:
+            return await asyncio.wait_for(scenario(client, *args), 60)
+        finally:
+            await client.close()
+            for up in list(Upstream.started):
+                up.close()
+            Upstream.started.clear()
+
+    def run(scenario, *args):
+        """`await scenario(client, *args)`; the client and every Upstream started are closed after."""
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(scenario_then_cleanup(scenario, args))
+    return run
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return head + await reader.readexactly(length)
+
+
+class Upstream:
+    """A raw upstream: `serve(reader, writer)` is the test's script for each connection."""
+    started: list["Upstream"] = []
+
+    def __init__(self, serve) -> None:
+        self.serve = serve
+        self.connections = 0
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> "Upstream":
+        Upstream.started.append(self)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = http1.Url.parse(f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1/x")
+        return self
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        self.writers.add(writer)
+        try:
+            await self.serve(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    def close(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+
+
+async def until(condition, seconds: float = 5.0) -> None:
+    """Wait for a condition on the client's state that no event announces."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def send(client: http1.Client, url: http1.Url, body: bytes = b"{}", read_timeout: float = 5.0):
+    return await client.send(url, url.head("POST", {}), body, 5.0, read_timeout)
+
+
+async def exchange(client: http1.Client, url: http1.Url, **kw) -> tuple[int, bytes]:
+    resp = await send(client, url, **kw)
+    try:
+        return resp.status, await resp.read()
+    finally:
+        resp.release()
+
+
+# --- a pooled connection must be a readable one ----------------------------------------------
+
+async def _paused_at_the_end(client):
+    first = http1.PAUSE_AT - 10
+    go = asyncio.Event()
+
+    async def serve(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (first + 20) + b"x" * first)
+        await go.wait()
+        writer.write(b"y" * 20)          # crosses PAUSE_AT and ends the body in one read
+        while True:
+            await read_request(reader)
+            writer.write(OK)
+    up = await Upstream(serve).start()
+    resp = await send(client, up.url)
+    await until(lambda: resp._unread == first)         # the caller has not read any of it
+    go.set()
+    await until(lambda: resp._state == http1._DONE)
+    assert sum([len(piece) async for piece in resp.iter_any()]) == first + 20
+    resp.release()
+    # The same connection, from the pool: its answer must be read, not left in the socket.
+    assert await exchange(client, up.url, read_timeout=1.0) == (200, b"{}")
+    assert up.connections == 1
+
+
+def test_a_connection_paused_by_a_slow_reader_is_read_again_before_it_is_pooled(run):
+    """A stream whose last read both fills the reader's buffer past PAUSE_AT and ends the body
+    pooled its connection with reading paused: the next request on it (any tenant's) got no
+    answer until its read timeout (600 s by default) and was charged its prompt."""
+    run(_paused_at_the_end)
+
+
+# --- every connection the client made is accounted for ---------------------------------------
+
+async def _cancelled_while_connecting(client):
+    async def serve(reader, writer):
+        await reader.read()
+    up = await Upstream(serve).start()
+    for spins in range(12):
+        for _ in range(3):
+            task = asyncio.ensure_future(send(client, up.url))
+            for _ in range(spins):
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises((asyncio.CancelledError, UpstreamIOError)):
+                await task
+    await until(lambda: not client._open)              # none pooled, none left open
+
+
+def test_a_request_cancelled_while_connecting_leaves_no_connection_behind(run):
+    """Under uvloop a connection whose create_connection is cancelled is closed without
+    connection_lost: it stayed in Client._open for ever (one per client that went away while the
+    proxy was connecting upstream)."""
+    run(_cancelled_while_connecting)
