@@ -172,6 +172,11 @@ class Client:
             raise UpstreamConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:          # refused, unreachable, DNS (gaierror), TLS (SSLError)
             raise UpstreamUnsent(f"could not connect to {host}:{port}: {type(exc).__name__}") from exc
+        if conn.lost:                   # closed (or sent bytes unasked) before the request left
+            raise UpstreamUnsent(f"{host}:{port} closed the connection at once")
+        # Counted as open only now: uvloop closes the transport of a create_connection cancelled
+        # after connection_made without calling connection_lost, which would leave it here.
+        self._open.add(conn)
         return conn
 
     def _idle_again(self, conn: "_Connection") -> None:
@@ -221,7 +226,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.client._open.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
