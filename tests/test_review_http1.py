@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 
 import pytest
 
 from proxy import http1
-from proxy.errors import UpstreamIOError
+from proxy.errors import UpstreamBroken, UpstreamIOError
+
+from . import harness
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
@@ -157,3 +160,64 @@ def test_a_request_cancelled_while_connecting_leaves_no_connection_behind(run):
     connection_lost: it stayed in Client._open for ever (one per client that went away while the
     proxy was connecting upstream)."""
     run(_cancelled_while_connecting)
+
+
+# --- what an upstream may not put in its head -----------------------------------------------
+
+async def _answered_once(client, answer: bytes):
+    async def serve(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(answer)
+    up = await Upstream(serve).start()
+    return await exchange(client, up.url)
+
+
+@pytest.mark.parametrize("value", [b"a\rb", b"a\nb", b"a\x00b", b"a\x01b", b"a\x1fb", b"a\x7fb"])
+def test_a_control_character_in_a_header_is_a_broken_answer(run, value):
+    """aiohttp's server refuses to write such a header: passed on, it dropped the proxy's
+    connection (non-stream) or sent a 500 framed twice (stream) instead of a 502."""
+    answer = b"HTTP/1.1 200 OK\r\nx-request-id: " + value + b"\r\nContent-Length: 2\r\n\r\n{}"
+    with pytest.raises(UpstreamBroken):
+        run(_answered_once, answer)
+
+
+def test_tabs_and_bytes_that_are_not_ascii_are_kept(run):
+    answer = b"HTTP/1.1 200 \xe9t\xe9\r\nx-request-id: a\tb \xff\r\nContent-Length: 2\r\n\r\n{}"
+    assert run(_answered_once, answer) == (200, b"{}")
+
+
+@pytest.mark.parametrize("status", [b"000", b"099"])
+def test_a_status_below_100_is_a_broken_answer(run, status):
+    with pytest.raises(UpstreamBroken):
+        run(_answered_once, b"HTTP/1.1 " + status + b" X\r\nContent-Length: 2\r\n\r\n{}")
+
+
+async def raw_upstream(answer: bytes) -> tuple[asyncio.AbstractServer, str]:
+    """An upstream answering every request with `answer`, for the proxy: (server, base_url)."""
+    async def serve(reader, writer):
+        try:
+            while True:
+                await read_request(reader)
+                writer.write(answer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_proxy_answers_a_header_it_cannot_pass_on_with_a_502(start_proxy, stream):
+    ctype = b"text/event-stream" if stream else b"application/json"
+    body = b'data: [DONE]\n\n' if stream else b'{"choices": []}'
+    server, url = await raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nx-request-id: a\rb\r\n"
+                                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    h = await start_proxy("memory://", provider_options={"base_url": url})
+    status, _, answer = await harness.post(h, "/chat/completions",
+                                           {"model": "gpt-4o", "messages": harness.MSGS, "stream": stream})
+    assert status == 502 and json.loads(answer)["error"]["code"] == "upstream_unavailable"
+    (log,) = await h.gateway.ledger.settlements(limit=10)
+    assert log.outcome == "upstream_error" and log.usd_micro > 0       # the upstream got the prompt
+    server.close()
