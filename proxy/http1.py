@@ -256,7 +256,7 @@ class _Connection(asyncio.Protocol):
         self.client._forget(self)
         resp = self.response
         if resp is not None:
-            resp._lost()
+            resp._lost(exc)
 
     def abort(self) -> None:
         self.lost = True
@@ -432,8 +432,11 @@ class Response:
         elif self._state != _DONE:
             self._fail(UpstreamBroken("the upstream closed the connection before the answer was complete"))
 
-    def _lost(self) -> None:
-        self._eof()
+    def _lost(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self._eof()
+        else:                            # a reset: even a body read to the close is cut short
+            self._fail(UpstreamBroken(f"the connection to the upstream broke: {type(exc).__name__}"))
 
     def _resume(self) -> None:
         self._paused = False
@@ -563,9 +566,10 @@ class Response:
             self._left = 0
         elif chunked is not None:
             # Transfer-Encoding wins over Content-Length (RFC 9112 6.3); without chunked last,
-            # the body runs to the close.
+            # the body runs to the close. With both, something on the way may have framed it
+            # by its length (response splitting): the connection carries no further answer.
             self._state = _SIZE if chunked else _TO_EOF
-            if not chunked:
+            if not chunked or length is not None:
                 self._keep = False
         elif length is not None:
             self._state = _LENGTH

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import socket
+import struct
 
 import pytest
 
@@ -221,3 +223,52 @@ async def test_the_proxy_answers_a_header_it_cannot_pass_on_with_a_502(start_pro
     (log,) = await h.gateway.ledger.settlements(limit=10)
     assert log.outcome == "upstream_error" and log.usd_micro > 0       # the upstream got the prompt
     server.close()
+
+
+# --- how an answer may end ---------------------------------------------------------------------
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with an RST instead of a FIN (SO_LINGER 0)."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def _reset_mid_body(client):
+    async def serve(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: {\"a\":")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        _reset(writer)
+    up = await Upstream(serve).start()
+    resp = await send(client, up.url)
+    try:
+        return await resp.read()
+    finally:
+        resp.release()
+
+
+def test_a_body_read_to_the_close_that_ends_in_a_reset_is_broken(run):
+    """A close-delimited body ends cleanly only with a FIN: a reset means the upstream (or a
+    middlebox) broke off, and a cut stream must not be settled as a whole one."""
+    with pytest.raises(UpstreamBroken):
+        run(_reset_mid_body)
+
+
+async def _both_lengths(client):
+    async def serve(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"2\r\n{}\r\n0\r\n\r\n")
+    up = await Upstream(serve).start()
+    assert await exchange(client, up.url) == (200, b"{}")
+    assert await exchange(client, up.url) == (200, b"{}")
+    return up.connections
+
+
+def test_an_answer_with_both_lengths_is_read_chunked_and_its_connection_closed(run):
+    """RFC 9112 6.3: Transfer-Encoding wins, but the message may be a response-splitting
+    attempt (something on the way may have framed it by its Content-Length): the connection is
+    not trusted with another answer."""
+    assert run(_both_lengths) == 2
