@@ -272,3 +272,85 @@ def test_an_answer_with_both_lengths_is_read_chunked_and_its_connection_closed(r
     attempt (something on the way may have framed it by its Content-Length): the connection is
     not trusted with another answer."""
     assert run(_both_lengths) == 2
+
+
+# --- many tenants on one pool ----------------------------------------------------------------
+
+def _framed(rid: bytes, how: str, rnd) -> tuple[bytes, bool]:
+    """An answer carrying the request's id in a header and its body, framed `how`; and whether
+    the upstream closes the connection after it."""
+    body = b'{"id":"%s","pad":"%s"}' % (rid, b"p" * rnd.randint(0, 3000))
+    sized = b"HTTP/1.1 200 OK\r\nX-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (rid, len(body), body)
+    chunks = b"".join(b"%x;e=1\r\n%s\r\n" % (len(body[i:i + 700]), body[i:i + 700]) for i in range(0, len(body), 700))
+    chunked = b"HTTP/1.1 200 OK\r\nX-Id: %s\r\nTransfer-Encoding: chunked\r\n\r\n%s0\r\nT: 1\r\n\r\n" % (rid, chunks)
+    return {"sized": (sized, False), "chunked": (chunked, False),
+            "continue": (b"HTTP/1.1 100 Continue\r\n\r\n" + sized, False),
+            "to_close": (b"HTTP/1.1 200 OK\r\nX-Id: %s\r\n\r\n%s" % (rid, body), True),
+            "close": (sized.replace(b"OK\r\n", b"OK\r\nConnection: close\r\n"), True),
+            "extra": (sized + b"GARBAGE", False),                        # never a valid answer
+            "cut": (sized[:rnd.randint(0, len(sized) - 1)], True),
+            "malformed": (chunked.replace(b"\r\n\r\n", b"\r\n\r\nzz\r\n", 1), True)}[how]
+
+
+async def _many_tenants(client, seed: int):
+    import random
+    rnd = random.Random(seed)
+
+    async def serve(reader, writer):
+        while True:
+            request = await read_request(reader)
+            rid, how = request.rpartition(b"\r\n\r\n")[2].split(b":")
+            answer, close = _framed(rid, how.decode(), rnd)
+            cuts = sorted(rnd.sample(range(1, len(answer)), min(3, len(answer) - 1))) if rnd.random() < 0.5 else []
+            for start, end in zip([0] + cuts, cuts + [len(answer)]):
+                writer.write(answer[start:end])
+                await writer.drain()
+                await asyncio.sleep(rnd.random() * 0.002)
+            if close or rnd.random() < 0.03:                # and now and then an idle close
+                return
+    up = await Upstream(serve).start()
+    outcomes: dict[str, int] = {}
+
+    async def tenant(i: int) -> None:
+        rid = b"t%05d" % i
+        how = rnd.choice(["sized", "sized", "chunked", "chunked", "continue", "to_close", "close", "extra",
+                          "cut", "malformed"])
+        leave = rnd.choice(["read", "stream", "abandon", "cancel"])
+        resp = None
+
+        async def call() -> None:
+            nonlocal resp
+            resp = await send(client, up.url, rid + b":" + how.encode(), read_timeout=2.0)
+            if leave == "abandon":
+                return
+            if leave == "stream":
+                got = b"".join([piece async for piece in resp.iter_any()])
+            else:
+                got = await resp.read()
+            assert dict(resp.headers)["X-Id"] == rid.decode() and got.startswith(b'{"id":"%s"' % rid)
+            assert got.endswith(b'"}')
+        task = asyncio.ensure_future(call())
+        if leave == "cancel":
+            await asyncio.sleep(rnd.random() * 0.01)
+            task.cancel()
+        try:
+            await task
+            outcome = "ok"
+        except (asyncio.CancelledError, UpstreamIOError) as exc:
+            outcome = type(exc).__name__
+        finally:
+            if resp is not None:
+                resp.release()
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    await asyncio.gather(*(tenant(i) for i in range(800)))
+    await until(lambda: len(client._open) == sum(map(len, client._idle.values())))   # none left behind
+    return outcomes
+
+
+def test_hundreds_in_flight_each_get_only_their_own_answer(run):
+    """800 requests, hundreds at once on one pool, against an upstream that frames answers every
+    way, splits them anywhere, cuts, garbles or over-sends some and closes idle connections;
+    callers read whole, stream, abandon or are cancelled at random points. Every answer read
+    is its own request's (header and body), and every connection is pooled or closed."""
+    outcomes = run(_many_tenants, 7)
+    assert outcomes["ok"] > 200 and outcomes["UpstreamBroken"] > 50 and outcomes["CancelledError"] > 50
