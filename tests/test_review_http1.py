@@ -8,7 +8,9 @@ import asyncio
 import importlib.util
 import json
 import socket
+import ssl
 import struct
+import subprocess
 
 import pytest
 
@@ -354,3 +356,36 @@ def test_hundreds_in_flight_each_get_only_their_own_answer(run):
     is its own request's (header and body), and every connection is pooled or closed."""
     outcomes = run(_many_tenants, 7)
     assert outcomes["ok"] > 200 and outcomes["UpstreamBroken"] > 50 and outcomes["CancelledError"] > 50
+
+
+async def test_the_proxy_reaches_an_https_upstream_signed_by_a_private_ca(start_proxy, tmp_path, monkeypatch):
+    """End to end: an operator's SSL_CERT_FILE is what the proxy's upstream client trusts, read
+    at start-up; the answer comes back through the proxy and is settled."""
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    body = (b'{"id":"c","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"finish_reason":"stop",'
+            b'"message":{"role":"assistant","content":"hi"}}],"usage":{"prompt_tokens":9,"completion_tokens":1,'
+            b'"total_tokens":10}}')
+
+    async def serve(reader, writer):
+        try:
+            while True:
+                await read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                             % len(body) + body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
+    url = f"https://localhost:{server.sockets[0].getsockname()[1]}/v1"
+    monkeypatch.setenv("SSL_CERT_FILE", cert)
+    h = await start_proxy("memory://", provider_options={"base_url": url})
+    for _ in range(2):
+        status, _, answer = await harness.post(h, "/chat/completions", {"model": "gpt-4o", "messages": harness.MSGS})
+        assert (status, json.loads(answer)["usage"]["total_tokens"]) == (200, 10)
+    (one, two) = await h.gateway.ledger.settlements(limit=10)
+    assert one.outcome == two.outcome == "ok"
+    server.close()
