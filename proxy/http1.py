@@ -134,6 +134,8 @@ class Client:
     async def _exchange(self, conn: "_Connection", head: bytes, body: bytes | None,
                         read_timeout: float) -> "Response":
         resp = Response(conn, read_timeout)
+        # aiohttp routes a HEAD to every GET route (the pass-through's): its answer has headers only
+        resp._head_only = head.startswith(b"HEAD ")
         conn.response = resp
         transport = conn.transport
         try:
@@ -281,6 +283,7 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
     content_type: str = "application/octet-stream"
     _state: int = _HEAD
+    _head_only: bool = False             # the answer to a HEAD: no body, whatever its length says
     _keep: bool = True
     _buf: bytearray = field(default_factory=bytearray)
     _left: int = 0
@@ -561,7 +564,7 @@ class Response:
         if ctype:
             self.content_type = ctype
         self._keep = keep
-        if status in _NO_BODY:
+        if status in _NO_BODY or self._head_only:
             self._state = _LENGTH
             self._left = 0
         elif chunked is not None:

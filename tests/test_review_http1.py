@@ -12,6 +12,7 @@ import ssl
 import struct
 import subprocess
 
+import aiohttp
 import pytest
 
 from proxy import http1
@@ -389,3 +390,33 @@ async def test_the_proxy_reaches_an_https_upstream_signed_by_a_private_ca(start_
     (one, two) = await h.gateway.ledger.settlements(limit=10)
     assert one.outcome == two.outcome == "ok"
     server.close()
+
+
+async def _head_then_post(client):
+    async def serve(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 38\r\n\r\n")
+        await read_request(reader)
+        writer.write(OK)
+    up = await Upstream(serve).start()
+    resp = await client.send(up.url, up.url.head("HEAD", {}), None, 5.0, 5.0)
+    got = (resp.status, await resp.read())
+    resp.release()
+    return got, await exchange(client, up.url), up.connections
+
+
+def test_the_answer_to_a_head_has_no_body_whatever_its_length_says(run):
+    """aiohttp's router answers HEAD on every GET route, so a client's HEAD /v1/responses/ID
+    goes upstream as a HEAD: its answer's Content-Length is the GET's, with no body after it.
+    Waiting for that body held the request and an upstream connection for the read timeout
+    (600 s by default), then answered 504."""
+    assert run(_head_then_post) == ((200, b""), (200, b"{}"), 1)
+
+
+async def test_a_head_through_the_proxy_is_answered_at_once(start_proxy):
+    h = await start_proxy("memory://")
+    h.fake.stored["resp_1"] = ({"id": "resp_1", "object": "response"}, [])
+    async with aiohttp.ClientSession() as s:
+        async with s.head(f"{h.url}/responses/resp_1", headers={"Authorization": f"Bearer {harness.CLIENT_KEY}"},
+                          timeout=aiohttp.ClientTimeout(total=5)) as r:
+            assert r.status == 200
