@@ -419,9 +419,6 @@ class Response:
                 self._paused = False
                 conn.transport.resume_reading()
             if self._keep and not rest and conn.usable():
-                if self._paused:         # paused by a slow caller on this very read: the next
-                    self._paused = False  # answer on the connection must be read
-                    conn.transport.resume_reading()
                 conn.client._idle_again(conn)
             else:
                 conn.abort()
@@ -436,10 +433,10 @@ class Response:
             self._fail(UpstreamBroken("the upstream closed the connection before the answer was complete"))
 
     def _lost(self, exc: BaseException | None) -> None:
-        if exc is None:
-            self._eof()
-        else:                            # a reset: even a body read to the close is cut short
+        if exc is not None and self._state == _TO_EOF:     # a reset, not the close that ends it
             self._fail(UpstreamBroken(f"the connection to the upstream broke: {type(exc).__name__}"))
+        else:                            # (a reset before any answer is an idle close: _eof)
+            self._eof()
 
     def _resume(self) -> None:
         self._paused = False

@@ -420,3 +420,23 @@ async def test_a_head_through_the_proxy_is_answered_at_once(start_proxy):
         async with s.head(f"{h.url}/responses/resp_1", headers={"Authorization": f"Bearer {harness.CLIENT_KEY}"},
                           timeout=aiohttp.ClientTimeout(total=5)) as r:
             assert r.status == 200
+
+
+async def _pooled_then_reset(client):
+    async def serve(reader, writer):
+        await read_request(reader)
+        writer.write(OK)
+        await read_request(reader)
+        if up.connections == 1:
+            _reset(writer)                # an idle close by RST, as the second request came in
+            return
+        writer.write(OK)
+    up = await Upstream(serve).start()
+    first = await exchange(client, up.url)
+    return first, await exchange(client, up.url), up.connections
+
+
+def test_a_pooled_connection_reset_without_an_answer_is_sent_again(run):
+    """The reset must not turn the idle-close retry (an upstream ending a pooled connection as
+    the request went out) into a 502: only a body read to the close is cut short by one."""
+    assert run(_pooled_then_reset) == ((200, b"{}"), (200, b"{}"), 2)
