@@ -151,11 +151,11 @@ async def _cancelled_while_connecting(client):
     up = await Upstream(serve).start()
     for spins in range(12):
         for _ in range(3):
-            task = asyncio.ensure_future(send(client, up.url))
+            task = asyncio.ensure_future(send(client, up.url, read_timeout=0.5))
             for _ in range(spins):
                 await asyncio.sleep(0)
             task.cancel()
-            with pytest.raises((asyncio.CancelledError, UpstreamIOError)):
+            with pytest.raises(asyncio.CancelledError):    # not sent on regardless
                 await task
     await until(lambda: not client._open)              # none pooled, none left open
 
@@ -163,7 +163,8 @@ async def _cancelled_while_connecting(client):
 def test_a_request_cancelled_while_connecting_leaves_no_connection_behind(run):
     """Under uvloop a connection whose create_connection is cancelled is closed without
     connection_lost: it stayed in Client._open for ever (one per client that went away while the
-    proxy was connecting upstream)."""
+    proxy was connecting upstream). And wait_for, the connect timeout, dropped a cancellation
+    that came as the connection was made: the request was sent anyway."""
     run(_cancelled_while_connecting)
 
 
