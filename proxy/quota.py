@@ -53,7 +53,7 @@ def budget_headers(model: str, asked: str, balances: Sequence[Balance]) -> dict[
     the share of its limit left (x-budget-scope; the first of equals).
 
     Every admitted request's headers: one pass over the balances, no intermediate list or dict,
-    and the scope's text made once per scope, window and unit (2.7 -> 1.6 µs for five)."""
+    and the scope's text made once per scope, window and unit (2.7 -> 1.8 µs for five)."""
     out = {"x-budget-model": model}
     if model != asked:
         out["x-budget-downgraded-from"] = asked
