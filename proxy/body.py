@@ -57,6 +57,22 @@ def _finite_float(text: str) -> float:
 
 # Built once: json.loads with any keyword builds a decoder (and its scanner) on every call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_SCAN = _DECODER.scan_once
+
+
+def _decode(text: str) -> Any:
+    """`_DECODER.decode(text)`. A compact object (no blanks before its `{` or after its `}`, as
+    SDKs send) goes to the scanner directly, as decode() would after finding no blanks to skip:
+    its two regex matches cost more than the scan (`_loads` of the bench's body 3.0 -> 2.35 µs). Anything
+    else, or any error, is decode()'s, so its errors and their messages stay the same."""
+    if text[:1] == "{" and text[-1:] == "}":
+        try:
+            obj, end = _SCAN(text, 0)
+        except StopIteration:
+            return _DECODER.decode(text)
+        if end == len(text):
+            return obj
+    return _DECODER.decode(text)
 
 
 def _loads(raw: bytes) -> Any:
@@ -75,7 +91,7 @@ def _loads(raw: bytes) -> Any:
     try:
         if text.startswith("\ufeff"):         # a second BOM: refused as json.loads refuses it
             raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
-        body = _DECODER.decode(text)
+        body = _decode(text)
     except (ValueError, RecursionError) as exc:     # bad JSON, NaN, 5000-digit ints, deep nesting
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise BadRequest(f"We could not parse the JSON body of your request: {reason}.",

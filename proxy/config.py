@@ -72,7 +72,7 @@ class Model:
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
         """Micro-dollars, rounded up, for uncached prompt and completion tokens (an estimate)."""
-        return pricing.cost(pricing.estimate(prompt_tokens, completion_tokens), self.rates)
+        return pricing.estimate_cost(prompt_tokens, completion_tokens, self.rates)
 
     def charge(self, usage: pricing.Usage) -> int:
         """Micro-dollars, rounded up, for real usage (cache reads and writes at their own rates)."""

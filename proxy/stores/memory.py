@@ -18,6 +18,9 @@ from .base import (EMPTY, LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Cou
                    Note, ReserveOutcome, Seen, Status, Store, Totals)
 
 _ZERO = (0, 0, 0, 0)
+# Per reserve a Seen and a Totals for each limited counter (five in the bench's policy): built as
+# NamedTuple._make builds them, without their Python-level __new__ (2.5 -> 1.5 µs for five).
+_new = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -101,7 +104,7 @@ class MemoryStore(Store):
             if c.token_limit < 0 and c.usd_limit < 0:
                 continue
             t, tr, d, dr = row or _ZERO
-            seen.append(Seen(i, Totals(t, tr, d, dr)))
+            seen.append(_new(Seen, (i, _new(Totals, (t, tr, d, dr)))))
             if first is None and ((c.token_limit >= 0 and t + tr + tokens > c.token_limit) or
                                   (c.usd_limit >= 0 and d + dr + usd > c.usd_limit)):
                 first = seen[-1]
@@ -134,7 +137,7 @@ class MemoryStore(Store):
         seen = []
         for i, row, tl, dl in limited:
             t, tr, d, dr = row
-            seen.append(Seen(i, Totals(t, tr, d, dr)))
+            seen.append(_new(Seen, (i, _new(Totals, (t, tr, d, dr)))))
             if first is None and ((tl >= 0 and t + tr + tokens > tl) or (dl >= 0 and d + dr + usd > dl)):
                 first = seen[-1]
                 if not force:
@@ -143,7 +146,7 @@ class MemoryStore(Store):
             row[1] += tokens
             row[3] += usd
         self._remember(rid, _Record("r", tokens, usd, deadline_ms, counters, deadline_ms + OPEN_RECORD_MARGIN_MS, info))
-        return ReserveOutcome(Status.ADMITTED if first is None else Status.FORCED, first, tuple(seen))
+        return _new(ReserveOutcome, (Status.ADMITTED if first is None else Status.FORCED, first, tuple(seen)))
 
     async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
                      note: Note = Note("ok")) -> bool:

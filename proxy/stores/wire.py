@@ -15,6 +15,8 @@ from typing import NamedTuple, Sequence
 from .base import EMPTY, Counter, LogEntry, ReserveOutcome, Seen, Status, Totals
 
 _VALUE = struct.Struct("<dddd")
+_new = tuple.__new__
+_STATUS = {int(s): s for s in Status}     # Status(n) costs 0.45 µs: an Enum call
 
 
 class Wire(NamedTuple):
@@ -59,8 +61,14 @@ def outcome(reply: list, limited: tuple[int, ...]) -> ReserveOutcome:
     """reserve.lua's reply: status, the first counter over (index and values, index -1: none),
     then, admitted or forced, 4 values per limited counter (positions `limited`, Wire.limited)."""
     st, idx, t, tr, d, dr = reply[:6]
-    seen = tuple(Seen(i, Totals(*reply[x:x + 4])) for i, x in zip(limited, range(6, len(reply), 4)))
-    return ReserveOutcome(Status(st), Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None, seen)
+    # Built as NamedTuple._make builds them (no generator, no Python-level __new__): one Seen
+    # and one Totals per limited counter, every reserve.
+    seen = []
+    for i, x in zip(limited, range(6, len(reply), 4)):
+        seen.append(_new(Seen, (i, _new(Totals, reply[x:x + 4]))))
+    status = _STATUS.get(st)
+    return _new(ReserveOutcome, (Status(st) if status is None else status,
+                                 Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None, tuple(seen)))
 
 
 def counters(keys: Sequence[str], settle: Sequence[str]) -> tuple[Counter, ...]:
