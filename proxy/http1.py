@@ -346,15 +346,8 @@ class Response:
         self.close()
 
     def close(self) -> None:
-        conn = self.conn
-        if conn is not None:
-            self.conn = None
-            conn.response = None
-            conn.abort()
-        self._stop_timer()
-        if self._state != _DONE and self._error is None:
-            self._error = UpstreamBroken("the answer was abandoned")
-            self._wake()
+        if self._state != _DONE:         # (a whole answer has let go of its connection already)
+            self._fail(UpstreamBroken("the answer was abandoned"))
 
     # --- internals -------------------------------------------------------------------------
 

@@ -124,31 +124,19 @@ async def test_a_1xx_answer_is_skipped_and_204_has_no_body(client):
     await srv.stop()
 
 
-async def test_a_body_without_length_runs_to_the_close_and_the_connection_is_not_reused(client):
-    srv = await Server([b"HTTP/1.1 200 OK\r\n\r\nuntil the end", OK], close_after={0}).start()
+@pytest.mark.parametrize("answer, body, close_after", [
+    # a body without a length runs to the close: that connection cannot be reused
+    (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", b"until the end", {0}),
+    # the server keeps these connections open: the client must not
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", b"{}", ()),
+    # An upstream that sends more than it framed (a bug, or a second answer) must not hand those
+    # bytes to the next request on the connection: on a gateway that is another tenant.
+    (OK + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\npoisoned", b"{}", ()),
+], ids=["to-the-close", "connection-close", "bytes-after-the-answer"])
+async def test_a_connection_that_cannot_be_kept_is_not_reused(client, answer, body, close_after):
+    srv = await Server([answer, OK], close_after=close_after).start()
     url = srv.url()
-    assert await _read(client, url) == (200, b"until the end")
-    assert await _read(client, url) == (200, b"{}")
-    assert srv.connections == 2
-    await srv.stop()
-
-
-async def test_connection_close_is_honoured(client):
-    srv = await Server([b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", OK]).start()
-    url = srv.url()
-    assert await _read(client, url) == (200, b"{}")
-    assert await _read(client, url) == (200, b"{}")
-    assert srv.connections == 2
-    await srv.stop()
-
-
-async def test_bytes_after_an_answer_never_reach_the_next_request(client):
-    """An upstream that sends more than it framed (a bug, or a second answer) must not hand
-    those bytes to the next request on the connection: on a gateway that is another tenant."""
-    poisoned = OK + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\npoisoned"
-    srv = await Server([poisoned, OK]).start()
-    url = srv.url()
-    assert await _read(client, url) == (200, b"{}")
+    assert await _read(client, url) == (200, body)
     assert await _read(client, url) == (200, b"{}")
     assert srv.connections == 2
     await srv.stop()
