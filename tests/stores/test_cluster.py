@@ -203,3 +203,26 @@ async def test_processes_racing_over_many_orgs_never_exceed_a_global_limit(clust
     late = [await ledger.reserve(f"late-{i}", Amounts(AMOUNT, 1), scopes(ORGS[i % 8])) for i in range(LIMIT)]
     assert admitted + sum(isinstance(r, Reservation) for r in late) == LIMIT // AMOUNT
     await store.close()
+
+
+async def test_a_burst_of_first_requests_shares_one_draw_per_allowance(cluster_url):
+    """300 first reservations over 12 orgs, all refused on an empty allowance at once: the
+    refusals on one org's allowance wait for one draw instead of drawing a chunk each (which
+    lent out the whole global limit before any credit landed, and refused early)."""
+    store = open_store(cluster_url)
+    draws = 0
+    draw_for = store._draw_for
+
+    async def counted(*args):
+        nonlocal draws
+        draws += 1
+        return await draw_for(*args)
+    store._draw_for = counted
+    ledger = ledger_for(store, Clock(tomorrow_at(12)), defaults={"global": {"hour": {"tokens": 10_000}}})
+    try:
+        results = await asyncio.gather(*(ledger.reserve(f"d{i}", Amounts(3, 1), scopes(ORGS[i % 12]))
+                                         for i in range(300)))
+        assert all(isinstance(r, Reservation) for r in results)
+        assert draws <= 2 * 12
+    finally:
+        await store.close()
