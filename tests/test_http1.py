@@ -36,14 +36,17 @@ class Server:
     def url(self, scheme: str = "http", host: str = "127.0.0.1") -> http1.Url:
         return http1.Url.parse(f"{scheme}://{host}:{self.port}/v1/chat/completions")
 
+    async def _read_request(self, reader: asyncio.StreamReader) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        self.requests.append(head + await reader.readexactly(length))
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                self.requests.append(head + await reader.readexactly(length))
+                await self._read_request(reader)
                 i = len(self.requests) - 1
                 answer = self.answers[i] if i < len(self.answers) else OK
                 for piece in answer if isinstance(answer, list) else [answer]:
@@ -326,10 +329,7 @@ class _ClosesSecondRequest(Server):
         served = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                self.requests.append(head + await reader.readexactly(length))
+                await self._read_request(reader)
                 if served == 1:
                     break
                 writer.write(self.answers[0])
