@@ -27,16 +27,15 @@ from . import auth, body, metrics, planner
 from .config import Config, Model
 from .endpoints import ENDPOINTS, models_for
 from .errors import ServiceUnavailable, StoreUnavailable, UpstreamFailed, UpstreamIOError, UpstreamUnsent
+from .http1 import Response as Answer
 from .ledger import Ledger, Refusal, RequestInfo, Reservation
 from .observer import Observer
 from .quota import budget_headers, refusal_error
 from .settlement import Flight
 from .tasks import Tasks
-from .http1 import Response as Answer
-from .upstream import Upstreams, check_credentials, passed_headers, redacted, unreachable
+from .upstream import SSE, Upstreams, check_credentials, passed_headers, redacted, unreachable
 
 log = logging.getLogger(__name__)
-SSE = "text/event-stream"
 _BLANKS = re.compile(rb"[ \t\r\n]*")
 # Built once: json.dumps with any keyword builds an encoder on every call (what it writes is the same).
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
