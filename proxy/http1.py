@@ -175,7 +175,7 @@ class Client:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
         tls = self.tls() if scheme == "https" else None
-        connecting = loop.create_connection(lambda: _Connection(self, origin), host, port, ssl=tls,
+        connecting = loop.create_connection(lambda: _Connection(self, origin, loop), host, port, ssl=tls,
                                             server_hostname=host if tls else None)
         try:
             if _timeout is None:
@@ -198,7 +198,7 @@ class Client:
         if self._closed:
             conn.abort()
             return
-        now = asyncio.get_running_loop().time()
+        now = conn.loop.time()
         conn.idle_since = now
         self._idle.setdefault(conn.origin, []).append(conn)
         if now >= self._sweep_at:
@@ -229,11 +229,12 @@ class Client:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("client", "origin", "transport", "response", "idle_since", "lost")
+    __slots__ = ("client", "origin", "loop", "transport", "response", "idle_since", "lost")
 
-    def __init__(self, client: Client, origin) -> None:
+    def __init__(self, client: Client, origin, loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
         self.origin = origin
+        self.loop = loop                 # (asyncio.get_running_loop() is a getpid syscall on 3.11)
         self.transport: asyncio.Transport | None = None
         self.response: Response | None = None
         self.idle_since = 0.0
@@ -359,7 +360,7 @@ class Response:
     async def _wait(self) -> None:
         if self._error is not None:
             raise self._error
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter = self._waiter = self._loop.create_future()
         try:
             await waiter
         finally:
@@ -384,7 +385,7 @@ class Response:
         self._wake()
 
     def _arm(self) -> None:
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop = self.conn.loop
         self._last = now = loop.time()
         self._timer = loop.call_at(now + self.read_timeout, self._check_timer)
 

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from typing import Any, Callable
 
 from . import metrics, pricing, retry
@@ -48,7 +49,7 @@ class Flight:
         self.endpoint = endpoint
         self.prompt = prompt        # estimated prompt tokens
         self.count = count          # output text -> tokens, with the model's encoding
-        self.sent_at: float | None = None   # loop time the request went upstream (it may have reached it)
+        self.sent_at: float | None = None   # monotonic time the request went upstream (it may have reached it)
         self.latency_ms: int | None = None   # upstream time, from sending to the end of the answer
         self.observer = observer    # told of the commit (metrics, alerts); None in unit tests
         self.org = org
@@ -87,7 +88,7 @@ class Flight:
         return self.sent_at is not None
 
     def mark_sent(self) -> None:
-        self.sent_at = asyncio.get_running_loop().time()
+        self.sent_at = time.monotonic()     # (not the loop's time: a getpid() call to find the loop)
 
     def _claim(self) -> bool:
         if self._settled:
@@ -96,7 +97,7 @@ class Flight:
         if self.res is not None:
             self.tasks.renewals.discard(self)
         if self.sent_at is not None:
-            self.latency_ms = round((asyncio.get_running_loop().time() - self.sent_at) * 1000)
+            self.latency_ms = round((time.monotonic() - self.sent_at) * 1000)
         return True
 
     # Outcomes, as the settlement log records them: ok (answered), cut (the upstream stream broke

@@ -16,7 +16,23 @@ from typing import Any, Awaitable, Callable
 log = logging.getLogger(__name__)
 
 
-class Tasks:
+class _OnLoop:
+    """The loop an object's callbacks run on, looked up once instead of per call. On CPython
+    3.11 `asyncio.get_running_loop()` makes a getpid() system call each time (its guard against
+    a loop inherited through fork; 3.12 dropped it): 179 ns here against 52 ns for this, about
+    1 µs a request over the hot path's eight lookups. Looked up again once the cached loop is
+    closed (a test's next loop); the proxy's workers fork before any loop runs."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+
+class Tasks(_OnLoop):
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task] = set()
         self.closing = asyncio.Event()
@@ -28,7 +44,7 @@ class Tasks:
     def spawn(self, work: Awaitable[Any]) -> asyncio.Task:
         """Run `work` to completion even if the caller is cancelled; drained at shutdown. (A
         coroutine goes to the loop's create_task directly: ensure_future's checks cost 0.7 µs.)"""
-        task = asyncio.get_running_loop().create_task(work) if asyncio.iscoroutine(work) \
+        task = self.loop().create_task(work) if asyncio.iscoroutine(work) \
             else asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -53,7 +69,7 @@ class Tasks:
             await asyncio.wait(list(self._tasks), timeout=1)
 
 
-class Renewals:
+class Renewals(_OnLoop):
     """Work repeated for each registered key while it stays registered (the lease of every open
     request), on one loop timer for all of them. A timer per request - armed when it is
     admitted, cancelled when it settles, nearly always long before it fires - cost about 3 µs a
@@ -76,7 +92,7 @@ class Renewals:
         return len(self._due)
 
     def add(self, key: Any, period: float, renew: Callable[[], float]) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop()
         now, tick = loop.time(), period / self.GRAIN
         self._due[key] = (now + period, period, renew)
         if tick < self._tick:                           # the first key, or a shorter period

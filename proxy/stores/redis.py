@@ -145,7 +145,7 @@ class _Coalescer:
                 return await self._one(script, keys, [*args, *tail] if tail else args)
             finally:
                 self._done()
-        fut = asyncio.get_running_loop().create_future()
+        fut = self._tasks.loop().create_future()
         self._queue.append((script, keys, args, tail, fut))
         return await fut
 
