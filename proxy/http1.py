@@ -7,10 +7,11 @@ re-arms a read timer on every read: ~70 µs of CPU, half of what a whole bare pa
 (bench/client_bench.py). The proxy knows everything about its upstream requests at start-up
 (URL, method, headers but one or two), so the head of a request is one prebuilt byte string plus
 a Content-Length, and the answer is framed by a small parser. What the proxy needs and nothing
-else: HTTP/1.1 over TCP or TLS, Content-Length, chunked and close-delimited bodies, 1xx answers
-skipped, a connect timeout, a read timeout between arrivals, flow control while a slow client
-reads a stream. No redirects, cookies, proxies or decompression: the proxy never wanted them
-(it asks for identity encoding and passes any other encoding through untouched).
+else: HTTP/1.1 over TCP or TLS, Content-Length, chunked (the one transfer coding accepted) and
+close-delimited bodies, 1xx answers skipped, a connect timeout, a read timeout between arrivals,
+flow control while a slow client reads a stream. No redirects, cookies, proxies or decompression:
+the proxy never wanted them (it asks for identity content encoding and passes any other content
+encoding through untouched, with its Content-Encoding header).
 
 A connection goes back to the pool only when its answer was framed exactly, to the last byte,
 and neither side asked to close; anything else (a truncated or over-long answer, bytes while
@@ -536,7 +537,7 @@ class Response:
                 raise UpstreamBroken("the upstream switched protocols")
             return                               # 100 Continue, 103 Early Hints: skipped
         headers = []
-        length = chunked = None
+        length = codings = None
         keep = version == "HTTP/1.1"
         ctype = None
         for line in lines[1:]:
@@ -550,8 +551,8 @@ class Response:
                 if not _DIGITS.fullmatch(value) or (length is not None and int(value) != length):
                     raise UpstreamBroken("the upstream's answer has a bad Content-Length")
                 length = int(value)
-            elif low == "transfer-encoding":
-                chunked = value.rsplit(",", 1)[-1].strip().lower() == "chunked"
+            elif low == "transfer-encoding":             # (several lines are one list)
+                codings = (codings or []) + [c for c in (t.strip(" \t").lower() for t in value.split(",")) if c]
             elif low == "connection":
                 tokens = {t.strip().lower() for t in value.split(",")}
                 if "close" in tokens:
@@ -567,12 +568,19 @@ class Response:
         if status in _NO_BODY or self._head_only:
             self._state = _LENGTH
             self._left = 0
-        elif chunked is not None:
-            # Transfer-Encoding wins over Content-Length (RFC 9112 6.3); without chunked last,
-            # the body runs to the close. With both, something on the way may have framed it
-            # by its length (response splitting): the connection carries no further answer.
-            self._state = _SIZE if chunked else _TO_EOF
-            if not chunked or length is not None:
+        elif codings is not None:
+            # Transfer-Encoding wins over Content-Length (RFC 9112 6.3). The proxy sends no TE
+            # header, so chunked is the only coding an upstream may use (RFC 9112 7.4; the
+            # obsolete "identity" is ignored). Any other (gzip, say) is refused: the proxy does
+            # not decode it, and passed on without it the body would reach the client compressed
+            # with nothing saying so. With a length too, something on the way may have framed
+            # it by that (response splitting): the connection carries no further answer.
+            codings = [c for c in codings if c != "identity"]
+            if codings and codings != ["chunked"]:
+                raise UpstreamBroken("the upstream's answer uses a transfer coding the proxy did not ask "
+                                     f"for: {', '.join(codings)[:100]}")
+            self._state = _SIZE if codings else _TO_EOF
+            if not codings or length is not None:
                 self._keep = False
         elif length is not None:
             self._state = _LENGTH

@@ -168,6 +168,11 @@ async def test_an_abandoned_answer_closes_its_connection(client):
     b"HTTP/1.1 200 OK\r\n folded: header\r\nContent-Length: 2\r\n\r\n{}",
     b"HTTP/2 200\r\n\r\n",
     b"\x16\x03\x01 not http at all\r\n\r\n",
+    # a transfer coding the proxy did not ask for (it sends no TE): passed on, the client would
+    # get gzip bytes with nothing saying so
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n{}",
 ])
 async def test_a_broken_answer_is_an_error_and_its_connection_is_dropped(client, answer):
     srv = await Server([answer, OK], close_after={0}).start()
@@ -180,6 +185,17 @@ async def test_a_broken_answer_is_an_error_and_its_connection_is_dropped(client,
             resp.release()
     assert await _read(client, url) == (200, b"{}")
     assert srv.connections == 2
+    await srv.stop()
+
+
+@pytest.mark.parametrize("te", [b"chunked", b"identity, chunked", b"Chunked"])
+async def test_chunked_is_the_one_transfer_coding_read(client, te):
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n2\r\n{}\r\n0\r\n\r\n" % te
+    srv = await Server([answer, OK]).start()
+    url = srv.url()
+    assert await _read(client, url) == (200, b"{}")
+    assert await _read(client, url) == (200, b"{}")
+    assert srv.connections == 1          # framed exactly: the connection was reused
     await srv.stop()
 
 
