@@ -149,9 +149,10 @@ def tenant_of(keys: list) -> str:
 
 
 # Error replies of a command that did not run where the slot map sent it (MOVED and ASK: the
-# slot is elsewhere or moving; TRYAGAIN: its keys are mid-migration; CLUSTERDOWN): sent again
-# through execute_command, which follows them.
-_ELSEWHERE = (AskError, TryAgainError, ClusterDownError)        # AskError covers MovedError
+# slot is elsewhere or moving; CLUSTERDOWN): sent again through execute_command, which follows
+# them. TRYAGAIN (its keys are split by a migration in progress) is the caller's to wait out
+# (Direct.call), outside the flush.
+_ELSEWHERE = (AskError, ClusterDownError)        # AskError covers MovedError
 
 
 class Direct(_Coalescer):
@@ -172,16 +173,39 @@ class Direct(_Coalescer):
     MAX_IN_FLIGHT are out (tests/stores/test_cluster_pipeline.py, the frozen-node tests)."""
 
     FLUSH_BELOW = _Coalescer.MAX_IN_FLIGHT
+    TRYAGAIN_SECONDS = 5.0      # how long a call waits for a migration in progress to let it run
 
     def __init__(self, client: RedisCluster, tasks, batch, kinds) -> None:
         super().__init__(client, tasks, batch, kinds, group=tenant_of)
         self._ready = False
         self._starting = asyncio.Lock()
+        self.tried_again = 0            # calls sent again after a TRYAGAIN (tests)
 
     async def call(self, script, keys: list, args: list, tail: tuple = (), alone: bool = False):
+        """A call answered TRYAGAIN did not run: its slot is migrating and its keys are on both
+        sides, or on one side with a new key (a reserve's record) that could go to either. That
+        lasts until the operator's resharding has moved every key of the slot, which for an org
+        with many keys (a record per recent request) takes seconds; redis-py's own retries give
+        up after ~0.4 s. So the call is sent again, with backoff (10 ms doubling to 200 ms), for
+        up to TRYAGAIN_SECONDS, then fails as before (StoreUnavailable, having run nowhere).
+        Waiting here, not in the flush: the flush answered it at once and freed its in-flight
+        slot, so other orgs' calls never queue behind a migration."""
         if not self._ready:
             await self._start()
-        return await super().call(script, keys, args, tail, alone)
+        try:
+            return await super().call(script, keys, args, tail, alone)
+        except TryAgainError:
+            loop = self._tasks.loop()
+            deadline, delay = loop.time() + self.TRYAGAIN_SECONDS, 0.01
+        while True:
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, 0.2)
+            self.tried_again += 1
+            try:
+                return await super().call(script, keys, args, tail, alone)
+            except TryAgainError:
+                if loop.time() >= deadline:
+                    raise
 
     def _routes(self, commands: list[tuple]) -> list[tuple[ClusterNode | None, list[int]]]:
         """`commands` grouped by the node the client's slot map gives their first key's slot;

@@ -1,7 +1,8 @@
 """The cluster store's pipelined calls during a slot migration and an uncovered slot, on real
 local 3-master clusters (cluster_client.Direct): a call answered ASK runs once on the importing
-node, a call answered TRYAGAIN or CLUSTERDOWN runs once when the slot is served again, and the
-other orgs' calls of the same flush stay pipelined. Each ends exactly: the counters move once,
+node, a call answered TRYAGAIN is sent again by its caller until the migration lets it run
+(Direct.call), one answered CLUSTERDOWN runs once when the slot is served again, and the other
+orgs' calls of the same flush stay pipelined. Each ends exactly: the counters move once,
 and a retried reserve answers DUPLICATE, a retried settle 0. (MOVED: test_cluster_pipeline.py.)
 """
 
@@ -58,7 +59,7 @@ async def test_a_call_answered_ask_runs_once_on_the_importing_node_with_asking_o
     await store.close()
 
 
-async def test_calls_answered_tryagain_mid_migration_run_once_when_the_slot_has_moved(own_cluster, monkeypatch):
+async def test_calls_answered_tryagain_mid_migration_run_once_when_the_slot_has_moved(own_cluster):
     store = open_store(own_cluster.url)
     await open_for(store, ORGS)
     moving = ORGS[0]
@@ -68,25 +69,31 @@ async def test_calls_answered_tryagain_mid_migration_run_once_when_the_slot_has_
     # Only the window hash moved: src holds the record and the lease index, so a call naming
     # keys on both nodes is answered TRYAGAIN (it did not run).
     migrate_keys(own_cluster, slot, src, dst, [f"{{bp:{moving}}}:w:day"])
-    resent: list[tuple] = []
-    execute = store._r.execute_command
-
-    async def finish_first(*args, **kw):            # the migration ends before the call goes again
-        if args[0] == "EVALSHA" and f"{{bp:{moving}}}".encode() in str(args).encode():
-            if not resent:
-                migrate_keys(own_cluster, slot, src, dst)
-                end_migration(own_cluster, slot, dst)
-            resent.append(args)
-        return await execute(*args, **kw)
-    monkeypatch.setattr(store._r, "execute_command", finish_first)
-
     others = [org for org in ORGS if org != moving]
-    out = await queued(store, [lambda: store.commit(f"pre-{moving}", plan(moving), 20, 2, Note("ok")),
-                               lambda: store.reserve("new", plan(moving), 30, 3, NOW_MS, False),
-                               *reserves(store, others, "after")], tenants=())
+    answered: list[str] = []
+
+    def noted(name, call):
+        async def run():
+            try:
+                return await call()
+            finally:
+                answered.append(name)
+        return run
+
+    async def finish_once_tried_again():            # the migration ends after the first TRYAGAIN
+        while not store._calls.tried_again:
+            await asyncio.sleep(0.005)
+        migrate_keys(own_cluster, slot, src, dst)
+        end_migration(own_cluster, slot, dst)
+    mover = asyncio.create_task(finish_once_tried_again())
+    out = await queued(store, [noted("commit", lambda: store.commit(f"pre-{moving}", plan(moving), 20, 2, Note("ok"))),
+                               noted("reserve", lambda: store.reserve("new", plan(moving), 30, 3, NOW_MS, False)),
+                               *(noted(org, call) for org, call in zip(others, reserves(store, others, "after")))],
+                       tenants=())
+    await mover
     assert out[0] is True and out[1].status is Status.ADMITTED
     assert [o.status for o in out[2:]] == [Status.ADMITTED] * len(others)
-    assert len(resent) == 1                         # the org's one batch call, sent again once
+    assert set(answered[:len(others)]) == set(others)   # the other orgs did not wait for the migration
     assert home(store, moving) == dst
     assert await store.commit(f"pre-{moving}", plan(moving), 20, 2, Note("ok")) is False
     assert (await store.reserve("new", plan(moving), 30, 3, NOW_MS, False)).status is Status.DUPLICATE
@@ -125,4 +132,54 @@ async def test_calls_answered_clusterdown_run_once_when_the_slot_is_served_again
     assert await store.commit(f"pre-{down}", plan(down), 20, 2, Note("ok")) is False
     assert (await store.reserve(f"after-{down}", plan(down), 30, 3, NOW_MS, False)).status is Status.DUPLICATE
     assert await store.snapshot(plan(down)[:1]) == [(20, 30, 2, 3)]
+    await store.close()
+
+
+async def test_a_reserve_waits_out_a_migration_longer_than_redis_py_retries_and_runs_once(own_cluster):
+    # An operator resharding (redis-cli --cluster reshard) moves an org's slot key by key. Until
+    # its last key has moved, a reserve names keys on src (the window hashes) and one nowhere
+    # (its new record): src answers TRYAGAIN, every time. redis-py gives up after ~0.4 s; an org
+    # with many keys takes longer than that to move, and its requests failed (503) meanwhile.
+    store = open_store(own_cluster.url)
+    await open_for(store, ORGS)
+    moving = ORGS[0]
+    slot, src = slot_of(store, moving), home(store, moving)
+    dst = next(port for port in own_cluster.ports if port != src)
+    begin_migration(own_cluster, slot, src, dst)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def finish_later():
+        await asyncio.sleep(1.2)
+        await asyncio.to_thread(migrate_keys, own_cluster, slot, src, dst)
+        await asyncio.to_thread(end_migration, own_cluster, slot, dst)
+    mover = asyncio.create_task(finish_later())
+    got = await store.reserve("during", plan(moving), 30, 3, NOW_MS, False)
+    await mover
+    assert got.status is Status.ADMITTED and loop.time() - started >= 1.2
+    assert (await store.reserve("during", plan(moving), 30, 3, NOW_MS, False)).status is Status.DUPLICATE
+    assert await store.snapshot(plan(moving)[:1]) == [(0, 70, 0, 7)]        # pre- 40, during 30: once
+    await store.close()
+
+
+async def test_a_migration_that_never_ends_fails_the_reserve_after_the_bound(own_cluster, monkeypatch):
+    from proxy.errors import StoreUnavailable
+    from proxy.stores.cluster_client import Direct
+    monkeypatch.setattr(Direct, "TRYAGAIN_SECONDS", 0.8)
+    store = open_store(own_cluster.url)
+    await open_for(store, ORGS)
+    moving = ORGS[0]
+    slot, src = slot_of(store, moving), home(store, moving)
+    dst = next(port for port in own_cluster.ports if port != src)
+    begin_migration(own_cluster, slot, src, dst)        # left half done, as a crashed reshard leaves it
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        await store.reserve("stuck", plan(moving), 30, 3, NOW_MS, False)
+    except StoreUnavailable:
+        pass
+    else:
+        raise AssertionError("a reserve in a slot that never finishes migrating was admitted")
+    assert 0.8 <= loop.time() - started < 3
+    assert await store.snapshot(plan(moving)[:1]) == [(0, 40, 0, 4)]        # ran nowhere
     await store.close()
