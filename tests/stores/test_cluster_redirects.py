@@ -18,6 +18,7 @@ from .batches import NOW_MS
 from .clusters import ORGS, begin_migration, end_migration, home, migrate_keys, open_for, plan, queued
 
 ASKING = b"*1\r\n$6\r\nASKING\r\n"
+PAD_KEYS = 6_000        # moved one by one (--cluster-pipeline 1): ~1.2 s in migration here, past redis-py's 0.4 s
 
 
 def reserves(store, orgs, prefix: str):
@@ -182,4 +183,63 @@ async def test_a_migration_that_never_ends_fails_the_reserve_after_the_bound(own
         raise AssertionError("a reserve in a slot that never finishes migrating was admitted")
     assert 0.8 <= loop.time() - started < 3
     assert await store.snapshot(plan(moving)[:1]) == [(0, 40, 0, 4)]        # ran nowhere
+    await store.close()
+
+
+async def test_a_live_reshard_by_redis_cli_fails_no_call_of_a_busy_org_and_counts_each_once(own_cluster):
+    # As an operator grows the cluster: `redis-cli --cluster reshard` moves slots (the org's
+    # among them) while the org's reserves and commits run. The org's slot holds PAD_KEYS keys (a
+    # busy org's records), so it is seconds in migration: far past redis-py's own retries (on
+    # the commit before Direct.call waited, 93 of 117 calls failed here).
+    import redis as redis_sync
+    from redis.crc import key_slot
+
+    from proxy.stores import Counter
+
+    from .batches import EXPIRE
+    org = min((f"busy{i}" for i in range(2000)), key=lambda o: key_slot(f"{{bp:{o}}}".encode()))
+    slot = key_slot(f"{{bp:{org}}}".encode())       # among the first slots: the reshard moves 0..slot
+    store = open_store(own_cluster.url)
+    await store._register(org)
+    src = home(store, org)
+    dst = next(port for port in own_cluster.ports if port != src)
+    assert slot < 64
+    pad = redis_sync.Redis(port=src)
+    with pad.pipeline(transaction=False) as p:
+        for i in range(PAD_KEYS):
+            p.set(f"{{bp:{org}}}:pad:{i}", "x")
+        p.execute()
+    pad.close()
+    counters = [Counter("{bp}:w:day", f"org:{org}", 10 ** 12, -1, EXPIRE),
+                Counter("{bp}:w:day", f"user:{org}/u", -1, -1, EXPIRE)]
+    reshard = await asyncio.create_subprocess_exec(
+        own_cluster.cli, "--cluster", "reshard", f"127.0.0.1:{src}",
+        "--cluster-from", own_cluster.command(src, "CLUSTER", "MYID"),
+        "--cluster-to", own_cluster.command(dst, "CLUSTER", "MYID"),
+        "--cluster-slots", str(slot + 1), "--cluster-pipeline", "1", "--cluster-yes", stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    done, failed = [], []
+
+    async def requests(worker: int) -> None:
+        i = 0
+        while reshard.returncode is None or i < 3:
+            rid = f"r{worker}-{i}"
+            i += 1
+            try:
+                got = await store.reserve(rid, counters, 10, 1, NOW_MS, False)
+                assert got.status is Status.ADMITTED, got
+                assert await store.commit(rid, counters, 7, 1, Note("ok")) is True
+                done.append(rid)
+            except Exception as exc:             # noqa: BLE001 - counted, then asserted none
+                failed.append((rid, repr(exc)))
+            await asyncio.sleep(0.005)
+    workers = asyncio.gather(*(requests(w) for w in range(8)))
+    _, err = await reshard.communicate()
+    await workers
+    assert reshard.returncode == 0, err.decode()[-500:]
+    assert own_cluster.command(src, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == "0"
+    assert int(own_cluster.command(dst, "CLUSTER", "COUNTKEYSINSLOT", str(slot))) > PAD_KEYS
+    assert store._calls.tried_again > 0            # some calls met the migration
+    assert failed == []
+    assert await store.snapshot(counters[:1]) == [(7 * len(done), 0, len(done), 0)]
     await store.close()
