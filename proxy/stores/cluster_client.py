@@ -149,10 +149,14 @@ def tenant_of(keys: list) -> str:
 
 
 # Error replies of a command that did not run where the slot map sent it (MOVED and ASK: the
-# slot is elsewhere or moving; CLUSTERDOWN): sent again through execute_command, which follows
-# them. TRYAGAIN (its keys are split by a migration in progress) is the caller's to wait out
-# (Direct.call), outside the flush.
-_ELSEWHERE = (AskError, ClusterDownError)        # AskError covers MovedError
+# slot is elsewhere or moving): sent again through execute_command, which follows them.
+_ELSEWHERE = AskError                            # AskError covers MovedError
+# Error replies of a command that did not run and cannot yet anywhere: TRYAGAIN (its keys are
+# split by a migration in progress), CLUSTERDOWN (its slot is not served, during a failover or
+# a resharding gone wrong). The caller's to wait out (Direct.call), outside the flush; not
+# through execute_command, whose CLUSTERDOWN handling closes every connection of the client
+# (redis-py 8.1 RedisCluster.aclose), cutting other nodes' exchanges in flight.
+_NOT_YET = (TryAgainError, ClusterDownError)
 
 
 class Direct(_Coalescer):
@@ -173,37 +177,38 @@ class Direct(_Coalescer):
     MAX_IN_FLIGHT are out (tests/stores/test_cluster_pipeline.py, the frozen-node tests)."""
 
     FLUSH_BELOW = _Coalescer.MAX_IN_FLIGHT
-    TRYAGAIN_SECONDS = 5.0      # how long a call waits for a migration in progress to let it run
+    WAIT_SECONDS = 5.0          # how long a call answered TRYAGAIN or CLUSTERDOWN is sent again
 
     def __init__(self, client: RedisCluster, tasks, batch, kinds) -> None:
         super().__init__(client, tasks, batch, kinds, group=tenant_of)
         self._ready = False
         self._starting = asyncio.Lock()
-        self.tried_again = 0            # calls sent again after a TRYAGAIN (tests)
+        self.tried_again = 0            # calls sent again after a TRYAGAIN or CLUSTERDOWN (tests)
 
     async def call(self, script, keys: list, args: list, tail: tuple = (), alone: bool = False):
-        """A call answered TRYAGAIN did not run: its slot is migrating and its keys are on both
-        sides, or on one side with a new key (a reserve's record) that could go to either. That
-        lasts until the operator's resharding has moved every key of the slot, which for an org
-        with many keys (a record per recent request) takes seconds; redis-py's own retries give
-        up after ~0.4 s. So the call is sent again, with backoff (10 ms doubling to 200 ms), for
-        up to TRYAGAIN_SECONDS, then fails as before (StoreUnavailable, having run nowhere).
-        Waiting here, not in the flush: the flush answered it at once and freed its in-flight
-        slot, so other orgs' calls never queue behind a migration."""
+        """A call answered TRYAGAIN or CLUSTERDOWN did not run. TRYAGAIN: its slot is migrating
+        and its keys are on both sides, or on one side with a new key (a reserve's record) that
+        could go to either; that lasts until the operator's resharding has moved every key of
+        the slot, seconds for an org with many keys (a record per recent request), where
+        redis-py's own retries gave up after ~0.4 s. CLUSTERDOWN: its slot is not served (a
+        primary lost, not yet failed over). So the call is sent again, with backoff (10 ms
+        doubling to 200 ms), for up to WAIT_SECONDS, then fails as before (StoreUnavailable,
+        having run nowhere). Waiting here, not in the flush: the flush answered it at once and
+        freed its in-flight slot, so other orgs' calls never queue behind it."""
         if not self._ready:
             await self._start()
         try:
             return await super().call(script, keys, args, tail, alone)
-        except TryAgainError:
+        except _NOT_YET:
             loop = self._tasks.loop()
-            deadline, delay = loop.time() + self.TRYAGAIN_SECONDS, 0.01
+            deadline, delay = loop.time() + self.WAIT_SECONDS, 0.01
         while True:
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             delay = min(delay * 2, 0.2)
             self.tried_again += 1
             try:
                 return await super().call(script, keys, args, tail, alone)
-            except TryAgainError:
+            except _NOT_YET:
                 if loop.time() >= deadline:
                     raise
 

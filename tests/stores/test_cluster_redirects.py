@@ -1,9 +1,10 @@
 """The cluster store's pipelined calls during a slot migration and an uncovered slot, on real
 local 3-master clusters (cluster_client.Direct): a call answered ASK runs once on the importing
 node, a call answered TRYAGAIN is sent again by its caller until the migration lets it run
-(Direct.call), one answered CLUSTERDOWN runs once when the slot is served again, and the other
-orgs' calls of the same flush stay pipelined. Each ends exactly: the counters move once,
-and a retried reserve answers DUPLICATE, a retried settle 0. (MOVED: test_cluster_pipeline.py.)
+(Direct.call), so is one answered CLUSTERDOWN until the slot is served again (no other node's
+connection closed meanwhile), and the other orgs' calls of the same flush stay pipelined. Each
+ends exactly: the counters move once, and a retried reserve answers DUPLICATE, a retried
+settle 0. (MOVED: test_cluster_pipeline.py.)
 """
 
 from __future__ import annotations
@@ -103,33 +104,37 @@ async def test_calls_answered_tryagain_mid_migration_run_once_when_the_slot_has_
     await store.close()
 
 
-async def test_calls_answered_clusterdown_run_once_when_the_slot_is_served_again(own_cluster, monkeypatch):
+async def test_calls_answered_clusterdown_run_once_when_the_slot_is_served_again(own_cluster):
     store = open_store(own_cluster.url)
     await open_for(store, ORGS)
     down = ORGS[0]
     slot, owner = slot_of(store, down), home(store, down)
-    on_owner = [org for org in ORGS if home(store, org) == owner]
+    healthy = [port for port in own_cluster.ports if port != owner]
+
+    def connections() -> list[int]:             # connections each healthy node has accepted so far
+        return [int(own_cluster.command(port, "INFO", "stats").split("total_connections_received:")[1].split()[0])
+                for port in healthy]
+    before = connections()
     # The owner forgets one slot: it answers "CLUSTERDOWN Hash slot not served" for that org,
     # and, a slot being uncovered, "CLUSTERDOWN The cluster is down" for its other orgs.
     assert own_cluster.command(owner, "CLUSTER", "DELSLOTS", str(slot)) == "OK"
-    resent: list[tuple] = []
-    execute = store._r.execute_command
 
-    async def serve_again_first(*args, **kw):       # the slot is served again before a call goes again
-        if args[0] == "EVALSHA":
-            if not resent:
-                assert own_cluster.command(owner, "CLUSTER", "ADDSLOTS", str(slot)) == "OK"
-                own_cluster._wait(lambda: "cluster_state:ok" in own_cluster.command(owner, "CLUSTER", "INFO"),
-                                  "the node did not serve its slots again")
-            resent.append(args)
-        return await execute(*args, **kw)
-    monkeypatch.setattr(store._r, "execute_command", serve_again_first)
-
+    async def serve_again_once_tried_again():
+        while not store._calls.tried_again:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)
+        assert own_cluster.command(owner, "CLUSTER", "ADDSLOTS", str(slot)) == "OK"
+        own_cluster._wait(lambda: "cluster_state:ok" in own_cluster.command(owner, "CLUSTER", "INFO"),
+                          "the node did not serve its slots again")
+    server = asyncio.create_task(serve_again_once_tried_again())
     out = await queued(store, [lambda: store.commit(f"pre-{down}", plan(down), 20, 2, Note("ok")),
                                *reserves(store, ORGS, "after")], tenants=())
+    await asyncio.wait_for(server, 10)
     assert out[0] is True
     assert [o.status for o in out[1:]] == [Status.ADMITTED] * len(ORGS)
-    assert len(resent) == len(on_owner)             # one script call per org of the owner, once
+    # Waited out by the callers, not by redis-py, whose CLUSTERDOWN handling closes every
+    # connection of the client (RedisCluster.aclose) at each attempt: every node reconnected.
+    assert connections() == [n + 1 for n in before]     # (+1: the INFO call's own connection)
     assert await store.commit(f"pre-{down}", plan(down), 20, 2, Note("ok")) is False
     assert (await store.reserve(f"after-{down}", plan(down), 30, 3, NOW_MS, False)).status is Status.DUPLICATE
     assert await store.snapshot(plan(down)[:1]) == [(20, 30, 2, 3)]
@@ -166,7 +171,7 @@ async def test_a_reserve_waits_out_a_migration_longer_than_redis_py_retries_and_
 async def test_a_migration_that_never_ends_fails_the_reserve_after_the_bound(own_cluster, monkeypatch):
     from proxy.errors import StoreUnavailable
     from proxy.stores.cluster_client import Direct
-    monkeypatch.setattr(Direct, "TRYAGAIN_SECONDS", 0.8)
+    monkeypatch.setattr(Direct, "WAIT_SECONDS", 0.8)
     store = open_store(own_cluster.url)
     await open_for(store, ORGS)
     moving = ORGS[0]
