@@ -30,6 +30,18 @@ def slot_of(store, org: str) -> int:
     return store._r.keyslot(f"{{bp:{org}}}")
 
 
+async def migrating(own_cluster):
+    """A store with an open reservation for every org, and the first org's slot begun migrating
+    from its node (src) to another (dst), no key moved yet: (store, org, slot, src, dst)."""
+    store = open_store(own_cluster.url)
+    await open_for(store, ORGS)
+    moving = ORGS[0]
+    slot, src = slot_of(store, moving), home(store, moving)
+    dst = next(port for port in own_cluster.ports if port != src)
+    begin_migration(own_cluster, slot, src, dst)
+    return store, moving, slot, src, dst
+
+
 async def test_a_call_answered_ask_runs_once_on_the_importing_node_with_asking_on_its_connection(own_cluster, writes):
     store = open_store(own_cluster.url)
     await open_for(store, ORGS)                     # pre-<org>: 40 tokens reserved for every org
@@ -62,12 +74,7 @@ async def test_a_call_answered_ask_runs_once_on_the_importing_node_with_asking_o
 
 
 async def test_calls_answered_tryagain_mid_migration_run_once_when_the_slot_has_moved(own_cluster):
-    store = open_store(own_cluster.url)
-    await open_for(store, ORGS)
-    moving = ORGS[0]
-    slot, src = slot_of(store, moving), home(store, moving)
-    dst = next(port for port in own_cluster.ports if port != src)
-    begin_migration(own_cluster, slot, src, dst)
+    store, moving, slot, src, dst = await migrating(own_cluster)
     # Only the window hash moved: src holds the record and the lease index, so a call naming
     # keys on both nodes is answered TRYAGAIN (it did not run).
     migrate_keys(own_cluster, slot, src, dst, [f"{{bp:{moving}}}:w:day"])
@@ -146,12 +153,7 @@ async def test_a_reserve_waits_out_a_migration_longer_than_redis_py_retries_and_
     # its last key has moved, a reserve names keys on src (the window hashes) and one nowhere
     # (its new record): src answers TRYAGAIN, every time. redis-py gives up after ~0.4 s; an org
     # with many keys takes longer than that to move, and its requests failed (503) meanwhile.
-    store = open_store(own_cluster.url)
-    await open_for(store, ORGS)
-    moving = ORGS[0]
-    slot, src = slot_of(store, moving), home(store, moving)
-    dst = next(port for port in own_cluster.ports if port != src)
-    begin_migration(own_cluster, slot, src, dst)
+    store, moving, slot, src, dst = await migrating(own_cluster)
     loop = asyncio.get_running_loop()
     started = loop.time()
 
@@ -172,12 +174,7 @@ async def test_a_migration_that_never_ends_fails_the_reserve_after_the_bound(own
     from proxy.errors import StoreUnavailable
     from proxy.stores.cluster_client import Direct
     monkeypatch.setattr(Direct, "WAIT_SECONDS", 0.8)
-    store = open_store(own_cluster.url)
-    await open_for(store, ORGS)
-    moving = ORGS[0]
-    slot, src = slot_of(store, moving), home(store, moving)
-    dst = next(port for port in own_cluster.ports if port != src)
-    begin_migration(own_cluster, slot, src, dst)        # left half done, as a crashed reshard leaves it
+    store, moving, *_ = await migrating(own_cluster)   # left half done, as a crashed reshard leaves it
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
