@@ -155,7 +155,8 @@ _ELSEWHERE = AskError                            # AskError covers MovedError
 # split by a migration in progress), CLUSTERDOWN (its slot is not served, during a failover or
 # a resharding gone wrong). The caller's to wait out (Direct.call), outside the flush; not
 # through execute_command, whose CLUSTERDOWN handling closes every connection of the client
-# (redis-py 8.1 RedisCluster.aclose), cutting other nodes' exchanges in flight.
+# (redis-py 8.1 RedisCluster.aclose) at each attempt: every node reconnects, and an exchange out
+# on another node loses its connection.
 _NOT_YET = (TryAgainError, ClusterDownError)
 
 
