@@ -90,3 +90,19 @@ async def test_a_key_with_a_shorter_period_never_postpones_a_due_renewal():
     assert calls and calls[0] - start < 0.8 + 0.2 + 0.6
     for key in ["lease", *range(1, 26)]:
         tasks.renewals.discard(key)
+
+
+def test_tasks_follow_the_running_loop_to_the_next_one():
+    # The loop is looked up once and kept (a lookup is a getpid() call on 3.11); a kept loop that
+    # is no longer running (stopped, not closed) must not get the next loop's tasks.
+    tasks = Tasks()
+
+    async def spawned():
+        return await tasks.spawn(asyncio.sleep(0, "ran"))
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        assert first.run_until_complete(spawned()) == "ran"
+        assert second.run_until_complete(spawned()) == "ran"     # the first: stopped, still open
+    finally:
+        first.close()
+        second.close()
