@@ -198,20 +198,19 @@ class Direct(_Coalescer):
         freed its in-flight slot, so other orgs' calls never queue behind it."""
         if not self._ready:
             await self._start()
-        try:
-            return await super().call(script, keys, args, tail, alone)
-        except _NOT_YET:
-            loop = self._tasks.loop()
-            deadline, delay = loop.time() + self.WAIT_SECONDS, 0.01
+        deadline, delay = None, 0.01
         while True:
-            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-            delay = min(delay * 2, 0.2)
-            self.tried_again += 1
             try:
                 return await super().call(script, keys, args, tail, alone)
             except _NOT_YET:
-                if loop.time() >= deadline:
+                now = self._tasks.loop().time()
+                if deadline is None:
+                    deadline = now + self.WAIT_SECONDS
+                elif now >= deadline:
                     raise
+            await asyncio.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 0.2)
+            self.tried_again += 1
 
     def _routes(self, commands: list[tuple]) -> list[tuple[ClusterNode | None, list[int]]]:
         """`commands` grouped by the node the client's slot map gives their first key's slot;
