@@ -6,6 +6,9 @@ string every quote is escaped, and a closing quote cannot be followed by a lette
 proved top-level by scanning the JSON tokens after it to the object's end. The span returned
 takes one separating comma with the member: the one before it, or - for the first member - the
 one after it and the blanks after that, so what is left is still the same JSON, spaced the same.
+
+Also used to read one member without parsing the rest (`value`: the `usage` of a whole answer,
+proxy/settlement.py), with the same proof that the key found is the top-level one.
 """
 
 from __future__ import annotations
@@ -29,9 +32,27 @@ def span(text: bytes, key: bytes, start: int, stop: int) -> tuple[int, int] | No
     return None
 
 
-def _member_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> tuple[int, int] | None:
-    """The span for a key found at `at`, if it is the key of a top-level member of the JSON
-    object in content[start:stop]."""
+def value(text: bytes, key: bytes, within: int) -> bytes | None:
+    """The bytes of the value of the top-level member named `key` (with its quotes) of the JSON
+    object `text`, blanks around it removed, if its key starts in the last `within` bytes; None if
+    not (absent, elsewhere, or not provably top-level): the caller then parses the whole. Bounded
+    work: what is scanned is the tail from the key to the end (a `usage` sits near the end of
+    every answer that has one; a 100 MB embeddings answer is not scanned from its start)."""
+    stop = len(text)
+    lo = max(0, stop - within)
+    at = stop
+    while (at := text.rfind(key, lo, at)) >= 0:
+        found = _value_at(text, at, len(key), 0, stop)
+        if found is not None and _key_position(text, at, 0):
+            begin, end = found
+            return text[_skip_ws(text, begin, end):_back_ws(text, end, begin)]
+    return None
+
+
+def _value_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> tuple[int, int] | None:
+    """Where the value of the member whose key was found at `at` starts (after its colon) and
+    ends (its `,` or the object's `}`), if the member is one of the top-level object's in
+    content[start:stop]."""
     slashes = 0
     while at - slashes > start and content[at - slashes - 1] == 0x5C:
         slashes += 1
@@ -41,8 +62,22 @@ def _member_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> 
     if content[colon:colon + 1] != b":":
         return None
     end = _value_end(content, colon + 1, stop)
-    if end is None:
+    return None if end is None else (colon + 1, end)
+
+
+def _key_position(content: bytes, at: int, start: int) -> bool:
+    """Does a member start at `at`: right after the object's `{` or a `,`?"""
+    before = _back_ws(content, at, start) - 1
+    return before >= start and content[before] in b"{,"
+
+
+def _member_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> tuple[int, int] | None:
+    """The span for a key found at `at`, if it is the key of a top-level member of the JSON
+    object in content[start:stop]."""
+    found = _value_at(content, at, key_len, start, stop)
+    if found is None:
         return None
+    end = found[1]
     before = _back_ws(content, at, start) - 1
     if before >= start and content[before] == 0x2C:          # `,"usage":…`
         return before, _back_ws(content, end, start)

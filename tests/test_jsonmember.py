@@ -38,3 +38,20 @@ def test_the_top_level_member_is_cut_with_one_comma(text, left):
 ])
 def test_no_top_level_member_no_span(text):
     assert cut(text) is None
+
+
+@pytest.mark.parametrize("text, within, found", [
+    (b'{"a":1,"usage":{"t":2}}', 100, b'{"t":2}'),
+    (b'{"usage" : {"t": [1, "}"]} , "b":2}', 100, b'{"t": [1, "}"]}'),
+    (b'{"a":{"usage":1},"usage":null}', 100, b"null"),
+    (b'{"a":{"usage":1}}', 100, None),                          # nested only
+    (b'{"a":"\\"usage\\":1"}', 100, None),                      # inside a string
+    (b'[{"usage":1}]', 100, None),                              # not an object's member
+    (b'{"usage":1}xyz', 100, None),                             # text after the object
+    (b'{"usage":1,"pad":"' + b"p" * 200 + b'"}', 100, None),  # its key is before the tail looked at
+    (b'{"usage":1,"pad":"' + b"p" * 200 + b'"}', 300, b"1"),
+])
+def test_the_value_of_a_top_level_member_is_read_from_the_tail(text, within, found):
+    assert jsonmember.value(text, KEY, within) == found
+    if found is not None:
+        assert json.loads(found) == json.loads(text)["usage"]

@@ -122,6 +122,44 @@ async def test_a_body_is_charged_its_reported_usage_else_its_counted_output(ledg
     assert await org_day(ledger, tasks) == (12 + PROMPT + 4, 0)
 
 
+async def test_a_large_answer_is_settled_from_its_usage_without_parsing_the_rest(ledger, monkeypatch):
+    # An embeddings answer of ~8 MB: its usage (last, as OpenAI writes it) is read alone.
+    import proxy.settlement as settlement
+    parsed = []
+    real = settlement.json.loads
+    monkeypatch.setattr(settlement.json, "loads", lambda text: parsed.append(len(text)) or real(text))
+    tasks = Tasks()
+    f = await admitted(ledger, tasks, endpoint="embedding")
+    vectors = ",".join('{"object":"embedding","index":%d,"embedding":[%s]}' % (i, ",".join(["0.0123"] * 1536))
+                       for i in range(700))
+    data = f'{{"object":"list","data":[{vectors}],"model":"m","usage":{{"prompt_tokens":70,"total_tokens":70}}}}'
+    f.settle_body(data.encode())
+    assert await org_day(ledger, tasks) == (70, 0)
+    assert len(data) > 5_000_000 and parsed and max(parsed) < 100
+
+
+@pytest.mark.parametrize("body, tokens", [
+    # Not the top level's: a `usage` nested in the output, or inside a string, is never read.
+    (b'{"choices": [{"message": {"content": "four words right here"}}], "x": {"usage": {"prompt_tokens": 9, '
+     b'"completion_tokens": 9}}}', PROMPT + 4),
+    (b'{"choices": [{"message": {"content": "a \\"usage\\": {\\"prompt_tokens\\": 9}"}}]}', PROMPT + 4),
+    # The top-level one, wherever it sits: not last, or far from the end (the whole is parsed).
+    (b'{"usage": {"prompt_tokens": 7, "completion_tokens": 5}, "choices": []}', 12),
+    (b'{"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}, "pad": "' + b"p" * 40_000 + b'"}', 12),
+    # A later duplicate wins, as a full parse would have it.
+    (b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "usage": {"prompt_tokens": 7, '
+     b'"completion_tokens": 5}}', 12),
+    # A usage the endpoint cannot read: the output is counted instead, as before.
+    (b'{"choices": [{"message": {"content": "two words"}}], "usage": {"prompt_tokens": "x"}}', PROMPT + 2),
+])
+async def test_only_the_top_level_usage_of_an_answer_is_charged(ledger, body, tokens):
+    tasks = Tasks()
+    res = await ledger.reserve("r1", Amounts(1000, 1), SCOPES)
+    f = Flight(ledger, tasks, res, MODEL, ENDPOINTS["chat"], PROMPT, lambda t: len(t.split()))
+    f.settle_body(body)
+    assert await org_day(ledger, tasks) == (tokens, 0)
+
+
 async def test_the_lease_is_extended_while_the_flight_is_open(ledger, monkeypatch):
     tasks = Tasks()
     monkeypatch.setattr(type(ledger.policy), "lease_seconds", property(lambda self: 0.3))
