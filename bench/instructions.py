@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from measure import BENCH_DIR, PLAIN_BODY, REPO, BenchError, Children, free_port, wait_port  # noqa: E402
+from measure import PLAIN_BODY, BenchError, Children, free_port, wait_port  # noqa: E402
 from proxy_bench import _OVERRIDES, PASSTHROUGH, UPSTREAM, Target, write_config  # noqa: E402
 
 

@@ -34,7 +34,8 @@ def _unavailable(exc: StoreUnavailable) -> ServiceUnavailable:
                               headers={"Retry-After": "1"})
 
 
-def add(app: web.Application, gate: AdminGate, ledger_key: web.AppKey, observer_key: web.AppKey) -> None:
+def add(route, gate: AdminGate, ledger_key: web.AppKey, observer_key: web.AppKey) -> None:
+    """The admin routes, each added by `route(method, path, handler)` (proxy/app.py's)."""
     async def usage_api(request: web.Request) -> web.Response:
         q = usage.usage_query(request.query)
         ledger = request.app[ledger_key]
@@ -106,13 +107,13 @@ def add(app: web.Application, gate: AdminGate, ledger_key: web.AppKey, observer_
         clear_session(done)
         raise done
 
-    app.router.add_get("/admin/v1/usage", gate.guard(usage_api))
-    app.router.add_get("/admin/v1/settlements", gate.guard(settlements_api))
-    app.router.add_get("/admin/", page)
-    app.router.add_get("/admin", _to_page)
-    app.router.add_get("/admin/login", login_form)
-    app.router.add_post("/admin/login", login)
-    app.router.add_post("/admin/logout", logout)
+    route("GET", "/admin/v1/usage", gate.guard(usage_api))
+    route("GET", "/admin/v1/settlements", gate.guard(settlements_api))
+    route("GET", "/admin/", page)
+    route("GET", "/admin", _to_page)
+    route("GET", "/admin/login", login_form)
+    route("POST", "/admin/login", login)
+    route("POST", "/admin/logout", logout)
 
 
 async def _form_key(request: web.Request) -> str | None:

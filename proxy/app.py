@@ -104,27 +104,48 @@ def _check_open_auth_host(request: web.Request) -> None:
                        status=403, type="permission_error", code="host_not_allowed")
 
 
-@web.middleware
-async def front(request: web.Request, handler) -> web.StreamResponse:
-    """The proxy's one middleware, in this order: the open-auth Host check, errors turned into
-    responses (`_error_response`), and every answer counted once, errors included (a redirect
-    or a client gone too: `metrics.answered`). One layer, not three: each layer costs aiohttp a
-    partial, a coroutine and an await; as one, 0.7 µs less a request (bench/results/hotpath-4.md)."""
-    try:
-        _check_open_auth_host(request)
-        resp = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:                        # redirects and the like pass through
-            metrics.answered(request, exc.status)
+def fronted(handler, label: str | None = None):
+    """`handler` with what every answer of the app goes through, in this order: the open-auth
+    Host check, errors turned into responses (`_error_response`), and the answer counted once,
+    errors included (a redirect or a client gone too: `metrics.answered`), under `label` (the
+    route's path; by default looked up on the request).
+
+    Wrapped around each route's handler when it is added (`build_app`'s `route`), not an aiohttp
+    middleware: an app with a middleware runs every request through two more layers (aiohttp's
+    `_fix_request_current_app` and the middleware, a partial, a coroutine and an await each),
+    3.5 % of the proxy's instructions per request (bench/instructions.py). The router's own 404 and
+    405 come here too, from a last catch-all route (`unmatched`)."""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            _check_open_auth_host(request)
+            resp = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:                        # redirects and the like pass through
+                metrics.answered(request, exc.status, label)
+                raise
+            resp = _error_response(request, exc)
+        except asyncio.CancelledError:                  # the client went away: nginx's "client closed request"
+            metrics.answered(request, 499, label)
             raise
-        resp = _error_response(request, exc)
-    except asyncio.CancelledError:                  # the client went away: nginx's "client closed request"
-        metrics.answered(request, 499)
-        raise
-    except Exception as exc:  # noqa: BLE001 - ApiError, or a bug: see _error_response
-        resp = _error_response(request, exc)
-    metrics.answered(request, resp.status)
-    return resp
+        except Exception as exc:  # noqa: BLE001 - ApiError, or a bug: see _error_response
+            resp = _error_response(request, exc)
+        metrics.answered(request, resp.status, label)
+        return resp
+    return answer
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """What aiohttp's router answers for a URL no route takes, as the same exceptions: a 405 naming
+    the methods of the routes that match the path, else a 404 (the last route, `/{tail:.*}`)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.canonical != "/{tail}":
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 def _models_body(cfg: config_mod.Config) -> bytes:
@@ -140,7 +161,7 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     context and closed after it, under its own AppKey. Teardown runs in reverse: background jobs
     stop, running settlements drain (they need the store), then the store and the upstream
     sessions close."""
-    app = web.Application(middlewares=[front], client_max_size=cfg.max_body_bytes)
+    app = web.Application(client_max_size=cfg.max_body_bytes)
     tokens = tokens or TokenCounter.load()          # blocking, once, before serving
     models = {"for": None, "body": b""}             # /v1/models, rendered once per config
 
@@ -189,10 +210,15 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         app[GATEWAY] = Gateway(cfg, app[LEDGER], tokens, app[UPSTREAMS], app[TASKS], app[OBSERVER])
         yield
 
+    def route(method: str, path: str, handler, label: str | None = None) -> None:
+        """Every route is added here, its handler wrapped by `fronted` (GET answers HEAD too)."""
+        app.router.add_route(method, path, fronted(handler, label))
+        if method == "GET":
+            app.router.add_route("HEAD", path, fronted(handler, label))
+
     def endpoint(kind: str):
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return await request.app[GATEWAY].handle(request, kind)
-        return handler
+        # A function returning the gateway's coroutine, not a coroutine of its own: one layer less.
+        return lambda request: request.app[GATEWAY].handle(request, kind)
 
     async def list_models(request: web.Request) -> web.Response:
         config = request.app[GATEWAY].config
@@ -220,7 +246,8 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         return await metrics.scrape(request.app[GATEWAY].config, request.app[LEDGER])
 
     for kind, e in ENDPOINTS.items():
-        app.router.add_post("/v1" + e.path, endpoint(kind))
+        route("POST", "/v1" + e.path, endpoint(kind), "/v1" + e.path)
+
     def relayed(handler):
         """A pass-through handler (never charged) with the live config and upstream sessions."""
         async def relay(request: web.Request) -> web.StreamResponse:
@@ -228,17 +255,18 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
         return relay
 
     stored = relayed(passthrough.stored_response)
-    app.router.add_get("/v1/responses/{id}", stored)
-    app.router.add_delete("/v1/responses/{id}", stored)
-    app.router.add_get("/v1/responses/{id}/input_items", stored)
-    app.router.add_post("/v1/messages/count_tokens", relayed(passthrough.count_tokens))
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", scrape)
-    app.router.add_route("*", "/v1/{tail:.*}", not_found)
+    route("GET", "/v1/responses/{id}", stored)
+    route("DELETE", "/v1/responses/{id}", stored)
+    route("GET", "/v1/responses/{id}/input_items", stored)
+    route("POST", "/v1/messages/count_tokens", relayed(passthrough.count_tokens))
+    route("GET", "/v1/models", list_models)
+    route("GET", "/healthz", healthz)
+    route("GET", "/readyz", readyz)
+    route("GET", "/metrics", scrape)
+    route("*", "/v1/{tail:.*}", not_found)
     # Admin keys follow config reloads; in prod the admin endpoints answer 404 while none is set.
-    admin_routes.add(app, AdminGate(lambda: app[GATEWAY].config.admin_keys, cfg.environment), LEDGER, OBSERVER)
+    admin_routes.add(route, AdminGate(lambda: app[GATEWAY].config.admin_keys, cfg.environment), LEDGER, OBSERVER)
+    route("*", "/{tail:.*}", unmatched, "unmatched")          # last: what no other route takes
     app.cleanup_ctx.extend([tasks, upstreams, store, ledger, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
     app.on_cleanup.append(_last_counts)        # after every cleanup_ctx: settlements drained

@@ -191,6 +191,29 @@ async def test_wrong_method_is_openai_shaped(store_url, start_proxy):
             assert (await r.json())["error"]["code"] == "method_not_allowed"
 
 
+async def test_urls_no_route_takes_are_answered_openai_shaped_and_counted_unmatched(store_url, start_proxy):
+    from proxy import metrics
+    from prometheus_client import REGISTRY
+
+    def unmatched() -> float:
+        metrics.flush()
+        return REGISTRY.get_sample_value("budget_proxy_requests_total",
+                                         {"endpoint": "unmatched", "status": "404"}) or 0.0
+
+    h = await start_proxy(store_url, {})
+    root = h.url.rsplit("/v1", 1)[0]
+    before = unmatched()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{root}/healthz") as r:           # a route for GET only
+            assert (r.status, r.headers["Allow"]) == (405, "GET,HEAD")
+            assert (await r.json())["error"]["code"] == "method_not_allowed"
+        async with s.get(f"{root}/nowhere") as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        async with s.head(f"{root}/healthz") as r:
+            assert r.status == 200
+    assert unmatched() - before == 1
+
+
 def test_hash_key_matches_config_lookup():
     assert hashlib.sha256(harness.CLIENT_KEY.encode()).hexdigest() in json.dumps(
         harness.config_data("http://x/v1", "memory://"))

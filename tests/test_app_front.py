@@ -1,5 +1,5 @@
-"""The app's one middleware (proxy/app.py `front`): the open-auth Host check, errors as
-responses, and every answer counted once, in that order."""
+"""What every route's handler is wrapped in (proxy/app.py `fronted`): the open-auth Host check,
+errors as responses, and every answer counted once, in that order."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from aiohttp.test_utils import make_mocked_request
 from prometheus_client import REGISTRY
 
 from proxy import metrics
-from proxy.app import GATEWAY, front
+from proxy.app import GATEWAY, fronted
 from proxy.errors import ApiError
 
 
@@ -43,9 +43,9 @@ ROUTES = {"/v1/ok": _ok, "/v1/refused": _refused, "/v1/moved": _moved, "/v1/bug"
 
 @pytest.fixture
 async def app():
-    app = web.Application(middlewares=[front])
+    app = web.Application()
     for path, handler in ROUTES.items():
-        app.router.add_get(path, handler)
+        app.router.add_get(path, fronted(handler))
     app[GATEWAY] = SimpleNamespace(config=SimpleNamespace(keys={}, allow_open_auth=False))
     runner = web.AppRunner(app)
     await runner.setup()
