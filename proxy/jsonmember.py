@@ -8,12 +8,14 @@ takes one separating comma with the member: the one before it, or - for the firs
 one after it and the blanks after that, so what is left is still the same JSON, spaced the same.
 
 Also used to read one member without parsing the rest (`value`: the `usage` of a whole answer,
-proxy/settlement.py), with the same proof that the key found is the top-level one.
+proxy/settlement.py), proved top-level by reading the members after it.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 # The JSON tokens that matter for finding where a value ends: strings (skipped whole, escapes
 # included), brackets and commas.
@@ -32,21 +34,69 @@ def span(text: bytes, key: bytes, start: int, stop: int) -> tuple[int, int] | No
     return None
 
 
-def value(text: bytes, key: bytes, within: int) -> bytes | None:
-    """The bytes of the value of the top-level member named `key` (with its quotes) of the JSON
-    object `text`, blanks around it removed, if its key starts in the last `within` bytes; None if
-    not (absent, elsewhere, or not provably top-level): the caller then parses the whole. Bounded
-    work: what is scanned is the tail from the key to the end (a `usage` sits near the end of
-    every answer that has one; a 100 MB embeddings answer is not scanned from its start)."""
+MISSING = object()       # what `value` returns when it finds no member to read
+_SCAN = json.JSONDecoder().scan_once
+_BLANKS = re.compile(r"[ \t\r\n]*")
+_WS_TEXT = frozenset(" \t\r\n")
+
+
+def value(text: bytes, key: bytes, within: int) -> Any:
+    """The parsed value of the top-level member named `key` (with its quotes) of the JSON object
+    `text`, if its key starts in the last `within` bytes; MISSING if not (absent, elsewhere, or
+    not provably top-level): the caller then parses the whole.
+
+    Proved top-level by reading, with json's C scanner, the members after it to the object's end:
+    that must be the end of the text (a nested object would close there, not the text). Only the
+    tail from the key on is decoded and read: a 100 MB embeddings answer is not scanned from its
+    start. A key not after `{` or `,`, or inside a string (an escaped quote), is never one."""
     stop = len(text)
     lo = max(0, stop - within)
     at = stop
     while (at := text.rfind(key, lo, at)) >= 0:
-        found = _value_at(text, at, len(key), 0, stop)
-        if found is not None and _key_position(text, at, 0):
-            begin, end = found
-            return text[_skip_ws(text, begin, end):_back_ws(text, end, begin)]
-    return None
+        if at and text[at - 1] == 0x5C and _escaped(text, at):
+            continue                       # inside a string
+        try:
+            found = _last_members(text[at:].decode(), len(key))
+        except (UnicodeDecodeError, ValueError, StopIteration, RecursionError):
+            continue
+        if found is not MISSING:
+            return found
+    return MISSING
+
+
+def _escaped(content: bytes, at: int) -> bool:
+    """Is the quote at `at` escaped (an odd run of backslashes before it)?"""
+    slashes = 0
+    while at - slashes > 0 and content[at - slashes - 1] == 0x5C:
+        slashes += 1
+    return slashes % 2 == 1
+
+
+def _next(tail: str, pos: int) -> int:
+    """The first position at or after pos that is not JSON whitespace (compact JSON: pos)."""
+    return _BLANKS.match(tail, pos).end() if tail[pos:pos + 1] in _WS_TEXT else pos
+
+
+def _last_members(tail: str, key_len: int) -> Any:
+    """The value of the member whose key opens `tail`, if the members after it end the object
+    and the object ends the text; else MISSING. (In valid JSON an unescaped quoted key followed
+    by a colon is a member's key; what ends the text after it decides which object's.)"""
+    pos = _next(tail, key_len)
+    if tail[pos:pos + 1] != ":":
+        return MISSING
+    found, pos = _SCAN(tail, _next(tail, pos + 1))
+    while True:
+        pos = _next(tail, pos)
+        c = tail[pos:pos + 1]
+        if c == "}":
+            return found if _next(tail, pos + 1) == len(tail) else MISSING
+        if c != ",":
+            return MISSING
+        name, pos = _SCAN(tail, _next(tail, pos + 1))
+        pos = _next(tail, pos)
+        if not isinstance(name, str) or tail[pos:pos + 1] != ":":
+            return MISSING
+        _, pos = _SCAN(tail, _next(tail, pos + 1))
 
 
 def _value_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> tuple[int, int] | None:
@@ -63,12 +113,6 @@ def _value_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> t
         return None
     end = _value_end(content, colon + 1, stop)
     return None if end is None else (colon + 1, end)
-
-
-def _key_position(content: bytes, at: int, start: int) -> bool:
-    """Does a member start at `at`: right after the object's `{` or a `,`?"""
-    before = _back_ws(content, at, start) - 1
-    return before >= start and content[before] in b"{,"
 
 
 def _member_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> tuple[int, int] | None:

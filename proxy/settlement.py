@@ -166,13 +166,8 @@ class Flight:
         `usage` is not one the endpoint can read, the whole answer is parsed as before (its output
         counted when it has no usable usage)."""
         read = self.endpoint.read_usage
-        usage = None
-        raw = jsonmember.value(data, _USAGE_KEY, USAGE_TAIL_BYTES)
-        if raw is not None:
-            try:
-                usage = read(json.loads(raw))
-            except (ValueError, RecursionError):
-                usage = None
+        found = jsonmember.value(data, _USAGE_KEY, USAGE_TAIL_BYTES)
+        usage = read(found) if found is not jsonmember.MISSING else None
         if usage is None:
             try:
                 obj = json.loads(data)

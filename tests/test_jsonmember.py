@@ -40,18 +40,26 @@ def test_no_top_level_member_no_span(text):
     assert cut(text) is None
 
 
+NONE = jsonmember.MISSING
+
+
 @pytest.mark.parametrize("text, within, found", [
-    (b'{"a":1,"usage":{"t":2}}', 100, b'{"t":2}'),
-    (b'{"usage" : {"t": [1, "}"]} , "b":2}', 100, b'{"t": [1, "}"]}'),
-    (b'{"a":{"usage":1},"usage":null}', 100, b"null"),
-    (b'{"a":{"usage":1}}', 100, None),                          # nested only
-    (b'{"a":"\\"usage\\":1"}', 100, None),                      # inside a string
-    (b'[{"usage":1}]', 100, None),                              # not an object's member
-    (b'{"usage":1}xyz', 100, None),                             # text after the object
-    (b'{"usage":1,"pad":"' + b"p" * 200 + b'"}', 100, None),  # its key is before the tail looked at
-    (b'{"usage":1,"pad":"' + b"p" * 200 + b'"}', 300, b"1"),
+    (b'{"a":1,"usage":{"t":2}}', 100, {"t": 2}),
+    (b'{"usage" : {"t": [1, "}"]} , "b":2 }\n', 100, {"t": [1, "}"]}),
+    (b'{"a":{"usage":1},"usage":null}', 100, None),
+    (b'{"usage":1,"usage":2}', 100, 2),                         # the last, as json.loads takes it
+    (b'{"a":{"usage":1}}', 100, NONE),                          # nested only
+    (b'{"a":{"usage":1},"b":2}', 100, NONE),
+    (b'{"a":"\\"usage\\":1"}', 100, NONE),                      # inside a string
+    (b'{"a":"usage"}', 100, NONE),                              # a value, not a key
+    (b'[{"usage":1}]', 100, NONE),                              # not an object's member
+    (b'{"usage":1}xyz', 100, NONE),                             # text after the object
+    (b'{"usage":1,"b":}', 100, NONE),                           # broken after it
+    (b'{"usage":1,"pad":"' + b"p" * 200 + b'"}', 100, NONE),  # its key is before the tail looked at
+    (b'{"usage":1,"pad":"' + b"p" * 200 + b'"}', 300, 1),
 ])
 def test_the_value_of_a_top_level_member_is_read_from_the_tail(text, within, found):
-    assert jsonmember.value(text, KEY, within) == found
-    if found is not None:
-        assert json.loads(found) == json.loads(text)["usage"]
+    got = jsonmember.value(text, KEY, within)
+    assert got == found if found is not NONE else got is NONE
+    if found is not NONE:
+        assert found == json.loads(text)["usage"]
