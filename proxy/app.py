@@ -97,16 +97,15 @@ def _check_open_auth_host(request: web.Request) -> None:
     `allow_open_auth`), /v1 answers only requests addressed to a loopback Host: a page in the
     operator's browser that rebinds its domain to 127.0.0.1 must not spend the upstream key."""
     config = request.app[GATEWAY].config
-    if not config.keys and not config.allow_open_auth and request.path.startswith("/v1/") \
-            and not loopback_host(request.headers.get("Host")):
+    if not config.keys and not config.allow_open_auth and not loopback_host(request.headers.get("Host")):
         raise ApiError("With no API keys configured the proxy answers only requests addressed to "
                        "localhost (the Host header must be localhost, 127.0.0.1 or [::1]).",
                        status=403, type="permission_error", code="host_not_allowed")
 
 
-def fronted(handler, label: str | None = None):
+def fronted(handler, label: str | None = None, v1: bool = False):
     """`handler` with what every answer of the app goes through, in this order: the open-auth
-    Host check, errors turned into responses (`_error_response`), and the answer counted once,
+    Host check (on the /v1 routes: `v1`), errors turned into responses (`_error_response`), and the answer counted once,
     errors included (a redirect or a client gone too: `metrics.answered`), under `label` (the
     route's path; by default looked up on the request).
 
@@ -117,7 +116,8 @@ def fronted(handler, label: str | None = None):
     405 come here too, from a last catch-all route (`unmatched`)."""
     async def answer(request: web.Request) -> web.StreamResponse:
         try:
-            _check_open_auth_host(request)
+            if v1:
+                _check_open_auth_host(request)
             resp = await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:                        # redirects and the like pass through
@@ -212,9 +212,10 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
 
     def route(method: str, path: str, handler, label: str | None = None) -> None:
         """Every route is added here, its handler wrapped by `fronted` (GET answers HEAD too)."""
-        app.router.add_route(method, path, fronted(handler, label))
+        v1 = path.startswith("/v1/")
+        app.router.add_route(method, path, fronted(handler, label, v1))
         if method == "GET":
-            app.router.add_route("HEAD", path, fronted(handler, label))
+            app.router.add_route("HEAD", path, fronted(handler, label, v1))
 
     def endpoint(kind: str):
         # A function returning the gateway's coroutine, not a coroutine of its own: one layer less.

@@ -37,6 +37,9 @@ from .upstream import SSE, Upstreams, check_credentials, passed_headers, redacte
 
 log = logging.getLogger(__name__)
 _BLANKS = re.compile(rb"[ \t\r\n]*")
+# Timed inline on the request path (a perf_counter before, an observe after): a `metrics.Timer`
+# block is three Python calls more, ~1 % of the proxy's instructions for its three timings.
+_RESERVE_SECONDS = metrics.STORE["reserve"]
 # Built once: json.dumps with any keyword builds an encoder on every call (what it writes is the same).
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 # And its C encoder made once too: each encode() builds one, with a dict to detect cycles that a
@@ -118,8 +121,11 @@ class Gateway:
                 plan = await self._plan(ledger, call, who, models, prompt, fresh)
                 refusal = plan.short
                 for c in plan.candidates:
-                    with metrics.Timer(metrics.STORE["reserve"]):
+                    started = time.perf_counter()
+                    try:
                         got = await ledger.reserve(rid, c.amounts, c.scopes, _info(call, who, models, c.model))
+                    finally:
+                        _RESERVE_SECONDS.observe(time.perf_counter() - started)
                     if isinstance(got, Reservation):
                         self.balance_cache.put(c.scopes, got.balances, time.monotonic(), ledger.policy)
                         return self._admitted(got, c, models, call, prompt, who)
@@ -206,9 +212,11 @@ class Gateway:
             raise unreachable(model.provider, ConnectionRefusedError())
         flight.mark_sent()
         try:
-            with metrics.Timer(metrics.upstream(model.provider)):
+            try:
                 up = await self.upstreams.post(model.provider, call.endpoint, data, SSE if call.stream else None,
                                                request.headers)
+            finally:        # from when it was sent (mark_sent's clock), to its headers
+                metrics.upstream(model.provider).observe(time.monotonic() - flight.sent_at)
         except UpstreamUnsent as exc:
             flight.release_soon("upstream_error")   # never reached the upstream: nothing to pay
             raise unreachable(model.provider, exc) from None

@@ -33,6 +33,9 @@ class Observer:
         # This process's latest refusals, newest last (a page answered by one worker shows its own).
         self.refusals: deque[RefusalSeen] = deque(maxlen=RECENT_REFUSALS)
         self._clock = clock
+        # (org, model) -> its spend counters (USD, prompt, cached and completion tokens): one
+        # look-up a commit instead of four. Bounded as the metrics' own labels are.
+        self._spend: dict[tuple[str, str], tuple] = {}
 
     def admitted(self, res: Reservation, asked: str, model: str) -> None:
         metrics.reservations("forced" if res.would_refuse is not None else "admitted").inc()
@@ -50,11 +53,19 @@ class Observer:
 
     def committed(self, res: Reservation, actual: Amounts, org: str, model: str, prompt: int,
                   cached: int, completion: int) -> None:
-        metrics.spend_usd(org, model).inc(actual.usd / 1_000_000)
-        metrics.spend_tokens(org, model, "prompt").inc(prompt)
+        spend = self._spend.get((org, model))
+        if spend is None:
+            if len(self._spend) > 10_000:
+                self._spend.clear()
+            spend = self._spend[org, model] = (
+                metrics.spend_usd(org, model), metrics.spend_tokens(org, model, "prompt"),
+                metrics.spend_tokens(org, model, "cached"), metrics.spend_tokens(org, model, "completion"))
+        usd_spent, prompt_spent, cached_spent, completion_spent = spend
+        usd_spent.inc(actual.usd / 1_000_000)
+        prompt_spent.inc(prompt)
         if cached:
-            metrics.spend_tokens(org, model, "cached").inc(cached)
-        metrics.spend_tokens(org, model, "completion").inc(completion)
+            cached_spent.inc(cached)
+        completion_spent.inc(completion)
         severity = overrun(res.amounts, actual)
         if severity is not None:
             metrics.overruns(severity).inc()

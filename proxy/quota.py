@@ -57,18 +57,19 @@ def budget_headers(model: str, asked: str, balances: Sequence[Balance]) -> dict[
     out = {"x-budget-model": model}
     if model != asked:
         out["x-budget-downgraded-from"] = asked
-    tight = tight_frac = tokens = usd = None
+    tight = tokens = usd = None
+    tight_frac = 2.0                        # above any share left
     for b in balances:
-        if b.scope.type in SHARED:
+        scope, _, unit, limit, _, _, left, _ = b      # one unpacking, not five attribute reads
+        if scope.type in SHARED:
             continue
-        left = b.remaining
-        if b.unit == "tokens":
+        if unit == "tokens":
             if tokens is None or left < tokens:
                 tokens = left
         elif usd is None or left < usd:
             usd = left
-        frac = left / b.limit if b.limit else 0.0
-        if tight is None or frac < tight_frac:
+        frac = left / limit if limit else 0.0
+        if frac < tight_frac:
             tight, tight_frac = b, frac
     if tokens is not None:
         out["x-budget-remaining-tokens"] = str(tokens)

@@ -162,6 +162,9 @@ class TokenCounter:
         # threads large bodies are counted in: dict reads and writes are atomic.
         self._short: dict[tiktoken.Encoding, dict[str, int]] = {
             enc: {} for enc in self._encodings.values() if enc is not None}
+        # Model name -> its encoding, as `_encoding_for` finds it (a dozen prefix tests): the names
+        # come from config.yaml's models, so few; bounded all the same.
+        self._by_model: dict[str, tiktoken.Encoding | None] = {}
 
     @classmethod
     def load(cls, cache_dir: str | os.PathLike[str] | None = None) -> TokenCounter:
@@ -191,9 +194,11 @@ class TokenCounter:
         for message in messages if isinstance(messages, list) else ():
             if isinstance(message, dict):
                 total += self._message_tokens(enc, message)
-        total += self._tool_definition_tokens(enc, body.get("tools"))
-        total += self._tool_definition_tokens(enc, body.get("functions"))
-        fmt = body.get("response_format")
+        tools, functions, fmt = body.get("tools"), body.get("functions"), body.get("response_format")
+        if tools:
+            total += self._tool_definition_tokens(enc, tools)
+        if functions:
+            total += self._tool_definition_tokens(enc, functions)
         if isinstance(fmt, dict) and fmt.get("type") == "json_schema":     # billed as input, as in Responses
             total += self._count_with(enc, _compact_json(fmt.get("json_schema")) or "")
         return total
@@ -274,8 +279,15 @@ class TokenCounter:
         raise ValueError(f"unknown estimate kind {kind!r}; expected one of {_ESTIMATE_KINDS}")
 
     def _encoding_for(self, model: str) -> tiktoken.Encoding | None:
-        name = encoding_name_for_model(model) if isinstance(model, str) else DEFAULT_ENCODING
-        return self._encodings.get(name)
+        if not isinstance(model, str):
+            return self._encodings.get(DEFAULT_ENCODING)
+        known = self._by_model
+        if model in known:
+            return known[model]
+        if len(known) >= 1024:
+            known.clear()
+        enc = known[model] = self._encodings.get(encoding_name_for_model(model))
+        return enc
 
     def _count_with(self, enc: tiktoken.Encoding | None, text: str) -> int:
         if enc is None:

@@ -45,7 +45,7 @@ ROUTES = {"/v1/ok": _ok, "/v1/refused": _refused, "/v1/moved": _moved, "/v1/bug"
 async def app():
     app = web.Application()
     for path, handler in ROUTES.items():
-        app.router.add_get(path, fronted(handler))
+        app.router.add_get(path, fronted(handler, v1=path.startswith("/v1/")))
     app[GATEWAY] = SimpleNamespace(config=SimpleNamespace(keys={}, allow_open_auth=False))
     runner = web.AppRunner(app)
     await runner.setup()
