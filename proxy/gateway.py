@@ -40,6 +40,7 @@ _BLANKS = re.compile(rb"[ \t\r\n]*")
 # Timed inline on the request path (a perf_counter before, an observe after): a `metrics.Timer`
 # block is three Python calls more, ~1 % of the proxy's instructions for its three timings.
 _RESERVE_SECONDS = metrics.STORE["reserve"]
+_new = tuple.__new__        # a NamedTuple built without its Python-level __new__ (as stores/memory.py)
 # Built once: json.dumps with any keyword builds an encoder on every call (what it writes is the same).
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 # And its C encoder made once too: each encode() builds one, with a dict to detect cycles that a
@@ -76,6 +77,7 @@ class Gateway:
         # Reservation ids: a random process prefix and a counter; unique across processes and
         # cheaper than a uuid4 per request.
         self._ids = itertools.count()
+        self._counts: dict[str, functools.partial] = {}        # output counters, by upstream model name
         self._id_prefix = os.urandom(8).hex()
 
     def reconfigure(self, config: Config) -> None:
@@ -190,7 +192,11 @@ class Gateway:
 
     def _flight(self, res: Reservation | None, model: Model, call: body.ApiCall, prompt: int,
                 who: auth.Caller) -> Flight:
-        count = functools.partial(self.tokens.count, model=model.upstream)
+        count = self._counts.get(model.upstream)
+        if count is None:       # one per upstream model name (config-bounded), not one per request
+            if len(self._counts) > 1024:
+                self._counts.clear()
+            count = self._counts[model.upstream] = functools.partial(self.tokens.count, model=model.upstream)
         return Flight(self.ledger, self.tasks, res, model, call.endpoint, prompt, count, self.observer, who.org)
 
     # --- forward and stream ---------------------------------------------------------------
@@ -331,5 +337,5 @@ def _info(call: body.ApiCall, who: auth.Caller, models: Sequence[Model], model: 
     was downgraded from it."""
     asked = models[0]
     used = _named(models, model)
-    return RequestInfo(who.org, who.user, call.end_user, call.endpoint.kind, call.model, model, used.provider,
-                       call.stream, asked.name if model != asked.name else None)
+    return _new(RequestInfo, (who.org, who.user, call.end_user, call.endpoint.kind, call.model, model, used.provider,
+                              call.stream, asked.name if model != asked.name else None))

@@ -211,7 +211,8 @@ class BalanceCache:
 
     def put(self, scopes: Iterable[Scope], balances: Iterable[Balance], now: float,
             policy: Policy | None = None) -> None:
-        self._for(policy)
+        if policy is not self._policy:      # (once per request: _for's test, spelt out)
+            self._for(policy)
         key = scopes if isinstance(scopes, tuple) else tuple(scopes)
         recent = self._recent
         recent.pop(key, None)               # re-noted last: the sort keeps the order of the puts

@@ -71,9 +71,11 @@ class Flight:
     def _first_period(self, res: Reservation) -> float:
         """The first renewal comes a third of the way through the lease the reservation holds,
         not the current policy's: a reload that lengthened `lease_seconds` while the reserve was
-        out would otherwise put the first renewal after this lease ends."""
-        held = res.deadline_ms / 1000 - self.ledger.now()
-        return max(0.01, min(self._period(), held / 3))
+        out would otherwise put the first renewal after this lease ends. (Once per request:
+        `_period` spelt out.)"""
+        ledger = self.ledger
+        held = res.deadline_ms / 1000 - ledger.now()
+        return max(0.01, min(ledger.policy.lease_seconds / 3, held / 3))
 
     def _renew(self) -> float:
         """Every third of the lease while open (the task tracker's renewals call it)."""

@@ -45,7 +45,17 @@ class RequestInfo(NamedTuple):
     def pack(self) -> str:
         """One line, compact (a JSON array, no names): stored with every open reservation.
         Built per reserve, so the usual all-string record is spelt out with the json module's own
-        string encoder (what json.dumps writes, byte for byte, without its per-call set-up)."""
+        string encoder (what json.dumps writes, byte for byte, without its per-call set-up), and
+        kept: a busy caller's requests repeat the same few (a dict look-up instead of seven
+        encodings)."""
+        packed = _PACKED.get(self)
+        if packed is None:
+            if len(_PACKED) >= 4096:        # bounded: end users are the client's to name
+                _PACKED.clear()
+            packed = _PACKED[self] = self._pack()
+        return packed
+
+    def _pack(self) -> str:
         org, user, end_user, endpoint, asked, model, provider, stream, down = self
         if type(org) is type(user) is type(endpoint) is type(asked) is type(model) is type(provider) is str \
                 and (end_user is None or type(end_user) is str) and (down is None or type(down) is str):
@@ -60,6 +70,9 @@ class RequestInfo(NamedTuple):
             return None
         v = json.loads(text)
         return cls(*v[:7], bool(v[7]), v[8])
+
+
+_PACKED: dict[RequestInfo, str] = {}
 
 
 class TokenCounts(NamedTuple):

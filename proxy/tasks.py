@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from types import CoroutineType
 from typing import Any, Awaitable, Callable
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ class Tasks(_OnLoop):
 
     def spawn(self, work: Awaitable[Any]) -> asyncio.Task:
         """Run `work` to completion even if the caller is cancelled; drained at shutdown. (A
-        coroutine goes to the loop's create_task directly: ensure_future's checks cost 0.7 µs.)"""
-        task = self.loop().create_task(work) if asyncio.iscoroutine(work) \
+        coroutine goes to the loop's create_task directly: ensure_future's checks cost 0.7 µs,
+        and a plain coroutine is told by its type, before asyncio.iscoroutine's Python call.)"""
+        task = self.loop().create_task(work) if type(work) is CoroutineType or asyncio.iscoroutine(work) \
             else asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
