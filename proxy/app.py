@@ -105,9 +105,9 @@ def _check_open_auth_host(request: web.Request) -> None:
 
 def fronted(handler, label: str | None = None, v1: bool = False):
     """`handler` with what every answer of the app goes through, in this order: the open-auth
-    Host check (on the /v1 routes: `v1`), errors turned into responses (`_error_response`), and the answer counted once,
-    errors included (a redirect or a client gone too: `metrics.answered`), under `label` (the
-    route's path; by default looked up on the request).
+    Host check (on the /v1 routes: `v1`), errors turned into responses (`_error_response`), and
+    the answer counted once, errors included (a redirect or a client gone too:
+    `metrics.answered`), under `label` (the route's path; by default looked up on the request).
 
     Wrapped around each route's handler when it is added (`build_app`'s `route`), not an aiohttp
     middleware: an app with a middleware runs every request through two more layers (aiohttp's
@@ -136,7 +136,9 @@ def fronted(handler, label: str | None = None, v1: bool = False):
 
 async def unmatched(request: web.Request) -> web.StreamResponse:
     """What aiohttp's router answers for a URL no route takes, as the same exceptions: a 405 naming
-    the methods of the routes that match the path, else a 404 (the last route, `/{tail:.*}`)."""
+    the methods of the routes that match the path, else a 404 (the last route, `/{tail}`). A
+    request target that is not a path (`OPTIONS *`, `CONNECT host:port`) reaches no route, this
+    one included: aiohttp answers it a text/plain 404 itself, not counted."""
     allowed: set[str] = set()
     for resource in request.app.router.resources():
         if resource.canonical != "/{tail}":
@@ -264,10 +266,12 @@ def build_app(cfg: config_mod.Config, policy: policy_mod.Policy, *, tokens: Toke
     route("GET", "/healthz", healthz)
     route("GET", "/readyz", readyz)
     route("GET", "/metrics", scrape)
-    route("*", "/v1/{tail:.*}", not_found)
+    # The catch-alls take any path, newlines (%0A) included: `.*` stops at one, which would leave
+    # such a URL to aiohttp's own text/plain 404, uncounted.
+    route("*", r"/v1/{tail:[\s\S]*}", not_found)
     # Admin keys follow config reloads; in prod the admin endpoints answer 404 while none is set.
     admin_routes.add(route, AdminGate(lambda: app[GATEWAY].config.admin_keys, cfg.environment), LEDGER, OBSERVER)
-    route("*", "/{tail:.*}", unmatched, "unmatched")          # last: what no other route takes
+    route("*", r"/{tail:[\s\S]*}", unmatched, "unmatched")     # last: what no other route takes
     app.cleanup_ctx.extend([tasks, upstreams, store, ledger, observer, gateway, _background])
     app.on_startup.append(_freeze_gc)
     app.on_cleanup.append(_last_counts)        # after every cleanup_ctx: settlements drained

@@ -40,36 +40,46 @@ _BLANKS = re.compile(r"[ \t\r\n]*")
 _WS_TEXT = frozenset(" \t\r\n")
 
 
-def value(text: bytes, key: bytes, within: int) -> Any:
-    """The parsed value of the top-level member named `key` (with its quotes) of the JSON object
-    `text`, if its key starts in the last `within` bytes; MISSING if not (absent, elsewhere, or
-    not provably top-level): the caller then parses the whole.
+def value(text: bytes, name: str, within: int) -> Any:
+    """The parsed value of the top-level member called `name` of the JSON object `text`, if its
+    key starts in the last `within` bytes; MISSING if not (absent, elsewhere, or not provably
+    top-level): the caller then parses the whole.
 
-    Proved top-level by reading, with json's C scanner, the members after it to the object's end:
-    that must be the end of the text (a nested object would close there, not the text). Only the
-    tail from the key on is decoded and read: a 100 MB embeddings answer is not scanned from its
-    start. A key not after `{` or `,`, or inside a string (an escaped quote), is never one."""
-    stop = len(text)
-    lo = max(0, stop - within)
-    at = stop
-    while (at := text.rfind(key, lo, at)) >= 0:
-        if at and text[at - 1] == 0x5C and _escaped(text, at):
-            continue                       # inside a string
+    Only that tail is decoded (once) and read: a 100 MB embeddings answer is not scanned from
+    its start. A key counts when its quote is not escaped (inside a string every quote is) and it
+    follows the object's `{` or a `,`; it is proved top-level by reading, with json's C scanner,
+    its value and the members after it to the object's end, which must end the text (a nested
+    object would close before it). A later member of the same name (spelt with an escape, which
+    the search cannot see) sends the caller to the whole, where json.loads would take that one.
+    The text before the key is not checked: an answer broken there (which json.loads refuses)
+    still has the usage it reports read."""
+    lo = max(0, len(text) - within)
+    tail = text[lo:].decode("utf-8", "surrogateescape")    # a character cut at `lo`: escaped, never read
+    key = f'"{name}"'
+    at = len(tail)
+    while (at := tail.rfind(key, 0, at)) >= 0:
+        if not _member_starts(tail, at):
+            continue
         try:
-            found = _last_members(text[at:].decode(), len(key))
-        except (UnicodeDecodeError, ValueError, StopIteration, RecursionError):
+            found = _last_members(tail, at + len(key), name)
+        except (ValueError, StopIteration, RecursionError):
             continue
         if found is not MISSING:
             return found
     return MISSING
 
 
-def _escaped(content: bytes, at: int) -> bool:
-    """Is the quote at `at` escaped (an odd run of backslashes before it)?"""
+def _member_starts(tail: str, at: int) -> bool:
+    """Does the quote at `at` open a member's key: not escaped, after `{` or `,` (and blanks)?"""
     slashes = 0
-    while at - slashes > 0 and content[at - slashes - 1] == 0x5C:
+    while at - slashes > 0 and tail[at - slashes - 1] == "\\":
         slashes += 1
-    return slashes % 2 == 1
+    if slashes % 2:
+        return False
+    before = at - 1
+    while before >= 0 and tail[before] in _WS_TEXT:
+        before -= 1
+    return before >= 0 and tail[before] in "{,"
 
 
 def _next(tail: str, pos: int) -> int:
@@ -77,11 +87,10 @@ def _next(tail: str, pos: int) -> int:
     return _BLANKS.match(tail, pos).end() if tail[pos:pos + 1] in _WS_TEXT else pos
 
 
-def _last_members(tail: str, key_len: int) -> Any:
-    """The value of the member whose key opens `tail`, if the members after it end the object
-    and the object ends the text; else MISSING. (In valid JSON an unescaped quoted key followed
-    by a colon is a member's key; what ends the text after it decides which object's.)"""
-    pos = _next(tail, key_len)
+def _last_members(tail: str, pos: int, name: str) -> Any:
+    """The value of the member whose key ends at `pos`, if the members after it end the object,
+    the object ends the text, and none of them has the same name; else MISSING."""
+    pos = _next(tail, pos)
     if tail[pos:pos + 1] != ":":
         return MISSING
     found, pos = _SCAN(tail, _next(tail, pos + 1))
@@ -92,9 +101,9 @@ def _last_members(tail: str, key_len: int) -> Any:
             return found if _next(tail, pos + 1) == len(tail) else MISSING
         if c != ",":
             return MISSING
-        name, pos = _SCAN(tail, _next(tail, pos + 1))
+        other, pos = _SCAN(tail, _next(tail, pos + 1))
         pos = _next(tail, pos)
-        if not isinstance(name, str) or tail[pos:pos + 1] != ":":
+        if not isinstance(other, str) or other == name or tail[pos:pos + 1] != ":":
             return MISSING
         _, pos = _SCAN(tail, _next(tail, pos + 1))
 

@@ -40,7 +40,6 @@ CHARS_PER_TOKEN = 4      # for output we could not count: English text averages 
 # OpenAI, Anthropic and LiteLLM put it last or nearly (a Responses answer's few members after it
 # are under 2 KB unless its metadata is large).
 USAGE_TAIL_BYTES = 16 * 1024
-_USAGE_KEY = b'"usage"'
 _COMMIT_SECONDS = metrics.STORE["commit"]
 
 
@@ -169,7 +168,7 @@ class Flight:
         `usage` is not one the endpoint can read, the whole answer is parsed as before (its output
         counted when it has no usable usage)."""
         read = self.endpoint.read_usage
-        found = jsonmember.value(data, _USAGE_KEY, USAGE_TAIL_BYTES)
+        found = jsonmember.value(data, "usage", USAGE_TAIL_BYTES)
         usage = read(found) if found is not jsonmember.MISSING else None
         if usage is None:
             try:

@@ -8,6 +8,7 @@ import json
 import math
 
 import aiohttp
+import yarl
 import openai
 import pytest
 
@@ -211,7 +212,12 @@ async def test_urls_no_route_takes_are_answered_openai_shaped_and_counted_unmatc
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
         async with s.head(f"{root}/healthz") as r:
             assert r.status == 200
-    assert unmatched() - before == 1
+        # A newline in the path (%0A): still ours, not aiohttp's text/plain 404.
+        async with s.get(yarl.URL(f"{root}/no%0Awhere", encoded=True)) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        async with s.get(yarl.URL(f"{root}/v1/no%0Awhere", encoded=True)) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_url"
+    assert unmatched() - before == 2
 
 
 def test_hash_key_matches_config_lookup():
