@@ -74,7 +74,9 @@ def budget_headers(model: str, asked: str, balances: Sequence[Balance]) -> dict[
     if tokens is not None:
         out["x-budget-remaining-tokens"] = str(tokens)
     if usd is not None:
-        out["x-budget-remaining-usd"] = f"{usd / 1_000_000:.6f}"
+        # Whole micro-dollars as dollars: exact at any size (a float's %.6f is not past 2**53), and
+        # integer formatting costs less than a float's.
+        out["x-budget-remaining-usd"] = f"{usd // 1_000_000}.{usd % 1_000_000:06d}"
     if tight is not None:
         out["x-budget-scope"] = _scope_text(tight.scope, tight.window, tight.unit)
     return out

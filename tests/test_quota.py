@@ -38,3 +38,9 @@ def test_first_of_equal_shares_is_named_and_a_zero_limit_counts_as_spent():
 
 def test_downgrade_and_no_balances():
     assert budget_headers("mini", "big", ()) == {"x-budget-model": "mini", "x-budget-downgraded-from": "big"}
+
+
+def test_remaining_dollars_are_exact_at_any_size():
+    # 123,456,789,012.345678 USD in micro-dollars: past 2**53, where a float's %.6f drifts.
+    out = budget_headers("m", "m", (_b(O, "month", "usd", 10**18, 123_456_789_012_345_678),))
+    assert out["x-budget-remaining-usd"] == "123456789012.345678"
