@@ -81,7 +81,7 @@ def _error_response(request: web.Request, exc: Exception) -> web.Response:
 @web.middleware
 async def errors(request: web.Request, handler) -> web.StreamResponse:
     """Errors as responses, alone (apps built around one handler in tests); the proxy's own app
-    does this in `front`."""
+    does this in `fronted`, around each route's handler."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
