@@ -114,17 +114,6 @@ def fronted(handler, label: str | None = None, v1: bool = False):
     `_fix_request_current_app` and the middleware, a partial, a coroutine and an await each),
     3.5 % of the proxy's instructions per request (bench/instructions.py). The router's own 404 and
     405 come here too, from a last catch-all route (`unmatched`)."""
-    counted: dict[int, object] = {}     # status -> its counter (a route's statuses are few)
-
-    def count(request: web.Request, status: int) -> None:
-        if label is None:
-            metrics.answered(request, status)
-            return
-        tally = counted.get(status)
-        if tally is None:
-            tally = counted[status] = metrics.requests(label, str(status))
-        tally.inc()
-
     async def answer(request: web.Request) -> web.StreamResponse:
         try:
             if v1:
@@ -132,15 +121,15 @@ def fronted(handler, label: str | None = None, v1: bool = False):
             resp = await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:                        # redirects and the like pass through
-                count(request, exc.status)
+                metrics.answered(request, exc.status, label)
                 raise
             resp = _error_response(request, exc)
         except asyncio.CancelledError:                  # the client went away: nginx's "client closed request"
-            count(request, 499)
+            metrics.answered(request, 499, label)
             raise
         except Exception as exc:  # noqa: BLE001 - ApiError, or a bug: see _error_response
             resp = _error_response(request, exc)
-        count(request, resp.status)
+        metrics.answered(request, resp.status, label)
         return resp
     return answer
 

@@ -108,10 +108,9 @@ def _last_members(tail: str, pos: int, name: str) -> Any:
         _, pos = _SCAN(tail, _next(tail, pos + 1))
 
 
-def _value_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> tuple[int, int] | None:
-    """Where the value of the member whose key was found at `at` starts (after its colon) and
-    ends (its `,` or the object's `}`), if the member is one of the top-level object's in
-    content[start:stop]."""
+def _member_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> tuple[int, int] | None:
+    """The span for a key found at `at`, if it is the key of a top-level member of the JSON
+    object in content[start:stop]."""
     slashes = 0
     while at - slashes > start and content[at - slashes - 1] == 0x5C:
         slashes += 1
@@ -121,16 +120,8 @@ def _value_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> t
     if content[colon:colon + 1] != b":":
         return None
     end = _value_end(content, colon + 1, stop)
-    return None if end is None else (colon + 1, end)
-
-
-def _member_at(content: bytes, at: int, key_len: int, start: int, stop: int) -> tuple[int, int] | None:
-    """The span for a key found at `at`, if it is the key of a top-level member of the JSON
-    object in content[start:stop]."""
-    found = _value_at(content, at, key_len, start, stop)
-    if found is None:
+    if end is None:
         return None
-    end = found[1]
     before = _back_ws(content, at, start) - 1
     if before >= start and content[before] == 0x2C:          # `,"usage":…`
         return before, _back_ws(content, end, start)

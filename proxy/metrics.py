@@ -124,11 +124,11 @@ def endpoint_label(request: web.Request) -> str:
     return info.canonical if info is not None else "unmatched"
 
 
-def answered(request: web.Request, status: int) -> None:
-    """Count an answer under the request's route (proxy/app.py's `fronted` counts each answer
-    once, errors included, through this or its own per-route counters; 499: the client went away
-    first, nginx's "client closed request")."""
-    requests(endpoint_label(request), str(status)).inc()
+def answered(request: web.Request, status: int, label: str | None = None) -> None:
+    """Count an answer (proxy/app.py's `fronted` calls it once per request, errors included; 499:
+    the client went away first, nginx's "client closed request"), under `label` if given (the
+    route's path, known where it was added), else the request's route's."""
+    requests(label or endpoint_label(request), str(status)).inc()
 
 
 class Timer:
