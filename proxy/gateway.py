@@ -96,9 +96,7 @@ class Gateway:
         models = models_for(config, call.model, endpoint)
         who = auth.caller(key, call.end_user)
         self.stats["requests"] += 1
-        prompt = self.tokens.estimate_inline(kind, call.body, models[0].upstream, size)
-        if prompt is None:                  # a large body: counted in a thread, off the loop
-            prompt = await self.tokens.estimate(kind, call.body, models[0].upstream, size)
+        prompt = await self.tokens.estimate(kind, call.body, models[0].upstream, size)
         admitted = await self._reserve(call, who, models, prompt)
         try:
             return await self._forward(request, call, admitted)
@@ -122,11 +120,7 @@ class Gateway:
             # A call whose completion was sized from the balances and lost a race is sized again
             # from a fresh snapshot, once: it fits what is really left instead of failing.
             for fresh in (False, True):
-                # Most calls set their completion limit and have one candidate: no balances to
-                # read, planned here without the coroutine that could fetch them.
-                plan = planner.plan(call, who, models, prompt, ledger.policy, (), ledger.now()) \
-                    if not planner.needs_balances(call, models) else \
-                    await self._plan(ledger, call, who, models, prompt, fresh)
+                plan = await self._plan(ledger, call, who, models, prompt, fresh)
                 refusal = plan.short
                 for c in plan.candidates:
                     started = time.perf_counter()
@@ -155,12 +149,13 @@ class Gateway:
 
     async def _plan(self, ledger: Ledger, call: body.ApiCall, who: auth.Caller, models: Sequence[Model],
                     prompt: int, fresh: bool = False) -> planner.Plan:
-        """Plan from the balances of the limited counters the candidates touch, for a call they can
-        change a decision of (`planner.needs_balances`; `_reserve` plans the others itself): none
-        when no counter is limited; else cached ones when fresh, else one snapshot round trip.
+        """Plan from the balances of the limited counters the candidates touch: none when they
+        cannot change a decision; else cached ones when fresh, else one snapshot round trip.
         Cached balances count reservations that may have settled since (for less), so a plan
         they would cap or refuse is made again from a fresh snapshot."""
         policy = ledger.policy
+        if not planner.needs_balances(call, models):
+            return planner.plan(call, who, models, prompt, policy, (), ledger.now())
         scopes = list(dict.fromkeys(s for m in models for s in planner.scopes_for(who, m)))
         if not planner.any_limited(policy, scopes):
             return planner.plan(call, who, models, prompt, policy, (), ledger.now())

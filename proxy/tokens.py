@@ -257,17 +257,10 @@ class TokenCounter:
         that sizes it when it is at most the threshold: every unit the walk counts (a string's
         character, a list's item) takes a byte of its own in the JSON text, or more.
         """
-        n = self.estimate_inline(kind, body, model, json_bytes)
-        return n if n is not None else await asyncio.to_thread(self._counter_for(kind), body, model)
-
-    def estimate_inline(self, kind: str, body: dict, model: str, json_bytes: int | None = None) -> int | None:
-        """`estimate`'s count when it is made on the loop (a body of at most
-        INLINE_THRESHOLD_CHARS of text), else None: the request path calls this first and awaits
-        `estimate` only for a large body (a coroutine less for nearly every request)."""
         counter = self._counter_for(kind)
         if (json_bytes is None or json_bytes > INLINE_THRESHOLD_CHARS) \
                 and _text_size_exceeds(body, INLINE_THRESHOLD_CHARS):
-            return None
+            return await asyncio.to_thread(counter, body, model)
         return counter(body, model)
 
     # -- internals ----------------------------------------------------------------------
