@@ -71,8 +71,8 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     # reserve cut short: after the reads and checks; after the record's SET NX
     "reserve: reads+checks only": [("  -- The record is the first write, NX",
                                     "  do return out end\n  -- The record is the first write, NX")],
-    "reserve: + record, no writes": [("    return DUPLICATE\n  end\n  for w = 1, plan.nw do\n",
-                                      "    return DUPLICATE\n  end\n  do return out end\n  for w = 1, plan.nw do\n")],
+    "reserve: + record, no writes": [("    return DUPLICATE\n  end\n  for w = 1, plan.nw do",
+                                      "    return DUPLICATE\n  end\n  do return out end\n  for w = 1, plan.nw do")],
     # commit cut short: after the record's SET GET; + the reads; + the log entry
     "commit: record only": [("  if state == 'r' then\n", "  if state == 'r' then\n    do return 1 end\n")],
     "commit: + reads": [("  if state == 'r' then\n    local fresh, reads = settle_read(plan)\n",
@@ -83,8 +83,8 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     "x2 reserve reads+checks": [("  for w = 1, plan.nw do\n    local is_new, vals = hash_read(plan, w)\n",
                                  "  for rep = 1, 2 do base, ns = 0, 6\n  for w = 1, plan.nw do\n    local is_new, vals = hash_read(plan, w)\n"),
                                 ("    base = base + n[w]\n  end\n", "    base = base + n[w]\n  end\n  end\n")],
-    "x2 reserve writes": [("    return DUPLICATE\n  end\n  for w = 1, plan.nw do\n",
-                           "    return DUPLICATE\n  end\n  for rep = 1, 2 do\n  for w = 1, plan.nw do\n"),
+    "x2 reserve writes": [("    return DUPLICATE\n  end\n  for w = 1, plan.nw do",
+                           "    return DUPLICATE\n  end\n  for rep = 1, 2 do\n  for w = 1, plan.nw do"),
                           ("  lease_add(K[k + 1], A[a + 3], A[a])\n", "  end\n  lease_add(K[k + 1], A[a + 3], A[a])\n")],
     "x2 commit reads": [("    local fresh, reads = settle_read(plan)\n    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n",
                          "    local fresh, reads = settle_read(plan)\n    fresh, reads = settle_read(plan)\n    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n")],

@@ -54,10 +54,11 @@ local function load(key, h, A, first, last)
   return v
 end
 
--- Window hash w of the plan (plan.lua): fresh (no marker "_") and the cached values by field
--- name, what value(vals, j, field) reads. The plan remembers (loaded) which value table it filled
--- its fields into, so its later calls in the batch skip the check: a table is only replaced
--- when the hash is deleted (hash_expire in the past), and then the plan loads again.
+-- Window hash w of the plan (plan.lua): fresh (no marker "_") and the cache's value table, field
+-- name -> {t, tr, d, dr} (false or absent: no such field), which the body changes in place and
+-- hands back to hash_write. The plan remembers (loaded) which value table it filled its fields
+-- into, so its later calls in the batch skip the check: a table is only replaced when the hash
+-- is deleted (hash_expire in the past), and then the plan loads again.
 local function hash_read(plan, w)
   local key = plan.keys[w]
   local h = hashes[key] or cached(key)
@@ -74,32 +75,21 @@ local function hash_read(plan, w)
   return not v['_'], v
 end
 
-local function value(vals, j, field)
-  local x = vals[field]
-  if x then return x[1], x[2], x[3], x[4] end
-end
-
 local function hash_get(key, field)
   local x = load(key, cached(key), {field}, 1, 1)[field]
   if x then return x[1], x[2], x[3], x[4] end
 end
 
--- A cached value is updated in place (value() hands out numbers, never the table). The body
--- read the hash (hash_read) before it writes it, so it is in the cache.
-local function hash_set(key, field, t, tr, d, dr)
+-- The body changed (or added) the value tables of the fields `names` (plan.fields[w]) in vals,
+-- the cache's table for key (hash_read): mark those that have a value dirty, and the marker.
+local function hash_write(key, vals, names)
   local h = hashes[key]
-  local x = h.v[field]
-  if x then
-    x[1], x[2], x[3], x[4] = t, tr, d, dr
-  else
-    h.v[field] = {t, tr, d, dr}
+  local dirty = h.dirty
+  for i = 1, #names do
+    local f = names[i]
+    if vals[f] then dirty[f] = true end
   end
-  h.dirty[field] = true
-end
-
-local function hash_commit(key)
-  local h = cached(key)
-  h.v['_'], h.dirty['_'] = '1', true
+  h.v['_'], dirty['_'] = '1', true
 end
 
 local function hash_expire(key, at)

@@ -10,37 +10,39 @@
 local unpack, sunpack, spack = unpack, struct.unpack, struct.pack
 
 -- Window hash w of the plan (plan.lua): its marker "_" and its fields (one HMGET); fresh (no
--- marker: the hash is new) and what value(vals, j, field) reads field j from: the HMGET reply.
+-- marker: the hash is new) and its values: field name -> {tokens used, tokens reserved, micro-USD
+-- used, micro-USD reserved}, absent if the field is. The body changes these tables in place (or
+-- adds one) and hands them back to hash_write.
 local function hash_read(plan, w)
-  local first = plan.first[w]
-  local got = redis.call('HMGET', plan.keys[w], '_', unpack(plan.A, first, first + plan.n[w] - 1))
-  return not got[1], got
+  local first, A = plan.first[w], plan.A
+  local got = redis.call('HMGET', plan.keys[w], '_', unpack(A, first, first + plan.n[w] - 1))
+  local vals = {}
+  for i = 2, #got do
+    local raw = got[i]
+    if raw then vals[A[first + i - 2]] = {sunpack('<dddd', raw)} end
+  end
+  return not got[1], vals
 end
 
--- Field j's value (named `field`; here the reply's position is enough): tokens used, tokens
--- reserved, micro-USD used, micro-USD reserved; nil if absent.
-local function value(vals, j, field)
-  local v = vals[j + 1]
-  if v then return sunpack('<dddd', v) end
-end
-
--- One field's value, as value() gives it.
+-- One field's value: its four numbers, nil if absent.
 local function hash_get(key, field)
   local v = redis.call('HGET', key, field)
   if v then return sunpack('<dddd', v) end
 end
 
--- Writing a hash: hash_set for each field, then hash_commit sends them, with the marker, as ONE
--- HSET (a body finishes one hash before it writes the next).
-local hset_args, hset_n = {'_', '1'}, 2
-local function hash_set(key, field, t, tr, d, dr)
-  hset_args[hset_n + 1], hset_args[hset_n + 2] = field, spack('<dddd', t, tr, d, dr)
-  hset_n = hset_n + 2
-end
-
-local function hash_commit(key)
-  redis.call('HSET', key, unpack(hset_args, 1, hset_n))
-  hset_n = 2
+-- Write back the fields `names` (plan.fields[w]) that have a value in vals (what hash_read gave,
+-- changed in place by the body), with the marker: ONE HSET.
+local function hash_write(key, vals, names)
+  local args, n = {'_', '1'}, 2
+  for i = 1, #names do
+    local f = names[i]
+    local x = vals[f]
+    if x then
+      args[n + 1], args[n + 2] = f, spack('<dddd', x[1], x[2], x[3], x[4])
+      n = n + 2
+    end
+  end
+  redis.call('HSET', key, unpack(args, 1, n))
 end
 
 local function hash_expire(key, at)

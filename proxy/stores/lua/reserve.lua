@@ -5,7 +5,7 @@
 -- (plan.lua: KEYS[3..] and ARGV[8..], read once). Run alone as direct.lua .. plan.lua .. this ..
 -- "return reserve(KEYS, 1, ARGV, 1, reserve_plan(KEYS, 3, #KEYS - 2, ARGV, 8))", or as one
 -- sub-call of batch.lua (see there). Window hashes and the lease index are touched only through
--- the helpers hash_read + value, hash_get, hash_set + hash_commit, hash_expire and lease_add:
+-- the helpers hash_read, hash_get, hash_write, hash_expire and lease_add:
 -- Redis commands alone (direct.lua), a per-batch cache in a batch (cached.lua). The record's
 -- SET NX and EXISTS are Redis commands in both forms.
 --
@@ -67,8 +67,8 @@ local function reserve(K, k, A, a, plan)
     local l, f0 = lim[w], first[w] - 1
     for x = 1, #l, 3 do
       local j, tl, dl = l[x], l[x + 1], l[x + 2]
-      local t, tr, d, dr = value(vals, j, P[f0 + j])
-      if not t then t, tr, d, dr = 0, 0, 0, 0 end
+      local t, tr, d, dr, x = 0, 0, 0, 0, vals[P[f0 + j]]
+      if x then t, tr, d, dr = x[1], x[2], x[3], x[4] end
       if tl < -1 or dl < -1 then
         local gt, rt, gd, rd = hash_get(keys[w], '~' .. P[f0 + j])
         if not gt then gt, rt, gd, rd = 0, 0, 0, 0 end
@@ -93,16 +93,15 @@ local function reserve(K, k, A, a, plan)
                     record_tail(plan), 'NX', 'PXAT', A[a + 4]) then
     return DUPLICATE
   end
-  for w = 1, plan.nw do
-    local vals, key, f0 = reads[w], keys[w], first[w] - 1
-    for j = 1, n[w] do
-      local f = P[f0 + j]
-      local t, tr, d, dr = value(vals, j, f)
-      if not t then t, tr, d, dr = 0, 0, 0, 0 end
-      hash_set(key, f, t, tr + tokens, d, dr + usd)
+  for w = 1, plan.nw do                  -- each value table changed in place (see hash_read)
+    local vals, names = reads[w], plan.fields[w]
+    for i = 1, #names do
+      local f = names[i]
+      local x = vals[f]
+      if x then x[2], x[4] = x[2] + tokens, x[4] + usd else vals[f] = {0, tokens, 0, usd} end
     end
-    hash_commit(key)
-    if fresh[w] then hash_expire(key, P[plan.exp[w]]) end
+    hash_write(keys[w], vals, names)
+    if fresh[w] then hash_expire(keys[w], P[plan.exp[w]]) end
   end
   lease_add(K[k + 1], A[a + 3], A[a])
 

@@ -6,7 +6,7 @@
 -- KEYS[4..] and ARGV[13..], read once). Run alone as direct.lua .. plan.lua .. this ..
 -- "return settle(KEYS, 1, ARGV, 1, settle_plan(KEYS, 4, #KEYS - 3, ARGV, 13))", or as one
 -- sub-call of batch.lua (see there). Window hashes and the lease index are touched
--- only through the helpers hash_read + value, hash_set + hash_commit, hash_expire and
+-- only through the helpers hash_read, hash_write, hash_expire and
 -- lease_remove (direct.lua, cached.lua); the record's GET / SET and the log's XADD are Redis
 -- commands in both forms.
 --
@@ -50,29 +50,28 @@ end
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
 -- (a restart, or the window expired) gets the usage again, nothing to take back.
 local function settle_write(plan, fresh, reads, used_t, used_d, res_t, res_d)
-  local P, keys, first, n = plan.A, plan.keys, plan.first, plan.n
-  for w = 1, plan.nw do
-    local vals, key, f0 = reads[w], keys[w], first[w] - 1
-    local written = false
-    for j = 1, n[w] do
-      local f = P[f0 + j]
-      local t, tr, d, dr = value(vals, j, f)
-      if t then                                          -- each at least 0 (math.max, inline)
-        t, tr, d, dr = t + used_t, tr - res_t, d + used_d, dr - res_d
+  local keys, fields = plan.keys, plan.fields
+  for w = 1, plan.nw do                  -- each value table changed in place (see hash_read)
+    local vals, names, written = reads[w], fields[w], false
+    for i = 1, #names do
+      local f = names[i]
+      local x = vals[f]
+      if x then                                          -- each at least 0 (math.max, inline)
+        local t, tr, d, dr = x[1] + used_t, x[2] - res_t, x[3] + used_d, x[4] - res_d
         if t < 0 then t = 0 end
         if tr < 0 then tr = 0 end
         if d < 0 then d = 0 end
         if dr < 0 then dr = 0 end
-        hash_set(key, f, t, tr, d, dr)
+        x[1], x[2], x[3], x[4] = t, tr, d, dr
         written = true
       elseif used_t > 0 or used_d > 0 then
-        hash_set(key, f, used_t > 0 and used_t or 0, 0, used_d > 0 and used_d or 0, 0)
+        vals[f] = {used_t > 0 and used_t or 0, 0, used_d > 0 and used_d or 0, 0}
         written = true
       end
     end
     if written then
-      hash_commit(key)
-      if fresh[w] then hash_expire(key, P[plan.exp[w]]) end     -- a new hash (its marker "_" was absent)
+      hash_write(keys[w], vals, names)
+      if fresh[w] then hash_expire(keys[w], plan.A[plan.exp[w]]) end -- a new hash (its marker "_" was absent)
     end
   end
 end
