@@ -290,9 +290,9 @@ async def test_a_long_queue_goes_as_several_batches_in_order(redis_url):
 
 
 async def test_a_counter_named_twice_in_one_call_counts_as_the_single_call_counts_it(redis_server, redis_url):
-    # A sub-call of batch.lua reads the cached values its own writes update in place, where the
-    # single call reads one HMGET reply: a counter named twice (the same window and scope) must
-    # still count as the single call counts it, so such calls never go in a batch.
+    # A counter named twice (the same window and scope) is charged once per naming, in a batch as
+    # in the single call, as the memory store charges it (tests/stores/test_memory.py): both
+    # forms change the one value in place. (Such calls still go alone, Wire.alone.)
     client = redis_sync.Redis.from_url(redis_url)
     twice = [*LIMITED, LIMITED[0]]
     rids = [f"t{i}" for i in range(4)]
@@ -321,7 +321,7 @@ async def test_a_counter_named_twice_in_one_call_counts_as_the_single_call_count
     state_together = dump(client)
     await store.close()
     assert state_together == state_alone
-    assert totals(client.hget("{bp}:w:day", "org:a")) == (4 * 7, 0, 4 * 3, 0)      # counted once a call
+    assert totals(client.hget("{bp}:w:day", "org:a")) == (4 * 2 * 7, 0, 4 * 2 * 3, 0)   # twice a call
 
 
 def random_plans(rng: random.Random) -> list[tuple[Counter, ...]]:

@@ -3,7 +3,7 @@
 --
 -- Window hashes: each field is read from Redis at most once per batch (one HMGET per hash for
 -- the fields not yet cached, the marker "_" included); a sub-call reads what earlier sub-calls
--- wrote; writes stay in the cache and `flush` sends ONE HSET per dirty hash at the end, then its
+-- wrote; writes stay in the cache and `flush` sends ONE HSET per written hash at the end, then its
 -- PEXPIREAT (deferred too: on a hash not yet written it would do nothing). An expiry already in
 -- the past deletes the hash at once in the single form (Redis: PEXPIREAT <= now is a DEL), so
 -- here it empties the cached hash (later sub-calls find it new, as they would alone) and the
@@ -15,7 +15,9 @@
 -- settle.lua), so a failed sub-call leaves nothing in the cache.
 
 local unpack, tonumber, sunpack, spack = unpack, tonumber, struct.unpack, struct.pack
-local hashes, hash_order = {}, {}      -- key -> {v = field -> value | false, dirty = field -> true,
+local hashes, hash_order = {}, {}      -- key -> {v = field -> value | false, ranges = first -> last
+                                       --         (the written fields: A[first .. last]), A = the
+                                       --         arguments they index (nil: nothing written),
                                        --         expire = epoch ms | nil, gone = deleted in this batch}
                                        -- values unpacked once when read, packed once when flushed
 local leases, lease_order = {}, {}     -- key -> member -> deadline | false (removed)
@@ -24,7 +26,7 @@ local now_ms                           -- the server's clock, read once, only if
 local function cached(key)
   local h = hashes[key]
   if not h then
-    h = {v = {}, dirty = {}}
+    h = {v = {}, ranges = {}}
     hashes[key] = h
     hash_order[#hash_order + 1] = key
   end
@@ -80,16 +82,19 @@ local function hash_get(key, field)
   if x then return x[1], x[2], x[3], x[4] end
 end
 
--- The body changed (or added) the value tables of the fields `names` (plan.fields[w]) in vals,
--- the cache's table for key (hash_read): mark those that have a value dirty, and the marker.
-local function hash_write(key, vals, names)
+-- The body changed (or added) the value tables of the fields A[first .. last] in vals, the
+-- cache's table for key (hash_read). What is written is kept per hash as the plan's range of
+-- fields, once per batch, not field by field every call: flush writes every field of the ranges
+-- that has a value, and the marker. (A body writes every field of its window that has a value,
+-- so the fields of a range with a value are exactly those its calls wrote. All plans' fields are
+-- positions in the one ARGV, so `first` names a range.)
+local function hash_write(key, vals, A, first, last)
   local h = hashes[key]
-  local dirty = h.dirty
-  for i = 1, #names do
-    local f = names[i]
-    if vals[f] then dirty[f] = true end
+  local ranges = h.ranges
+  if not ranges[first] then
+    ranges[first], h.A = last, A
+    h.v['_'] = '1'
   end
-  h.v['_'], dirty['_'] = '1', true
 end
 
 local function hash_expire(key, at)
@@ -101,7 +106,7 @@ local function hash_expire(key, at)
   if tonumber(at) > now_ms then
     h.expire = at
   else                                 -- PEXPIREAT in the past: the hash is deleted now
-    h.v, h.dirty, h.expire, h.gone = {}, {}, nil, true
+    h.v, h.ranges, h.A, h.expire, h.gone = {}, {}, nil, nil, true
   end
 end
 
@@ -130,14 +135,22 @@ local function flush()
   for _, key in ipairs(hash_order) do
     local h = hashes[key]
     if h.gone then redis.call('DEL', key) end
-    local args, n, v = {}, 0, h.v
-    for f in pairs(h.dirty) do
-      local x = v[f]
-      if f ~= '_' then x = spack('<dddd', x[1], x[2], x[3], x[4]) end
-      args[n + 1], args[n + 2] = f, x
-      n = n + 2
+    local v, A = h.v, h.A
+    if A then                          -- written: the marker, then each field of the ranges once
+      local args, n, done = {'_', '1'}, 2, {}
+      for first, last in pairs(h.ranges) do
+        for i = first, last do
+          local f = A[i]
+          local x = v[f]
+          if x and not done[f] then
+            done[f] = true
+            args[n + 1], args[n + 2] = f, spack('<dddd', x[1], x[2], x[3], x[4])
+            n = n + 2
+          end
+        end
+      end
+      redis.call('HSET', key, unpack(args, 1, n))
     end
-    if n > 0 then redis.call('HSET', key, unpack(args)) end
     if h.expire then redis.call('PEXPIREAT', key, h.expire) end
   end
   for _, key in ipairs(lease_order) do

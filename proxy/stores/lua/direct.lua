@@ -30,12 +30,13 @@ local function hash_get(key, field)
   if v then return sunpack('<dddd', v) end
 end
 
--- Write back the fields `names` (plan.fields[w]) that have a value in vals (what hash_read gave,
--- changed in place by the body), with the marker: ONE HSET.
-local function hash_write(key, vals, names)
-  local args, n = {'_', '1'}, 2
-  for i = 1, #names do
-    local f = names[i]
+-- Write back the fields A[first .. last] that have a value in vals (what hash_read gave, changed
+-- in place by the body), with the marker: ONE HSET.
+local hset_args = {'_', '1'}             -- reused: one call writes its hashes one after another
+local function hash_write(key, vals, A, first, last)
+  local args, n = hset_args, 2
+  for i = first, last do
+    local f = A[i]
     local x = vals[f]
     if x then
       args[n + 1], args[n + 2] = f, spack('<dddd', x[1], x[2], x[3], x[4])

@@ -9,8 +9,6 @@
 --   plan.A        the arguments table           plan.keys[w]  window hash w's key (w = 1..nw)
 --   plan.exp[w]   A index of its expiry (epoch ms)           plan.n[w]  its number of fields
 --   plan.first[w] A index of its first field (a scope field "<type>:<id>", see reserve.lua)
---   plan.fields[w] its field names, each once (a field named twice in a window is written once,
---                 as one HSET of the single call's snapshot wrote it: see the writes)
 --   plan.rec      A index of the record's counter text (the settle arguments, space-joined)
 --   plan.lim[w]   reserve only: {j, token limit, micro-USD limit, ...} as numbers, j = 1..n
 --   plan.reply    reserve only: a zero for every element of reserve's reply when admitted (6, and
@@ -20,21 +18,14 @@
 --                 the calls of one plan reuse them instead of making two tables each
 
 local function plan_of(K, q, nw, A, p, limits)
-  local keys, exp, n, first, fields, lim = {}, {}, {}, {}, {}, nil
-  local plan = {A = A, keys = keys, exp = exp, n = n, first = first, fields = fields, rec = p, nw = nw,
-                fresh = {}, reads = {}}
+  local keys, exp, n, first, lim = {}, {}, {}, {}, nil
+  local plan = {A = A, keys = keys, exp = exp, n = n, first = first, rec = p, nw = nw, fresh = {}, reads = {}}
   if limits then lim = {}; plan.lim = lim end
   local a, limited = p + 1, 0
   for w = 1, nw do
     keys[w] = K[q + w - 1]
     local c = tonumber(A[a + 1])
     exp[w], n[w], first[w] = a, c, a + 2
-    local names, seen, m = {}, {}, 0
-    for i = a + 2, a + 1 + c do
-      local f = A[i]
-      if not seen[f] then seen[f], m = true, m + 1; names[m] = f end
-    end
-    fields[w] = names
     a = a + 2 + c
     if limits then
       local m, l = tonumber(A[a]), {}

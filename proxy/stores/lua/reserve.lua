@@ -94,13 +94,14 @@ local function reserve(K, k, A, a, plan)
     return DUPLICATE
   end
   for w = 1, plan.nw do                  -- each value table changed in place (see hash_read)
-    local vals, names = reads[w], plan.fields[w]
-    for i = 1, #names do
-      local f = names[i]
+    local vals, lo = reads[w], first[w]
+    local hi = lo + n[w] - 1
+    for i = lo, hi do
+      local f = P[i]
       local x = vals[f]
       if x then x[2], x[4] = x[2] + tokens, x[4] + usd else vals[f] = {0, tokens, 0, usd} end
     end
-    hash_write(keys[w], vals, names)
+    hash_write(keys[w], vals, P, lo, hi)
     if fresh[w] then hash_expire(keys[w], P[plan.exp[w]]) end
   end
   lease_add(K[k + 1], A[a + 3], A[a])

@@ -50,11 +50,12 @@ end
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
 -- (a restart, or the window expired) gets the usage again, nothing to take back.
 local function settle_write(plan, fresh, reads, used_t, used_d, res_t, res_d)
-  local keys, fields = plan.keys, plan.fields
+  local P, keys, first, n = plan.A, plan.keys, plan.first, plan.n
   for w = 1, plan.nw do                  -- each value table changed in place (see hash_read)
-    local vals, names, written = reads[w], fields[w], false
-    for i = 1, #names do
-      local f = names[i]
+    local vals, lo, written = reads[w], first[w], false
+    local hi = lo + n[w] - 1
+    for i = lo, hi do
+      local f = P[i]
       local x = vals[f]
       if x then                                          -- each at least 0 (math.max, inline)
         local t, tr, d, dr = x[1] + used_t, x[2] - res_t, x[3] + used_d, x[4] - res_d
@@ -70,8 +71,8 @@ local function settle_write(plan, fresh, reads, used_t, used_d, res_t, res_d)
       end
     end
     if written then
-      hash_write(keys[w], vals, names)
-      if fresh[w] then hash_expire(keys[w], plan.A[plan.exp[w]]) end -- a new hash (its marker "_" was absent)
+      hash_write(keys[w], vals, P, lo, hi)
+      if fresh[w] then hash_expire(keys[w], P[plan.exp[w]]) end -- a new hash (its marker "_" was absent)
     end
   end
 end
