@@ -23,8 +23,9 @@ a commit of 900 / 7,000; the same policy and scopes for every checkout.
 - `lone`: one request at a time through the checkout's own Ledger and store (every call its own
   script call): what an idle proxy costs Redis. Works on any checkout with `proxy.ledger.Ledger`
   (it runs in a child process with that checkout first on sys.path).
-- `batch N`: this checkout only: N reserves sent as ONE batch call, then their N commits as one,
-  encoded exactly as the store's coalescer sends them (bench/lua_percall.py's `run`); under the
+- `batch N`: N reserves sent as ONE batch call, then their N commits as one, encoded exactly as
+  the checkout's own coalescer sends them (its bench/lua_percall.py's `run`; a checkout without
+  that file, from before batches, is skipped); under the
   proxy bench's load (32 connections) the store makes 0.10 script calls a request, i.e. about 10
   calls a batch, so `--batch 10` is what a request costs Redis in that bench.
 
@@ -37,7 +38,6 @@ Needs valgrind (Debian: `apt-get install valgrind`).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import glob
 import json
 import os
@@ -143,46 +143,59 @@ class CountedRedis:
             self.proc.wait()
 
 
+# The child for `batch N`: the checkout's own coalescer encoding and scripts (bench/lua_percall.py).
+CHILD_BATCH = r'''
+import asyncio, subprocess, sys
+import bench.lua_percall as lp
+from bench.batch_bench import plan_counters
+from proxy.stores import open_store
+from proxy.stores.redis import SCRIPTS
+
+lp._commandstats = lambda server: {"evalsha": (0, 0)}      # run() reads commandstats; not needed here
+
+async def main(url, pid, size, warmup, batches):
+    store = open_store(url)
+    wire = store._wired(await plan_counters(store))
+    scripts = {store._reserve: store._r.register_script(SCRIPTS["reserve"]),
+               store._settle_script: store._r.register_script(SCRIPTS["settle"]),
+               store._calls._batch: store._r.register_script(SCRIPTS["batch"])}
+    await lp.run(store, None, scripts, wire, size, warmup)
+    subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
+    await lp.run(store, None, scripts, wire, size, batches)
+    subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+    await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])))
+'''
+
+
+def _child(code: str, tree: str, server: CountedRedis, name: str, *argv: int) -> None:
+    env = dict(os.environ, PYTHONPATH=tree)
+    run = subprocess.run([sys.executable, "-c", code, server.url, str(server.proc.pid), *map(str, argv)],
+                         cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
+    if run.returncode != 0:
+        raise BenchError(f"{name}: {run.stderr.strip().splitlines()[-1:]}")
+
+
 def lone(tree: str, tmp: str, name: str, warmup: int, requests: int) -> float:
     server = CountedRedis(tmp, name)
     try:
-        env = dict(os.environ, PYTHONPATH=tree)
-        run = subprocess.run([sys.executable, "-c", CHILD, server.url, str(server.proc.pid), str(warmup),
-                              str(requests)], cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
-        if run.returncode != 0:
-            raise BenchError(f"{name}: {run.stderr.strip().splitlines()[-1:]}")
+        _child(CHILD, tree, server, name, warmup, requests)
         return server.dumped(requests)
     finally:
         server.stop()
 
 
-def batched(tmp: str, size: int, warmup: int, requests: int) -> float:
-    """This checkout: batches of `size` reserves, then their commits (bench/lua_percall.py's run)."""
-    from bench.batch_bench import plan_counters
-    from bench.lua_percall import run
-    from proxy.stores import open_store
-    from proxy.stores.redis import SCRIPTS
-
-    class NoStats:                      # run() reads commandstats; callgrind counts instead
-        pass
-    import bench.lua_percall as lp
-    lp._commandstats = lambda server: {"evalsha": (0, 0)}
-
-    server = CountedRedis(tmp, f"batch{size}")
+def batched(tree: str, tmp: str, name: str, size: int, warmup: int, requests: int) -> float | None:
+    """Batches of `size` reserves, then their commits, as the checkout's coalescer encodes them;
+    None for a checkout without batches (or without bench/lua_percall.py)."""
+    if not os.path.exists(os.path.join(tree, "bench", "lua_percall.py")):
+        return None
+    server = CountedRedis(tmp, f"{name}-batch{size}")
     try:
-        async def go() -> None:
-            store = open_store(server.url)
-            wire = store._wired(await plan_counters(store))
-            scripts = {store._reserve: store._r.register_script(SCRIPTS["reserve"]),
-                       store._settle_script: store._r.register_script(SCRIPTS["settle"]),
-                       store._calls._batch: store._r.register_script(SCRIPTS["batch"])}
-            await run(store, NoStats(), scripts, wire, size, max(1, warmup // size))
-            subprocess.run(["callgrind_control", "-z", str(server.proc.pid)], check=True, capture_output=True)
-            await run(store, NoStats(), scripts, wire, size, requests // size)
-            subprocess.run(["callgrind_control", "-d", str(server.proc.pid)], check=True, capture_output=True)
-            await store.close()
-        asyncio.run(go())
-        return server.dumped(size * (requests // size))
+        batches = max(1, requests // size)
+        _child(CHILD_BATCH, tree, server, name, size, max(1, warmup // size), batches)
+        return server.dumped(size * batches)
     finally:
         server.stop()
 
@@ -201,13 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tmp = tempfile.mkdtemp(prefix="bp-redis-instr-")
     rows: list[tuple[str, float]] = []
+    sizes = [int(x) for x in args.batch.split(",") if x]
+    trees = [(f"tree {name}", os.path.abspath(path))
+             for name, _, path in (spec.partition("=") for spec in args.tree)] + [("this checkout", ROOT)]
     try:
-        for spec in args.tree:
-            name, _, path = spec.partition("=")
-            rows.append((f"tree {name}, lone", lone(os.path.abspath(path), tmp, name, args.warmup, args.requests)))
-        rows.append(("this checkout, lone", lone(ROOT, tmp, "this", args.warmup, args.requests)))
-        for size in (int(s) for s in args.batch.split(",") if s):
-            rows.append((f"this checkout, batch {size}", batched(tmp, size, args.warmup, args.requests)))
+        for label, path in trees:
+            rows.append((f"{label}, lone", lone(path, tmp, label.split()[-1], args.warmup, args.requests)))
+        for size in sizes:
+            for label, path in trees:
+                value = batched(path, tmp, label.split()[-1], size, args.warmup, args.requests)
+                if value is not None:
+                    rows.append((f"{label}, batch {size}", value))
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
