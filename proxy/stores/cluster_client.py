@@ -20,7 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import (AskError, ClusterDownError, MovedError, NoScriptError, RedisClusterException, ResponseError,
                               TryAgainError)
 
-from .redis import _FAILURES, _c_pack, _Coalescer
+from .redis import _FAILURES, _c_pack, _Coalescer, _Lane
 
 SCHEME = "redis+cluster://"
 
@@ -170,18 +170,23 @@ class Direct(_Coalescer):
     and a round trip once per node instead of once per call. GatedCluster bounds the
     connections in use.
 
-    The plain in-flight rule (FLUSH_BELOW = MAX_IN_FLIGHT), not the single store's "one batch out
-    under load": a flush holds its in-flight slot until every node's exchange has ended, so with
-    one frozen node (a partition, a paused VM, before failover) a rule that holds every new call
-    behind the batch out held every org's calls for the frozen node's timeouts (up to 20 s,
-    bench/frozen_node.py); with the plain rule, calls made meanwhile go at once while fewer than
-    MAX_IN_FLIGHT are out (tests/stores/test_cluster_pipeline.py, the frozen-node tests)."""
+    The single store's rule ("one batch out under load", FLUSH_BELOW), kept per node: each node
+    is a lane of its own (`lane_of`, by the slot map's node for the call's first key), with its
+    calls out, its flushes out and its queue. Kept for the whole cluster, one frozen node (a
+    partition, a paused VM, before failover) held every org's calls behind the flush carrying
+    its call, for its timeouts (up to 20 s, bench/frozen_node.py); so the cluster used the
+    plain in-flight rule instead, and batched less than one Redis (0.36 script calls a request
+    against 0.10). Per node, a frozen node holds its own lane, and the other nodes batch as one
+    Redis does (tests/stores/test_cluster_pipeline.py, the frozen-node tests). A flush's calls
+    still go per node (`_routes`): a lane chosen on a map that has changed since (a resharding,
+    a failover) may hold calls for several nodes, each answered when its node replies."""
 
-    FLUSH_BELOW = _Coalescer.MAX_IN_FLIGHT
     WAIT_SECONDS = 5.0          # how long a call answered TRYAGAIN or CLUSTERDOWN is sent again
 
     def __init__(self, client: RedisCluster, tasks, batch, kinds) -> None:
         super().__init__(client, tasks, batch, kinds, group=tenant_of)
+        self._slots: dict[str, int] = {}           # hash tag -> slot
+        self._node_lanes: dict[str | None, _Lane] = {}   # node name (None: no map yet) -> its lane
         self._ready = False
         self._starting = asyncio.Lock()
         self.tried_again = 0            # calls sent again after a TRYAGAIN or CLUSTERDOWN (tests)
@@ -211,6 +216,29 @@ class Direct(_Coalescer):
             await asyncio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 0.2)
             self.tried_again += 1
+
+    def lane_of(self, keys: list) -> _Lane:
+        """The lane of the node the slot map gives the call's keys (one tag: one slot); a lane
+        of its own for calls whose slot has no node yet (no map, or a slot not covered)."""
+        tag = tenant_of(keys)
+        slot = self._slots.get(tag)
+        if slot is None:
+            if len(self._slots) >= 65536:
+                self._slots.clear()
+            slot = self._slots[tag] = self._r.keyslot(keys[0])
+        name = None
+        if not self._r._initialize:
+            try:
+                name = self._r.nodes_manager.get_node_from_slot(slot).name
+            except RedisClusterException:              # the slot is not covered (yet)
+                pass
+        lane = self._node_lanes.get(name)
+        if lane is None:
+            lane = self._node_lanes[name] = _Lane()
+        return lane
+
+    def _lanes(self):
+        return (self._lane, *self._node_lanes.values())
 
     def _routes(self, commands: list[tuple]) -> list[tuple[ClusterNode | None, list[int]]]:
         """`commands` grouped by the node the client's slot map gives their first key's slot;

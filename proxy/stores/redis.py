@@ -87,6 +87,18 @@ class _CPacked:
             return super().pack_command(*args)
 
 
+class _Lane:
+    """The calls of one lane of a _Coalescer: round trips out (its single calls and flushes),
+    flushes out, and the calls waiting for the next flush."""
+
+    __slots__ = ("in_flight", "batches", "queue")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.batches = 0                # flushes out (batch.lua calls, or queued calls sent)
+        self.queue: list[tuple[AsyncScript, list, list, tuple, asyncio.Future]] = []
+
+
 class _Coalescer:
     """Script calls made while MAX_IN_FLIGHT round trips are already out (or, under load, while
     a batch is out or calls wait) wait, and then go together as ONE call of batch.lua, which
@@ -103,6 +115,10 @@ class _Coalescer:
 
     `group` (the cluster's caller, cluster_client.Direct): a batch may only hold calls of one
     group (their keys in one slot); queued calls are split by group(keys), in order within each.
+
+    The rule is kept per lane (`_Lane`: its calls out, its flushes out, its queue). One Redis is
+    one lane; the cluster's caller gives each node its own (`lane_of`), so a node's calls wait
+    only for that node's round trips, and a frozen node holds only its own calls.
     """
 
     MAX_IN_FLIGHT = 4
@@ -115,8 +131,9 @@ class _Coalescer:
     # at 4 concurrent requests, which then waited for each other in batches of two). The price:
     # under load, a round trip that hangs holds the queue until its socket timeout (1 s), where
     # 3 other round trips could go on before. FLUSH_BELOW = MAX_IN_FLIGHT is the plain rule (a
-    # call goes at once while fewer than MAX_IN_FLIGHT are out, nothing waits otherwise): the
-    # cluster's, where one frozen node must not hold every org's calls (cluster_client.Direct).
+    # call goes at once while fewer than MAX_IN_FLIGHT are out, nothing waits otherwise). The
+    # cluster keeps this rule per node (its lanes, cluster_client.Direct), so one frozen node
+    # holds only its own calls.
     FLUSH_BELOW = 2
     MAX_BATCH = 64          # sub-calls per batch script call: bounds how long one call holds Redis
 
@@ -124,9 +141,7 @@ class _Coalescer:
                  kinds: dict[AsyncScript, str], group=None) -> None:
         self._r = client
         self._group = group             # keys -> the group a call may be batched with (None: one)
-        self._in_flight = 0
-        self._batches = 0               # flushes out (batch.lua calls, or queued calls sent)
-        self._queue: list[tuple[AsyncScript, list, list, tuple, asyncio.Future]] = []
+        self._lane = _Lane()            # the one lane, unless lane_of gives others
         self._tasks = tasks             # the flushes run there: the app drains them before closing us
         self._batch = batch
         self._kinds = kinds             # script -> its kind in batch.lua ("r", "s")
@@ -138,24 +153,40 @@ class _Coalescer:
         batch sends it once, later calls of the batch name the first that carried it. An
         `alone` call (its counters name one twice, `Wire.alone`) goes out at once, as its own
         script, never in a batch."""
-        loaded = self.FLUSH_BELOW < self.MAX_IN_FLIGHT and (self._queue or self._batches)
-        if alone or (self._in_flight < self.MAX_IN_FLIGHT and not loaded):
-            self._in_flight += 1
+        lane = self._lane if self.lane_of is None else self.lane_of(keys)
+        loaded = self.FLUSH_BELOW < self.MAX_IN_FLIGHT and (lane.queue or lane.batches)
+        if alone or (lane.in_flight < self.MAX_IN_FLIGHT and not loaded):
+            lane.in_flight += 1
             try:
                 return await self._one(script, keys, [*args, *tail] if tail else args)
             finally:
-                self._done()
+                self._done(lane)
         fut = self._tasks.loop().create_future()
-        self._queue.append((script, keys, args, tail, fut))
+        lane.queue.append((script, keys, args, tail, fut))
         return await fut
 
-    def _done(self) -> None:
-        self._in_flight -= 1
-        if self._queue and self._in_flight < min(self.FLUSH_BELOW, self.MAX_IN_FLIGHT):
-            batch, self._queue = self._queue, []
-            self._in_flight += 1
-            self._batches += 1
-            self._tasks.spawn(self._flush(batch))
+    lane_of = None                      # keys -> their lane (cluster_client.Direct); None: one lane
+
+    def _done(self, lane: _Lane) -> None:
+        lane.in_flight -= 1
+        if lane.queue and lane.in_flight < min(self.FLUSH_BELOW, self.MAX_IN_FLIGHT):
+            batch, lane.queue = lane.queue, []
+            lane.in_flight += 1
+            lane.batches += 1
+            self._tasks.spawn(self._flush(batch, lane))
+
+    def _lanes(self):
+        return (self._lane,)
+
+    @property
+    def _queue(self) -> list:
+        """Every lane's waiting calls (tests)."""
+        return [item for lane in self._lanes() for item in lane.queue]
+
+    @property
+    def _batches(self) -> int:
+        """Flushes out, over every lane (tests)."""
+        return sum(lane.batches for lane in self._lanes())
 
     async def _one(self, script: AsyncScript, keys: list, args: list):
         """One script call, as its own round trip; a NOSCRIPT (SCRIPT FLUSH, failover: it did not
@@ -244,7 +275,7 @@ class _Coalescer:
         """The replies to one part's `commands` (see `_routes`)."""
         return await self._round_trip(commands)
 
-    async def _flush(self, batch) -> None:
+    async def _flush(self, batch, lane: _Lane) -> None:
         try:
             calls = self._calls(batch)
             commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in calls]
@@ -259,8 +290,8 @@ class _Coalescer:
             else:
                 await asyncio.gather(*(self._answer_part(calls, commands, route, at) for route, at in routes))
         finally:
-            self._batches -= 1
-            self._done()
+            lane.batches -= 1
+            self._done(lane)
 
     async def _answer_part(self, calls, commands: list[tuple], route, at: list[int]) -> None:
         """Send the calls at positions `at` by `route` and answer their callers as soon as

@@ -1,7 +1,7 @@
 """What the Redis Cluster tests share (tests/stores/test_cluster.py, test_cluster_batch.py,
 test_cluster_pipeline.py, test_cluster_redirects.py): the orgs and scopes they reserve for,
-finding orgs whose slots live on different nodes, queueing calls behind a filler so they go out
-in one flush, every node's keys, and migrating a slot as an operator would."""
+finding orgs whose slots live on different nodes, queueing calls behind a filler on each node so
+they go out in one flush per node, every node's keys, and migrating a slot as an operator would."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 
 import redis as redis_sync
 
-from proxy.keys import leases_key, tenant_tag
+from proxy.keys import leases_key, tenant_tag, tenants_key
 from proxy.ledger import Scope
 from proxy.stores import Counter, Status
 from proxy.stores.redis import SCRIPTS
@@ -56,16 +56,51 @@ def _serves(node_id: str, shards: str, slot: int) -> bool:
 FILLER = [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)]        # no org: tenant ""
 
 
+def filler_plans(store) -> list[list[Counter]]:
+    """One filler plan per primary: a counter of an org ("filler-<n>") whose slot that node
+    serves (the store's calls wait per node: Direct.lane_of). Its keys all hold "filler"."""
+    plans, seen, n = [], set(), 0
+    primaries = {node.port for node in store._r.get_primaries()}
+    while seen != primaries:
+        org = f"filler-{n}"
+        port = home(store, org)
+        if port not in seen:
+            seen.add(port)
+            plans.append([Counter("{bp}:w:filler", f"org:{org}", -1, -1, EXPIRE)])
+        n += 1
+    return plans
+
+
 async def queued(store, calls, tenants=("", "a")):
-    """Run the coroutine functions `calls` in one flush: the tenants registered first (so no
-    call waits on its SADD), then a filler takes the only in-flight slot and the calls queue
-    behind it. Each result is the call's return value or the exception it raised."""
+    """Run the coroutine functions `calls` in one flush per node: the tenants registered first
+    (so no call waits on its SADD), then a filler on each node takes that node's only in-flight
+    slot and the calls queue behind them. Each result is the call's return value or the
+    exception it raised. The fillers' orgs are taken out of the tenant set again, so the keys
+    compare equal with a run without them (their own keys hold "filler": `dump` skips them)."""
     for t in tenants:
         await store._register(t)
+    await store._calls.ready()
+    if store._calls.lane_of is None:                   # one_lane(store): one filler holds every call
+        plans, orgs = [FILLER], []
+    else:
+        plans = filler_plans(store)
+        orgs = [p[0].scope[4:] for p in plans]
+    for org in orgs:
+        await store._register(org)
     store._calls.MAX_IN_FLIGHT = 1
-    filler = store.reserve(f"filler{next(_fillers)}", FILLER, 0, 0, FILLER_DEADLINE, False)
-    out = await asyncio.gather(filler, *(c() for c in calls), return_exceptions=True)
-    return out[1:]
+    fillers = [store.reserve(f"filler{next(_fillers)}", p, 0, 0, FILLER_DEADLINE, False) for p in plans]
+    out = await asyncio.gather(*fillers, *(c() for c in calls), return_exceptions=True)
+    if orgs:
+        await store._r.srem(tenants_key("bp"), *orgs)
+        store._tenants.difference_update(orgs)
+    return out[len(fillers):]
+
+
+def one_lane(store) -> None:
+    """The store's calls kept in ONE lane for the whole cluster, as before session 16 (one
+    queue, one in-flight count): so a flush carries calls for several nodes, as a lane chosen on
+    a slot map that has changed since can; `queued` then needs one filler."""
+    store._calls.lane_of = None
 
 
 async def in_one_batch(store, calls, tenants=("", "a")):

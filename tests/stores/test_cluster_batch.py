@@ -3,8 +3,9 @@
 A batch script call may only touch keys of one slot, and each org's keys share its hash tag, so
 calls that wait go out as one batch.lua call per org (on the node owning its slot). The checks of
 test_batch.py, on a real local 3-master cluster: a batch does exactly what its calls do one by
-one; calls of different orgs (on different nodes) never share a batch; a concurrent burst over
-several orgs forms batches and leaves the counters and the settlement log agreeing.
+one; calls of different orgs (on different nodes) never share a batch; each node keeps the
+single store's in-flight rule for its own calls; a concurrent burst over several orgs forms
+batches and leaves the counters and the settlement log agreeing.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from proxy.keys import in_tenant
 from proxy.ledger import Amounts, Reservation
 from proxy.stores import Counter, Status, open_store
 from proxy.stores.base import Note
+from proxy.stores.redis import SCRIPTS
 
 from ..ledgers import INFO, Clock, ledger_for, tomorrow_at
 from .batches import EXPIRE, FILLER_DEADLINE, LIMITED, NOW_MS, mixed, one_by_one, outcome
-from .clusters import FILLER, ORGS, dump, in_one_batch, on_other_nodes, scopes
+from .clusters import FILLER, ORGS, dump, home, in_one_batch, on_other_nodes, plan, scopes
 
 async def setup(store):
     """test_batch.setup, its string key in org a's slot."""
@@ -78,10 +80,58 @@ async def test_calls_of_orgs_on_different_nodes_batch_per_org_never_crossslot(cl
     out = await in_one_batch(store, calls, tenants=("", first, second))
     # Interleaved in the queue, out as one batch call per org: 3 of 30 fit each org's 100.
     assert [o.status for o in out] == [Status.ADMITTED] * 6 + [Status.REFUSED] * 2
-    # The filler alone (3 keys), then one flush: two batch calls of 4 reserves of one plan each
-    # (the first with its 3 keys, the others only their own 2: the plan's window key is sent once).
-    assert sent == [[3], [3 + 3 * 2, 3 + 3 * 2]]
+    # Each node's filler alone (3 keys), then one flush per org's node (its lane): a batch call
+    # of 4 reserves of one plan each (the first with its 3 keys, the others only their own 2:
+    # the plan's window key is sent once).
+    assert sent[:3] == [[3]] * 3 and sorted(sent[3:]) == [[3 + 3 * 2]] * 2
     assert await store.snapshot(plans[first][:1]) == await store.snapshot(plans[second][:1]) == [(0, 90, 0, 3)]
+    await store.close()
+
+
+async def test_each_node_keeps_the_in_flight_rule_for_its_own_calls(cluster_url, redis_cluster):
+    # Each node is a lane (cluster_client.Direct.lane_of) with the single store's rule
+    # (test_batch.test_calls_go_at_once_while_few_are_out_and_under_load_wait_until_fewer_than_two_are):
+    # with MAX_IN_FLIGHT calls out on one node its next calls wait, and go as ONE batch once
+    # fewer than FLUSH_BELOW are out there; a call for another node goes at once meanwhile.
+    first, second = on_other_nodes(redis_cluster, ORGS)
+    store = open_store(cluster_url)
+    for org in ("", first, second):
+        await store._register(org)
+    for name in ("reserve", "batch"):                    # no NOSCRIPT round trip in the gated ones
+        await store._r.script_load(SCRIPTS[name])
+    calls = store._calls
+    assert (calls.MAX_IN_FLIGHT, calls.FLUSH_BELOW) == (4, 2)
+    part, gates = calls._part, {}
+
+    async def gated(node, commands, asking=False):       # every exchange held until its gate opens
+        gate = asyncio.Event()
+        gates.setdefault(node.port, []).append(gate)
+        await gate.wait()
+        return await part(node, commands, asking)
+    calls._part = gated
+
+    def reserve(i: int, org: str):
+        return asyncio.ensure_future(store.reserve(f"{org}-{i}", plan(org), 1, 1, NOW_MS, False))
+
+    async def settle():
+        for _ in range(5):
+            await asyncio.sleep(0)
+    a, b = home(store, first), home(store, second)
+    out = [reserve(i, first) for i in range(4)]          # 4 out on the first org's node
+    await settle()
+    out += [reserve(i, first) for i in (4, 5)]           # that node: these wait
+    out.append(reserve(0, second))                       # the other node: at once
+    await settle()
+    assert len(gates[a]) == 4 and len(gates[b]) == 1 and calls.batched == 0
+    for k in range(3):                                   # 3, 2, then 1 out there: the queue goes
+        gates[a][k].set()
+        await out[k]
+        await settle()
+        assert len(gates[a]) == (5 if k == 2 else 4)
+    assert calls.batched == 2                            # the two waiting calls, one batch.lua call
+    for gate in (*gates[a], *gates[b]):
+        gate.set()
+    assert [(await o).status for o in out] == [Status.ADMITTED] * 7
     await store.close()
 
 

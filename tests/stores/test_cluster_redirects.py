@@ -19,7 +19,7 @@ from proxy.stores.cluster_client import Direct
 from proxy.stores.redis import SCRIPTS
 
 from .batches import NOW_MS
-from .clusters import ORGS, begin_migration, end_migration, home, migrate_keys, open_for, plan, queued
+from .clusters import ORGS, begin_migration, end_migration, home, migrate_keys, one_lane, open_for, plan, queued
 
 ASKING = b"*1\r\n$6\r\nASKING\r\n"
 PAD_KEYS = 6_000        # moved one by one (--cluster-pipeline 1): ~1.2 s in migration here, past redis-py's 0.4 s
@@ -124,6 +124,7 @@ async def test_calls_answered_tryagain_mid_migration_run_once_when_the_slot_has_
 
 async def test_calls_answered_clusterdown_run_once_when_the_slot_is_served_again(own_cluster):
     store = open_store(own_cluster.url)
+    one_lane(store)             # one flush over every node, and one filler (on a node still up)
     await open_for(store, ORGS)
     down = ORGS[0]
     slot, owner = slot_of(store, down), home(store, down)
