@@ -220,18 +220,8 @@ class Direct(_Coalescer):
     def lane_of(self, keys: list) -> _Lane:
         """The lane of the node the slot map gives the call's keys (one tag: one slot); a lane
         of its own for calls whose slot has no node yet (no map, or a slot not covered)."""
-        tag = tenant_of(keys)
-        slot = self._slots.get(tag)
-        if slot is None:
-            if len(self._slots) >= 65536:
-                self._slots.clear()
-            slot = self._slots[tag] = self._r.keyslot(keys[0])
-        name = None
-        if not self._r._initialize:
-            try:
-                name = self._r.nodes_manager.get_node_from_slot(slot).name
-            except RedisClusterException:              # the slot is not covered (yet)
-                pass
+        node = None if self._r._initialize else self._node_of(keys[0])
+        name = node.name if node is not None else None
         lane = self._node_lanes.get(name)
         if lane is None:
             lane = self._node_lanes[name] = _Lane()
@@ -253,9 +243,22 @@ class Direct(_Coalescer):
 
     def _node(self, command: tuple) -> ClusterNode | None:
         """The node the client's slot map gives a script call's first key (None: not covered)."""
+        return self._node_of(command[3]) if command[0] == "EVALSHA" and command[2] else None
+
+    def _node_of(self, key: str) -> ClusterNode | None:
+        """The node the client's slot map gives `key`'s slot (None: not covered). The slot is
+        kept per hash tag: every key of a script call carries its org's (cluster.py), so a
+        call and its flush compute it once per org, not per call."""
+        tag = tenant_of((key,)) if key[:1] == "{" and key.find("}") > 1 else None
+        slot = self._slots.get(tag) if tag is not None else None
+        if slot is None:
+            slot = self._r.keyslot(key)
+            if tag is not None:
+                if len(self._slots) >= 65536:
+                    self._slots.clear()
+                self._slots[tag] = slot
         try:
-            return self._r.nodes_manager.get_node_from_slot(self._r.keyslot(command[3])) \
-                if command[0] == "EVALSHA" and command[2] else None
+            return self._r.nodes_manager.get_node_from_slot(slot)
         except RedisClusterException:                  # the slot is not covered (yet)
             return None
 
