@@ -51,20 +51,40 @@ class RedisCluster:
             raise
 
     def _start(self) -> None:
-        for port in self.ports:
-            self.procs.append(subprocess.Popen(
-                [self.server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", f"{self.dir}/nodes-{port}.conf", "--save", "", "--appendonly", "no",
-                 "--dir", self.dir, "--logfile", f"{self.dir}/redis-{port}.log"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in self.ports:
-            self._wait(lambda: self.command(port, "PING") == "PONG", f"node {port} did not start")
+        for i in range(NODES):
+            self.procs.append(self._node(i))
         subprocess.run([self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                         "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         for port in self.ports:
             self._wait(lambda: "cluster_state:ok" in self.command(port, "CLUSTER", "INFO"),
                        f"the cluster did not reach cluster_state:ok on node {port}")
+
+    def _node(self, i: int, attempts: int = 5) -> subprocess.Popen:
+        """Node i started and answering PING. A port found free can be taken before the node
+        binds it (or its bus port, +10000): the suite's own connections draw their source ports
+        from the same range. Such a node exits at once; it is started again on other ports."""
+        for _ in range(attempts):
+            port = self.ports[i]
+            proc = subprocess.Popen(
+                [self.server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", f"{self.dir}/nodes-{port}.conf", "--save", "", "--appendonly", "no",
+                 "--dir", self.dir, "--logfile", f"{self.dir}/redis-{port}.log"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if self.command(port, "PING") == "PONG":
+                        return proc
+                except (OSError, subprocess.SubprocessError):
+                    pass
+                time.sleep(0.05)
+            if proc.poll() is None:                     # running, but never answered
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"node {port} did not start")
+            self.ports[i] = free_cluster_port()         # it exited: its port was taken
+        raise RuntimeError(f"node {i} did not start in {attempts} attempts (ports taken)")
 
     def command(self, port: int, *args: str) -> str:
         """One command on one node, through redis-cli (no cluster redirection)."""

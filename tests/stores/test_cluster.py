@@ -226,3 +226,23 @@ async def test_a_burst_of_first_requests_shares_one_draw_per_allowance(cluster_u
         assert draws <= 2 * 12
     finally:
         await store.close()
+
+
+def test_the_test_cluster_starts_a_node_again_when_its_port_is_taken_before_it_binds():
+    # tests/redis_cluster.py picks free ports, but the suite's own connections draw their source
+    # ports from the same range: a node whose port was taken meanwhile exits at once, and the
+    # cluster started on other ports instead of failing the test ("node … did not start").
+    import socket
+
+    from tests.redis_cluster import RedisCluster
+    cluster = RedisCluster()
+    taken = cluster.ports[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", taken))
+        s.listen()
+        cluster.start()
+        try:
+            assert taken not in cluster.ports and len(set(cluster.ports)) == 3
+            assert all(cluster.command(p, "CLUSTER", "INFO").startswith("cluster_state:ok") for p in cluster.ports)
+        finally:
+            cluster.stop()
