@@ -28,25 +28,34 @@ class RedisServer:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="bp-redis-")
         self.proc: subprocess.Popen | None = None
+        self._answered = False          # it has run on self.port: a restart must keep that port
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.02)
+        """Start it and wait for PONG. On the first start, a port found free can be taken before
+        the server binds it (the suite's connections draw source ports from the same range):
+        the server exits at once, and it is started on another port. A restart keeps its port."""
+        for _ in range(1 if self._answered else 5):
+            self.proc = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", self.dir],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                        s.sendall(b"PING\r\n")
+                        if s.recv(16).startswith(b"+PONG"):
+                            self._answered = True
+                            return
+                except OSError:
+                    time.sleep(0.02)
+            if self.proc.poll() is None or self._answered:
+                break
+            self.port = free_port()                 # it exited: its port was taken
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def stop(self) -> None:
