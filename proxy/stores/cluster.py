@@ -143,7 +143,7 @@ class ClusterStore(RedisStore):
         keys = [record_key(tag, rid), leases_key(tag), *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS,
                 "1" if force else "0", info]
-        reply = await self._calls.call(self._reserve, keys, args, wire.reserve_tail, wire.alone)
+        reply = await self._calls.call(self._reserve, keys, args, wire.reserve_tail)
         return fmt.outcome(reply, wire.limited)
 
     async def _draw_shared(self, layout: _TenantLayout, over: Seen, tokens: int, usd: int) -> bool:
@@ -255,7 +255,7 @@ class ClusterStore(RedisStore):
         keys = [record_key(tag, rid), leases_key(tag), log_key(tag), *wire.keys]
         args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
                 note.outcome, note.usage, note.latency_ms, self._log_length]
-        done = bool(await self._calls.call(self._settle_script, keys, args, wire.settle_tail, wire.alone))
+        done = bool(await self._calls.call(self._settle_script, keys, args, wire.settle_tail))
         if mode != "expire":
             self._tenant_of.pop(rid, None)
         return done

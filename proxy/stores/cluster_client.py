@@ -191,7 +191,7 @@ class Direct(_Coalescer):
         self._starting = asyncio.Lock()
         self.tried_again = 0            # calls sent again after a TRYAGAIN or CLUSTERDOWN (tests)
 
-    async def call(self, script, keys: list, args: list, tail: tuple = (), alone: bool = False):
+    async def call(self, script, keys: list, args: list, tail: tuple = ()):
         """A call answered TRYAGAIN or CLUSTERDOWN did not run. TRYAGAIN: its slot is migrating
         and its keys are on both sides, or on one side with a new key (a reserve's record) that
         could go to either; that lasts until the operator's resharding has moved every key of
@@ -206,7 +206,7 @@ class Direct(_Coalescer):
         deadline, delay = None, 0.01
         while True:
             try:
-                return await super().call(script, keys, args, tail, alone)
+                return await super().call(script, keys, args, tail)
             except _NOT_YET:
                 now = self._tasks.loop().time()
                 if deadline is None:

@@ -147,15 +147,13 @@ class _Coalescer:
         self._kinds = kinds             # script -> its kind in batch.lua ("r", "s")
         self.batched = 0                # calls that went through batch.lua (tests, benchmarks)
 
-    async def call(self, script: AsyncScript, keys: list, args: list, tail: tuple = (), alone: bool = False):
+    async def call(self, script: AsyncScript, keys: list, args: list, tail: tuple = ()):
         """Run `script` on `keys` and the arguments `args` followed by `tail`. The tail is the
         part that calls of one plan share (the same tuple object, see RedisStore._wired): a
-        batch sends it once, later calls of the batch name the first that carried it. An
-        `alone` call (its counters name one twice, `Wire.alone`) goes out at once, as its own
-        script, never in a batch."""
+        batch sends it once, later calls of the batch name the first that carried it."""
         lane = self._lane if self.lane_of is None else self.lane_of(keys)
         loaded = self.FLUSH_BELOW < self.MAX_IN_FLIGHT and (lane.queue or lane.batches)
-        if alone or (lane.in_flight < self.MAX_IN_FLIGHT and not loaded):
+        if lane.in_flight < self.MAX_IN_FLIGHT and not loaded:
             lane.in_flight += 1
             try:
                 return await self._one(script, keys, [*args, *tail] if tail else args)
@@ -429,7 +427,7 @@ class RedisStore(Store):
         wire = self._wired(counters)
         keys = [record_key(self._ns, rid), self._leases, *wire.keys]
         args = [rid, tokens, usd, deadline_ms, deadline_ms + OPEN_RECORD_MARGIN_MS, "1" if force else "0", info]
-        reply = await self._calls.call(self._reserve, keys, args, wire.reserve_tail, wire.alone)
+        reply = await self._calls.call(self._reserve, keys, args, wire.reserve_tail)
         return fmt.outcome(reply, wire.limited)
 
     async def commit(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,
@@ -450,7 +448,7 @@ class RedisStore(Store):
         keys = [record_key(self._ns, rid), self._leases, self._log, *wire.keys]
         args = [rid, mode, tokens, usd, SETTLED_TTL_MS, now_ms, charge, keep_until,
                 note.outcome, note.usage, note.latency_ms, self._log_length]
-        return bool(await self._calls.call(self._settle_script, keys, args, wire.settle_tail, wire.alone))
+        return bool(await self._calls.call(self._settle_script, keys, args, wire.settle_tail))
 
     async def extend(self, rid: str, deadline_ms: int) -> bool:
         keys = [record_key(self._ns, rid), self._leases]

@@ -26,7 +26,6 @@ class Wire(NamedTuple):
     record: str                        # `settle`, space-joined, for the reservation record
     reserve_tail: tuple[str, ...]      # reserve.lua's ARGV from 8 on: record, then `reserve`
     settle_tail: tuple[str, ...]       # settle.lua's ARGV from 13 on: record, then `settle`
-    alone: bool                        # a counter named twice: its calls go alone, never in a batch
     limited: tuple[int, ...]           # the limited counters' positions, in order: what reserve's
     #                                    reply reports 4 values for (its "seen")
 
@@ -50,11 +49,7 @@ def wire(counters: Sequence[Counter]) -> Wire:
             positions.append(base + j - 1)
         base += len(group)
     record = " ".join(settle)
-    # A counter named twice is charged once per naming by both forms (each changes the one value
-    # in place, as the memory store does); such calls, rare, still go alone (batched tests pin
-    # batch and single call equal for them too).
-    alone = len({(c.window, c.scope) for c in counters}) < len(counters)
-    return Wire(tuple(groups), tuple(reserve), tuple(settle), record, (record, *reserve), (record, *settle), alone,
+    return Wire(tuple(groups), tuple(reserve), tuple(settle), record, (record, *reserve), (record, *settle),
                 tuple(positions))
 
 

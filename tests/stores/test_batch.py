@@ -292,19 +292,21 @@ async def test_a_long_queue_goes_as_several_batches_in_order(redis_url):
 async def test_a_counter_named_twice_in_one_call_counts_as_the_single_call_counts_it(redis_server, redis_url):
     # A counter named twice (the same window and scope) is charged once per naming, in a batch as
     # in the single call, as the memory store charges it (tests/stores/test_memory.py): both
-    # forms change the one value in place. (Such calls still go alone, Wire.alone.)
+    # forms change the one value in place, so such calls batch like any other.
     client = redis_sync.Redis.from_url(redis_url)
     twice = [*LIMITED, LIMITED[0]]
     rids = [f"t{i}" for i in range(4)]
 
     async def run(s, together: bool):
         for phase in (lambda r: s.reserve(r, twice, 10, 5, NOW_MS, False), lambda r: s.commit(r, twice, 7, 3)):
-            if together:        # queued behind a filler: what went in one batch before
+            if together:        # queued behind a filler: one batch
                 s._calls.MAX_IN_FLIGHT = 1
                 filler = s.reserve(f"filler{next(_fillers)}", [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)],
                                    0, 0, FILLER_DEADLINE, False)
+                before = s._calls.batched
                 out = await asyncio.gather(filler, *(phase(r) for r in rids))
                 assert [getattr(o, "status", o) for o in out[1:]] in ([Status.ADMITTED] * 4, [True] * 4)
+                assert s._calls.batched - before == len(rids)
             else:
                 for r in rids:
                     await phase(r)

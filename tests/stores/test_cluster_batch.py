@@ -19,8 +19,8 @@ from proxy.stores.base import Note
 from proxy.stores.redis import SCRIPTS
 
 from ..ledgers import INFO, Clock, ledger_for, tomorrow_at
-from .batches import EXPIRE, FILLER_DEADLINE, LIMITED, NOW_MS, mixed, one_by_one, outcome
-from .clusters import FILLER, ORGS, dump, home, in_one_batch, on_other_nodes, plan, scopes
+from .batches import EXPIRE, LIMITED, NOW_MS, mixed, one_by_one, outcome
+from .clusters import ORGS, dump, home, in_one_batch, on_other_nodes, plan, scopes
 
 async def setup(store):
     """test_batch.setup, its string key in org a's slot."""
@@ -174,15 +174,17 @@ async def test_counters_and_log_agree_after_a_concurrent_burst_over_several_orgs
     await store.close()
 
 
-async def test_a_counter_named_twice_goes_alone_on_the_cluster(cluster_url):
+async def test_a_counter_named_twice_batches_on_the_cluster_and_is_charged_once_per_naming(cluster_url):
     store = open_store(cluster_url)
     twice = [*LIMITED, LIMITED[0]]
-    out = await in_one_batch(store, [lambda i=i: store.reserve(f"t{i}", LIMITED, 1, 1, NOW_MS, False) for i in range(2)])
-    before = store._calls.batched
-    store._calls.MAX_IN_FLIGHT = 1
-    filler = store.reserve("filler-twice", FILLER, 0, 0, FILLER_DEADLINE, False)
-    out = await asyncio.gather(filler, *(store.reserve(f"w{i}", twice, 10, 5, NOW_MS, False) for i in range(3)),
-                               store.commit("t0", twice, 7, 3, Note("ok")))
-    assert store._calls.batched == before                # every one went alone
-    assert [o.status for o in out[1:4]] == [Status.ADMITTED] * 3 and out[4] is True
+    await in_one_batch(store, [lambda i=i: store.reserve(f"t{i}", LIMITED, 1, 1, NOW_MS, False) for i in range(2)])
+    base = (await store.snapshot(LIMITED[:1]))[0]
+    out = await in_one_batch(store, [*(lambda i=i: store.reserve(f"w{i}", twice, 10, 5, NOW_MS, False) for i in range(3)),
+                                     lambda: store.commit("t0", twice, 7, 3, Note("ok"))])
+    assert [o.status for o in out[:3]] == [Status.ADMITTED] * 3 and out[3] is True
+    # Each reserve reserved 10 twice; the commit took t0's 1 back once per naming (not below 0)
+    # and charged 7 twice: what the single calls do (test_batch.py).
+    after = (await store.snapshot(LIMITED[:1]))[0]
+    assert after.tokens_reserved == base.tokens_reserved + 3 * 2 * 10 - 2 * 1
+    assert after.tokens_used == base.tokens_used + 2 * 7
     await store.close()
