@@ -27,6 +27,15 @@
 
 local results, plans, k, a, i, nargs = {}, {}, 1, 1, 0, #ARGV
 
+-- The sub-calls' headers repeat the same few numbers (2, 7, -1, ...): each text is parsed once a
+-- batch and then looked up (a table read, where `s + 0` is a strtod).
+local numbers = {}
+local function number(s)
+  local v = s + 0
+  numbers[s] = v
+  return v
+end
+
 -- One sub-call: its plan read from the arguments it carries (kept for the later calls naming it)
 -- or the one it names; then its body. Inside pcall, so a bad plan fails only its calls.
 local function run(kind, nk, own, tail, k, a, i)
@@ -44,7 +53,8 @@ local function run(kind, nk, own, tail, k, a, i)
 end
 
 while a <= nargs do
-  local kind, nk, own, tail = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local kind, nk, own, tail = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  nk, own, tail = numbers[nk] or number(nk), numbers[own] or number(own), numbers[tail] or number(tail)
   i = i + 1
   local ok, res = pcall(run, kind, nk, own, tail, k, a + 4, i)
   if ok then

@@ -35,19 +35,20 @@ end
 
 -- Fill the cache with the fields A[first .. last] of `key` not cached yet, and the marker "_"
 -- the first time: one HMGET, none if all are cached (or the hash was deleted in this batch).
+local missing = {}                      -- load's field names, one table for the batch (see flush_args)
 local function load(key, h, A, first, last)
-  local v, missing, m = h.v, nil, 0
+  local v, m = h.v, 0
   if v['_'] == nil then
-    if h.gone then v['_'] = false else m = 1; missing = {'_'} end
+    if h.gone then v['_'] = false else m = 1; missing[1] = '_' end
   end
   for i = first, last do
     local f = A[i]
     if v[f] == nil then
-      if h.gone then v[f] = false else m = m + 1; missing = missing or {}; missing[m] = f end
+      if h.gone then v[f] = false else m = m + 1; missing[m] = f end
     end
   end
   if m > 0 then
-    local got = redis.call('HMGET', key, unpack(missing))
+    local got = redis.call('HMGET', key, unpack(missing, 1, m))
     for i = 1, m do
       local f, raw = missing[i], got[i]
       if raw and f ~= '_' then v[f] = {sunpack('<dddd', raw)} else v[f] = raw end
@@ -130,22 +131,38 @@ end
 
 -- Send the batch's writes: per hash DEL (if deleted), one HSET, PEXPIREAT; per lease key one
 -- ZADD and one ZREM. Hashes first, so that the counters and the log agree even if the lease
--- index (a key of the wrong type: an operator's mistake) refused its write.
+-- index (a key of the wrong type: an operator's mistake) refused its write. The HSET arguments
+-- go through one table for all hashes (a table grown element by element is rebuilt at every
+-- power of two: once a batch, not once a hash).
+local flush_args = {'_', '1'}
 local function flush()
   for _, key in ipairs(hash_order) do
     local h = hashes[key]
     if h.gone then redis.call('DEL', key) end
     local v, A = h.v, h.A
     if A then                          -- written: the marker, then each field of the ranges once
-      local args, n, done = {'_', '1'}, 2, {}
-      for first, last in pairs(h.ranges) do
+      local args, n, ranges = flush_args, 2, h.ranges
+      local first, last = next(ranges)
+      if next(ranges, first) == nil then     -- one range (one plan): its fields are distinct
         for i = first, last do
           local f = A[i]
           local x = v[f]
-          if x and not done[f] then
-            done[f] = true
+          if x then
             args[n + 1], args[n + 2] = f, spack('<dddd', x[1], x[2], x[3], x[4])
             n = n + 2
+          end
+        end
+      else                                   -- plans may share fields (global:*, say): once each
+        local done = {}
+        for first, last in pairs(ranges) do
+          for i = first, last do
+            local f = A[i]
+            local x = v[f]
+            if x and not done[f] then
+              done[f] = true
+              args[n + 1], args[n + 2] = f, spack('<dddd', x[1], x[2], x[3], x[4])
+              n = n + 2
+            end
           end
         end
       end

@@ -54,7 +54,7 @@ local function record_tail(plan)
 end
 
 local function reserve(K, k, A, a, plan)
-  local tokens, usd = tonumber(A[a + 1]), tonumber(A[a + 2])
+  local tokens, usd = A[a + 1] + 0, A[a + 2] + 0         -- `+ 0`: see plan.lua
   local force = A[a + 5] == '1'
   local P, keys, first, n, lim = plan.A, plan.keys, plan.first, plan.n, plan.lim
   local over, out, ns = nil, {unpack(plan.reply)}, 6

@@ -113,7 +113,7 @@ local function settle(K, k, A, a, plan)
   end
 
   -- commit or release: whatever the state was, the record ends settled ("c").
-  local tokens, usd = tonumber(A[a + 2]), tonumber(A[a + 3])
+  local tokens, usd = A[a + 2] + 0, A[a + 3] + 0         -- `+ 0`: see plan.lua
   local rec = redis.call('SET', K[k], 'c', 'PX', A[a + 4], 'GET')
   if not rec then                                        -- the store lost the record; usage is real
     local fresh, reads = settle_read(plan)
@@ -126,11 +126,11 @@ local function settle(K, k, A, a, plan)
   if state == 'r' then
     local fresh, reads = settle_read(plan)
     settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)
-    settle_write(plan, fresh, reads, tokens, usd, tonumber(res_t), tonumber(res_d))
+    settle_write(plan, fresh, reads, tokens, usd, res_t + 0, res_d + 0)
     lease_remove(K[k + 1], A[a])
     return 1
   elseif state == 'x' then                               -- late: correct the sweeper's charge
-    local t, d = tokens - tonumber(res_t), usd - tonumber(res_d)
+    local t, d = tokens - res_t, usd - res_d
     local fresh, reads = settle_read(plan)
     settle_log(K, k, A, a, plan, 'corrected', t, d, info)
     settle_write(plan, fresh, reads, t, d, 0, 0)
