@@ -57,12 +57,65 @@ local function load(key, h, A, first, last)
   return v
 end
 
+-- Settles added up per plan (settle_later), written by `apply_due` before anything reads the values.
+local due_plans, ndue = {}, 0          -- the plans with settles due, in the order of their first
+
+-- Write the settles due, plan by plan, in order (each plan's sums through settle.lua's
+-- settle_fields, as its calls would have written them one by one: see settle_later).
+local not_fresh = {}                   -- all nil: no hash of a plan with settles due is new
+local function apply_due()
+  for i = 1, ndue do
+    local plan = due_plans[i]
+    local sums, reads = plan.due, plan.reads
+    due_plans[i], plan.due = nil, nil
+    for w = 1, plan.nw do reads[w] = hashes[plan.keys[w]].v end
+    plan.settle_fields(plan, not_fresh, reads, sums[1], sums[2], sums[3], sums[4])
+  end
+  ndue = 0
+end
+
+-- A batch's commits and releases change the same fields the same way, call after call: a settle
+-- adds used amounts and takes back reserved ones (floored at 0), and reads nothing to decide.
+-- So a settle is only added to its plan's sums (four additions instead of a loop over every
+-- field), and the sums are written once (apply_due) before any value is read: a reserve's
+-- checks, a settle that is not deferred, the flush. The end state is the same as one by one:
+-- used amounts only grow (order does not matter), reserved ones only shrink and are floored at
+-- 0 (max(0, max(0, x - a) - b) = max(0, x - a - b)), and a field is created by the first call
+-- with usage, holding that usage and nothing reserved, as the sums create it. Deferred only when
+-- every amount is >= 0 (a correction can be negative) and none of the plan's hashes is new, so
+-- the writes set no expiry (the first writer's expiry is kept whatever the order); otherwise the
+-- sums due are written first and the call writes at once. Returns whether it was deferred.
+local function settle_later(plan, fresh, used_t, used_d, res_t, res_d, fields)
+  local ok = used_t >= 0 and used_d >= 0 and res_t >= 0 and res_d >= 0
+  if ok then
+    for w = 1, plan.nw do
+      if fresh[w] then ok = false; break end
+    end
+  end
+  if not ok then
+    if ndue > 0 then apply_due() end
+    return false
+  end
+  local sums = plan.due
+  if sums then
+    sums[1], sums[2], sums[3], sums[4] = sums[1] + used_t, sums[2] + used_d, sums[3] + res_t, sums[4] + res_d
+  else
+    plan.due, plan.settle_fields = {used_t, used_d, res_t, res_d}, fields
+    ndue = ndue + 1
+    due_plans[ndue] = plan
+  end
+  return true
+end
+
 -- Window hash w of the plan (plan.lua): fresh (no marker "_") and the cache's value table, field
 -- name -> {t, tr, d, dr} (false or absent: no such field), which the body changes in place and
 -- hands back to hash_write. The plan remembers (loaded) which value table it filled its fields
 -- into, so its later calls in the batch skip the check: a table is only replaced when the hash
--- is deleted (hash_expire in the past), and then the plan loads again.
-local function hash_read(plan, w)
+-- is deleted (hash_expire in the past), and then the plan loads again. The values include the
+-- settles due (apply_due) unless `later`: a settle reading before its log entry, which uses
+-- them only after settle_later (and then brings them up to date itself).
+local function hash_read(plan, w, later)
+  if ndue > 0 and not later then apply_due() end
   local key = plan.keys[w]
   local h = hashes[key] or cached(key)
   local v, loaded = h.v, plan.loaded
@@ -79,6 +132,7 @@ local function hash_read(plan, w)
 end
 
 local function hash_get(key, field)
+  if ndue > 0 then apply_due() end
   local x = load(key, cached(key), {field}, 1, 1)[field]
   if x then return x[1], x[2], x[3], x[4] end
 end
@@ -136,6 +190,7 @@ end
 -- power of two: once a batch, not once a hash).
 local flush_args = {'_', '1'}
 local function flush()
+  if ndue > 0 then apply_due() end
   for _, key in ipairs(hash_order) do
     local h = hashes[key]
     if h.gone then redis.call('DEL', key) end

@@ -13,7 +13,7 @@ local unpack, sunpack, spack = unpack, struct.unpack, struct.pack
 -- marker: the hash is new) and its values: field name -> {tokens used, tokens reserved, micro-USD
 -- used, micro-USD reserved}, absent if the field is. The body changes these tables in place (or
 -- adds one) and hands them back to hash_write.
-local function hash_read(plan, w)
+local function hash_read(plan, w, _)
   local first, A = plan.first[w], plan.A
   local got = redis.call('HMGET', plan.keys[w], '_', unpack(A, first, first + plan.n[w] - 1))
   local vals = {}
@@ -48,6 +48,11 @@ end
 
 local function hash_expire(key, at)
   redis.call('PEXPIREAT', key, at)
+end
+
+-- A single call writes its counters at once (cached.lua defers a batch's settles).
+local function settle_later()
+  return false
 end
 
 local function lease_add(key, deadline, id)

@@ -38,18 +38,20 @@
 -- the sweeper, kept so that the late commit or release of a live request corrects the charge to
 -- its actual amounts, once; "c" settled.
 
--- Every window hash as hash_read gives it: whether it is new, and its values, by window.
+-- Every window hash as hash_read gives it: whether it is new, and its values, by window. Read
+-- before the log entry (errors first); the values themselves are used only by settle_fields,
+-- after it (hence `true`: a batch need not bring them up to date yet, see cached.lua).
 local function settle_read(plan)
   local fresh, reads = plan.fresh, plan.reads
   for w = 1, plan.nw do
-    fresh[w], reads[w] = hash_read(plan, w)
+    fresh[w], reads[w] = hash_read(plan, w, true)
   end
   return fresh, reads
 end
 
 -- Add used amounts (and take back reserved ones) on every counter. A field that has vanished
 -- (a restart, or the window expired) gets the usage again, nothing to take back.
-local function settle_write(plan, fresh, reads, used_t, used_d, res_t, res_d)
+local function settle_fields(plan, fresh, reads, used_t, used_d, res_t, res_d)
   local P, keys, first, n = plan.A, plan.keys, plan.first, plan.n
   for w = 1, plan.nw do                  -- each value table changed in place (see hash_read)
     local vals, lo, written = reads[w], first[w], false
@@ -74,6 +76,14 @@ local function settle_write(plan, fresh, reads, used_t, used_d, res_t, res_d)
       hash_write(keys[w], vals, P, lo, hi)
       if fresh[w] then hash_expire(keys[w], P[plan.exp[w]]) end -- a new hash (its marker "_" was absent)
     end
+  end
+end
+
+-- settle_fields now, or, in a batch, later: added up with the plan's other settles (settle_later,
+-- cached.lua; a single call has none: direct.lua).
+local function settle_write(plan, fresh, reads, used_t, used_d, res_t, res_d)
+  if not settle_later(plan, fresh, used_t, used_d, res_t, res_d, settle_fields) then
+    settle_fields(plan, fresh, reads, used_t, used_d, res_t, res_d)
   end
 end
 
