@@ -59,7 +59,9 @@ class ReserveOutcome(NamedTuple):
     status: Status
     over: Seen | None = None       # REFUSED / FORCED: the first counter over its limit
     seen: tuple[Seen, ...] = ()    # ADMITTED / FORCED: every limited counter, so the caller knows
-    #                                the balances without another round trip
+    #                                the balances without another round trip: its totals in the
+    #                                units it limits (a unit it does not limit may read 0: the
+    #                                Redis store leaves it out of its reply)
 
 
 class Expired(NamedTuple):

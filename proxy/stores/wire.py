@@ -26,8 +26,9 @@ class Wire(NamedTuple):
     record: str                        # `settle`, space-joined, for the reservation record
     reserve_tail: tuple[str, ...]      # reserve.lua's ARGV from 8 on: record, then `reserve`
     settle_tail: tuple[str, ...]       # settle.lua's ARGV from 13 on: record, then `settle`
-    limited: tuple[int, ...]           # the limited counters' positions, in order: what reserve's
-    #                                    reply reports 4 values for (its "seen")
+    limited: tuple[tuple[int, int], ...]   # the limited counters, in order: (position, units),
+    #                                    units 1 tokens, 2 micro-USD, 3 both: what reserve's reply
+    #                                    reports values for (its "seen": 2 per unit)
 
 
 def wire(counters: Sequence[Counter]) -> Wire:
@@ -46,22 +47,31 @@ def wire(counters: Sequence[Counter]) -> Wire:
         reserve += (*head, str(len(limited)))
         for j, c in limited:
             reserve += (str(j), str(c.token_limit), str(c.usd_limit))
-            positions.append(base + j - 1)
+            positions.append((base + j - 1, (c.token_limit != -1) + 2 * (c.usd_limit != -1)))
         base += len(group)
     record = " ".join(settle)
     return Wire(tuple(groups), tuple(reserve), tuple(settle), record, (record, *reserve), (record, *settle),
                 tuple(positions))
 
 
-def outcome(reply: list, limited: tuple[int, ...]) -> ReserveOutcome:
+def outcome(reply: list, limited: tuple[tuple[int, int], ...]) -> ReserveOutcome:
     """reserve.lua's reply: status, the first counter over (index and values, index -1: none),
-    then, admitted or forced, 4 values per limited counter (positions `limited`, Wire.limited)."""
+    then, admitted or forced, per limited counter (Wire.limited) its used and reserved amounts in
+    each unit it limits: tokens, micro-USD, or both (4 values); a unit it does not limit reads 0."""
     st, idx, t, tr, d, dr = reply[:6]
     # Built as NamedTuple._make builds them (no generator, no Python-level __new__): one Seen
     # and one Totals per limited counter, every reserve.
     seen = []
-    for i, x in zip(limited, range(6, len(reply), 4)):
-        seen.append(_new(Seen, (i, _new(Totals, reply[x:x + 4]))))
+    if len(reply) > 6:
+        x = 6
+        for i, units in limited:
+            if units == 3:
+                totals = reply[x:x + 4]
+                x += 4
+            else:
+                totals = (reply[x], reply[x + 1], 0, 0) if units == 1 else (0, 0, reply[x], reply[x + 1])
+                x += 2
+            seen.append(_new(Seen, (i, _new(Totals, totals))))
     status = _STATUS.get(st)
     return _new(ReserveOutcome, (Status(st) if status is None else status,
                                  Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None, tuple(seen)))

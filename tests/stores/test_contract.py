@@ -21,7 +21,18 @@ async def test_admitted_reserve_reports_what_it_read_on_limited_counters(store):
     assert (await store.reserve("a", cs, 10, 50, NOW_MS, False)).status is Status.ADMITTED
     out = await store.reserve("b", cs, 20, 60, NOW_MS, False)
     assert out.status is Status.ADMITTED
-    assert out.seen == ((0, (0, 10, 0, 50)), (2, (0, 10, 0, 50)))   # unlimited counter 1 not read
+    # unlimited counter 1 not read; each limited one in the unit it limits (the other may read 0)
+    assert [(s.index, s.totals[:2]) for s in out.seen[:1]] == [(0, (0, 10))]
+    assert [(s.index, s.totals[2:]) for s in out.seen[1:]] == [(2, (0, 50))]
+
+
+async def test_a_counter_limited_in_both_units_reports_both(store):
+    cs = counters((100, 500), (-1, 400))
+    assert (await store.reserve("a", cs, 10, 50, NOW_MS, False)).status is Status.ADMITTED
+    out = await store.reserve("b", cs, 20, 60, NOW_MS, False)
+    assert out.status is Status.ADMITTED
+    assert out.seen[0] == (0, (0, 10, 0, 50))
+    assert (out.seen[1].index, out.seen[1].totals[2:]) == (1, (0, 50))
 
 
 async def test_duplicate_id_writes_nothing(store):

@@ -16,7 +16,7 @@
 --   plan.rec      A index of the record's counter text (the settle arguments, space-joined)
 --   plan.lim[w]   reserve only: {j, token limit, micro-USD limit, ...} as numbers, j = 1..n
 --   plan.reply    reserve only: a zero for every element of reserve's reply when admitted (6, and
---                 4 per limited counter), unpacked into a table sized at once
+--                 2 per unit each limited counter limits), unpacked into a table sized at once
 --   plan.fresh, plan.reads  scratch for the body running now (its window hashes' new-ness and
 --                 values between its reads and its writes): calls run one after the other, so
 --                 the calls of one plan reuse them instead of making two tables each
@@ -35,13 +35,16 @@ local function plan_of(K, q, nw, A, p, limits)
       local m, l = A[a] + 0, {}
       for x = 1, 3 * m do l[x] = A[a + x] + 0 end
       lim[w] = l
-      limited = limited + m
+      for x = 2, 3 * m, 3 do                -- 2 reply values for each unit it limits
+        if l[x] ~= -1 then limited = limited + 1 end
+        if l[x + 1] ~= -1 then limited = limited + 1 end
+      end
       a = a + 1 + 3 * m
     end
   end
   if limits then
     local reply = {1, -1, 0, 0, 0, 0}
-    for x = 7, 6 + 4 * limited do reply[x] = 0 end
+    for x = 7, 6 + 2 * limited do reply[x] = 0 end
     plan.reply = reply
   end
   return plan
