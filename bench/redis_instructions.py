@@ -1,7 +1,7 @@
 """Redis work per request counted in instructions (valgrind's callgrind inside redis-server):
 this checkout's store against another checkout's, noise-free.
 
-    python bench/redis_instructions.py [--requests 200] [--batch 10] [--tree NAME=PATH ...]
+    python bench/redis_instructions.py [--requests 200] [--batch 10] [--mixed 20] [--tree NAME=PATH ...]
 
 Why: issue 10's Redis target is server time (the scripts' `usec` in INFO commandstats), which is
 wall time: on this machine the same batch costs 36 µs a request in a quiet hour and 72 µs in a
@@ -28,6 +28,11 @@ a commit of 900 / 7,000; the same policy and scopes for every checkout.
   that file, from before batches, is skipped); under the
   proxy bench's load (32 connections) the store makes 0.10 script calls a request, i.e. about 10
   calls a batch, so `--batch 10` is what a request costs Redis in that bench.
+- `mixed N` (`--mixed`): batches of N calls as the proxy under load queues them: the commits of
+  the previous batch's N/2 reserves and N/2 new reserves, alternating (commit, reserve, ...),
+  each batch encoded by the checkout's own coalescer (which, since session 17, runs a batch's
+  settles first: `_Coalescer.settles_first`). One request = one reserve + one commit, so
+  `mixed 20` makes as many script calls a request as `batch 10`.
 
 Issue 10 was filed at ~340 µs of script time a request (two scripts of ~169 µs, no batching) and
 asks for <= 40 µs: 11.8 % of it. Run with `--tree issue=PATH` (PATH = `git archive 9678215`, the
@@ -169,6 +174,63 @@ asyncio.run(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])))
 '''
 
 
+# The child for `mixed N`: batches of N calls as the proxy under load queues them: the commits of
+# the previous batch's N/2 reserves and N/2 new reserves, alternating (commit, reserve, ...), each
+# batch encoded by the checkout's own coalescer (`_calls`).
+CHILD_MIXED = r'''
+import asyncio, subprocess, sys, time, uuid
+import bench.lua_percall as lp
+from bench.batch_bench import plan_counters
+from proxy.keys import record_key
+from proxy.stores import open_store
+from proxy.stores.base import OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS
+from proxy.stores.redis import SCRIPTS
+
+async def main(url, pid, size, warmup, batches):
+    store = open_store(url)
+    wire = store._wired(await plan_counters(store))
+    scripts = {store._reserve: store._r.register_script(SCRIPTS["reserve"]),
+               store._settle_script: store._r.register_script(SCRIPTS["settle"]),
+               store._calls._batch: store._r.register_script(SCRIPTS["batch"])}
+    deadline = int(time.time() * 1000) + 600_000
+    half = size // 2
+
+    def reserve(rid):
+        return (store._reserve, [record_key("bp", rid), store._leases, *wire.keys],
+                [rid, 1200, 9000, deadline, deadline + OPEN_RECORD_MARGIN_MS, "0", lp.INFO], wire.reserve_tail, None)
+
+    def commit(rid):
+        return (store._settle_script, [record_key("bp", rid), store._leases, store._log, *wire.keys],
+                [rid, "commit", 900, 7000, SETTLED_TTL_MS, 0, "0", 0, "ok", "700 0 200 0", "12", 100_000],
+                wire.settle_tail, None)
+
+    async def send(group):
+        for script, keys, args, _ in store._calls._calls(group):
+            await scripts[script](keys=keys, args=args)
+
+    held = [uuid.uuid4().hex for _ in range(half)]
+    await send([reserve(rid) for rid in held])
+
+    async def steady(n):
+        nonlocal held
+        for _ in range(n):
+            new = [uuid.uuid4().hex for _ in range(half)]
+            group = []
+            for old, rid in zip(held, new):
+                group += (commit(old), reserve(rid))
+            await send(group)
+            held = new
+
+    await steady(warmup)
+    subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
+    await steady(batches)
+    subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+    await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])))
+'''
+
+
 def _child(code: str, tree: str, server: CountedRedis, name: str, *argv: int) -> None:
     env = dict(os.environ, PYTHONPATH=tree)
     run = subprocess.run([sys.executable, "-c", code, server.url, str(server.proc.pid), *map(str, argv)],
@@ -200,11 +262,27 @@ def batched(tree: str, tmp: str, name: str, size: int, warmup: int, requests: in
         server.stop()
 
 
+def mixed(tree: str, tmp: str, name: str, size: int, warmup: int, requests: int) -> float | None:
+    """Batches of `size` calls, half commits and half reserves, alternating (CHILD_MIXED); None for
+    a checkout without batches."""
+    if not os.path.exists(os.path.join(tree, "bench", "lua_percall.py")):
+        return None
+    server = CountedRedis(tmp, f"{name}-mixed{size}")
+    try:
+        half = max(1, size // 2)
+        batches = max(1, requests // half)
+        _child(CHILD_MIXED, tree, server, name, size, max(1, warmup // half), batches)
+        return server.dumped(half * batches)
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--batch", default="10", help="batch sizes for this checkout, comma-separated")
+    p.add_argument("--mixed", default="", help="sizes of mixed batches (half commits, half reserves), comma-separated")
     p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
                    help="also count another checkout's lone requests")
     p.add_argument("--json", help="write the figures here too")
@@ -225,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                 value = batched(path, tmp, label.split()[-1], size, args.warmup, args.requests)
                 if value is not None:
                     rows.append((f"{label}, batch {size}", value))
+        for size in [int(x) for x in args.mixed.split(",") if x]:
+            for label, path in trees:
+                value = mixed(path, tmp, label.split()[-1], size, args.warmup, args.requests)
+                if value is not None:
+                    rows.append((f"{label}, mixed {size}", value))
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -119,6 +119,14 @@ class _Coalescer:
     The rule is kept per lane (`_Lane`: its calls out, its flushes out, its queue). One Redis is
     one lane; the cluster's caller gives each node its own (`lane_of`), so a node's calls wait
     only for that node's round trips, and a frozen node holds only its own calls.
+
+    Within a batch, settles run before reserves (`settles_first`): the calls of a batch all
+    waited at the same time, so any order of them is one they could have run in, except that a
+    settle of an id stays after a reserve of that id in the same batch (the ledger's undo of a
+    reserve whose caller went away). A settle reads nothing to decide, so batch.lua adds a run of
+    settles up per plan and writes each field once (cached.lua `settle_later`), where a reserve
+    between two settles made it write the fields for each: under load the proxy's batches mix
+    commits and reserves about evenly (bench/redis_instructions.py `--mixed`).
     """
 
     MAX_IN_FLIGHT = 4
@@ -227,6 +235,7 @@ class _Coalescer:
                 script, keys, args, tail, fut = run[0]
                 out.append((script, keys, [*args, *tail], [fut]))
             elif run:
+                run[:] = self.settles_first(run)
                 keys, args, carried = [], [], {}        # id(tail) -> the call that carried it (1-based)
                 for i, (script, k, a, tail, _) in enumerate(run, 1):
                     first = carried.get(id(tail)) if tail else None
@@ -254,6 +263,23 @@ class _Coalescer:
                     out.append((script, keys, [*args, *tail], [fut]))
             close_run()
         return out
+
+    def settles_first(self, run: list) -> list:
+        """The calls of one batch in the order they run: settles first, then reserves, each in
+        their order, but a settle of an id reserved earlier in the batch stays after it (among
+        the reserves, in its place). Each call's id is its first argument."""
+        kinds = self._kinds
+        settles, rest, reserving = [], [], set()
+        for item in run:
+            rid = item[2][0]
+            if kinds[item[0]] == "r":
+                reserving.add(rid)
+                rest.append(item)
+            elif rid in reserving:
+                rest.append(item)
+            else:
+                settles.append(item)
+        return settles + rest if settles and rest else run
 
     def _grouped(self, batch) -> list:
         if self._group is None:

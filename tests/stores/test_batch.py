@@ -23,14 +23,14 @@ from proxy.stores.base import Note
 from proxy.stores.wire import totals
 
 from ..ledgers import INFO, SCOPES, Clock, ledger_for, tomorrow_at
-from .batches import (BAD, DUE, EXPIRE, FILLER_DEADLINE, GONE_AT, LIMITED, NOW_MS, _fillers, dump, in_one_batch,
-                      mixed, one_by_one, outcome, setup)
+from .batches import (BAD, DUE, EXPIRE, FILLER_DEADLINE, GONE_AT, LIMITED, NOW_MS, _fillers, batch_order, dump,
+                      in_one_batch, mixed, one_by_one, outcome, setup)
 
 async def test_a_batch_does_exactly_what_the_same_calls_do_one_by_one(redis_server, redis_url):
     client = redis_sync.Redis.from_url(redis_url)
     store = open_store(redis_url)
     await setup(store)
-    alone = await one_by_one(store, mixed(store))
+    alone = await one_by_one(store, mixed(store), batch_order(mixed))
     state_alone = dump(client)
     await store.close()
 
@@ -50,11 +50,29 @@ async def test_a_batch_does_exactly_what_the_same_calls_do_one_by_one(redis_serv
     assert st[:4] == [Status.ADMITTED, Status.ADMITTED, Status.REFUSED, Status.DUPLICATE]
     assert batched[2].over.index == 0 and sum(batched[2].over.totals[:2]) == 100     # r2 took the last
     assert isinstance(batched[4], StoreUnavailable) and isinstance(batched[13], StoreUnavailable)
-    assert st[6:8] == [Status.ADMITTED, Status.FORCED]
+    assert st[6:8] == [Status.REFUSED, Status.FORCED]          # the batch's settles ran before r1
     assert batched[8:13] == [True, True, True, True, False]
     assert (st[14], st[15]) == (Status.ADMITTED, Status.REFUSED)
     assert batched[17].seen == ((0, (0, 0, 0, 0)),)           # not old-lost's 3: the hash was gone
     assert b"{bp}:w:old" not in state_batched
+    assert (st[19], batched[20]) == (Status.ADMITTED, True)              # u1's undo ran after it
+
+
+async def test_a_batch_runs_its_settles_before_its_reserves_but_never_a_settle_before_its_own_reserve(redis_url):
+    # The calls of a batch all waited at once, so any order is one they could have run in: the
+    # settles go first (batch.lua adds them up per plan), except the settle of an id reserved in
+    # the same batch (the ledger's undo of a reserve whose caller went away).
+    store = open_store(redis_url)
+    cs = [Counter("{bp}:w:order", "org:a", 100, -1, EXPIRE)]
+    assert (await store.reserve("a", cs, 100, 0, NOW_MS, False)).status is Status.ADMITTED
+    out = await in_one_batch(store, [lambda: store.reserve("b", cs, 50, 0, NOW_MS, False),   # queued first
+                                     lambda: store.commit("a", cs, 40, 0),                   # frees 60
+                                     lambda: store.reserve("c", cs, 10, 0, NOW_MS, False),
+                                     lambda: store.release("c", cs)])
+    assert [getattr(o, "status", o) for o in out] == [Status.ADMITTED, True, Status.ADMITTED, True]
+    assert out[0].seen[0].totals[:2] == (40, 0)               # b saw a's commit
+    assert await store.snapshot(cs) == [(40, 50, 0, 0)]        # b open; c reserved and released
+    await store.close()
 
 
 async def test_new_window_hashes_written_in_a_batch_get_their_expiry(redis_url):
@@ -375,7 +393,8 @@ def spoil(client, rng: random.Random) -> None:
 @pytest.mark.parametrize("seed", range(24))
 async def test_random_sequences_do_in_batches_what_they_do_one_by_one(redis_server, redis_url, seed):
     # The mixed sequence above, drawn at random: every reply and every key compared, with the
-    # queue cut into batches of 2 to 7 calls (shared arguments, runs of one, several per flush).
+    # queue cut into batches of 2 to 7 calls (shared arguments, runs of one, several per flush),
+    # each batch running its settles first (ids reserved earlier in the batch excepted).
     client = redis_sync.Redis.from_url(redis_url)
     plans = random_plans(random.Random(seed))
 
@@ -384,8 +403,9 @@ async def test_random_sequences_do_in_batches_what_they_do_one_by_one(redis_serv
         await one_by_one(store, random_calls(store, random.Random(seed + 1000), plans, 10))
         spoil(client, random.Random(seed + 2000))
         calls = random_calls(store, random.Random(seed), plans, 30)
-        if not batched:
-            out = await one_by_one(store, calls)
+        if not batched:       # in the order the batches run them (their settles first)
+            out = await one_by_one(store, calls, batch_order(lambda s: random_calls(s, random.Random(seed), plans, 30),
+                                                             2 + seed % 6))
         else:
             store._calls.MAX_BATCH, store._calls.MAX_IN_FLIGHT = 2 + seed % 6, 1
             filler = store.reserve(f"filler{next(_fillers)}", [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)], 0, 0,
