@@ -90,8 +90,8 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
                          "    local fresh, reads = settle_read(plan)\n    fresh, reads = settle_read(plan)\n    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n")],
     "x2 commit log": [("    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n",
                        "    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n")],
-    "x2 commit writes": [("    settle_write(plan, fresh, reads, tokens, usd, tonumber(res_t), tonumber(res_d))\n",
-                          "    settle_write(plan, fresh, reads, tokens, usd, tonumber(res_t), tonumber(res_d))\n    settle_write(plan, fresh, reads, 0, 0, 0, 0)\n")],
+    "x2 commit writes": [("    settle_write(plan, fresh, reads, tokens, usd, res_t + 0, res_d + 0)\n",
+                          "    settle_write(plan, fresh, reads, tokens, usd, res_t + 0, res_d + 0)\n    settle_write(plan, fresh, reads, 0, 0, 0, 0)\n")],
     "x2 commit record match": [("  local state, _, res_t, res_d, info = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n([^\\n]*)')\n",
                                 "  local state, _, res_t, res_d, info = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n([^\\n]*)')\n  state, _, res_t, res_d, info = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n([^\\n]*)')\n")],
     # reserve's reply without the limited counters' values
