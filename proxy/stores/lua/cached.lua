@@ -81,7 +81,9 @@ end
 -- checks, a settle that is not deferred, the flush. The end state is the same as one by one:
 -- used amounts only grow (order does not matter), reserved ones only shrink and are floored at
 -- 0 (max(0, max(0, x - a) - b) = max(0, x - a - b)), and a field is created by the first call
--- with usage, holding that usage and nothing reserved, as the sums create it. Deferred only when
+-- with usage, holding that usage and nothing reserved, as the sums create it. (This holds for
+-- the values the scripts write, which are never negative; a used amount made negative by hand
+-- would be floored once here and at each call one by one.) Deferred only when
 -- every amount is >= 0 (a correction can be negative) and none of the plan's hashes is new, so
 -- the writes set no expiry (the first writer's expiry is kept whatever the order); otherwise the
 -- sums due are written first and the call writes at once. Returns whether it was deferred.
@@ -198,7 +200,8 @@ local function flush()
     if A then                          -- written: the marker, then each field of the ranges once
       local args, n, ranges = flush_args, 2, h.ranges
       local first, last = next(ranges)
-      if next(ranges, first) == nil then     -- one range (one plan): its fields are distinct
+      if next(ranges, first) == nil then     -- one range (one plan): a field twice in it (a counter
+                                             -- named twice) goes twice, with the same value
         for i = first, last do
           local f = A[i]
           local x = v[f]
