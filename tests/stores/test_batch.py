@@ -422,6 +422,57 @@ async def test_random_sequences_do_in_batches_what_they_do_one_by_one(redis_serv
     assert await run(True) == alone
 
 
+def shared_plans(rng: random.Random) -> list[tuple[Counter, ...]]:
+    """Harder plans than random_plans: up to six, over four window hashes (one already past
+    its expiry), sharing fields, some counters named twice, allowances in either unit or both,
+    limits of 0."""
+    expiries = {"{bp}:w:a": EXPIRE, "{bp}:w:b": EXPIRE + 5, "{bp}:w:c": GONE_AT, "{bp}:w:d": EXPIRE + 9}
+    plans = []
+    for _ in range(rng.randint(2, 6)):
+        counters = []
+        for w, at in rng.sample(sorted(expiries.items()), rng.randint(1, 3)):
+            scopes = rng.sample(["org:x", "user:y", "user:z", "key:k"], rng.randint(1, 3))
+            if rng.random() < 0.3:
+                scopes.append(rng.choice(scopes))                      # named twice
+            counters += (Counter(w, s, rng.choice([-1, -1, 0, 50, 100, 200, -52]), rng.choice([-1, 80, 300, -302]), at)
+                         for s in scopes)
+        plans.append(tuple(counters))
+    return plans
+
+
+@pytest.mark.parametrize("seed", range(16))
+async def test_random_shared_plans_do_in_batches_of_any_size_what_they_do_one_by_one(redis_server, redis_url, seed):
+    # As above, with shared_plans, batches of 2 to 40 calls (a batch holds several calls of one
+    # id, and settles of many plans added up at once) and a window hash without its marker.
+    client = redis_sync.Redis.from_url(redis_url)
+    rng = random.Random(seed)
+    plans, size, n = shared_plans(rng), rng.randint(2, 40), rng.randint(10, 60)
+
+    async def run(batched: bool):
+        store = open_store(redis_url)
+        await one_by_one(store, random_calls(store, random.Random(seed + 1000), plans, 15))
+        spoil(client, random.Random(seed + 2000))
+        if random.Random(seed + 3000).random() < 0.3:
+            client.hdel("{bp}:w:d", "_")
+        calls = random_calls(store, random.Random(seed), plans, n)
+        if not batched:
+            out = await one_by_one(store, calls, batch_order(lambda s: random_calls(s, random.Random(seed), plans, n), size))
+        else:
+            store._calls.MAX_BATCH, store._calls.MAX_IN_FLIGHT = size, 1
+            filler = store.reserve(f"filler{next(_fillers)}", [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)], 0, 0,
+                                   FILLER_DEADLINE, False)
+            out = (await asyncio.gather(filler, *(c() for c in calls), return_exceptions=True))[1:]
+            assert store._calls.batched > 0
+            client.delete("{bp}:w:filler", *client.keys("{bp}:r:filler*"))
+            client.zremrangebyscore("{bp}:leases", FILLER_DEADLINE, FILLER_DEADLINE)
+        await store.close()
+        return [outcome(x) for x in out], dump(client)
+
+    alone = await run(False)
+    redis_server.command("FLUSHALL")
+    assert await run(True) == alone
+
+
 async def test_a_reserve_whose_caller_went_away_while_it_waited_is_undone(redis_url):
     # The queued call still runs (its batch went or will go out): the ledger's undo, queued behind
     # it, releases it; nothing stays reserved or leased, and the log says so.
