@@ -248,31 +248,19 @@ def lone(tree: str, tmp: str, name: str, warmup: int, requests: int) -> float:
         server.stop()
 
 
-def batched(tree: str, tmp: str, name: str, size: int, warmup: int, requests: int) -> float | None:
-    """Batches of `size` reserves, then their commits, as the checkout's coalescer encodes them;
-    None for a checkout without batches (or without bench/lua_percall.py)."""
+def batched(tree: str, tmp: str, name: str, size: int, warmup: int, requests: int,
+            mixed: bool = False) -> float | None:
+    """Batches of `size` reserves, then their commits (CHILD_BATCH), or, `mixed`, batches of
+    `size` calls, half commits and half reserves, alternating (CHILD_MIXED), as the checkout's
+    coalescer encodes them; None for a checkout without batches (or without bench/lua_percall.py)."""
     if not os.path.exists(os.path.join(tree, "bench", "lua_percall.py")):
         return None
-    server = CountedRedis(tmp, f"{name}-batch{size}")
+    server = CountedRedis(tmp, f"{name}-{'mixed' if mixed else 'batch'}{size}")
     try:
-        batches = max(1, requests // size)
-        _child(CHILD_BATCH, tree, server, name, size, max(1, warmup // size), batches)
-        return server.dumped(size * batches)
-    finally:
-        server.stop()
-
-
-def mixed(tree: str, tmp: str, name: str, size: int, warmup: int, requests: int) -> float | None:
-    """Batches of `size` calls, half commits and half reserves, alternating (CHILD_MIXED); None for
-    a checkout without batches."""
-    if not os.path.exists(os.path.join(tree, "bench", "lua_percall.py")):
-        return None
-    server = CountedRedis(tmp, f"{name}-mixed{size}")
-    try:
-        half = max(1, size // 2)
-        batches = max(1, requests // half)
-        _child(CHILD_MIXED, tree, server, name, size, max(1, warmup // half), batches)
-        return server.dumped(half * batches)
+        per = max(1, size // 2) if mixed else size          # requests a batch
+        batches = max(1, requests // per)
+        _child(CHILD_MIXED if mixed else CHILD_BATCH, tree, server, name, size, max(1, warmup // per), batches)
+        return server.dumped(per * batches)
     finally:
         server.stop()
 
@@ -305,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append((f"{label}, batch {size}", value))
         for size in [int(x) for x in args.mixed.split(",") if x]:
             for label, path in trees:
-                value = mixed(path, tmp, label.split()[-1], size, args.warmup, args.requests)
+                value = batched(path, tmp, label.split()[-1], size, args.warmup, args.requests, mixed=True)
                 if value is not None:
                     rows.append((f"{label}, mixed {size}", value))
     except BenchError as exc:

@@ -395,19 +395,28 @@ async def test_random_sequences_do_in_batches_what_they_do_one_by_one(redis_serv
     # The mixed sequence above, drawn at random: every reply and every key compared, with the
     # queue cut into batches of 2 to 7 calls (shared arguments, runs of one, several per flush),
     # each batch running its settles first (ids reserved earlier in the batch excepted).
-    client = redis_sync.Redis.from_url(redis_url)
     plans = random_plans(random.Random(seed))
+    await same_in_batches(redis_server, redis_url, plans, seed, 10, 30, 2 + seed % 6)
+
+
+async def same_in_batches(redis_server, redis_url, plans, seed: int, first: int, n: int, size: int,
+                          spoiled=lambda client: None) -> None:
+    """`first` random calls one by one, spoil (then `spoiled`), then n more: once one by one in
+    the order batches of `size` run them (their settles first), once queued as batches of
+    `size`; every reply and every key compared."""
+    client = redis_sync.Redis.from_url(redis_url)
 
     async def run(batched: bool):
         store = open_store(redis_url)
-        await one_by_one(store, random_calls(store, random.Random(seed + 1000), plans, 10))
+        await one_by_one(store, random_calls(store, random.Random(seed + 1000), plans, first))
         spoil(client, random.Random(seed + 2000))
-        calls = random_calls(store, random.Random(seed), plans, 30)
-        if not batched:       # in the order the batches run them (their settles first)
-            out = await one_by_one(store, calls, batch_order(lambda s: random_calls(s, random.Random(seed), plans, 30),
-                                                             2 + seed % 6))
+        spoiled(client)
+        calls = random_calls(store, random.Random(seed), plans, n)
+        if not batched:
+            out = await one_by_one(store, calls, batch_order(lambda s: random_calls(s, random.Random(seed), plans, n),
+                                                             size))
         else:
-            store._calls.MAX_BATCH, store._calls.MAX_IN_FLIGHT = 2 + seed % 6, 1
+            store._calls.MAX_BATCH, store._calls.MAX_IN_FLIGHT = size, 1
             filler = store.reserve(f"filler{next(_fillers)}", [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)], 0, 0,
                                    FILLER_DEADLINE, False)
             out = (await asyncio.gather(filler, *(c() for c in calls), return_exceptions=True))[1:]
@@ -444,33 +453,14 @@ def shared_plans(rng: random.Random) -> list[tuple[Counter, ...]]:
 async def test_random_shared_plans_do_in_batches_of_any_size_what_they_do_one_by_one(redis_server, redis_url, seed):
     # As above, with shared_plans, batches of 2 to 40 calls (a batch holds several calls of one
     # id, and settles of many plans added up at once) and a window hash without its marker.
-    client = redis_sync.Redis.from_url(redis_url)
     rng = random.Random(seed)
     plans, size, n = shared_plans(rng), rng.randint(2, 40), rng.randint(10, 60)
+    unmarked = random.Random(seed + 3000).random() < 0.3
 
-    async def run(batched: bool):
-        store = open_store(redis_url)
-        await one_by_one(store, random_calls(store, random.Random(seed + 1000), plans, 15))
-        spoil(client, random.Random(seed + 2000))
-        if random.Random(seed + 3000).random() < 0.3:
+    def spoiled(client):
+        if unmarked:
             client.hdel("{bp}:w:d", "_")
-        calls = random_calls(store, random.Random(seed), plans, n)
-        if not batched:
-            out = await one_by_one(store, calls, batch_order(lambda s: random_calls(s, random.Random(seed), plans, n), size))
-        else:
-            store._calls.MAX_BATCH, store._calls.MAX_IN_FLIGHT = size, 1
-            filler = store.reserve(f"filler{next(_fillers)}", [Counter("{bp}:w:filler", "f", -1, -1, EXPIRE)], 0, 0,
-                                   FILLER_DEADLINE, False)
-            out = (await asyncio.gather(filler, *(c() for c in calls), return_exceptions=True))[1:]
-            assert store._calls.batched > 0
-            client.delete("{bp}:w:filler", *client.keys("{bp}:r:filler*"))
-            client.zremrangebyscore("{bp}:leases", FILLER_DEADLINE, FILLER_DEADLINE)
-        await store.close()
-        return [outcome(x) for x in out], dump(client)
-
-    alone = await run(False)
-    redis_server.command("FLUSHALL")
-    assert await run(True) == alone
+    await same_in_batches(redis_server, redis_url, plans, seed, 15, n, size, spoiled)
 
 
 async def test_a_reserve_whose_caller_went_away_while_it_waited_is_undone(redis_url):
