@@ -32,7 +32,9 @@ from .redis import SCRIPTS, RedisStore, _script, _trimmed_to, _wrap_errors
 
 SHARED = frozenset(("global", "provider", "model"))    # scope types that span orgs
 FRACTION = 8              # a draw's extra is at most 1/(FRACTION x holders) of what is free
-CHUNK_REQUESTS = 32       # ... and at most this many more requests of the size that drew it
+CHUNK_REQUESTS = 32       # ... and at most this many more requests of the size that drew it,
+CHUNK_MAX_REQUESTS = 4096  # ... doubled (up to this) while an allowance draws again within
+DRAW_SECONDS = 1.0        # this long of its last draw, halved back when it draws less often (_chunk)
 MAX_EXTRA_DRAWS = 8        # draws per reserve beyond one per allowance (see reserve)
 RECLAIM_SECONDS = 1.0     # at most one reclaim per process per second (see _reclaim)
 SWEEP_TENANTS = 200       # orgs whose lease index one sweep call visits (see expired)
@@ -84,6 +86,7 @@ class ClusterStore(RedisStore):
         self._lent: dict[tuple[str, str], tuple[int, int]] = {}   # (lender, scope) -> lent, last seen
         self._held: dict[_Held, float] = {}              # -> monotonic time of this process's last draw
         self._drawing: dict[tuple[str, str], asyncio.Future] = {}   # (org window hash, scope) -> its draw
+        self._chunks: dict[tuple[str, str], tuple[int, float]] = {}  # the same -> requests a chunk, last draw
         self._reclaimed_at = float("-inf")
         self._sweep_cursor = 0
         self._tenant_of: dict[str, str] = {}             # open reservation id -> tenant (for extend)
@@ -173,9 +176,10 @@ class ClusterStore(RedisStore):
         need_t = max(0, t + tr + tokens) if given.token_limit >= 0 else 0
         need_d = max(0, d + dr + usd) if given.usd_limit >= 0 else 0
         lender = lend_key(self._ns, window_label(given.window))
+        chunk = self._chunk((mine.window, given.scope))
         ok, drawn_t, drawn_d, lent_t, lent_d = await self._calls.call(self._draw, [lender], [
             "draw", given.scope, layout.tenant, given.token_limit, given.usd_limit, need_t, need_d,
-            CHUNK_REQUESTS * tokens, CHUNK_REQUESTS * usd, FRACTION, given.expire_at])
+            chunk * tokens, chunk * usd, FRACTION, given.expire_at])
         self._lent[lender, given.scope] = (lent_t, lent_d)
         if not ok and not (drawn_t or drawn_d):
             return False
@@ -187,6 +191,28 @@ class ClusterStore(RedisStore):
         if ok or grew:
             self._held[_Held(layout.tenant, mine.window, lender, given.scope, given.expire_at)] = time.monotonic()
         return bool(ok or grew)
+
+    def _chunk(self, key: tuple[str, str]) -> int:
+        """How many more requests (of the size that draws) a draw of allowance `key` asks for
+        beyond its need: CHUNK_REQUESTS at first, doubled at each draw that comes within
+        DRAW_SECONDS of the one before (up to CHUNK_MAX_REQUESTS), halved at each that comes
+        later. A busy org then draws about once a DRAW_SECONDS instead of every 32 requests: at
+        each draw every reserve in flight on the allowance was refused, waited for the draw and
+        was sent again (at 32 concurrent requests, about half of all reserves). The lender still
+        caps each extra at what is free / (FRACTION x holders), so the early-refusal bound is the
+        same function of CHUNK_MAX_REQUESTS (docs/cluster.md)."""
+        now = time.monotonic()
+        requests, last = self._chunks.get(key, (0, 0.0))
+        if not requests:
+            requests = CHUNK_REQUESTS
+        elif now - last < DRAW_SECONDS:
+            requests = min(2 * requests, CHUNK_MAX_REQUESTS)
+        else:
+            requests = max(CHUNK_REQUESTS, requests // 2)
+        if len(self._chunks) >= 4096:                  # window hashes come and go: bounded
+            self._chunks.clear()
+        self._chunks[key] = (requests, now)
+        return requests
 
     async def _reclaim(self) -> bool:
         """The lender is short: give back what this process's allowances hold unused (all of

@@ -39,7 +39,7 @@ async def test_an_unreachable_cluster_is_store_unavailable():
 
 from proxy.keys import lend_key  # noqa: E402
 from proxy.ledger import Amounts, Reservation  # noqa: E402
-from proxy.stores.cluster import CHUNK_REQUESTS, FRACTION  # noqa: E402
+from proxy.stores.cluster import CHUNK_MAX_REQUESTS, CHUNK_REQUESTS, FRACTION  # noqa: E402
 from tests.ledgers import Clock, ledger_for, tomorrow_at  # noqa: E402
 from tests.stores.clusters import ORGS, cluster_keys, on_other_nodes, scopes  # noqa: E402
 
@@ -73,8 +73,8 @@ async def test_many_orgs_racing_for_a_global_limit_never_exceed_it_and_are_refus
     held = (await ledgers[0].usage("day", "global"))[0].reserved.tokens
     assert held == admitted * amount <= limit                           # exact: never over
     # The documented bound: refused early by at most what allowances hold unused, each at most its
-    # last draw's extra, min(CHUNK_REQUESTS x amount, limit / (FRACTION x holders)).
-    bound = sum(min(CHUNK_REQUESTS * amount, limit // (FRACTION * n)) for n in range(1, len(ORGS) + 1))
+    # last draw's extra, min(CHUNK_MAX_REQUESTS x amount, limit / (FRACTION x holders)).
+    bound = sum(min(CHUNK_MAX_REQUESTS * amount, limit // (FRACTION * n)) for n in range(1, len(ORGS) + 1))
     assert limit - held < amount + bound
     # Once the idle allowances go back (sweeper or shutdown), the limit is met exactly.
     for s in stores:
@@ -117,6 +117,35 @@ async def test_unlimited_shared_scopes_cost_no_lending_and_are_summed_on_read(cl
     assert not [k for k in keys if ":a:" in k]                          # nothing was lent
     usage = {(u.scope.type, u.window): u for u in await ledger.usage()}
     assert usage["global", "day"].used == (60, 300) and usage["model", "month"].used == (60, 300)
+    await store.close()
+
+
+async def test_a_busy_allowance_draws_chunks_sized_to_its_pace(cluster_url, monkeypatch):
+    # Each draw asks for the request's shortfall and an extra of k requests: k = 32 at first,
+    # doubled while draws come within DRAW_SECONDS of each other, halved when they come later.
+    from proxy.stores import cluster
+    from proxy.stores.wire import totals
+    store = open_store(cluster_url)
+    ledger = ledger_for(store, defaults={"global": {"day": {"tokens": 10 ** 9}}})
+    g = next(c for c in ledger.counters(scopes("acme")) if c.scope == "global:*" and c.token_limit >= 0)
+    lender = lend_key("bp", g.window.rpartition(":w:")[2])
+    lent = [0]
+
+    async def reserve_until(draws: int) -> None:
+        i = len(lent)
+        while len(lent) < draws + 1:
+            i += 1
+            assert isinstance(await ledger.reserve(f"p{len(lent)}-{i}", Amounts(10, 0), scopes("acme")), Reservation)
+            now = totals(await store._r.hget(lender, "global:*")).tokens_used       # lent tokens
+            if now != lent[-1]:
+                lent.append(now)
+
+    monkeypatch.setattr(cluster, "DRAW_SECONDS", 3600.0)        # every draw "soon after" the last
+    await reserve_until(3)
+    monkeypatch.setattr(cluster, "DRAW_SECONDS", 0.0)           # every draw "long after" the last
+    await reserve_until(5)
+    # each draw: the request's 10 tokens and an extra of k x 10
+    assert [b - a - 10 for a, b in zip(lent, lent[1:])] == [320, 640, 1280, 640, 320]
     await store.close()
 
 
