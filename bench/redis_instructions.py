@@ -149,21 +149,30 @@ class CountedRedis:
 
 
 # The child for `batch N`: the checkout's own coalescer encoding and scripts (bench/lua_percall.py).
-CHILD_BATCH = r'''
-import asyncio, subprocess, sys
+# What both batch children start with: the checkout's store, the bench plan's wire form, and the
+# three scripts registered by the checkout's own texts (a child runs with that checkout first on
+# sys.path, so it can import nothing from this one).
+_CHILD_SETUP = r'''
+import asyncio, subprocess, sys, time, uuid
 import bench.lua_percall as lp
 from bench.batch_bench import plan_counters
 from proxy.stores import open_store
 from proxy.stores.redis import SCRIPTS
 
-lp._commandstats = lambda server: {"evalsha": (0, 0)}      # run() reads commandstats; not needed here
-
-async def main(url, pid, size, warmup, batches):
+async def setup(url):
     store = open_store(url)
     wire = store._wired(await plan_counters(store))
     scripts = {store._reserve: store._r.register_script(SCRIPTS["reserve"]),
                store._settle_script: store._r.register_script(SCRIPTS["settle"]),
                store._calls._batch: store._r.register_script(SCRIPTS["batch"])}
+    return store, wire, scripts
+'''
+
+CHILD_BATCH = _CHILD_SETUP + r'''
+lp._commandstats = lambda server: {"evalsha": (0, 0)}      # run() reads commandstats; not needed here
+
+async def main(url, pid, size, warmup, batches):
+    store, wire, scripts = await setup(url)
     await lp.run(store, None, scripts, wire, size, warmup)
     subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
     await lp.run(store, None, scripts, wire, size, batches)
@@ -177,21 +186,12 @@ asyncio.run(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])))
 # The child for `mixed N`: batches of N calls as the proxy under load queues them: the commits of
 # the previous batch's N/2 reserves and N/2 new reserves, alternating (commit, reserve, ...), each
 # batch encoded by the checkout's own coalescer (`_calls`).
-CHILD_MIXED = r'''
-import asyncio, subprocess, sys, time, uuid
-import bench.lua_percall as lp
-from bench.batch_bench import plan_counters
+CHILD_MIXED = _CHILD_SETUP + r'''
 from proxy.keys import record_key
-from proxy.stores import open_store
 from proxy.stores.base import OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS
-from proxy.stores.redis import SCRIPTS
 
 async def main(url, pid, size, warmup, batches):
-    store = open_store(url)
-    wire = store._wired(await plan_counters(store))
-    scripts = {store._reserve: store._r.register_script(SCRIPTS["reserve"]),
-               store._settle_script: store._r.register_script(SCRIPTS["settle"]),
-               store._calls._batch: store._r.register_script(SCRIPTS["batch"])}
+    store, wire, scripts = await setup(url)
     deadline = int(time.time() * 1000) + 600_000
     half = size // 2
 
