@@ -1,7 +1,7 @@
 """Redis work per request counted in instructions (valgrind's callgrind inside redis-server):
 this checkout's store against another checkout's, noise-free.
 
-    python bench/redis_instructions.py [--requests 200] [--batch 10] [--mixed 20] [--tree NAME=PATH ...]
+    python bench/redis_instructions.py [--requests 200] [--batch 10] [--mixed 20] [--open 32] [--tree NAME=PATH ...]
 
 Why: issue 10's Redis target is server time (the scripts' `usec` in INFO commandstats), which is
 wall time: on this machine the same batch costs 36 µs a request in a quiet hour and 72 µs in a
@@ -32,7 +32,9 @@ a commit of 900 / 7,000; the same policy and scopes for every checkout.
   the previous batch's N/2 reserves and N/2 new reserves, alternating (commit, reserve, ...),
   each batch encoded by the checkout's own coalescer (which, since session 17, runs a batch's
   settles first: `_Coalescer.settles_first`). One request = one reserve + one commit, so
-  `mixed 20` makes as many script calls a request as `batch 10`.
+  `mixed 20` makes as many script calls a request as `batch 10`. `--open K`: K reservations
+  made first and never settled, so the lease index holds K + N/2 members, as the proxy bench's
+  does with ~32 requests in flight (without it, N/2: smaller than under the proxy).
 
 Issue 10 was filed at ~340 µs of script time a request (two scripts of ~169 µs, no batching) and
 asks for <= 40 µs: 11.8 % of it. Run with `--tree issue=PATH` (PATH = `git archive 9678215`, the
@@ -190,7 +192,7 @@ CHILD_MIXED = _CHILD_SETUP + r'''
 from proxy.keys import record_key
 from proxy.stores.base import OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS
 
-async def main(url, pid, size, warmup, batches):
+async def main(url, pid, size, warmup, batches, still_open):
     store, wire, scripts = await setup(url)
     deadline = int(time.time() * 1000) + 600_000
     half = size // 2
@@ -208,6 +210,9 @@ async def main(url, pid, size, warmup, batches):
         for script, keys, args, _ in store._calls._calls(group):
             await scripts[script](keys=keys, args=args)
 
+    for _ in range(0, still_open, 32):        # leases open all along (other requests in flight)
+        await send([reserve(uuid.uuid4().hex) for _ in range(min(32, still_open))])
+        still_open -= 32
     held = [uuid.uuid4().hex for _ in range(half)]
     await send([reserve(rid) for rid in held])
 
@@ -227,7 +232,7 @@ async def main(url, pid, size, warmup, batches):
     subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
     await store.close()
 
-asyncio.run(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])))
+asyncio.run(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])))
 '''
 
 
@@ -249,17 +254,19 @@ def lone(tree: str, tmp: str, name: str, warmup: int, requests: int) -> float:
 
 
 def batched(tree: str, tmp: str, name: str, size: int, warmup: int, requests: int,
-            mixed: bool = False) -> float | None:
+            mixed: bool = False, still_open: int = 0) -> float | None:
     """Batches of `size` reserves, then their commits (CHILD_BATCH), or, `mixed`, batches of
     `size` calls, half commits and half reserves, alternating (CHILD_MIXED), as the checkout's
-    coalescer encodes them; None for a checkout without batches (or without bench/lua_percall.py)."""
+    coalescer encodes them, beside `still_open` reservations made first and never settled;
+    None for a checkout without batches (or without bench/lua_percall.py)."""
     if not os.path.exists(os.path.join(tree, "bench", "lua_percall.py")):
         return None
     server = CountedRedis(tmp, f"{name}-{'mixed' if mixed else 'batch'}{size}")
     try:
         per = max(1, size // 2) if mixed else size          # requests a batch
         batches = max(1, requests // per)
-        _child(CHILD_MIXED if mixed else CHILD_BATCH, tree, server, name, size, max(1, warmup // per), batches)
+        extra = (still_open,) if mixed else ()
+        _child(CHILD_MIXED if mixed else CHILD_BATCH, tree, server, name, size, max(1, warmup // per), batches, *extra)
         return server.dumped(per * batches)
     finally:
         server.stop()
@@ -271,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--batch", default="10", help="batch sizes for this checkout, comma-separated")
     p.add_argument("--mixed", default="", help="sizes of mixed batches (half commits, half reserves), comma-separated")
+    p.add_argument("--open", type=int, default=0, dest="still_open",
+                   help="mixed batches only: reservations made first and left open (the proxy bench at 32 "
+                        "connections has about 32 requests in flight, each holding a lease)")
     p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
                    help="also count another checkout's lone requests")
     p.add_argument("--json", help="write the figures here too")
@@ -293,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append((f"{label}, batch {size}", value))
         for size in [int(x) for x in args.mixed.split(",") if x]:
             for label, path in trees:
-                value = batched(path, tmp, label.split()[-1], size, args.warmup, args.requests, mixed=True)
+                value = batched(path, tmp, label.split()[-1], size, args.warmup, args.requests, mixed=True,
+                                still_open=args.still_open)
                 if value is not None:
                     rows.append((f"{label}, mixed {size}", value))
     except BenchError as exc:
@@ -303,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     base = rows[0][1] if args.tree else None
     print(f"Redis instructions in command execution per request (reserve + commit; {args.requests} "
-          f"requests after {args.warmup}):\n")
+          f"requests after {args.warmup}" + (f"; mixed batches beside {args.still_open} open reservations"
+                                             if args.still_open else "") + "):\n")
     print("| workload | instructions / request |" + (f" vs {rows[0][0]} |" if base else "") + "\n|---|---:|"
           + ("---:|" if base else ""))
     for label, value in rows:

@@ -2,11 +2,13 @@
 
 Layout (Redis; the memory store mirrors it):
   {ns}:w:<window label>  hash, one per window (e.g. d20261129): field "<scope type>:<scope id>"
-                         -> "<tokens used> <tokens reserved> <micro-USD used> <micro-USD reserved>".
+                         -> tokens used, tokens reserved, micro-USD used, micro-USD reserved
+                         (four little-endian doubles, see proxy/stores/lua/reserve.lua).
                          The hash is also the window's index of the scopes seen in it, and expires
                          as a whole with its window (plus a margin), so old fields never pile up.
   {ns}:r:<reservation>   string, one reservation's state, amounts, lease deadline and counters
-  {ns}:leases            sorted set of open reservation ids scored by lease deadline (epoch ms)
+  {ns}:leases            sorted set of open reservation ids scored by lease deadline (epoch ms),
+                         and LEASE_ANCHOR (score +inf, never due)
   {ns}:log               stream, the settlement log (capped)
   {ns}:claim:<name>      string, a once-only claim (alert deduplication)
 
@@ -64,8 +66,20 @@ def record_key(ns: str, reservation_id: str) -> str:
 
 
 def leases_key(ns: str) -> str:
-    """A sorted set of open reservation ids scored by lease deadline (epoch ms)."""
+    """A sorted set of open reservation ids scored by lease deadline (epoch ms), plus LEASE_ANCHOR."""
     return f"{{{ns}}}:leases"
+
+
+#: A member of every lease index, scored +inf (never due, so the sweeper never reads it), added by
+#: every ZADD of a reserve (one Redis: the scripts; proxy/stores/redis.py gives them this text).
+#: Why: a sorted set of up to 128 members, each of up to 64 bytes (Redis's defaults), is a
+#: listpack, where ZADD and ZREM scan and shift the whole set: about 6,500 instructions a member
+#: at the proxy bench's 30-60 open reservations, the lease index's whole cost. A member longer
+#: than zset-max-listpack-value makes Redis create the set as a skiplist (or convert it), and Redis
+#: 7.0 never turns one back: a member's add or remove is then a dict look-up and a skiplist step.
+#: Its text cannot be a reservation id (the gateway's are hexadecimal, and ids are never spaced).
+LEASE_ANCHOR = ("~ never due: this member (score +inf) keeps the lease index a skiplist, where an "
+                "add or a remove costs O(log n), not O(n) as in a listpack")
 
 
 def log_key(ns: str) -> str:

@@ -12,6 +12,10 @@ import subprocess
 import tempfile
 import time
 
+from proxy.keys import LEASE_ANCHOR
+
+_ANCHOR = LEASE_ANCHOR.encode()
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -76,6 +80,10 @@ def dump_keys(client, skip=lambda key: False) -> dict:
     expiry). Values: a hash's fields, a string, a zset with scores, a set's members, a stream's
     entries without their ids (the server's clock). Expiry: the absolute PEXPIREAT/PXAT time,
     but only whether one is set for a settled record (`SET ... PX`: relative to when it ran).
+    A lease index's anchor member (proxy.keys.LEASE_ANCHOR: never due, only there to keep the
+    set a skiplist) is left out, and an index holding only it with it: a filler call or an
+    earlier reserve leaves it where the compared run's calls might not have made the index,
+    and no reader of the index can tell the two apart (tests/stores/test_leases.py tests it).
     The batch tests compare two runs of the same calls with it."""
     out = {}
     for key in sorted(client.keys("*")):
@@ -87,7 +95,9 @@ def dump_keys(client, skip=lambda key: False) -> dict:
         elif kind == b"string":
             value = client.get(key)
         elif kind == b"zset":
-            value = client.zrange(key, 0, -1, withscores=True)
+            value = [m for m in client.zrange(key, 0, -1, withscores=True) if m[0] != _ANCHOR]
+            if not value:
+                continue
         elif kind == b"set":
             value = client.smembers(key)
         elif kind == b"stream":

@@ -9,7 +9,8 @@
 -- here it empties the cached hash (later sub-calls find it new, as they would alone) and the
 -- flush sends DEL before any later write: the same end state, the same reads.
 -- Lease index: ZADD / ZREM are kept per member (the last one wins, nothing in these scripts
--- reads the index) and sent at the end as one ZADD and one ZREM per lease key.
+-- reads the index) and sent at the end as one ZADD (with the index's anchor, see direct.lua)
+-- and one ZREM per lease key.
 -- None of these helpers' writes can fail: a sub-call's errors come from the commands it sends
 -- itself (reads, the record, the log), before its first helper write (see reserve.lua and
 -- settle.lua), so a failed sub-call leaves nothing in the cache.
@@ -228,8 +229,8 @@ local function flush()
     end
     if h.expire then redis.call('PEXPIREAT', key, h.expire) end
   end
-  for _, key in ipairs(lease_order) do
-    local add, na, rem, nr = {}, 0, {}, 0
+  for _, key in ipairs(lease_order) do            -- ZADD with the anchor first (see direct.lua)
+    local add, na, rem, nr = {'+inf', LEASE_ANCHOR}, 2, {}, 0
     for id, deadline in pairs(leases[key]) do
       if deadline then
         add[na + 1], add[na + 2] = deadline, id
@@ -239,7 +240,7 @@ local function flush()
         rem[nr] = id
       end
     end
-    if na > 0 then redis.call('ZADD', key, unpack(add)) end
+    if na > 2 then redis.call('ZADD', key, unpack(add)) end
     if nr > 0 then redis.call('ZREM', key, unpack(rem)) end
   end
 end

@@ -55,8 +55,10 @@ local function settle_later()
   return false
 end
 
+-- With the index's anchor member (never due; LEASE_ANCHOR, proxy/keys.py): it keeps the index a
+-- skiplist, where adds and removes do not scan the set.
 local function lease_add(key, deadline, id)
-  redis.call('ZADD', key, deadline, id)
+  redis.call('ZADD', key, '+inf', LEASE_ANCHOR, deadline, id)
 end
 
 local function lease_remove(key, id)
