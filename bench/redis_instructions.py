@@ -1,7 +1,7 @@
 """Redis work per request counted in instructions (valgrind's callgrind inside redis-server):
 this checkout's store against another checkout's, noise-free.
 
-    python bench/redis_instructions.py [--requests 200] [--batch 10] [--mixed 20] [--open 32] [--tree NAME=PATH ...]
+    python bench/redis_instructions.py [--requests 200] [--batch 10] [--mixed 20] [--open 32] [--fields 60] [--tree NAME=PATH ...]
 
 Why: issue 10's Redis target is server time (the scripts' `usec` in INFO commandstats), which is
 wall time: on this machine the same batch costs 36 µs a request in a quiet hour and 72 µs in a
@@ -35,6 +35,12 @@ a commit of 900 / 7,000; the same policy and scopes for every checkout.
   `mixed 20` makes as many script calls a request as `batch 10`. `--open K`: K reservations
   made first and never settled, so the lease index holds K + N/2 members, as the proxy bench's
   does with ~32 requests in flight (without it, N/2: smaller than under the proxy).
+- `--fields K` (every workload): K other scopes' fields put in every window hash after the
+  warm-up, before the hash's own fields (the workload's scopes seen after K others), as a day
+  hash holds a field per org, user, provider and model seen that day (the workload's own plan
+  has 5 scopes). Redis encodes a hash of up to 128 fields as a listpack (unless a value is
+  longer than 64 bytes, see proxy/keys.py WINDOW_MARKER), where finding a field scans the
+  fields before it.
 
 Issue 10 was filed at ~340 µs of script time a request (two scripts of ~169 µs, no batching) and
 asks for <= 40 µs: 11.8 % of it. Run with `--tree issue=PATH` (PATH = `git archive 9678215`, the
@@ -75,6 +81,23 @@ POLICY = parse({"version": 1, "defaults": {
     "global": {"day": {"usd": 1e6}}, "org": {"day": {"usd": 1e6}, "month": {"usd": 1e6}},
     "user": {"minute": {"tokens": 10**9}, "day": {"usd": 1e5}}}}, "bench")
 
+# Other scopes' fields in the window hashes (--fields), after the warm-up, before counting: each
+# hash written again with them first, then its own fields (as if the workload's scopes were seen
+# after them), encoded as the checkout's own values make Redis encode it; expiry kept.
+async def fill(url):
+    import os, redis.asyncio as aredis
+    k = int(os.environ.get("BP_FILL_FIELDS", "0"))
+    if not k:
+        return
+    r = aredis.Redis.from_url(url)
+    async for key in r.scan_iter(match="{bp}:w:*"):
+        own, at = await r.hgetall(key), await r.pexpiretime(key)
+        await r.delete(key)
+        await r.hset(key, mapping={f"user:other-{i}": bytes(32) for i in range(k)})
+        await r.hset(key, mapping=own)
+        await r.pexpireat(key, at)
+    await r.aclose()
+
 async def pairs(ledger, n):
     for _ in range(n):
         res = await ledger.reserve(uuid.uuid4().hex, Amounts(1200, 9000), SCOPES)
@@ -85,6 +108,7 @@ async def main(url, pid, warmup, n):
     store = open_store(url)
     ledger = Ledger(store, POLICY)
     await pairs(ledger, warmup)
+    await fill(url)
     subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
     await pairs(ledger, n)
     subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
@@ -168,6 +192,23 @@ async def setup(url):
                store._settle_script: store._r.register_script(SCRIPTS["settle"]),
                store._calls._batch: store._r.register_script(SCRIPTS["batch"])}
     return store, wire, scripts
+
+# Other scopes' fields in the window hashes (--fields), after the warm-up, before counting: each
+# hash written again with them first, then its own fields (as if the workload's scopes were seen
+# after them), encoded as the checkout's own values make Redis encode it; expiry kept.
+async def fill(url):
+    import os, redis.asyncio as aredis
+    k = int(os.environ.get("BP_FILL_FIELDS", "0"))
+    if not k:
+        return
+    r = aredis.Redis.from_url(url)
+    async for key in r.scan_iter(match="{bp}:w:*"):
+        own, at = await r.hgetall(key), await r.pexpiretime(key)
+        await r.delete(key)
+        await r.hset(key, mapping={f"user:other-{i}": bytes(32) for i in range(k)})
+        await r.hset(key, mapping=own)
+        await r.pexpireat(key, at)
+    await r.aclose()
 '''
 
 CHILD_BATCH = _CHILD_SETUP + r'''
@@ -176,6 +217,7 @@ lp._commandstats = lambda server: {"evalsha": (0, 0)}      # run() reads command
 async def main(url, pid, size, warmup, batches):
     store, wire, scripts = await setup(url)
     await lp.run(store, None, scripts, wire, size, warmup)
+    await fill(url)
     subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
     await lp.run(store, None, scripts, wire, size, batches)
     subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
@@ -227,6 +269,7 @@ async def main(url, pid, size, warmup, batches, still_open):
             held = new
 
     await steady(warmup)
+    await fill(url)
     subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
     await steady(batches)
     subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
@@ -236,8 +279,11 @@ asyncio.run(main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])))
 '''
 
 
+FILL_FIELDS = 0        # --fields
+
+
 def _child(code: str, tree: str, server: CountedRedis, name: str, *argv: int) -> None:
-    env = dict(os.environ, PYTHONPATH=tree)
+    env = dict(os.environ, PYTHONPATH=tree, BP_FILL_FIELDS=str(FILL_FIELDS))
     run = subprocess.run([sys.executable, "-c", code, server.url, str(server.proc.pid), *map(str, argv)],
                          cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
     if run.returncode != 0:
@@ -281,10 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--open", type=int, default=0, dest="still_open",
                    help="mixed batches only: reservations made first and left open (the proxy bench at 32 "
                         "connections has about 32 requests in flight, each holding a lease)")
+    p.add_argument("--fields", type=int, default=0,
+                   help="other scopes' fields added to every window hash after the warm-up (a day hash "
+                        "holds a field per org, user, provider and model seen that day)")
     p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
                    help="also count another checkout's lone requests")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args(argv)
+    global FILL_FIELDS
+    FILL_FIELDS = args.fields
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("needs valgrind (apt-get install valgrind)", file=sys.stderr)
         return 1
@@ -315,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0][1] if args.tree else None
     print(f"Redis instructions in command execution per request (reserve + commit; {args.requests} "
           f"requests after {args.warmup}" + (f"; mixed batches beside {args.still_open} open reservations"
-                                             if args.still_open else "") + "):\n")
+                                             if args.still_open else "")
+          + (f"; {args.fields} other fields in every window hash" if args.fields else "") + "):\n")
     print("| workload | instructions / request |" + (f" vs {rows[0][0]} |" if base else "") + "\n|---|---:|"
           + ("---:|" if base else ""))
     for label, value in rows:

@@ -3,7 +3,8 @@
 Layout (Redis; the memory store mirrors it):
   {ns}:w:<window label>  hash, one per window (e.g. d20261129): field "<scope type>:<scope id>"
                          -> tokens used, tokens reserved, micro-USD used, micro-USD reserved
-                         (four little-endian doubles, see proxy/stores/lua/reserve.lua).
+                         (four little-endian doubles, see proxy/stores/lua/reserve.lua); field
+                         "_" (WINDOW_MARKER) says the hash's expiry is set
                          The hash is also the window's index of the scopes seen in it, and expires
                          as a whole with its window (plus a margin), so old fields never pile up.
   {ns}:r:<reservation>   string, one reservation's state, amounts, lease deadline and counters
@@ -73,13 +74,25 @@ def leases_key(ns: str) -> str:
 #: A member of every lease index, scored +inf (never due, so the sweeper never reads it), added by
 #: every ZADD of a reserve (one Redis: the scripts; proxy/stores/redis.py gives them this text).
 #: Why: a sorted set of up to 128 members, each of up to 64 bytes (Redis's defaults), is a
-#: listpack, where ZADD and ZREM scan and shift the whole set: about 6,500 instructions a member
-#: at the proxy bench's 30-60 open reservations, the lease index's whole cost. A member longer
+#: listpack, where ZADD and ZREM scan and shift the whole set: 15k Redis instructions a request
+#: (6 %) at the proxy bench's ~40 open reservations (bench/results/redis-encodings.md). A member longer
 #: than zset-max-listpack-value makes Redis create the set as a skiplist (or convert it), and Redis
 #: 7.0 never turns one back: a member's add or remove is then a dict look-up and a skiplist step.
 #: Its text cannot be a reservation id (the gateway's are hexadecimal, and ids are never spaced).
 LEASE_ANCHOR = ("~ never due: this member (score +inf) keeps the lease index a skiplist, where an "
                 "add or a remove costs O(log n), not O(n) as in a listpack")
+
+#: The value of a window hash's marker field "_" (its presence says the hash's expiry is set; the
+#: scripts write it with every HSET of the hash). The same device as LEASE_ANCHOR: a hash of up to
+#: 128 fields with values of up to 64 bytes is a listpack, where HMGET scans the whole hash for
+#: each field asked and HSET again for each field written; a day hash holds a field per org,
+#: user, provider and model seen that day: with 60 other scopes' fields before a request's own,
+#: a lone request cost Redis 1.0M instructions instead of 0.69M, +44 %
+#: (bench/results/redis-encodings.md). A value longer than
+#: hash-max-listpack-value makes the first HSET create the hash as a hashtable (or convert it),
+#: never turned back.
+WINDOW_MARKER = ("expiry set; this value, longer than a listpack value may be, keeps the window hash a "
+                 "hashtable, where a field is found by a dict look-up, not by a scan")
 
 
 def log_key(ns: str) -> str:

@@ -28,7 +28,7 @@ from . import wire as fmt
 from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
                    ReserveOutcome, Seen, Status, Totals)
 from .cluster_client import Direct, connect
-from .redis import SCRIPTS, RedisStore, _script, _trimmed_to, _wrap_errors
+from .redis import LUA_CONSTANTS, SCRIPTS, RedisStore, _script, _trimmed_to, _wrap_errors
 
 SHARED = frozenset(("global", "provider", "model"))    # scope types that span orgs
 FRACTION = 8              # a draw's extra is at most 1/(FRACTION x holders) of what is free
@@ -80,7 +80,7 @@ class ClusterStore(RedisStore):
     def __init__(self, url: str, namespace: str = "bp", **kw) -> None:
         super().__init__(url, namespace, **kw)
         self._draw = self._r.register_script(_script("lend"))
-        self._allowance = self._r.register_script(_script("allowance"))
+        self._allowance = self._r.register_script(LUA_CONSTANTS + _script("allowance"))
         self._tenants: set[str] = set()                  # registered in tenants_key already
         self._layouts: dict[tuple[Counter, ...], _TenantLayout] = {}
         self._lent: dict[tuple[str, str], tuple[int, int]] = {}   # (lender, scope) -> lent, last seen

@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError, R
 
 from ..errors import StoreUnavailable
 from ..tasks import Tasks
-from ..keys import LEASE_ANCHOR, claim_key, leases_key, log_key, record_key
+from ..keys import LEASE_ANCHOR, WINDOW_MARKER, claim_key, leases_key, log_key, record_key
 from . import wire as fmt
 from .base import (LOG_LENGTH, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
                    ReserveOutcome, Store, Totals)
@@ -49,15 +49,27 @@ def _script(name: str) -> str:
     return resources.files("proxy.stores").joinpath("lua", f"{name}.lua").read_text()
 
 
+def _lua_constants() -> str:
+    """Lua `local`s for the texts that proxy/keys.py defines, for a script to start with: the
+    lease index's anchor member (LEASE_ANCHOR) and a window hash's marker value (WINDOW_MARKER)."""
+    out = []
+    for name, text in (("LEASE_ANCHOR", LEASE_ANCHOR), ("WINDOW_MARKER", WINDOW_MARKER)):
+        if "'" in text or "\\" in text or "\n" in text:
+            raise ValueError(f"{name} must be a plain Lua string literal")
+        out.append(f"local {name} = '{text}'\n")
+    return "".join(out)
+
+
+LUA_CONSTANTS = _lua_constants()
+
+
 def _assembled() -> dict[str, str]:
     """The texts of the reserve, settle and batch scripts, built once at import from the .lua
     files: reserve.lua and settle.lua define the bodies as functions over a few helpers, direct
     Redis commands for a single call (direct.lua), a per-batch cache in batch.lua (cached.lua);
     so the logic has one source and a batch runs exactly the single calls, in order. The two
-    helper files get the lease index's anchor member (proxy.keys.LEASE_ANCHOR) as a constant."""
-    assert "'" not in LEASE_ANCHOR and "\\" not in LEASE_ANCHOR
-    anchor = f"local LEASE_ANCHOR = '{LEASE_ANCHOR}'\n"
-    direct, cached, plan = anchor + _script("direct"), anchor + _script("cached"), _script("plan")
+    helper files start with the constants (LUA_CONSTANTS)."""
+    direct, cached, plan = LUA_CONSTANTS + _script("direct"), LUA_CONSTANTS + _script("cached"), _script("plan")
     reserve, settle = _script("reserve"), _script("settle")
     return {"reserve": f"{direct}\n{plan}\n{reserve}\n"
                        "return reserve(KEYS, 1, ARGV, 1, reserve_plan(KEYS, 3, #KEYS - 2, ARGV, 8))\n",

@@ -59,6 +59,21 @@ async def test_two_orgs_keys_land_in_different_slots_on_different_nodes(cluster_
     await store.close()
 
 
+async def test_an_orgs_window_hashes_are_hashtables_and_its_lease_index_a_skiplist(cluster_url, redis_cluster):
+    # proxy/keys.py WINDOW_MARKER and LEASE_ANCHOR, on the cluster's per-org keys: the org's
+    # window hashes are first written by its allowance's credit (allowance.lua) or its reserve.
+    org = ORGS[0]
+    store = open_store(cluster_url)
+    ledger = ledger_for(store, defaults={"global": {"day": {"usd": 100}}, "org": {"day": {"usd": 10}}})
+    assert isinstance(await ledger.reserve("r-enc", Amounts(10, 1000), scopes(org)), Reservation)
+    encodings = {k: redis_cluster.command(port, "OBJECT", "ENCODING", k)
+                 for port, keys in cluster_keys(redis_cluster).items() for k in keys if k.startswith(f"{{bp:{org}}}:")}
+    windows = {k: e for k, e in encodings.items() if ":w:" in k}
+    assert windows and set(windows.values()) == {"hashtable"}
+    assert encodings[f"{{bp:{org}}}:leases"] == "skiplist"
+    await store.close()
+
+
 async def test_many_orgs_racing_for_a_global_limit_never_exceed_it_and_are_refused_at_most_the_bound_early(cluster_url):
     limit, amount = 1000, 7
     policy = {"defaults": {"global": {"day": {"tokens": limit}}}}

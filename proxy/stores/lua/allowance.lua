@@ -35,7 +35,7 @@ if ARGV[1] == 'give' then
   return {rt, rd, tr, dr}
 end
 
-redis.call('HSET', key, '_', '1', '~' .. field, spack('<dddd', gt, rt, gd, rd))
+redis.call('HSET', key, '_', WINDOW_MARKER, '~' .. field, spack('<dddd', gt, rt, gd, rd))
 if not got[1] then redis.call('PEXPIREAT', key, ARGV[5]) end
 if grew then return 1 end
 return 0

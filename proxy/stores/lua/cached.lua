@@ -151,7 +151,7 @@ local function hash_write(key, vals, A, first, last)
   local ranges = h.ranges
   if not ranges[first] then
     ranges[first], h.A = last, A
-    h.v['_'] = '1'
+    h.v['_'] = WINDOW_MARKER
   end
 end
 
@@ -191,7 +191,7 @@ end
 -- index (a key of the wrong type: an operator's mistake) refused its write. The HSET arguments
 -- go through one table for all hashes (a table grown element by element is rebuilt at every
 -- power of two: once a batch, not once a hash).
-local flush_args = {'_', '1'}
+local flush_args = {'_', WINDOW_MARKER}   -- the marker's value: see direct.lua
 local function flush()
   if ndue > 0 then apply_due() end
   for _, key in ipairs(hash_order) do

@@ -32,7 +32,9 @@ end
 
 -- Write back the fields A[first .. last] that have a value in vals (what hash_read gave, changed
 -- in place by the body), with the marker: ONE HSET.
-local hset_args = {'_', '1'}             -- reused: one call writes its hashes one after another
+-- The marker's value (WINDOW_MARKER, proxy/keys.py) is longer than a listpack value may be: it keeps
+-- the hash a hashtable, where HMGET and HSET find each field by a dict look-up, not a scan.
+local hset_args = {'_', WINDOW_MARKER}   -- reused: one call writes its hashes one after another
 local function hash_write(key, vals, A, first, last)
   local args, n = hset_args, 2
   for i = first, last do

@@ -1,6 +1,9 @@
-"""The lease index's anchor (proxy.keys.LEASE_ANCHOR): every reserve, alone or in a batch, keeps
-the index a skiplist, and the anchor is never due: the sweeper never sees it, and an index whose
-leases are all settled still holds it."""
+"""Redis encodings whose cost per field does not grow with the set (proxy/keys.py).
+
+The lease index's anchor (LEASE_ANCHOR): every reserve, alone or in a batch, keeps the index a
+skiplist, and the anchor is never due: the sweeper never sees it, and an index whose leases are
+all settled still holds it. A window hash's marker value (WINDOW_MARKER): every write keeps the
+hash a hashtable. (The cluster store's keys: tests/stores/test_cluster.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import math
 
 import redis as redis_sync
 
-from proxy.keys import LEASE_ANCHOR, leases_key
+from proxy.keys import LEASE_ANCHOR, WINDOW_MARKER, leases_key
 from proxy.stores import Status, open_store
 
 from .batches import DUE, FREE, LIMITED, NOW_MS, in_one_batch
@@ -82,3 +85,47 @@ def test_the_anchor_is_longer_than_a_listpack_member_may_be():
     # Redis's default zset-max-listpack-value; a member longer than it makes ZADD create (or
     # convert to) a skiplist. An id the gateway makes is hexadecimal: never the anchor.
     assert len(LEASE_ANCHOR.encode()) > 64 and " " in LEASE_ANCHOR
+
+
+def _windows(client) -> dict[bytes, bytes]:
+    return {k: client.object("encoding", k) for k in client.keys("{bp}:w:*")}
+
+
+async def test_single_calls_and_batches_keep_every_window_hash_a_hashtable(redis_url):
+    client = redis_sync.Redis.from_url(redis_url)
+    store = open_store(redis_url)
+    try:
+        assert (await store.reserve("one", LIMITED, 5, 5, NOW_MS, False)).status == Status.ADMITTED
+        assert _windows(client) == {b"{bp}:w:day": b"hashtable", b"{bp}:w:month": b"hashtable"}
+        assert client.hget("{bp}:w:day", "_") == WINDOW_MARKER.encode()
+        assert await store.commit("one", LIMITED, 5, 5)
+        # A batch is the first writer of the hashes it makes (its first call only settles).
+        client.delete("{bp}:w:day", "{bp}:w:month")
+        store._calls.MAX_IN_FLIGHT = 1
+        first = store.commit("never-reserved", FREE, 0, 0)
+        out = await asyncio.gather(first, *(store.reserve(f"b{i}", LIMITED, 1, 1, NOW_MS, False) for i in range(4)))
+        assert store._calls.batched == 4 and [x.status for x in out[1:]] == [Status.ADMITTED] * 4
+        windows = _windows(client)
+        assert windows == {b"{bp}:w:day": b"hashtable", b"{bp}:w:month": b"hashtable"}
+    finally:
+        await store.close()
+
+
+async def test_a_window_hash_left_as_a_listpack_becomes_a_hashtable_at_its_next_write(redis_url):
+    # A hash written before the marker's long value (its marker "1"): a listpack.
+    client = redis_sync.Redis.from_url(redis_url)
+    client.hset("{bp}:w:day", mapping={"_": "1", "user:old": b"\0" * 32})
+    client.pexpireat("{bp}:w:day", NOW_MS + 60_000)
+    assert client.object("encoding", "{bp}:w:day") == b"listpack"
+    store = open_store(redis_url)
+    try:
+        assert (await store.reserve("new", LIMITED, 1, 1, NOW_MS + 1, False)).status == Status.ADMITTED
+        assert client.object("encoding", "{bp}:w:day") == b"hashtable"
+        assert client.hget("{bp}:w:day", "user:old") == b"\0" * 32          # kept, and not new: the
+        assert client.pexpiretime("{bp}:w:day") == NOW_MS + 60_000         # expiry was not set again
+    finally:
+        await store.close()
+
+
+def test_the_marker_is_longer_than_a_listpack_value_may_be():
+    assert len(WINDOW_MARKER.encode()) > 64                 # Redis's default hash-max-listpack-value
