@@ -64,7 +64,7 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
                   "local function lease_add(key, deadline, id)\n  do return end"),
                  ("local function lease_remove(key, id)\n  lease(key)[id] = false",
                   "local function lease_remove(key, id)\n  do return end"),
-                 ("local function lease_add(key, deadline, id)\n  redis.call('ZADD', key, deadline, id)",
+                 ("local function lease_add(key, deadline, id)\n  redis.call('ZADD', key, '+inf', LEASE_ANCHOR, deadline, id)",
                   "local function lease_add(key, deadline, id)\n  do return end"),
                  ("local function lease_remove(key, id)\n  redis.call('ZREM', key, id)",
                   "local function lease_remove(key, id)\n  do return end")],
@@ -92,10 +92,10 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
                        "    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n    settle_log(K, k, A, a, plan, A[a + 8], A[a + 2], A[a + 3], info)\n")],
     "x2 commit writes": [("    settle_write(plan, fresh, reads, tokens, usd, res_t + 0, res_d + 0)\n",
                           "    settle_write(plan, fresh, reads, tokens, usd, res_t + 0, res_d + 0)\n    settle_write(plan, fresh, reads, 0, 0, 0, 0)\n")],
-    "x2 commit record match": [("  local state, _, res_t, res_d, info = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n([^\\n]*)')\n",
-                                "  local state, _, res_t, res_d, info = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n([^\\n]*)')\n  state, _, res_t, res_d, info = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n([^\\n]*)')\n")],
+    "x2 commit record match": [("  local state, _, res_t, res_d, from = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n()')\n",
+                                "  local state, _, res_t, res_d, from = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n()')\n  state, _, res_t, res_d, from = string.match(rec, '^(%a) (%d+) (%d+) (%d+)\\n()')\n")],
     # reserve's reply without the limited counters' values
-    "reserve no seen": [("{unpack(plan.reply)}", "{1, -1, 0, 0, 0, 0}"),
+    "reserve no seen": [("{unpack(plan.reply)}", "{1}"),
                         ("      out[ns + 1], out[ns + 2], out[ns + 3], out[ns + 4] = t, tr, d, dr\n", "")],
 }
 

@@ -55,15 +55,21 @@ def wire(counters: Sequence[Counter]) -> Wire:
 
 
 def outcome(reply: list, limited: tuple[tuple[int, int], ...]) -> ReserveOutcome:
-    """reserve.lua's reply: status, the first counter over (index and values, index -1: none),
-    then, admitted or forced, per limited counter (Wire.limited) its used and reserved amounts in
-    each unit it limits: tokens, micro-USD, or both (4 values); a unit it does not limit reads 0."""
-    st, idx, t, tr, d, dr = reply[:6]
+    """reserve.lua's reply: the status; refused or forced, the first counter over (its index
+    and four values); admitted or forced, per limited counter (Wire.limited) its used and
+    reserved amounts in each unit it limits: tokens, micro-USD, or both (4 values); a unit it
+    does not limit reads 0."""
+    st = reply[0]
+    if st == 1:
+        over, x = None, 1
+    elif len(reply) > 1:
+        over, x = Seen(reply[1], Totals(*reply[2:6])), 6
+    else:
+        over, x = None, 1                                # a duplicate
     # Built as NamedTuple._make builds them (no generator, no Python-level __new__): one Seen
     # and one Totals per limited counter, every reserve.
     seen = []
-    if len(reply) > 6:
-        x = 6
+    if len(reply) > x:
         for i, units in limited:
             if units == 3:
                 totals = reply[x:x + 4]
@@ -73,8 +79,7 @@ def outcome(reply: list, limited: tuple[tuple[int, int], ...]) -> ReserveOutcome
                 x += 2
             seen.append(_new(Seen, (i, _new(Totals, totals))))
     status = _STATUS.get(st)
-    return _new(ReserveOutcome, (Status(st) if status is None else status,
-                                 Seen(idx, Totals(t, tr, d, dr)) if idx >= 0 else None, tuple(seen)))
+    return _new(ReserveOutcome, (Status(st) if status is None else status, over, tuple(seen)))
 
 
 def counters(keys: Sequence[str], settle: Sequence[str]) -> tuple[Counter, ...]:

@@ -15,8 +15,8 @@
 --   plan.first[w] A index of its first field (a scope field "<type>:<id>", see reserve.lua)
 --   plan.rec      A index of the record's counter text (the settle arguments, space-joined)
 --   plan.lim[w]   reserve only: {j, token limit, micro-USD limit, ...} as numbers, j = 1..n
---   plan.reply    reserve only: a zero for every element of reserve's reply when admitted (6, and
---                 2 per unit each limited counter limits), unpacked into a table sized at once
+--   plan.reply    reserve only: reserve's reply when admitted, with zeros (the status, and 2
+--                 per unit each limited counter limits), unpacked into a table sized at once
 --   plan.fresh, plan.reads  scratch for the body running now (its window hashes' new-ness and
 --                 values between its reads and its writes): calls run one after the other, so
 --                 the calls of one plan reuse them instead of making two tables each
@@ -43,8 +43,8 @@ local function plan_of(K, q, nw, A, p, limits)
     end
   end
   if limits then
-    local reply = {1, -1, 0, 0, 0, 0}
-    for x = 7, 6 + 2 * limited do reply[x] = 0 end
+    local reply = {1}
+    for x = 2, 1 + 2 * limited do reply[x] = 0 end
     plan.reply = reply
   end
   return plan

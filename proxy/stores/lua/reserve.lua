@@ -22,10 +22,12 @@
 --           < -1 = a leased allowance, cluster store only: the limit is what the field's "~<field>"
 --           holds, granted minus returned, see lend.lua; the field is then reported relative to
 --           it, used minus allowance, so that used + reserved + amount > 0 is exactly the shortfall)
--- Returns {status, index, used tokens, reserved tokens, used micro-USD, reserved micro-USD, seen...}
---   status 0 refused (nothing written), 1 admitted, 2 duplicate id (nothing written),
---          3 over a limit but written anyway (force); index: the first counter over (0-based,
---          counting fields in ARGV order).
+-- Returns admitted: {1, seen...}; refused: {0, index, used tokens, reserved tokens, used
+--   micro-USD, reserved micro-USD} (nothing written); forced (over a limit but written anyway):
+--   {3, index, the same four, seen...}; a duplicate id: {2} (nothing written). index: the first
+--   counter over (0-based, counting fields in ARGV order). The admitted reply leaves out the
+--   five values of a counter over that it never has: each value of a reply costs Redis about
+--   500 instructions to turn from Lua into the protocol.
 --   seen...: when admitted or forced, for every limited counter, in ARGV order, as read before
 --         this reservation: t, tr if it limits tokens, d, dr if it limits micro-USD (both: t, tr,
 --         d, dr), so the caller learns the balances without another round trip (it knows which
@@ -44,7 +46,7 @@
 -- Each window hash carries a marker field "_": read with the counters (no extra command), it
 -- says whether the hash is new, so PEXPIREAT runs once per window hash, not once per call.
 
-local DUPLICATE = {2, -1, 0, 0, 0, 0}
+local DUPLICATE = {2}
 
 -- The record's text after the request: "\n<window keys>\n<counters>", once per plan.
 local function record_tail(plan)
@@ -60,7 +62,7 @@ local function reserve(K, k, A, a, plan)
   local tokens, usd = A[a + 1] + 0, A[a + 2] + 0         -- `+ 0`: see plan.lua
   local force = A[a + 5] == '1'
   local P, keys, first, n, lim = plan.A, plan.keys, plan.first, plan.n, plan.lim
-  local over, out, ns = nil, {unpack(plan.reply)}, 6
+  local over, out, ns = nil, {unpack(plan.reply)}, 1
   local reads, fresh = plan.reads, plan.fresh
   local base = 0
 
@@ -118,7 +120,7 @@ local function reserve(K, k, A, a, plan)
   lease_add(K[k + 1], A[a + 3], A[a])
 
   if over then
-    out[1], out[2], out[3], out[4], out[5], out[6] = 3, over[1], over[2], over[3], over[4], over[5]
+    return {3, over[1], over[2], over[3], over[4], over[5], unpack(out, 2, ns)}
   end
   return out
 end
