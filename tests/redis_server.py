@@ -83,7 +83,7 @@ def dump_keys(client, skip=lambda key: False) -> dict:
     A lease index's anchor member (proxy.keys.LEASE_ANCHOR: never due, only there to keep the
     set a skiplist) is left out, and an index holding only it with it: a filler call or an
     earlier reserve leaves it where the compared run's calls might not have made the index,
-    and no reader of the index can tell the two apart (tests/stores/test_leases.py tests it).
+    and no reader of the index can tell the two apart (tests/stores/test_encodings.py tests it).
     The batch tests compare two runs of the same calls with it."""
     out = {}
     for key in sorted(client.keys("*")):

@@ -54,8 +54,8 @@ def _lua_constants() -> str:
     lease index's anchor member (LEASE_ANCHOR) and a window hash's marker value (WINDOW_MARKER)."""
     out = []
     for name, text in (("LEASE_ANCHOR", LEASE_ANCHOR), ("WINDOW_MARKER", WINDOW_MARKER)):
-        if "'" in text or "\\" in text or "\n" in text:
-            raise ValueError(f"{name} must be a plain Lua string literal")
+        if not (text.isascii() and text.isprintable()) or "'" in text or "\\" in text:
+            raise ValueError(f"{name} must be printable ASCII without ' or \\ (a plain Lua string literal)")
         out.append(f"local {name} = '{text}'\n")
     return "".join(out)
 
@@ -427,7 +427,7 @@ class RedisStore(Store):
         self._r = self._connect(url, timeout, max_connections)
         self._reserve = self._r.register_script(SCRIPTS["reserve"])
         self._settle_script = self._r.register_script(SCRIPTS["settle"])
-        self._extend = self._r.register_script(_script("extend"))
+        self._extend = self._r.register_script(LUA_CONSTANTS + _script("extend"))
         self._calls = self._caller()
         self._wires: dict[tuple[Counter, ...], fmt.Wire] = {}
 

@@ -71,6 +71,11 @@ async def test_an_orgs_window_hashes_are_hashtables_and_its_lease_index_a_skipli
     windows = {k: e for k, e in encodings.items() if ":w:" in k}
     assert windows and set(windows.values()) == {"hashtable"}
     assert encodings[f"{{bp:{org}}}:leases"] == "skiplist"
+    # An allowance's first credit (allowance.lua) may be a window hash's first write.
+    key = f"{{bp:{org}}}:w:fresh"
+    assert await store._allowance(keys=[key], args=["credit", "global:*", 100, 0, NOW_MS]) == 1
+    port = next(p for p, keys in cluster_keys(redis_cluster).items() if key in keys)
+    assert redis_cluster.command(port, "OBJECT", "ENCODING", key) == "hashtable"
     await store.close()
 
 

@@ -57,6 +57,33 @@ async def test_refusal_names_the_first_counter_over_and_its_values(store):
     assert await store.snapshot(cs) == [(0, 0, 0, 0)] * 3
 
 
+async def test_a_forced_reserve_writes_and_reports_the_counter_over_and_what_it_read(store):
+    # Shadow mode forces: written anyway, the first counter over named with its values, and the
+    # limited counters' balances as read before it, as an admitted reserve reports them.
+    cs = counters((100, -1), (15, -1), (-1, 500))
+    assert (await store.reserve("a", cs, 10, 50, NOW_MS, False)).status is Status.ADMITTED
+    out = await store.reserve("b", cs, 10, 60, NOW_MS, True)
+    assert (out.status, out.over.index, out.over.totals[:2]) == (Status.FORCED, 1, (0, 10))
+    assert [(s.index, s.totals[:2]) for s in out.seen[:2]] == [(0, (0, 10)), (1, (0, 10))]
+    assert [(s.index, s.totals[2:]) for s in out.seen[2:]] == [(2, (0, 50))]
+    assert await store.snapshot(cs) == [(0, 20, 0, 110)] * 3
+
+
+async def test_the_log_keeps_the_request_info_exactly_through_commit_expiry_and_correction(store):
+    # The info travels in the record (Redis: reserve.lua's record, read back by settle.lua), so
+    # every settlement's entry holds it byte for byte, whitespace and escapes included.
+    info = '["acme","al ice",null,"chat","m\\n","m","openai",0,"x\\"y"]  '
+    cs = counters((100, -1))
+    await store.reserve("c", cs, 5, 0, NOW_MS, False, info)
+    assert await store.commit("c", cs, 4, 0)
+    await store.reserve("x", cs, 5, 0, NOW_MS - 10, False, info)
+    assert await store.expire("x", cs, True, NOW_MS)
+    assert await store.commit("x", cs, 3, 0)                         # late: corrects the charge
+    entries = await store.settlements(None, None, 10)
+    assert [(e.id, e.outcome, e.info) for e in entries] == [
+        ("x", "corrected", info), ("x", "expired", info), ("c", "ok", info)]
+
+
 async def test_commit_of_a_lost_record_still_records_the_usage(store):
     # After a store restart the record is gone but the request really ran.
     cs = counters((100, -1))

@@ -129,3 +129,17 @@ async def test_a_window_hash_left_as_a_listpack_becomes_a_hashtable_at_its_next_
 
 def test_the_marker_is_longer_than_a_listpack_value_may_be():
     assert len(WINDOW_MARKER.encode()) > 64                 # Redis's default hash-max-listpack-value
+
+
+async def test_an_extension_that_makes_the_lease_index_again_makes_it_a_skiplist(redis_url):
+    # The index lost (an operator's DEL, eviction) while a long stream runs: its lease renewal
+    # is the index's first writer.
+    client = redis_sync.Redis.from_url(redis_url)
+    store = open_store(redis_url)
+    try:
+        assert (await store.reserve("long", LIMITED, 1, 1, NOW_MS, False)).status == Status.ADMITTED
+        client.delete(LEASES)
+        assert await store.extend("long", NOW_MS + 60_000)
+        assert _index(client) == (b"skiplist", [(b"long", float(NOW_MS + 60_000)), (LEASE_ANCHOR.encode(), math.inf)])
+    finally:
+        await store.close()

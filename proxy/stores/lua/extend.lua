@@ -9,5 +9,5 @@ if not rec then return 0 end
 local rest = string.match(rec, '^r %d+(.*)$')
 if not rest then return 0 end
 redis.call('SET', KEYS[1], 'r ' .. ARGV[2] .. rest, 'PXAT', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[2], '+inf', LEASE_ANCHOR, ARGV[2], ARGV[1])   -- the anchor: see direct.lua
 return 1
