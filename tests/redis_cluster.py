@@ -1,6 +1,8 @@
 """A real local Redis Cluster for the tests: three `redis-server --cluster-enabled yes` masters on
-free ports, joined with `redis-cli --cluster create` (no replicas), ready when every node reports
-`cluster_state:ok`. Started once per test session (forming a cluster takes a second or two)."""
+free ports, joined with `redis-cli --cluster create` (no replicas, unless asked: the failover
+tests give each master one), ready when every node reports `cluster_state:ok` (and every replica
+its link to its master up). Started once per test session (forming a cluster takes a second or
+two)."""
 
 from __future__ import annotations
 
@@ -31,11 +33,13 @@ def free_cluster_port() -> int:
 
 
 class RedisCluster:
-    def __init__(self) -> None:
+    def __init__(self, replicas: int = 0, node_timeout_ms: int | None = None) -> None:
         self.server, self.cli = shutil.which("redis-server"), shutil.which("redis-cli")
         if self.server is None or self.cli is None:
             raise RuntimeError("redis-server and redis-cli must be on PATH (Debian/Ubuntu: apt-get install redis-server)")
-        self.ports = [free_cluster_port() for _ in range(NODES)]
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms      # cluster-node-timeout (Redis's default: 15 s)
+        self.ports = [free_cluster_port() for _ in range(NODES * (1 + replicas))]
         self.dir = tempfile.mkdtemp(prefix="bp-cluster-")
         self.procs: list[subprocess.Popen] = []
 
@@ -51,14 +55,24 @@ class RedisCluster:
             raise
 
     def _start(self) -> None:
-        for i in range(NODES):
+        for i in range(len(self.ports)):
             self.procs.append(self._node(i))
         subprocess.run([self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         for port in self.ports:
             self._wait(lambda: "cluster_state:ok" in self.command(port, "CLUSTER", "INFO"),
                        f"the cluster did not reach cluster_state:ok on node {port}")
+        for port in self.ports:          # a replica not yet in sync cannot be promoted
+            self._wait(lambda: ("role:slave" not in (info := self.command(port, "INFO", "replication"))
+                                or "master_link_status:up" in info),
+                       f"replica {port} did not reach its master")
+
+    def kill(self, port: int) -> None:
+        """Node `port` killed (SIGKILL: no goodbye to the cluster or its clients), and gone."""
+        proc = self.procs[self.ports.index(port)]
+        proc.kill()
+        proc.wait()
 
     def _node(self, i: int, attempts: int = 5) -> subprocess.Popen:
         """Node i started and answering PING. A port found free can be taken before the node
@@ -69,7 +83,8 @@ class RedisCluster:
             proc = subprocess.Popen(
                 [self.server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", f"{self.dir}/nodes-{port}.conf", "--save", "", "--appendonly", "no",
-                 "--dir", self.dir, "--logfile", f"{self.dir}/redis-{port}.log"],
+                 "--dir", self.dir, "--logfile", f"{self.dir}/redis-{port}.log",
+                 *(("--cluster-node-timeout", str(self.node_timeout_ms)) if self.node_timeout_ms else ())],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and proc.poll() is None:

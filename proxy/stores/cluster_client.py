@@ -4,9 +4,10 @@ The listed nodes are start-up nodes; redis-py's cluster client discovers the res
 MOVED/ASK redirections. redis-py refuses EVALSHA inside a cluster pipeline, so script calls go
 out through `Direct`: batched per org under load, and a flush's calls pipelined per node on one
 of that node's pooled connections (one write, one read), routed by the client's slot map;
-whatever the slot map got wrong (a redirection, a connection that could not be made) goes again
-through the client's own redirect-following path, but an ASK to the importing node with ASKING
-in the same write (`Direct._part`).
+whatever the slot map got wrong (a redirection) goes again through the client's own
+redirect-following path, but an ASK to the importing node with ASKING in the same write
+(`Direct._part`); a call whose node could not be reached waits for the map to name another
+(a failover) and goes again (`Direct.call`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (AskError, ClusterDownError, MovedError, NoScriptError, RedisClusterException, ResponseError,
                               TryAgainError)
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .redis import _FAILURES, _c_pack, _Coalescer, _Lane
 
@@ -105,8 +107,10 @@ class _NoScriptOn(NoScriptError):
         self.node, self.asking = node, asking
 
 
-class Unsent(Exception):
-    """No connection to the node could be made: nothing of an exchange was written."""
+class Unsent(RedisConnectionError):
+    """No connection to the node could be made: nothing of an exchange was written. A Redis
+    connection error, so a call that still meets it when its wait is over fails as every Redis
+    failure does (StoreUnavailable)."""
 
 
 async def _usable(node: ClusterNode, conn) -> None:
@@ -181,7 +185,8 @@ class Direct(_Coalescer):
     still go per node (`_routes`): a lane chosen on a map that has changed since (a resharding,
     a failover) may hold calls for several nodes, each answered when its node replies."""
 
-    WAIT_SECONDS = 5.0          # how long a call answered TRYAGAIN or CLUSTERDOWN is sent again
+    WAIT_SECONDS = 5.0          # how long a call answered TRYAGAIN or CLUSTERDOWN (or Unsent) is sent again
+    RELEARN_SECONDS = 0.5       # the slot map is read again at most this often for calls that found a node down
 
     def __init__(self, client: RedisCluster, tasks, batch, kinds) -> None:
         super().__init__(client, tasks, batch, kinds, group=tenant_of)
@@ -190,6 +195,8 @@ class Direct(_Coalescer):
         self._ready = False
         self._starting = asyncio.Lock()
         self.tried_again = 0            # calls sent again after a TRYAGAIN or CLUSTERDOWN (tests)
+        self._relearning: asyncio.Future | None = None      # the slot map's reading in progress
+        self._relearned_at = float("-inf")
 
     async def call(self, script, keys: list, args: list, tail: tuple = ()):
         """A call answered TRYAGAIN or CLUSTERDOWN did not run. TRYAGAIN: its slot is migrating
@@ -200,22 +207,54 @@ class Direct(_Coalescer):
         primary lost, not yet failed over). So the call is sent again, with backoff (10 ms
         doubling to 200 ms), for up to WAIT_SECONDS, then fails as before (StoreUnavailable,
         having run nowhere). Waiting here, not in the flush: the flush answered it at once and
-        freed its in-flight slot, so other orgs' calls never queue behind it."""
+        freed its in-flight slot, so other orgs' calls never queue behind it.
+
+        Unsent (no connection to the node the slot map gives could be made, so nothing was
+        written): its primary died, or it left the cluster. The slot map is read again
+        (`_relearn`) and the call sent again the same way, for the same WAIT_SECONDS: a failover
+        promotes a replica once the cluster has marked the primary failed (cluster-node-timeout,
+        then an election: 2.6 s at a node timeout of 1 s here), and until then the other nodes
+        still name the dead primary. Before, the call went through redis-py, whose two retries
+        gave up within a few tens of ms: every call of the shard's orgs failed (503) for the
+        whole failover. A failover slower than WAIT_SECONDS still fails them after it."""
         if not self._ready:
             await self._start()
         deadline, delay = None, 0.01
         while True:
             try:
                 return await super().call(script, keys, args, tail)
-            except _NOT_YET:
+            except (*_NOT_YET, Unsent) as exc:
                 now = self._tasks.loop().time()
                 if deadline is None:
                     deadline = now + self.WAIT_SECONDS
                 elif now >= deadline:
                     raise
+                if isinstance(exc, Unsent):
+                    await self._relearn()
+                    now = self._tasks.loop().time()
+                    if now >= deadline:
+                        raise
             await asyncio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 0.2)
             self.tried_again += 1
+
+    async def _relearn(self) -> None:
+        """The slot map read again from the cluster, for the calls that found their node down:
+        one reading at a time, shared by the calls that wait for it, and at most one every
+        RELEARN_SECONDS (redis-py marks every pooled connection for a lazy reconnect at each
+        reading). A reading that fails (no start-up node reachable) leaves the map as it was:
+        the calls' next attempts meet the same node down and wait on."""
+        pending = self._relearning
+        if pending is None or pending.done():
+            now = self._tasks.loop().time()
+            if now - self._relearned_at < self.RELEARN_SECONDS:
+                return
+            self._relearned_at = now
+            pending = self._relearning = asyncio.ensure_future(self._r.nodes_manager.initialize())
+        try:
+            await asyncio.shield(pending)
+        except _FAILURES:
+            pass
 
     def lane_of(self, keys: list) -> _Lane:
         """The lane of the node the slot map gives the call's keys (one tag: one slot); a lane
@@ -264,9 +303,12 @@ class Direct(_Coalescer):
 
     async def _part(self, node: ClusterNode | None, commands: list[tuple], asking: bool = False) -> list:
         """The replies to `commands` (an error as its exception, in its place): one exchange
-        with `node`. A command the map sent to the wrong node (a redirection or CLUSTERDOWN
-        reply: it did not run) or that could not be sent (no connection; no node) goes again
-        through execute_command, which follows redirections, refreshes the map and retries;
+        with `node`. A command that could not be sent (no connection to the node) is answered
+        Unsent, which its caller waits out (`call`: the node died or left). With no node (no
+        map, or a map redis-py dropped after a failure): the map is read again and the
+        commands routed by it; a slot still not covered, or a command the map sent to the wrong
+        node (a redirection: it did not run), goes again through execute_command, which follows
+        redirections, refreshes the map and retries;
         but an ASK (its slot is migrating and its keys are on the importing node) goes to that
         node with ASKING before it in the same write (`asking`), as ASKING admits only the next
         command on its connection: redis-py's execute_command sends the two on two of the
@@ -281,13 +323,23 @@ class Direct(_Coalescer):
         ran 0. The flush answers each node's callers when this returns (_Coalescer._answer_part),
         so a frozen node holds only its own."""
         if node is None:
+            if self._r._initialize:
+                # redis-py dropped its map after a failure on its own path (a plain read, the
+                # sweeper): read it again and route by it, so a call to a node still down is
+                # Unsent (waited out, `call`), not a ConnectionError out of redis-py's retries.
+                try:
+                    await self._r.initialize()
+                except _FAILURES as exc:
+                    return [exc] * len(commands)
+                if not self._r._initialize:
+                    return await self._round_trip(commands)
             return await self._resent(commands)
         replies: list = []
         lost = None
         try:
             await self._r.exchange(node, _asking(commands) if asking else commands, replies)
-        except Unsent:
-            return await self._resent(commands)
+        except Unsent as exc:                            # nothing was written: the caller waits it out (call)
+            return [exc] * len(commands)
         except Exception as exc:                         # noqa: BLE001 - given to the unanswered calls
             lost = exc
             # As redis-py does on a failed node: its other connections are suspect, reconnect them.
