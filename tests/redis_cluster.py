@@ -68,6 +68,18 @@ class RedisCluster:
                                 or "master_link_status:up" in info),
                        f"replica {port} did not reach its master")
 
+    def replicated(self, port: int) -> None:
+        """Every write master `port` has made is on each of its replicas (its replication offset
+        reached by theirs). WAIT cannot say so from another connection: it waits for the
+        offset of its own connection's last write, none from a fresh one."""
+        info = self.command(port, "INFO", "replication")
+        target = int(info.split("master_repl_offset:")[1].split()[0])
+        replicas = [int(line.split("port=")[1].split(",")[0]) for line in info.splitlines() if line.startswith("slave")]
+        assert replicas, f"node {port} has no replica"
+        for replica in replicas:
+            self._wait(lambda: int(self.command(replica, "INFO", "replication").split("slave_repl_offset:")[1].split()[0])
+                       >= target, f"replica {replica} did not reach master {port}'s offset {target}")
+
     def kill(self, port: int) -> None:
         """Node `port` killed (SIGKILL: no goodbye to the cluster or its clients), and gone."""
         proc = self.procs[self.ports.index(port)]

@@ -20,6 +20,7 @@ import asyncio
 import time
 from typing import NamedTuple, Sequence
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
 from ..errors import StoreUnavailable
@@ -27,7 +28,7 @@ from ..keys import home_key, in_tenant, leases_key, lend_key, log_key, record_ke
 from . import wire as fmt
 from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
                    ReserveOutcome, Seen, Status, Totals)
-from .cluster_client import Direct, connect
+from .cluster_client import _NOT_YET, Direct, connect
 from .redis import LUA_CONSTANTS, SCRIPTS, RedisStore, _script, _trimmed_to, _wrap_errors
 
 SHARED = frozenset(("global", "provider", "model"))    # scope types that span orgs
@@ -110,10 +111,13 @@ class ClusterStore(RedisStore):
 
     async def _register(self, tenant: str) -> None:
         """Name the tenant in the deployment's tenant set before its first reservation, so the
-        sweeper finds every lease index (once per process and tenant)."""
+        sweeper finds every lease index (once per process and tenant). SADD may run twice, so a
+        connection error (a failover of the set's primary) is waited out like a script call's
+        (Direct.waited)."""
         if tenant not in self._tenants:
             await self._calls.ready()
-            await self._r.sadd(tenants_key(self._ns), tenant)
+            await self._calls.waited(lambda: self._r.sadd(tenants_key(self._ns), tenant),
+                                     (*_NOT_YET, RedisConnectionError))
             self._tenants.add(tenant)
 
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,

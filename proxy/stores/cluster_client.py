@@ -219,17 +219,26 @@ class Direct(_Coalescer):
         whole failover. A failover slower than WAIT_SECONDS still fails them after it."""
         if not self._ready:
             await self._start()
+        return await self.waited(lambda: _Coalescer.call(self, script, keys, args, tail), (*_NOT_YET, Unsent))
+
+    async def waited(self, send, waits: tuple[type[BaseException], ...]):
+        """`await send()`, sent again after any of `waits` with backoff (10 ms doubling to 200
+        ms) for up to WAIT_SECONDS, then that error raised; after an Unsent (or a connection
+        error, when `waits` names it) the slot map is read again first (`_relearn`). For a
+        script call (`call`), and for redis-py commands that may run twice (`cluster.py`: the
+        tenant set's SADD, by redis-py on the deployment's slot, which a failover of that slot's
+        primary would otherwise fail: a new org's first request)."""
         deadline, delay = None, 0.01
         while True:
             try:
-                return await super().call(script, keys, args, tail)
-            except (*_NOT_YET, Unsent) as exc:
+                return await send()
+            except waits as exc:
                 now = self._tasks.loop().time()
                 if deadline is None:
                     deadline = now + self.WAIT_SECONDS
                 elif now >= deadline:
                     raise
-                if isinstance(exc, Unsent):
+                if isinstance(exc, RedisConnectionError):       # Unsent is one
                     await self._relearn()
                     now = self._tasks.loop().time()
                     if now >= deadline:

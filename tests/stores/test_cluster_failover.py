@@ -9,6 +9,7 @@ import time
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from proxy.keys import tenants_key
 from proxy.stores import Status, open_store
 from proxy.stores.cluster_client import Direct
 
@@ -43,7 +44,7 @@ async def test_calls_of_a_killed_primarys_orgs_wait_for_its_replica_and_count_ex
         other = next(o for o in ORGS if home(store, o) != victim)       # an org on a node that lives
         # registered before (the tenant set's SADD goes by redis-py, on the deployment's slot)
         assert (await store.reserve("other-warm", plan(other), 5, 1, NOW_MS, False)).status is Status.ADMITTED
-        assert cluster.command(victim, "WAIT", "1", "5000") == "1"      # its replica has every write
+        cluster.replicated(victim)                                       # its replica has every write
         cluster.kill(victim)
         # The event loop sees the dead node's connections closed (as it would have long before
         # the next request in a real proxy); a call written on one before that is a reply lost,
@@ -65,5 +66,26 @@ async def test_calls_of_a_killed_primarys_orgs_wait_for_its_replica_and_count_ex
         assert home(store, org) != victim                            # now served by the promoted replica
         # Exact: the 3 reserves before the kill (replicated) and the 8 during it, each once.
         assert (await store.snapshot(plan(org)[:1]))[0][:2] == (0, 55)
+    finally:
+        await store.close()
+
+
+async def test_a_new_orgs_first_request_waits_out_a_failover_of_the_tenant_sets_primary(replicated_cluster, monkeypatch):
+    # The tenant set ({bp}:tenants, the deployment's slot) is named before an org's first
+    # reservation, by redis-py: its primary killed, a new org's first request waits for the
+    # replica too (Direct.waited) instead of failing.
+    monkeypatch.setattr(Direct, "WAIT_SECONDS", 30.0)
+    cluster = replicated_cluster
+    store = open_store(cluster.url)
+    try:
+        assert (await store.reserve("warm", plan(ORGS[0]), 5, 1, NOW_MS, False)).status is Status.ADMITTED
+        victim = store._r.nodes_manager.get_node_from_slot(store._r.keyslot(tenants_key("bp"))).port
+        new = next(o for o in ORGS[1:] if home(store, o) != victim)   # its own counters on a live node
+        cluster.replicated(victim)
+        cluster.kill(victim)
+        await asyncio.sleep(0.1)
+        assert (await store.reserve("first", plan(new), 5, 1, NOW_MS, False)).status is Status.ADMITTED
+        assert store._calls.tried_again > 0
+        assert set(await store._r.smembers(tenants_key("bp"))) >= {ORGS[0].encode(), new.encode()}
     finally:
         await store.close()
