@@ -76,6 +76,10 @@ class _Held(NamedTuple):
     expire_at: int
 
 
+# What an org's registration (an SADD, which may run twice) waits out: see Direct.waited.
+_REGISTER_WAITS = (*_NOT_YET, RedisConnectionError)
+
+
 @_wrap_errors
 class ClusterStore(RedisStore):
     def __init__(self, url: str, namespace: str = "bp", **kw) -> None:
@@ -116,8 +120,7 @@ class ClusterStore(RedisStore):
         (Direct.waited)."""
         if tenant not in self._tenants:
             await self._calls.ready()
-            await self._calls.waited(lambda: self._r.sadd(tenants_key(self._ns), tenant),
-                                     (*_NOT_YET, RedisConnectionError))
+            await self._calls.waited(lambda: self._r.sadd(tenants_key(self._ns), tenant), _REGISTER_WAITS)
             self._tenants.add(tenant)
 
     async def reserve(self, rid: str, counters: Sequence[Counter], tokens: int, usd: int,

@@ -164,6 +164,10 @@ _ELSEWHERE = AskError                            # AskError covers MovedError
 _NOT_YET = (TryAgainError, ClusterDownError)
 
 
+# What a script call waits out (Direct.call): the not-yet replies, and a node it could not reach.
+_CALL_WAITS = (*_NOT_YET, Unsent)
+
+
 class Direct(_Coalescer):
     """The Redis store's coalescer on a cluster: the same in-flight rule, batches and error
     fan-out, but a batch only holds calls of one org (one hash tag, so one slot: never
@@ -219,7 +223,7 @@ class Direct(_Coalescer):
         whole failover. A failover slower than WAIT_SECONDS still fails them after it."""
         if not self._ready:
             await self._start()
-        return await self.waited(lambda: _Coalescer.call(self, script, keys, args, tail), (*_NOT_YET, Unsent))
+        return await self.waited(lambda: _Coalescer.call(self, script, keys, args, tail), _CALL_WAITS)
 
     async def waited(self, send, waits: tuple[type[BaseException], ...]):
         """`await send()`, sent again after any of `waits` with backoff (10 ms doubling to 200
