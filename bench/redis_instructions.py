@@ -68,19 +68,7 @@ from tests.redis_server import free_port  # noqa: E402
 
 ISSUE_TARGET = 40 / 340            # issue 10: <= 40 µs a request, filed at ~340 µs
 
-# The child: runs the workload through one checkout's Ledger (that checkout first on sys.path).
-CHILD = r'''
-import asyncio, json, subprocess, sys, uuid
-from proxy.ledger import Amounts, Ledger, Scope
-from proxy.policy import parse
-from proxy.stores import open_store
-
-SCOPES = (Scope("global", "*"), Scope("org", "acme"), Scope("user", "alice"),
-          Scope("provider", "openai"), Scope("model", "gpt-4o"))
-POLICY = parse({"version": 1, "defaults": {
-    "global": {"day": {"usd": 1e6}}, "org": {"day": {"usd": 1e6}, "month": {"usd": 1e6}},
-    "user": {"minute": {"tokens": 10**9}, "day": {"usd": 1e5}}}}, "bench")
-
+_FILL = r'''
 # Other scopes' fields in the window hashes (--fields), after the warm-up, before counting: each
 # hash written again with them first, then its own fields (as if the workload's scopes were seen
 # after them), encoded as the checkout's own values make Redis encode it; expiry kept.
@@ -97,7 +85,22 @@ async def fill(url):
         await r.hset(key, mapping=own)
         await r.pexpireat(key, at)
     await r.aclose()
+'''
 
+# The child: runs the workload through one checkout's Ledger (that checkout first on sys.path).
+CHILD = r'''
+import asyncio, json, subprocess, sys, uuid
+from proxy.ledger import Amounts, Ledger, Scope
+from proxy.policy import parse
+from proxy.stores import open_store
+
+SCOPES = (Scope("global", "*"), Scope("org", "acme"), Scope("user", "alice"),
+          Scope("provider", "openai"), Scope("model", "gpt-4o"))
+POLICY = parse({"version": 1, "defaults": {
+    "global": {"day": {"usd": 1e6}}, "org": {"day": {"usd": 1e6}, "month": {"usd": 1e6}},
+    "user": {"minute": {"tokens": 10**9}, "day": {"usd": 1e5}}}}, "bench")
+
+''' + _FILL + r'''
 async def pairs(ledger, n):
     for _ in range(n):
         res = await ledger.reserve(uuid.uuid4().hex, Amounts(1200, 9000), SCOPES)
@@ -192,24 +195,7 @@ async def setup(url):
                store._settle_script: store._r.register_script(SCRIPTS["settle"]),
                store._calls._batch: store._r.register_script(SCRIPTS["batch"])}
     return store, wire, scripts
-
-# Other scopes' fields in the window hashes (--fields), after the warm-up, before counting: each
-# hash written again with them first, then its own fields (as if the workload's scopes were seen
-# after them), encoded as the checkout's own values make Redis encode it; expiry kept.
-async def fill(url):
-    import os, redis.asyncio as aredis
-    k = int(os.environ.get("BP_FILL_FIELDS", "0"))
-    if not k:
-        return
-    r = aredis.Redis.from_url(url)
-    async for key in r.scan_iter(match="{bp}:w:*"):
-        own, at = await r.hgetall(key), await r.pexpiretime(key)
-        await r.delete(key)
-        await r.hset(key, mapping={f"user:other-{i}": bytes(32) for i in range(k)})
-        await r.hset(key, mapping=own)
-        await r.pexpireat(key, at)
-    await r.aclose()
-'''
+''' + _FILL
 
 CHILD_BATCH = _CHILD_SETUP + r'''
 lp._commandstats = lambda server: {"evalsha": (0, 0)}      # run() reads commandstats; not needed here
