@@ -28,7 +28,7 @@ from ..keys import home_key, in_tenant, leases_key, lend_key, log_key, record_ke
 from . import wire as fmt
 from .base import (EMPTY, OPEN_RECORD_MARGIN_MS, SETTLED_TTL_MS, Counter, Expired, LogEntry, Note,
                    ReserveOutcome, Seen, Status, Totals)
-from .cluster_client import _NOT_YET, Direct, connect
+from .cluster_client import Direct, connect
 from .redis import LUA_CONSTANTS, SCRIPTS, RedisStore, _script, _trimmed_to, _wrap_errors
 
 SHARED = frozenset(("global", "provider", "model"))    # scope types that span orgs
@@ -76,8 +76,9 @@ class _Held(NamedTuple):
     expire_at: int
 
 
-# What an org's registration (an SADD, which may run twice) waits out: see Direct.waited.
-_REGISTER_WAITS = (*_NOT_YET, RedisConnectionError)
+# What an org's registration (an SADD, which may run twice) waits out: see Direct.waited. Not
+# TRYAGAIN or CLUSTERDOWN: redis-py answers each by closing every connection of the client.
+_REGISTER_WAITS = (RedisConnectionError,)
 
 
 @_wrap_errors

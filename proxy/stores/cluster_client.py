@@ -18,8 +18,8 @@ from urllib.parse import unquote
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import (AskError, ClusterDownError, MovedError, NoScriptError, RedisClusterException, ResponseError,
-                              TryAgainError)
+from redis.exceptions import (AskError, AuthenticationError, AuthorizationError, ClusterDownError, MovedError,
+                              NoScriptError, RedisClusterException, ResponseError, TryAgainError)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .redis import _FAILURES, _c_pack, _Coalescer, _Lane
@@ -108,9 +108,17 @@ class _NoScriptOn(NoScriptError):
 
 
 class Unsent(RedisConnectionError):
-    """No connection to the node could be made: nothing of an exchange was written. A Redis
-    connection error, so a call that still meets it when its wait is over fails as every Redis
-    failure does (StoreUnavailable)."""
+    """No connection to the node (`node_name`) could be made: nothing of an exchange was
+    written. A Redis connection error, so a call that still meets it when its wait is over fails
+    as every Redis failure does (StoreUnavailable)."""
+
+    def __init__(self, message: str, node_name: str) -> None:
+        super().__init__(message)
+        self.node_name = node_name
+
+
+# Connection errors that waiting does not mend (a wrong password, a user without rights).
+_FINAL = (AuthenticationError, AuthorizationError)
 
 
 async def _usable(node: ClusterNode, conn) -> None:
@@ -126,8 +134,10 @@ async def _usable(node: ClusterNode, conn) -> None:
         await conn.disconnect()
     try:
         await conn.connect()
+    except _FINAL:
+        raise
     except _FAILURES as exc:
-        raise Unsent(f"{node.name}: {exc}") from exc
+        raise Unsent(f"{node.name}: {exc}", node.name) from exc
 
 
 def _packed(conn, commands: list[tuple]) -> list[bytes]:
@@ -227,47 +237,58 @@ class Direct(_Coalescer):
 
     async def waited(self, send, waits: tuple[type[BaseException], ...]):
         """`await send()`, sent again after any of `waits` with backoff (10 ms doubling to 200
-        ms) for up to WAIT_SECONDS, then that error raised; after an Unsent (or a connection
-        error, when `waits` names it) the slot map is read again first (`_relearn`). For a
-        script call (`call`), and for redis-py commands that may run twice (`cluster.py`: the
-        tenant set's SADD, by redis-py on the deployment's slot, which a failover of that slot's
-        primary would otherwise fail: a new org's first request)."""
-        deadline, delay = None, 0.01
+        ms) until WAIT_SECONDS after it was first sent (an attempt that took long, a connect
+        timeout to a host that does not answer, counts), then that error raised; after an
+        Unsent (or a connection error, when `waits` names it) the slot map is read again first
+        (`_relearn`). A wrong password or missing rights is raised at once. For a script call
+        (`call`), and for redis-py commands that may run twice (`cluster.py`: the tenant set's
+        SADD, by redis-py on the deployment's slot, which a failover of that slot's primary
+        would otherwise fail: a new org's first request)."""
+        deadline, delay = self._tasks.loop().time() + self.WAIT_SECONDS, 0.01
         while True:
             try:
                 return await send()
+            except _FINAL:
+                raise
             except waits as exc:
-                now = self._tasks.loop().time()
-                if deadline is None:
-                    deadline = now + self.WAIT_SECONDS
-                elif now >= deadline:
+                if self._tasks.loop().time() >= deadline:
                     raise
                 if isinstance(exc, RedisConnectionError):       # Unsent is one
-                    await self._relearn()
-                    now = self._tasks.loop().time()
-                    if now >= deadline:
-                        raise
+                    await self._relearn(getattr(exc, "node_name", None))
+                now = self._tasks.loop().time()
+                if now >= deadline:
+                    raise
             await asyncio.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 0.2)
             self.tried_again += 1
 
-    async def _relearn(self) -> None:
+    async def _relearn(self, failed: str | None = None) -> None:
         """The slot map read again from the cluster, for the calls that found their node down:
-        one reading at a time, shared by the calls that wait for it, and at most one every
-        RELEARN_SECONDS (redis-py marks every pooled connection for a lazy reconnect at each
-        reading). A reading that fails (no start-up node reachable) leaves the map as it was:
-        the calls' next attempts meet the same node down and wait on."""
+        one reading at a time, shared by the calls that wait for it (a task of the store's, so
+        shutdown drains it), and at most one every RELEARN_SECONDS (redis-py marks every pooled
+        connection for a lazy reconnect at each reading). The node that failed (`failed`) is
+        asked last: until the failover it is still a start-up node, and one that does not
+        answer would hold the reading for its connect timeout. Read through the nodes manager,
+        not RedisCluster.initialize, which closes every connection of the client when a reading
+        fails; a reading that fails leaves the map as it was, and the calls' next attempts
+        meet the same node down and wait on. A good reading also clears redis-py's flag that
+        it must read the map again (`_initialize`, set after a failure on its own path), which
+        the lanes go by (`lane_of`)."""
         pending = self._relearning
         if pending is None or pending.done():
             now = self._tasks.loop().time()
             if now - self._relearned_at < self.RELEARN_SECONDS:
                 return
             self._relearned_at = now
-            pending = self._relearning = asyncio.ensure_future(self._r.nodes_manager.initialize())
+            pending = self._relearning = self._tasks.spawn(self._read_map(failed))
+        await asyncio.shield(pending)
+
+    async def _read_map(self, failed: str | None) -> None:
         try:
-            await asyncio.shield(pending)
+            await self._r.nodes_manager.initialize(last_failed_node_name=failed)
         except _FAILURES:
-            pass
+            return
+        self._r._initialize = False
 
     def lane_of(self, keys: list) -> _Lane:
         """The lane of the node the slot map gives the call's keys (one tag: one slot); a lane
@@ -284,10 +305,10 @@ class Direct(_Coalescer):
 
     def _routes(self, commands: list[tuple]) -> list[tuple[ClusterNode | None, list[int]]]:
         """`commands` grouped by the node the client's slot map gives their first key's slot;
-        None: the commands to send through execute_command (the slot is not covered, or the
-        client dropped its map after a failed node and must rebuild it first)."""
-        if self._r._initialize:
-            return [(None, list(range(len(commands))))]
+        None: the commands to send through execute_command (the slot is not covered). A map
+        redis-py marked to be read again (after a failure on its own path) is still the best
+        guess: a command it sends to the wrong node is redirected or Unsent, and both are
+        handled (`_part`, `call`)."""
         by_node: dict = {}
         for i, c in enumerate(commands):
             by_node.setdefault(self._node(c), []).append(i)
@@ -317,11 +338,10 @@ class Direct(_Coalescer):
     async def _part(self, node: ClusterNode | None, commands: list[tuple], asking: bool = False) -> list:
         """The replies to `commands` (an error as its exception, in its place): one exchange
         with `node`. A command that could not be sent (no connection to the node) is answered
-        Unsent, which its caller waits out (`call`: the node died or left). With no node (no
-        map, or a map redis-py dropped after a failure): the map is read again and the
-        commands routed by it; a slot still not covered, or a command the map sent to the wrong
-        node (a redirection: it did not run), goes again through execute_command, which follows
-        redirections, refreshes the map and retries;
+        Unsent, which its caller waits out (`call`: the node died or left). A command with no
+        node (its slot not covered) or that the map sent to the wrong node (a redirection: it
+        did not run) goes again through execute_command, which follows redirections, refreshes
+        the map and retries;
         but an ASK (its slot is migrating and its keys are on the importing node) goes to that
         node with ASKING before it in the same write (`asking`), as ASKING admits only the next
         command on its connection: redis-py's execute_command sends the two on two of the
@@ -336,16 +356,6 @@ class Direct(_Coalescer):
         ran 0. The flush answers each node's callers when this returns (_Coalescer._answer_part),
         so a frozen node holds only its own."""
         if node is None:
-            if self._r._initialize:
-                # redis-py dropped its map after a failure on its own path (a plain read, the
-                # sweeper): read it again and route by it, so a call to a node still down is
-                # Unsent (waited out, `call`), not a ConnectionError out of redis-py's retries.
-                try:
-                    await self._r.initialize()
-                except _FAILURES as exc:
-                    return [exc] * len(commands)
-                if not self._r._initialize:
-                    return await self._round_trip(commands)
             return await self._resent(commands)
         replies: list = []
         lost = None
