@@ -8,6 +8,7 @@ import time
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from proxy.keys import tenants_key
 from proxy.stores import Status, open_store
@@ -87,5 +88,40 @@ async def test_a_new_orgs_first_request_waits_out_a_failover_of_the_tenant_sets_
         assert (await store.reserve("first", plan(new), 5, 1, NOW_MS, False)).status is Status.ADMITTED
         assert store._calls.tried_again > 0
         assert set(await store._r.smembers(tenants_key("bp"))) >= {ORGS[0].encode(), new.encode()}
+    finally:
+        await store.close()
+
+
+async def test_the_default_node_killed_fails_no_call_of_the_orgs_on_live_nodes(replicated_cluster, monkeypatch):
+    # redis-py's default node (its first primary) killed, and redis-py's map dropped by a plain
+    # command of its own during the cluster's fail state: the orgs on live nodes wait out the
+    # CLUSTERDOWN and go on, never through RedisCluster.initialize (which the dead default node
+    # fails, closing every connection of the client).
+    monkeypatch.setattr(Direct, "WAIT_SECONDS", 30.0)
+    cluster = replicated_cluster
+    store = open_store(cluster.url)
+    try:
+        await store.reserve("warm", plan(ORGS[0]), 5, 1, NOW_MS, False)
+        victim = store._r.nodes_manager.default_node.port
+        live = [o for o in ORGS if home(store, o) != victim]
+        for o in live:
+            assert (await store.reserve(f"warm-{o}", plan(o), 1, 0, NOW_MS, False)).status is Status.ADMITTED
+        cluster.replicated(victim)
+        cluster.kill(victim)
+        await asyncio.sleep(0.1)
+        other = next(p for p in cluster.ports if p != victim)
+        deadline = time.monotonic() + 20
+        while "cluster_state:fail" not in cluster.command(other, "CLUSTER", "INFO") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with pytest.raises(RedisError):
+            await store._r.execute_command("GET", f"{{bp:{live[0]}}}:x")
+        outcomes = []
+        end = time.monotonic() + 4
+        n = 0
+        while time.monotonic() < end:
+            outcomes += await asyncio.gather(*(store.reserve(f"r-{n + j}", plan(live[j % len(live)]), 0, 0, NOW_MS, False)
+                                               for j in range(8)), return_exceptions=True)
+            n += 8
+        assert outcomes and [getattr(x, "status", x) for x in outcomes] == [Status.ADMITTED] * len(outcomes)
     finally:
         await store.close()
